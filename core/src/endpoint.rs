@@ -1,0 +1,325 @@
+//! An instance as the balancer holds it, with the per-instance state that outlives updates.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::instance::{InstanceId, ServiceInstance, Weight};
+
+/// How long a latency sample takes to lose most of its influence on the peak-EWMA estimate.
+pub const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since a process-wide epoch: the time base of [`EndpointState`], so that time fits
+/// in an atomic. Tests pass their own values to the `*_at` methods to simulate a clock.
+///
+/// ```
+/// let a = waypost_core::clock_nanos();
+/// assert!(waypost_core::clock_nanos() >= a);
+/// ```
+pub fn clock_nanos() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// How a picked call ended.
+///
+/// ```
+/// use waypost_core::Outcome;
+/// assert_ne!(Outcome::Success, Outcome::Failure);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The call succeeded.
+    Success,
+    /// The call failed (connect error, timeout, 5xx...).
+    Failure,
+}
+
+/// Load and health of one instance, shared by every snapshot that contains the instance and kept
+/// across instance-set updates (keyed by id). Lock-free: every field is an atomic.
+///
+/// ```
+/// use std::time::Duration;
+/// use waypost_core::{EndpointState, Outcome};
+/// let s = EndpointState::new();
+/// s.begin();
+/// assert_eq!(s.in_flight(), 1);
+/// s.end(Some((Outcome::Success, Duration::from_millis(5))));
+/// assert_eq!(s.in_flight(), 0);
+/// assert_eq!(s.successes(), 1);
+/// assert_eq!(s.ewma_latency(), Some(Duration::from_millis(5)));
+/// ```
+pub struct EndpointState {
+    in_flight: AtomicU64,
+    successes: AtomicU64,
+    failures: AtomicU64,
+    consecutive_failures: AtomicU32,
+    /// f64 nanoseconds as bits; 0 = no sample yet.
+    ewma_bits: AtomicU64,
+    ewma_at: AtomicU64,
+    created_at: u64,
+    /// Free for resilience layers (outlier ejection): clock_nanos until which the instance is
+    /// ejected, and how many times it was.
+    ejected_until: AtomicU64,
+    ejections: AtomicU32,
+}
+
+impl Default for EndpointState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for EndpointState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointState")
+            .field("in_flight", &self.in_flight())
+            .field("successes", &self.successes())
+            .field("failures", &self.failures())
+            .field("consecutive_failures", &self.consecutive_failures())
+            .field("ewma_latency", &self.ewma_latency())
+            .finish()
+    }
+}
+
+impl EndpointState {
+    /// Fresh state, created now.
+    pub fn new() -> Self {
+        Self::new_at(clock_nanos())
+    }
+
+    /// Fresh state created at `now` ([`clock_nanos`] time base).
+    pub fn new_at(now: u64) -> Self {
+        EndpointState {
+            in_flight: AtomicU64::new(0),
+            successes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ewma_bits: AtomicU64::new(0),
+            ewma_at: AtomicU64::new(now),
+            created_at: now,
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+        }
+    }
+
+    /// A call to this instance starts.
+    pub fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call ends, with its outcome and latency if known (`None`: cancelled, counts nothing).
+    pub fn end(&self, outcome: Option<(Outcome, Duration)>) {
+        self.end_at(outcome, clock_nanos());
+    }
+
+    /// As [`end`](Self::end), at time `now`.
+    pub fn end_at(&self, outcome: Option<(Outcome, Duration)>, now: u64) {
+        // Saturating: a stray end() must never wrap the count to u64::MAX.
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        match outcome {
+            Some((Outcome::Success, latency)) => {
+                self.successes.fetch_add(1, Ordering::Relaxed);
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+                self.observe_latency_at(latency, now);
+            }
+            Some((Outcome::Failure, latency)) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+                self.observe_latency_at(latency, now);
+            }
+            None => {}
+        }
+    }
+
+    /// Feeds one latency sample into the peak-EWMA estimate: a sample above the estimate replaces
+    /// it at once (peak), a lower one pulls it down with weight decaying over [`EWMA_DECAY`].
+    pub fn observe_latency_at(&self, latency: Duration, now: u64) {
+        let sample = latency.as_nanos() as f64;
+        let last = self.ewma_at.swap(now, Ordering::Relaxed);
+        let elapsed = now.saturating_sub(last) as f64;
+        let w = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
+        let _ = self
+            .ewma_bits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                let cur = f64::from_bits(bits);
+                let next = if bits == 0 || sample > cur {
+                    sample
+                } else {
+                    cur * w + sample * (1.0 - w)
+                };
+                // Keep 0 meaning "no sample": a 0 ns sample becomes the smallest positive value.
+                Some(next.max(f64::MIN_POSITIVE).to_bits())
+            });
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+    /// Successful calls so far.
+    pub fn successes(&self) -> u64 {
+        self.successes.load(Ordering::Relaxed)
+    }
+    /// Failed calls so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+    /// Failures since the last success.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+    /// The peak-EWMA latency estimate; `None` before the first sample.
+    pub fn ewma_latency(&self) -> Option<Duration> {
+        let bits = self.ewma_bits.load(Ordering::Relaxed);
+        (bits != 0).then(|| Duration::from_nanos(f64::from_bits(bits) as u64))
+    }
+    /// The estimate in nanoseconds as a float (0.0 before the first sample): cheap for pickers.
+    pub fn ewma_nanos(&self) -> f64 {
+        let bits = self.ewma_bits.load(Ordering::Relaxed);
+        if bits == 0 {
+            0.0
+        } else {
+            f64::from_bits(bits)
+        }
+    }
+    /// When this state was created ([`clock_nanos`] time base): when the balancer first saw the
+    /// instance.
+    pub fn created_at(&self) -> u64 {
+        self.created_at
+    }
+    /// Until when ([`clock_nanos`]) the instance is ejected; 0 if never.
+    pub fn ejected_until(&self) -> u64 {
+        self.ejected_until.load(Ordering::Relaxed)
+    }
+    /// Ejects the instance until `until` ([`clock_nanos`]) and counts the ejection.
+    pub fn eject_until(&self, until: u64) -> u32 {
+        self.ejected_until.store(until, Ordering::Relaxed);
+        self.ejections.fetch_add(1, Ordering::Relaxed) + 1
+    }
+    /// How many times the instance was ejected.
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+    /// Resets the consecutive-failure count (after an ejection, so that it is not re-ejected at once).
+    pub fn reset_consecutive_failures(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+}
+
+/// An instance together with its [`EndpointState`]: what strategies pick from. Cheap to clone.
+///
+/// ```
+/// use std::sync::Arc;
+/// use waypost_core::{Endpoint, EndpointState, ServiceInstance};
+/// let inst = ServiceInstance::builder("s", "a").host("h").port(1).weight(2).build()?;
+/// let ep = Endpoint::new(inst, Arc::new(EndpointState::new()));
+/// assert_eq!(ep.weight(), 2);
+/// # Ok::<(), waypost_core::ValidationError>(())
+/// ```
+#[derive(Clone)]
+pub struct Endpoint(Arc<EndpointInner>);
+
+struct EndpointInner {
+    instance: ServiceInstance,
+    state: Arc<EndpointState>,
+    weight: u32,
+}
+
+impl Endpoint {
+    /// Pairs `instance` with `state`.
+    pub fn new(instance: ServiceInstance, state: Arc<EndpointState>) -> Self {
+        let weight = instance.weight().get();
+        Endpoint(Arc::new(EndpointInner {
+            instance,
+            state,
+            weight,
+        }))
+    }
+
+    /// An endpoint with fresh state (for tests and benchmarks).
+    pub fn fresh(instance: ServiceInstance) -> Self {
+        Self::new(instance, Arc::new(EndpointState::new()))
+    }
+
+    /// The instance.
+    pub fn instance(&self) -> &ServiceInstance {
+        &self.0.instance
+    }
+    /// Its id.
+    pub fn id(&self) -> &InstanceId {
+        self.0.instance.id()
+    }
+    /// Its weight as a number (1..=[`Weight::MAX`]).
+    pub fn weight(&self) -> u32 {
+        self.0.weight
+    }
+    /// Its weight.
+    pub fn weight_typed(&self) -> Weight {
+        self.0.instance.weight()
+    }
+    /// Its load and health.
+    pub fn state(&self) -> &EndpointState {
+        &self.0.state
+    }
+    /// The shared state, to carry over into a new endpoint for the same id.
+    pub fn shared_state(&self) -> &Arc<EndpointState> {
+        &self.0.state
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("id", self.id())
+            .field("authority", &self.instance().authority())
+            .field("weight", &self.weight())
+            .field("in_flight", &self.state().in_flight())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ewma_takes_peaks_and_decays_toward_lower_samples() {
+        let s = EndpointState::new_at(0);
+        s.observe_latency_at(Duration::from_millis(10), 0);
+        s.observe_latency_at(Duration::from_millis(100), 1);
+        assert_eq!(s.ewma_latency(), Some(Duration::from_millis(100)));
+        // Long after the peak a low sample dominates.
+        s.observe_latency_at(Duration::from_millis(10), 60 * EWMA_DECAY.as_nanos() as u64);
+        let v = s.ewma_latency().unwrap();
+        assert!(v < Duration::from_millis(11), "{v:?}");
+    }
+
+    #[test]
+    fn end_without_begin_does_not_wrap() {
+        let s = EndpointState::new();
+        s.end(None);
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn failures_count_consecutively_until_success() {
+        let s = EndpointState::new();
+        for _ in 0..3 {
+            s.begin();
+            s.end(Some((Outcome::Failure, Duration::ZERO)));
+        }
+        assert_eq!(s.consecutive_failures(), 3);
+        s.begin();
+        s.end(Some((Outcome::Success, Duration::ZERO)));
+        assert_eq!(s.consecutive_failures(), 0);
+        assert_eq!((s.successes(), s.failures()), (1, 3));
+    }
+}

@@ -1,0 +1,344 @@
+//! What a process announces about itself, and how the backend checks that it is alive.
+
+use std::time::Duration;
+
+use crate::error::{Field, Problem, ValidationError};
+use crate::instance::{InstanceBuilder, InstanceId, ServiceInstance, ServiceName};
+
+/// How the backend decides that a registered instance is healthy.
+///
+/// ```
+/// use std::time::Duration;
+/// use waypost_core::HealthCheck;
+/// let ttl = HealthCheck::ttl(Duration::from_secs(10));
+/// assert_eq!(ttl.heartbeat_interval(), Some(Duration::from_millis(3333)));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HealthCheck {
+    /// The registering process heart-beats; the backend expires it `ttl` after the last beat.
+    Ttl {
+        /// Time to live after the last heartbeat.
+        ttl: Duration,
+    },
+    /// The backend (e.g. the Consul agent) polls an HTTP URL; 2xx is healthy.
+    Http {
+        /// The URL to GET.
+        url: String,
+        /// Time between checks.
+        interval: Duration,
+        /// Time limit of one check.
+        timeout: Duration,
+    },
+    /// The backend opens a TCP connection to `address`; success is healthy.
+    Tcp {
+        /// `host:port` to connect to.
+        address: String,
+        /// Time between checks.
+        interval: Duration,
+        /// Time limit of one check.
+        timeout: Duration,
+    },
+}
+
+impl HealthCheck {
+    /// A TTL heartbeat check.
+    pub fn ttl(ttl: Duration) -> Self {
+        HealthCheck::Ttl { ttl }
+    }
+
+    /// An HTTP check every `interval`, each with a time limit of `interval` (at most 10 s).
+    pub fn http(url: impl Into<String>, interval: Duration) -> Self {
+        HealthCheck::Http {
+            url: url.into(),
+            interval,
+            timeout: interval.min(Duration::from_secs(10)),
+        }
+    }
+
+    /// A TCP connect check every `interval`, each with a time limit of `interval` (at most 10 s).
+    pub fn tcp(address: impl Into<String>, interval: Duration) -> Self {
+        HealthCheck::Tcp {
+            address: address.into(),
+            interval,
+            timeout: interval.min(Duration::from_secs(10)),
+        }
+    }
+
+    /// How often the registering process must heart-beat: a third of the TTL, so that two beats
+    /// may be lost before the backend expires the instance. `None` for checks the backend runs.
+    pub fn heartbeat_interval(&self) -> Option<Duration> {
+        match self {
+            HealthCheck::Ttl { ttl } => Some(*ttl / 3),
+            _ => None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ValidationError> {
+        let positive = |field: Field, d: Duration| {
+            if d.is_zero() {
+                Err(ValidationError::new(field, Problem::Zero))
+            } else if d > Duration::from_secs(24 * 3600) {
+                Err(ValidationError::new(
+                    field,
+                    Problem::Invalid("longer than 24 hours".into()),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            HealthCheck::Ttl { ttl } => {
+                positive(Field::CheckTtl, *ttl)?;
+                if *ttl < Duration::from_secs(1) {
+                    return Err(ValidationError::new(
+                        Field::CheckTtl,
+                        Problem::Invalid("below 1 s; backends count TTLs in whole seconds".into()),
+                    ));
+                }
+                Ok(())
+            }
+            HealthCheck::Http {
+                url,
+                interval,
+                timeout,
+            } => {
+                positive(Field::CheckInterval, *interval)?;
+                positive(Field::CheckTimeout, *timeout)?;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(ValidationError::new(
+                        Field::CheckUrl,
+                        Problem::Invalid(format!("{url:?} is not an http:// or https:// URL")),
+                    ));
+                }
+                if let Some((at, _)) = url.char_indices().find(|(_, c)| c.is_control() || c.is_whitespace()) {
+                    return Err(ValidationError::new(Field::CheckUrl, Problem::ControlCharacter { at }));
+                }
+                Ok(())
+            }
+            HealthCheck::Tcp {
+                address,
+                interval,
+                timeout,
+            } => {
+                positive(Field::CheckInterval, *interval)?;
+                positive(Field::CheckTimeout, *timeout)?;
+                match address.rsplit_once(':') {
+                    Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
+                    _ => Err(ValidationError::new(
+                        Field::CheckAddress,
+                        Problem::Invalid(format!("{address:?} is not host:port")),
+                    )),
+                }
+            }
+        }
+    }
+}
+
+impl Default for HealthCheck {
+    /// A 10 s TTL heartbeat.
+    fn default() -> Self {
+        HealthCheck::ttl(Duration::from_secs(10))
+    }
+}
+
+/// What a process announces about itself: the instance (its host may be left for the backend to
+/// fill in) and the health check that keeps it listed.
+///
+/// ```
+/// use std::time::Duration;
+/// use waypost_core::{HealthCheck, Registration};
+/// let reg = Registration::builder("users", "users-1")
+///     .port(8080)
+///     .weight(2)
+///     .check(HealthCheck::ttl(Duration::from_secs(5)))
+///     .build()?;
+/// assert_eq!(reg.host(), None); // the backend fills in this machine's address
+/// assert_eq!(reg.instance_or_host("10.0.0.7")?.authority(), "10.0.0.7:8080");
+/// # Ok::<(), waypost_core::ValidationError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    // Validated with a placeholder host when none was given; `host_given` says which.
+    instance: ServiceInstance,
+    host_given: bool,
+    check: HealthCheck,
+    deregister_critical_after: Option<Duration>,
+}
+
+/// The host used to validate a registration that leaves its host to the backend.
+const PLACEHOLDER_HOST: &str = "0.0.0.0";
+
+impl Registration {
+    /// Starts a registration of instance `id` of `service`. A port is required.
+    pub fn builder(service: impl Into<String>, id: impl Into<String>) -> RegistrationBuilder {
+        RegistrationBuilder {
+            instance: ServiceInstance::builder(service, id),
+            host_given: false,
+            check: HealthCheck::default(),
+            deregister_critical_after: None,
+        }
+    }
+
+    /// Registers exactly `instance` (its host included) with `check`.
+    pub fn new(instance: ServiceInstance, check: HealthCheck) -> Result<Self, ValidationError> {
+        check.validate()?;
+        Ok(Registration {
+            instance,
+            host_given: true,
+            check,
+            deregister_critical_after: None,
+        })
+    }
+
+    /// The service name.
+    pub fn service(&self) -> &ServiceName {
+        self.instance.service()
+    }
+    /// The instance id.
+    pub fn id(&self) -> &InstanceId {
+        self.instance.id()
+    }
+    /// The host, if the registration names one.
+    pub fn host(&self) -> Option<&str> {
+        self.host_given.then(|| self.instance.host())
+    }
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.instance.port()
+    }
+    /// The health check.
+    pub fn check(&self) -> &HealthCheck {
+        &self.check
+    }
+    /// How long after turning critical the backend should drop the instance (its safety net
+    /// for a process that died without deregistering).
+    pub fn deregister_critical_after(&self) -> Option<Duration> {
+        self.deregister_critical_after
+    }
+
+    /// The instance as announced, with `default_host` where the registration names no host.
+    pub fn instance_or_host(&self, default_host: &str) -> Result<ServiceInstance, ValidationError> {
+        if self.host_given {
+            Ok(self.instance.clone())
+        } else {
+            self.instance.to_builder().host(default_host).build()
+        }
+    }
+}
+
+/// Builds a validated [`Registration`]; see [`Registration::builder`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct RegistrationBuilder {
+    instance: InstanceBuilder,
+    host_given: bool,
+    check: HealthCheck,
+    deregister_critical_after: Option<Duration>,
+}
+
+impl RegistrationBuilder {
+    /// The host clients connect to; leave it out to let the backend use this machine's address.
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.instance = self.instance.host(host);
+        self.host_given = true;
+        self
+    }
+    /// The port clients connect to.
+    pub fn port(mut self, port: u16) -> Self {
+        self.instance = self.instance.port(port);
+        self
+    }
+    /// Adds a tag.
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.instance = self.instance.tag(tag);
+        self
+    }
+    /// Adds a metadata pair.
+    pub fn meta(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.instance = self.instance.meta(key, value);
+        self
+    }
+    /// The balancing weight.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.instance = self.instance.weight(weight);
+        self
+    }
+    /// The zone.
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.instance = self.instance.zone(zone);
+        self
+    }
+    /// The health check (default: a 10 s TTL heartbeat).
+    pub fn check(mut self, check: HealthCheck) -> Self {
+        self.check = check;
+        self
+    }
+    /// The backend's safety net for a process that died: drop the instance this long after it
+    /// turned critical.
+    pub fn deregister_critical_after(mut self, after: Duration) -> Self {
+        self.deregister_critical_after = Some(after);
+        self
+    }
+
+    /// Validates everything; the error names the first bad field.
+    pub fn build(self) -> Result<Registration, ValidationError> {
+        let builder = if self.host_given {
+            self.instance
+        } else {
+            self.instance.host(PLACEHOLDER_HOST)
+        };
+        let instance = builder.build()?;
+        self.check.validate()?;
+        if let Some(d) = self.deregister_critical_after {
+            if d.is_zero() {
+                return Err(ValidationError::new(Field::DeregisterAfter, Problem::Zero));
+            }
+        }
+        Ok(Registration {
+            instance,
+            host_given: self.host_given,
+            check: self.check,
+            deregister_critical_after: self.deregister_critical_after,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_are_validated() {
+        let reg = |c: HealthCheck| Registration::builder("s", "i").port(1).check(c).build();
+        assert_eq!(reg(HealthCheck::ttl(Duration::ZERO)).unwrap_err().field(), &Field::CheckTtl);
+        assert_eq!(
+            reg(HealthCheck::ttl(Duration::from_millis(200))).unwrap_err().field(),
+            &Field::CheckTtl
+        );
+        assert_eq!(
+            reg(HealthCheck::http("ftp://x", Duration::from_secs(1))).unwrap_err().field(),
+            &Field::CheckUrl
+        );
+        assert_eq!(
+            reg(HealthCheck::http("http://x/", Duration::ZERO)).unwrap_err().field(),
+            &Field::CheckInterval
+        );
+        assert_eq!(
+            reg(HealthCheck::tcp("nohost", Duration::from_secs(1))).unwrap_err().field(),
+            &Field::CheckAddress
+        );
+        assert!(reg(HealthCheck::tcp("127.0.0.1:80", Duration::from_secs(1))).is_ok());
+    }
+
+    #[test]
+    fn missing_host_is_filled_by_backend_and_instance_fields_are_validated() {
+        let r = Registration::builder("s", "i").port(9).build().unwrap();
+        assert_eq!(r.host(), None);
+        assert_eq!(r.instance_or_host("1.2.3.4").unwrap().host(), "1.2.3.4");
+        let r = Registration::builder("s", "i").host("h").port(9).build().unwrap();
+        assert_eq!(r.instance_or_host("1.2.3.4").unwrap().host(), "h");
+        let e = Registration::builder("s", "i").build().unwrap_err();
+        assert_eq!(e.field(), &Field::Port);
+    }
+}

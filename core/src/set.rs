@@ -1,0 +1,162 @@
+//! The set of instances a watcher has delivered, and the difference to a newer set.
+
+use std::collections::BTreeMap;
+
+use crate::event::WatchEvent;
+use crate::instance::{InstanceId, ServiceInstance};
+
+/// The instances of one service, keyed by id: what a watch has delivered so far.
+///
+/// Backends use it to turn "here is the whole set now" (a Consul answer, an etcd re-list after a
+/// reconnect or compaction) into the events that describe only the real difference.
+///
+/// ```
+/// use waypost_core::{InstanceSet, ServiceInstance, WatchEvent};
+/// let a = ServiceInstance::builder("s", "a").host("h").port(1).build()?;
+/// let b = ServiceInstance::builder("s", "b").host("h").port(2).build()?;
+/// let mut delivered = InstanceSet::new();
+/// assert_eq!(delivered.sync(vec![a.clone()]), vec![WatchEvent::Snapshot(vec![a.clone()])]);
+/// assert_eq!(delivered.sync(vec![a.clone(), b.clone()]), vec![WatchEvent::Added(b)]);
+/// assert_eq!(delivered.sync(vec![a.clone()]).len(), 1); // b removed
+/// assert!(delivered.sync(vec![a]).is_empty()); // nothing changed, nothing to say
+/// # Ok::<(), waypost_core::ValidationError>(())
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstanceSet {
+    by_id: BTreeMap<InstanceId, ServiceInstance>,
+    snapshot_sent: bool,
+}
+
+impl InstanceSet {
+    /// An empty set that has delivered nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the set with `current` and returns what a watcher must be told: a
+    /// [`WatchEvent::Snapshot`] the first time, afterwards the adds, updates and removals (in id
+    /// order; nothing when nothing changed).
+    pub fn sync(&mut self, current: impl IntoIterator<Item = ServiceInstance>) -> Vec<WatchEvent> {
+        let mut next: BTreeMap<InstanceId, ServiceInstance> = BTreeMap::new();
+        for inst in current {
+            next.insert(inst.id().clone(), inst);
+        }
+        if !self.snapshot_sent {
+            self.snapshot_sent = true;
+            self.by_id = next;
+            return vec![WatchEvent::Snapshot(self.instances())];
+        }
+        let mut events = Vec::new();
+        for (id, old) in &self.by_id {
+            if !next.contains_key(id) {
+                events.push(WatchEvent::Removed(old.clone()));
+            }
+        }
+        for (id, new) in &next {
+            match self.by_id.get(id) {
+                None => events.push(WatchEvent::Added(new.clone())),
+                Some(old) if old != new => events.push(WatchEvent::Updated(new.clone())),
+                Some(_) => {}
+            }
+        }
+        self.by_id = next;
+        events
+    }
+
+    /// Applies one event to the set (what a consumer of a watch does). Returns whether the set
+    /// changed.
+    pub fn apply(&mut self, event: &WatchEvent) -> bool {
+        match event {
+            WatchEvent::Snapshot(all) => {
+                let next: BTreeMap<_, _> =
+                    all.iter().map(|i| (i.id().clone(), i.clone())).collect();
+                self.snapshot_sent = true;
+                let changed = next != self.by_id;
+                self.by_id = next;
+                changed
+            }
+            WatchEvent::Added(i) | WatchEvent::Updated(i) => {
+                self.by_id.insert(i.id().clone(), i.clone()).as_ref() != Some(i)
+            }
+            WatchEvent::Removed(i) => self.by_id.remove(i.id()).is_some(),
+        }
+    }
+
+    /// The instances, sorted by id.
+    pub fn instances(&self) -> Vec<ServiceInstance> {
+        self.by_id.values().cloned().collect()
+    }
+
+    /// The instance with this id.
+    pub fn get(&self, id: &str) -> Option<&ServiceInstance> {
+        self.by_id.get(id)
+    }
+
+    /// How many instances.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// Iterates in id order.
+    pub fn iter(&self) -> impl Iterator<Item = &ServiceInstance> {
+        self.by_id.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(id: &str, port: u16) -> ServiceInstance {
+        ServiceInstance::builder("s", id).host("h").port(port).build().unwrap()
+    }
+
+    #[test]
+    fn sync_reports_only_real_differences() {
+        let mut s = InstanceSet::new();
+        s.sync(vec![inst("a", 1), inst("b", 1)]);
+        let ev = s.sync(vec![inst("b", 2), inst("c", 1)]);
+        assert_eq!(
+            ev,
+            vec![
+                WatchEvent::Removed(inst("a", 1)),
+                WatchEvent::Updated(inst("b", 2)),
+                WatchEvent::Added(inst("c", 1)),
+            ]
+        );
+        assert!(s.sync(vec![inst("c", 1), inst("b", 2)]).is_empty());
+    }
+
+    #[test]
+    fn apply_follows_events() {
+        let mut s = InstanceSet::new();
+        assert!(s.apply(&WatchEvent::Snapshot(vec![inst("a", 1)])));
+        assert!(s.apply(&WatchEvent::Added(inst("b", 1))));
+        assert!(!s.apply(&WatchEvent::Updated(inst("b", 1))));
+        assert!(s.apply(&WatchEvent::Removed(inst("a", 1))));
+        assert_eq!(s.instances(), vec![inst("b", 1)]);
+    }
+
+    proptest::proptest! {
+        // Replaying what sync emits onto a mirror always reproduces the latest set.
+        #[test]
+        fn replaying_sync_events_reproduces_the_set(rounds in proptest::collection::vec(proptest::collection::btree_map(0u8..12, 1u16..4, 0..10), 1..8)) {
+            let mut source = InstanceSet::new();
+            let mut mirror = InstanceSet::new();
+            for round in rounds {
+                let set: Vec<_> = round.iter().map(|(id, port)| inst(&format!("i{id}"), *port)).collect();
+                for ev in source.sync(set.clone()) {
+                    mirror.apply(&ev);
+                }
+                let mut want = set;
+                want.sort_by(|a, b| a.id().cmp(b.id()));
+                proptest::prop_assert_eq!(mirror.instances(), want);
+            }
+        }
+    }
+}

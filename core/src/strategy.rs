@@ -1,0 +1,115 @@
+//! Choosing an instance for a request.
+
+use std::sync::Arc;
+
+use crate::endpoint::Endpoint;
+
+/// A load-balancing strategy: prepares a [`Picker`] for each new instance set.
+///
+/// `build` runs on every instance-set update, off the request path; it may precompute tables
+/// (prefix sums, hash rings). State that must outlive updates (a round-robin position) lives in
+/// the strategy and is shared with the pickers it builds; per-instance state (in-flight counts,
+/// latency) lives in each [`Endpoint`]'s state.
+///
+/// ```
+/// use waypost_core::{Endpoint, PickContext, Picker, Strategy};
+///
+/// /// Always the first instance (by id): the smallest strategy.
+/// struct First;
+/// struct FirstPicker;
+///
+/// impl Strategy for First {
+///     fn name(&self) -> &str { "first" }
+///     fn build(&self, _endpoints: &[Endpoint]) -> Box<dyn Picker> { Box::new(FirstPicker) }
+/// }
+/// impl Picker for FirstPicker {
+///     fn pick(&self, endpoints: &[Endpoint], _: &PickContext<'_>) -> Option<usize> {
+///         (!endpoints.is_empty()).then_some(0)
+///     }
+/// }
+/// assert_eq!(First.name(), "first");
+/// ```
+pub trait Strategy: Send + Sync + 'static {
+    /// The strategy's name, as the examples and metrics spell it (`round-robin`, ...).
+    fn name(&self) -> &str;
+
+    /// Prepares a picker for `endpoints` (sorted by id, never empty when the balancer calls).
+    fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Picker>;
+}
+
+impl<S: Strategy + ?Sized> Strategy for Arc<S> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Picker> {
+        (**self).build(endpoints)
+    }
+}
+
+impl<S: Strategy + ?Sized> Strategy for Box<S> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Picker> {
+        (**self).build(endpoints)
+    }
+}
+
+/// Picks one endpoint of an immutable set. Runs on every request: must not lock, allocate or
+/// block. Always called with the same `endpoints` slice it was built for.
+pub trait Picker: Send + Sync + 'static {
+    /// The index into `endpoints` to use, or `None` if none fits the context.
+    fn pick(&self, endpoints: &[Endpoint], ctx: &PickContext<'_>) -> Option<usize>;
+}
+
+/// What a request tells the strategy: a hash key for consistent hashing, the caller's zone.
+///
+/// ```
+/// use waypost_core::PickContext;
+/// let ctx = PickContext::new().with_key(b"user-42");
+/// assert_eq!(ctx.hash(), PickContext::new().with_key(b"user-42").hash());
+/// assert!(PickContext::new().hash().is_none());
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PickContext<'a> {
+    hash: Option<u64>,
+    zone: Option<&'a str>,
+}
+
+impl<'a> PickContext<'a> {
+    /// No key, no zone.
+    pub const fn new() -> Self {
+        PickContext {
+            hash: None,
+            zone: None,
+        }
+    }
+
+    /// Routes by `key` (a user id, a session): hashing strategies send equal keys to the same
+    /// instance. The hash (XXH3) is stable across processes and versions.
+    pub fn with_key(self, key: &[u8]) -> Self {
+        self.with_hash(xxhash_rust::xxh3::xxh3_64(key))
+    }
+
+    /// Routes by a hash the caller computed.
+    pub const fn with_hash(mut self, hash: u64) -> Self {
+        self.hash = Some(hash);
+        self
+    }
+
+    /// The caller's zone, for zone-aware balancing.
+    pub const fn with_zone(mut self, zone: &'a str) -> Self {
+        self.zone = Some(zone);
+        self
+    }
+
+    /// The request's hash, if it has a key.
+    pub const fn hash(&self) -> Option<u64> {
+        self.hash
+    }
+
+    /// The caller's zone.
+    pub const fn zone(&self) -> Option<&'a str> {
+        self.zone
+    }
+}
