@@ -152,7 +152,11 @@ impl BalancerBuilder {
     ///
     /// # Panics
     /// Outside a Tokio runtime.
-    pub fn watch<D: Discovery + ?Sized>(mut self, discovery: &D, service: &ServiceName) -> Balancer {
+    pub fn watch<D: Discovery + ?Sized>(
+        mut self,
+        discovery: &D,
+        service: &ServiceName,
+    ) -> Balancer {
         self.service = Some(service.clone());
         let watch = discovery.watch(service);
         self.build_from_watch(watch)
@@ -182,7 +186,9 @@ async fn follow(shared: Weak<Shared>, mut watch: Watch) {
                 break;
             }
         }
-        let Some(shared) = shared.upgrade() else { return };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
         let balancer = Balancer { shared };
         let mut events = Vec::with_capacity(batch.len());
         for item in batch {
@@ -269,7 +275,9 @@ pub struct Balancer {
 
 impl fmt::Debug for Balancer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Balancer").field("status", &self.status()).finish()
+        f.debug_struct("Balancer")
+            .field("status", &self.status())
+            .finish()
     }
 }
 
@@ -313,7 +321,11 @@ impl Balancer {
                 service: self.shared.service.clone(),
             });
         }
-        match snap.picker.pick(&snap.endpoints, ctx).and_then(|i| snap.endpoints.get(i)) {
+        match snap
+            .picker
+            .pick(&snap.endpoints, ctx)
+            .and_then(|i| snap.endpoints.get(i))
+        {
             Some(ep) => Ok(PickGuard::new(ep.clone())),
             None => Err(PickError::NoneFits {
                 service: self.shared.service.clone(),

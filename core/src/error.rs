@@ -128,13 +128,18 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Problem::Empty => f.write_str("it is empty"),
-            Problem::TooLong { len, max } => write!(f, "it is {len} bytes long, the limit is {max}"),
+            Problem::TooLong { len, max } => {
+                write!(f, "it is {len} bytes long, the limit is {max}")
+            }
             Problem::NotUtf8 => f.write_str("it is not valid UTF-8"),
             Problem::ControlCharacter { at } => {
                 write!(f, "it contains a control character at byte {at}")
             }
             Problem::InvalidCharacter { ch, at, allowed } => {
-                write!(f, "character {ch:?} at byte {at} is not allowed (allowed: {allowed})")
+                write!(
+                    f,
+                    "character {ch:?} at byte {at} is not allowed (allowed: {allowed})"
+                )
             }
             Problem::Zero => f.write_str("it is 0; it must be at least 1"),
             Problem::OutOfRange { value, min, max } => {

@@ -29,7 +29,10 @@ fn check_text(field: Field, s: &str, max: usize) -> Result<(), ValidationError> 
         ));
     }
     if let Some((at, _)) = s.char_indices().find(|(_, c)| c.is_control()) {
-        return Err(ValidationError::new(field, Problem::ControlCharacter { at }));
+        return Err(ValidationError::new(
+            field,
+            Problem::ControlCharacter { at },
+        ));
     }
     Ok(())
 }
@@ -562,28 +565,59 @@ mod tests {
     use super::*;
 
     fn base() -> InstanceBuilder {
-        ServiceInstance::builder("users", "u1").host("127.0.0.1").port(80)
+        ServiceInstance::builder("users", "u1")
+            .host("127.0.0.1")
+            .port(80)
     }
 
     #[test]
     fn each_bad_field_is_named() {
         let cases: Vec<(InstanceBuilder, Field)> = vec![
-            (ServiceInstance::builder("", "u1").host("h").port(1), Field::ServiceName),
-            (ServiceInstance::builder("a/b", "u1").host("h").port(1), Field::ServiceName),
-            (ServiceInstance::builder("x".repeat(129), "u1").host("h").port(1), Field::ServiceName),
-            (ServiceInstance::builder("users", "").host("h").port(1), Field::InstanceId),
-            (ServiceInstance::builder("users", "a\nb").host("h").port(1), Field::InstanceId),
+            (
+                ServiceInstance::builder("", "u1").host("h").port(1),
+                Field::ServiceName,
+            ),
+            (
+                ServiceInstance::builder("a/b", "u1").host("h").port(1),
+                Field::ServiceName,
+            ),
+            (
+                ServiceInstance::builder("x".repeat(129), "u1")
+                    .host("h")
+                    .port(1),
+                Field::ServiceName,
+            ),
+            (
+                ServiceInstance::builder("users", "").host("h").port(1),
+                Field::InstanceId,
+            ),
+            (
+                ServiceInstance::builder("users", "a\nb").host("h").port(1),
+                Field::InstanceId,
+            ),
             (ServiceInstance::builder("users", "u1").port(1), Field::Host),
-            (ServiceInstance::builder("users", "u1").host("").port(1), Field::Host),
-            (ServiceInstance::builder("users", "u1").host("h"), Field::Port),
+            (
+                ServiceInstance::builder("users", "u1").host("").port(1),
+                Field::Host,
+            ),
+            (
+                ServiceInstance::builder("users", "u1").host("h"),
+                Field::Port,
+            ),
             (base().port(0), Field::Port),
             (base().weight(0), Field::Weight),
             (base().weight(Weight::MAX + 1), Field::Weight),
             (base().tag("ok").tag("bad\u{7}"), Field::Tag(1)),
             (base().tag(""), Field::Tag(0)),
-            (base().meta("bad key", "v"), Field::MetadataKey("bad key".into())),
+            (
+                base().meta("bad key", "v"),
+                Field::MetadataKey("bad key".into()),
+            ),
             (base().meta("k", "v\0"), Field::MetadataValue("k".into())),
-            (base().meta("k", "1").meta("k", "2"), Field::MetadataKey("k".into())),
+            (
+                base().meta("k", "1").meta("k", "2"),
+                Field::MetadataKey("k".into()),
+            ),
             (base().zone(""), Field::Zone),
             (base().tag("weight:zero"), Field::Weight),
         ];
@@ -604,12 +638,27 @@ mod tests {
     fn weight_precedence_explicit_then_tag_then_one() {
         assert_eq!(base().build().unwrap().weight().get(), 1);
         assert_eq!(base().tag("weight:7").build().unwrap().weight().get(), 7);
-        assert_eq!(base().tag("weight:7").weight(2).build().unwrap().weight().get(), 2);
+        assert_eq!(
+            base()
+                .tag("weight:7")
+                .weight(2)
+                .build()
+                .unwrap()
+                .weight()
+                .get(),
+            2
+        );
     }
 
     #[test]
     fn json_round_trip_validates() {
-        let inst = base().tag("v1").meta("k", "v").weight(5).zone("z").build().unwrap();
+        let inst = base()
+            .tag("v1")
+            .meta("k", "v")
+            .weight(5)
+            .zone("z")
+            .build()
+            .unwrap();
         let json = serde_json::to_string(&inst).unwrap();
         let back: ServiceInstance = serde_json::from_str(&json).unwrap();
         assert_eq!(back, inst);
@@ -619,7 +668,11 @@ mod tests {
 
     #[test]
     fn ipv6_authority_has_brackets() {
-        let i = ServiceInstance::builder("s", "i").host("::1").port(9).build().unwrap();
+        let i = ServiceInstance::builder("s", "i")
+            .host("::1")
+            .port(9)
+            .build()
+            .unwrap();
         assert_eq!(i.authority(), "[::1]:9");
     }
 

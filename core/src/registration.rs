@@ -10,8 +10,8 @@ use crate::instance::{InstanceBuilder, InstanceId, ServiceInstance, ServiceName}
 /// ```
 /// use std::time::Duration;
 /// use waypost_core::HealthCheck;
-/// let ttl = HealthCheck::ttl(Duration::from_secs(10));
-/// assert_eq!(ttl.heartbeat_interval(), Some(Duration::from_millis(3333)));
+/// let ttl = HealthCheck::ttl(Duration::from_secs(9));
+/// assert_eq!(ttl.heartbeat_interval(), Some(Duration::from_secs(3)));
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -111,8 +111,14 @@ impl HealthCheck {
                         Problem::Invalid(format!("{url:?} is not an http:// or https:// URL")),
                     ));
                 }
-                if let Some((at, _)) = url.char_indices().find(|(_, c)| c.is_control() || c.is_whitespace()) {
-                    return Err(ValidationError::new(Field::CheckUrl, Problem::ControlCharacter { at }));
+                if let Some((at, _)) = url
+                    .char_indices()
+                    .find(|(_, c)| c.is_control() || c.is_whitespace())
+                {
+                    return Err(ValidationError::new(
+                        Field::CheckUrl,
+                        Problem::ControlCharacter { at },
+                    ));
                 }
                 Ok(())
             }
@@ -124,7 +130,9 @@ impl HealthCheck {
                 positive(Field::CheckInterval, *interval)?;
                 positive(Field::CheckTimeout, *timeout)?;
                 match address.rsplit_once(':') {
-                    Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
+                    Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {
+                        Ok(())
+                    }
                     _ => Err(ValidationError::new(
                         Field::CheckAddress,
                         Problem::Invalid(format!("{address:?} is not host:port")),
@@ -311,21 +319,32 @@ mod tests {
     #[test]
     fn checks_are_validated() {
         let reg = |c: HealthCheck| Registration::builder("s", "i").port(1).check(c).build();
-        assert_eq!(reg(HealthCheck::ttl(Duration::ZERO)).unwrap_err().field(), &Field::CheckTtl);
         assert_eq!(
-            reg(HealthCheck::ttl(Duration::from_millis(200))).unwrap_err().field(),
+            reg(HealthCheck::ttl(Duration::ZERO)).unwrap_err().field(),
             &Field::CheckTtl
         );
         assert_eq!(
-            reg(HealthCheck::http("ftp://x", Duration::from_secs(1))).unwrap_err().field(),
+            reg(HealthCheck::ttl(Duration::from_millis(200)))
+                .unwrap_err()
+                .field(),
+            &Field::CheckTtl
+        );
+        assert_eq!(
+            reg(HealthCheck::http("ftp://x", Duration::from_secs(1)))
+                .unwrap_err()
+                .field(),
             &Field::CheckUrl
         );
         assert_eq!(
-            reg(HealthCheck::http("http://x/", Duration::ZERO)).unwrap_err().field(),
+            reg(HealthCheck::http("http://x/", Duration::ZERO))
+                .unwrap_err()
+                .field(),
             &Field::CheckInterval
         );
         assert_eq!(
-            reg(HealthCheck::tcp("nohost", Duration::from_secs(1))).unwrap_err().field(),
+            reg(HealthCheck::tcp("nohost", Duration::from_secs(1)))
+                .unwrap_err()
+                .field(),
             &Field::CheckAddress
         );
         assert!(reg(HealthCheck::tcp("127.0.0.1:80", Duration::from_secs(1))).is_ok());
@@ -336,7 +355,11 @@ mod tests {
         let r = Registration::builder("s", "i").port(9).build().unwrap();
         assert_eq!(r.host(), None);
         assert_eq!(r.instance_or_host("1.2.3.4").unwrap().host(), "1.2.3.4");
-        let r = Registration::builder("s", "i").host("h").port(9).build().unwrap();
+        let r = Registration::builder("s", "i")
+            .host("h")
+            .port(9)
+            .build()
+            .unwrap();
         assert_eq!(r.instance_or_host("1.2.3.4").unwrap().host(), "h");
         let e = Registration::builder("s", "i").build().unwrap_err();
         assert_eq!(e.field(), &Field::Port);

@@ -269,7 +269,10 @@ impl RegistrationHandle {
             Some(task) => match task.await {
                 Ok(result) => result,
                 Err(join) => Err(Error::Closed {
-                    what: format!("registration of {} (task failed: {join})", self.instance.id()),
+                    what: format!(
+                        "registration of {} (task failed: {join})",
+                        self.instance.id()
+                    ),
                 }),
             },
             None => Ok(()),
@@ -292,7 +295,11 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn inst() -> ServiceInstance {
-        ServiceInstance::builder("s", "i").host("h").port(1).build().unwrap()
+        ServiceInstance::builder("s", "i")
+            .host("h")
+            .port(1)
+            .build()
+            .unwrap()
     }
 
     fn counting_task(

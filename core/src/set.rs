@@ -113,7 +113,11 @@ mod tests {
     use super::*;
 
     fn inst(id: &str, port: u16) -> ServiceInstance {
-        ServiceInstance::builder("s", id).host("h").port(port).build().unwrap()
+        ServiceInstance::builder("s", id)
+            .host("h")
+            .port(port)
+            .build()
+            .unwrap()
     }
 
     #[test]

@@ -1,0 +1,260 @@
+//! Balancer behaviour: fail-static, strategy swap, state across updates, concurrent picks.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use waypost_core::{
+    Balancer, Endpoint, Error, FailStatic, PickContext, PickError, Picker, ServiceInstance,
+    Strategy, WatchEvent,
+};
+
+/// Round robin in its simplest form, enough to exercise the balancer.
+#[derive(Default)]
+struct Rotate(Arc<AtomicUsize>);
+struct RotatePicker(Arc<AtomicUsize>);
+impl Strategy for Rotate {
+    fn name(&self) -> &str {
+        "rotate"
+    }
+    fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> {
+        Box::new(RotatePicker(self.0.clone()))
+    }
+}
+impl Picker for RotatePicker {
+    fn pick(&self, eps: &[Endpoint], _: &PickContext<'_>) -> Option<usize> {
+        (!eps.is_empty()).then(|| self.0.fetch_add(1, Ordering::Relaxed) % eps.len())
+    }
+}
+
+/// Always the last instance (by id).
+struct Last;
+struct LastPicker;
+impl Strategy for Last {
+    fn name(&self) -> &str {
+        "last"
+    }
+    fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> {
+        Box::new(LastPicker)
+    }
+}
+impl Picker for LastPicker {
+    fn pick(&self, eps: &[Endpoint], _: &PickContext<'_>) -> Option<usize> {
+        eps.len().checked_sub(1)
+    }
+}
+
+fn inst(id: &str) -> ServiceInstance {
+    ServiceInstance::builder("users", id)
+        .host("127.0.0.1")
+        .port(8000)
+        .build()
+        .unwrap()
+}
+
+fn ids(b: &Balancer) -> Vec<String> {
+    b.instances().iter().map(|i| i.id().to_string()).collect()
+}
+
+#[test]
+fn empty_balancer_says_why_it_cannot_pick() {
+    let b = Balancer::new(Rotate::default());
+    let err = b.pick().unwrap_err();
+    assert!(matches!(err, PickError::NoInstances { .. }));
+    assert!(err.to_string().contains("no instance"));
+}
+
+#[test]
+fn removed_instances_are_never_picked() {
+    let b = Balancer::new(Rotate::default());
+    b.apply(WatchEvent::Snapshot(vec![inst("a"), inst("b"), inst("c")]));
+    b.apply(WatchEvent::Removed(inst("b")));
+    for _ in 0..100 {
+        assert_ne!(b.pick().unwrap().instance().id().as_str(), "b");
+    }
+}
+
+#[test]
+fn empty_push_keeps_last_set_and_says_so() {
+    let b = Balancer::new(Rotate::default());
+    b.apply(WatchEvent::Snapshot(vec![inst("a"), inst("b")]));
+    b.apply(WatchEvent::Snapshot(vec![]));
+    assert_eq!(ids(&b), ["a", "b"]);
+    let st = b.status();
+    assert_eq!(st.fail_static, Some(FailStatic::EmptyPush));
+    assert_eq!((st.serving, st.reported), (2, 0));
+    assert!(b.pick().is_ok());
+    // Instances coming back end fail-static.
+    b.apply(WatchEvent::Added(inst("c")));
+    assert_eq!(ids(&b), ["c"]);
+    assert_eq!(b.status().fail_static, None);
+}
+
+#[test]
+fn empty_push_empties_when_configured() {
+    let b = Balancer::builder(Rotate::default())
+        .keep_last_on_empty(false)
+        .build();
+    b.apply(WatchEvent::Snapshot(vec![inst("a")]));
+    b.apply(WatchEvent::Removed(inst("a")));
+    assert!(ids(&b).is_empty());
+    assert!(b.pick().is_err());
+}
+
+#[test]
+fn errors_keep_the_set_until_the_watch_recovers() {
+    let b = Balancer::new(Rotate::default());
+    b.apply(WatchEvent::Snapshot(vec![inst("a")]));
+    b.report_error(&Error::unavailable("test", "watch", "connection refused"));
+    assert_eq!(ids(&b), ["a"]);
+    assert!(matches!(
+        b.status().fail_static,
+        Some(FailStatic::BackendError(ref m)) if m.contains("connection refused")
+    ));
+    b.apply(WatchEvent::Added(inst("b")));
+    assert_eq!(b.status().fail_static, None);
+    assert_eq!(ids(&b), ["a", "b"]);
+}
+
+#[test]
+fn strategy_swap_takes_effect_and_keeps_state() {
+    let b = Balancer::new(Rotate::default());
+    b.apply(WatchEvent::Snapshot(vec![inst("a"), inst("b")]));
+    let held = b.pick_with(&PickContext::new()).unwrap();
+    let held_id = held.instance().id().clone();
+    b.set_strategy(Last);
+    assert_eq!(b.status().strategy, "last");
+    for _ in 0..10 {
+        assert_eq!(b.pick().unwrap().instance().id().as_str(), "b");
+    }
+    let ep = b
+        .endpoints()
+        .into_iter()
+        .find(|e| e.id() == &held_id)
+        .unwrap();
+    assert_eq!(
+        ep.state().in_flight(),
+        1,
+        "in-flight count survives the swap"
+    );
+    drop(held);
+    assert_eq!(ep.state().in_flight(), 0);
+}
+
+#[test]
+fn per_instance_state_survives_updates() {
+    let b = Balancer::new(Last);
+    b.apply(WatchEvent::Snapshot(vec![inst("a")]));
+    let g1 = b.pick().unwrap();
+    g1.failure();
+    let _in_flight = b.pick().unwrap();
+    // The instance changes (new tag), the set is re-sent whole, another instance comes and goes.
+    let changed = inst("a").to_builder().tag("v2").build().unwrap();
+    b.apply(WatchEvent::Updated(changed.clone()));
+    b.apply(WatchEvent::Snapshot(vec![changed, inst("0")]));
+    b.apply(WatchEvent::Removed(inst("0")));
+    let ep = &b.endpoints()[0];
+    assert!(ep.instance().has_tag("v2"));
+    assert_eq!(ep.state().failures(), 1);
+    assert_eq!(ep.state().in_flight(), 1);
+}
+
+#[test]
+fn state_survives_an_empty_push_and_return() {
+    let b = Balancer::new(Last);
+    b.apply(WatchEvent::Snapshot(vec![inst("a")]));
+    b.pick().unwrap().failure();
+    b.apply(WatchEvent::Snapshot(vec![]));
+    b.apply(WatchEvent::Added(inst("a")));
+    assert_eq!(b.endpoints()[0].state().failures(), 1);
+}
+
+#[test]
+fn concurrent_picks_during_updates_always_succeed() {
+    let b = Balancer::new(Rotate::default());
+    let all: Vec<_> = (0..64).map(|i| inst(&format!("i{i:02}"))).collect();
+    b.apply(WatchEvent::Snapshot(all.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pickers: Vec<_> = (0..2)
+        .map(|_| {
+            let b = b.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let g = b
+                        .pick()
+                        .expect("never empty: the updater keeps half the set");
+                    assert!(g.instance().id().as_str().starts_with('i'));
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    for round in 0..500 {
+        // Remove and re-add a rotating half: the set shrinks and grows under the pickers.
+        let half: Vec<_> = all.iter().skip(round % 2 * 32).take(32).cloned().collect();
+        b.apply(WatchEvent::Snapshot(half));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for p in pickers {
+        assert!(p.join().unwrap() > 0);
+    }
+    for ep in b.endpoints() {
+        assert_eq!(ep.state().in_flight(), 0, "every guard was released");
+    }
+}
+
+#[test]
+fn pick_excluding_avoids_excluded_ids() {
+    let b = Balancer::new(Last);
+    b.apply(WatchEvent::Snapshot(vec![inst("a"), inst("b"), inst("c")]));
+    let avoid = [inst("c").id().clone()];
+    let g = b.pick_excluding(&PickContext::new(), &avoid).unwrap();
+    assert_ne!(g.instance().id().as_str(), "c");
+    let b1 = Balancer::new(Last);
+    b1.apply(WatchEvent::Snapshot(vec![inst("c")]));
+    // Nothing else exists: the excluded one is better than no answer.
+    assert_eq!(
+        b1.pick_excluding(&PickContext::new(), &avoid)
+            .unwrap()
+            .instance()
+            .id()
+            .as_str(),
+        "c"
+    );
+}
+
+#[tokio::test]
+async fn follows_a_watch_reports_errors_and_stops_with_the_balancer() {
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<WatchEvent, Error>>();
+    let b = Balancer::builder(Rotate::default()).build_from_watch(rx.boxed());
+    assert!(!b.wait_ready(Duration::from_millis(50)).await);
+    tx.unbounded_send(Ok(WatchEvent::Snapshot(vec![inst("a")])))
+        .unwrap();
+    assert!(b.wait_ready(Duration::from_secs(5)).await);
+    tx.unbounded_send(Err(Error::unavailable("test", "watch", "down")))
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while b.status().fail_static.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "error never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(ids(&b), ["a"]);
+    drop(b);
+    // The task holds only a weak reference: once the balancer is gone, it ends and drops the
+    // receiver, so sending fails.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tx.unbounded_send(Ok(WatchEvent::Added(inst("b")))).is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watch task outlived the balancer"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
