@@ -1,0 +1,200 @@
+//! Registration: a lease, the instance's key put with it, and a keep-alive that heals.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::timeout;
+use waypost_core::{Error, KeepAlive, StopMode};
+
+use crate::retry::{self, Backoff};
+use crate::{error, Ctx};
+
+/// What a registration puts: the key, its value, and the lease TTL in whole seconds.
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    pub(crate) key: String,
+    pub(crate) value: String,
+    pub(crate) ttl_secs: i64,
+}
+
+impl Entry {
+    /// A keep-alive every third of the TTL: two may be lost before the lease expires.
+    fn interval(&self) -> Duration {
+        Duration::from_secs(self.ttl_secs as u64) / 3
+    }
+}
+
+/// Grants a new lease and puts the key with it. Returns the lease id.
+pub(crate) async fn establish(ctx: &Ctx, entry: &Entry) -> Result<i64, Error> {
+    let ttl = entry.ttl_secs;
+    let lease = retry::call(
+        &ctx.client,
+        "grant lease",
+        ctx.request_timeout,
+        ctx.attempts,
+        |mut c| async move { c.lease_grant(ttl, None).await },
+    )
+    .await?
+    .id();
+    let put = retry::call(
+        &ctx.client,
+        "put instance",
+        ctx.request_timeout,
+        ctx.attempts,
+        |mut c| {
+            let (key, value) = (entry.key.clone(), entry.value.clone());
+            async move {
+                c.put(
+                    key,
+                    value,
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )
+                .await
+            }
+        },
+    )
+    .await;
+    if let Err(e) = put {
+        // The lease holds nothing; let it go now rather than at its TTL.
+        revoke_in_background(ctx, lease);
+        return Err(e);
+    }
+    Ok(lease)
+}
+
+/// Revokes `lease`: its key disappears at once and watchers see a delete. An already expired
+/// lease counts as revoked.
+async fn revoke(ctx: &Ctx, lease: i64) -> Result<(), Error> {
+    let r = retry::call(
+        &ctx.client,
+        "revoke lease",
+        ctx.request_timeout,
+        ctx.attempts,
+        |mut c| async move { c.lease_revoke(lease).await },
+    )
+    .await;
+    match r {
+        Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn revoke_in_background(ctx: &Ctx, lease: i64) {
+    let mut client = ctx.client.clone();
+    let limit = ctx.request_timeout;
+    tokio::spawn(async move {
+        let _ = timeout(limit, client.lease_revoke(lease)).await;
+    });
+}
+
+/// How holding a lease ended.
+enum Held {
+    Stop(StopMode),
+    Lost(String),
+}
+
+/// The background task of a registration: keeps `lease` alive; when it is lost, grants a new
+/// one and puts the key again, forever, with jittered backoff; revokes on shutdown.
+pub(crate) async fn keep(
+    ctx: Arc<Ctx>,
+    entry: Entry,
+    mut lease: i64,
+    mut ka: KeepAlive,
+) -> Result<(), Error> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let reason = match hold(&ctx, &entry, lease, &mut ka).await {
+            Held::Stop(StopMode::Deregister) => return revoke(&ctx, lease).await,
+            Held::Stop(StopMode::Abandon) => return Ok(()),
+            Held::Lost(reason) => reason,
+        };
+        tracing::warn!(key = %entry.key, lease, %reason, "etcd registration lost; registering again");
+        ka.set_recovering(reason.clone());
+        loop {
+            let attempt = tokio::select! {
+                mode = ka.stopped() => {
+                    // The old lease may still hold the key (a silent stream, not an expiry).
+                    return match mode {
+                        StopMode::Deregister => revoke(&ctx, lease).await,
+                        StopMode::Abandon => Ok(()),
+                    };
+                }
+                r = establish(&ctx, &entry) => r,
+            };
+            match attempt {
+                Ok(new_lease) => {
+                    // The key now hangs on the new lease; the old one holds nothing.
+                    revoke_in_background(&ctx, lease);
+                    lease = new_lease;
+                    backoff.reset();
+                    tracing::info!(key = %entry.key, lease, "etcd registration restored");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(key = %entry.key, error = %e, "re-registering in etcd failed; retrying");
+                    ka.set_recovering(format!("{reason}; re-registering failed: {e}"));
+                    if let Some(mode) = ka.sleep(backoff.next_delay()).await {
+                        return match mode {
+                            StopMode::Deregister => revoke(&ctx, lease).await,
+                            StopMode::Abandon => Ok(()),
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Keeps `lease` alive until asked to stop or until the lease is lost: expired or unknown, the
+/// stream closed or failed, or no answer within the deadline (a member that died can leave the
+/// stream open and silent).
+async fn hold(ctx: &Ctx, entry: &Entry, lease: i64, ka: &mut KeepAlive) -> Held {
+    let interval = entry.interval();
+    let deadline = ctx
+        .request_timeout
+        .min(interval)
+        .max(Duration::from_millis(500));
+    let open = async {
+        let mut c = ctx.client.clone();
+        // Sends the first keep-alive and waits for its answer.
+        match timeout(ctx.request_timeout, c.lease_keep_alive(lease)).await {
+            Ok(Ok(pair)) => Ok(pair),
+            Ok(Err(e)) => Err(error::map("open lease keep-alive", e).to_string()),
+            Err(_) => Err(format!(
+                "keep-alive stream did not answer within {:?}",
+                ctx.request_timeout
+            )),
+        }
+    };
+    let (mut keeper, mut stream) = tokio::select! {
+        mode = ka.stopped() => return Held::Stop(mode),
+        r = open => match r {
+            Ok(pair) => pair,
+            Err(reason) => return Held::Lost(reason),
+        },
+    };
+    ka.set_live();
+    loop {
+        if let Some(mode) = ka.sleep(interval).await {
+            return Held::Stop(mode);
+        }
+        if let Err(e) = keeper.keep_alive().await {
+            return Held::Lost(format!("sending a keep-alive failed: {e}"));
+        }
+        let answer = tokio::select! {
+            mode = ka.stopped() => return Held::Stop(mode),
+            r = timeout(deadline, stream.message()) => r,
+        };
+        match answer {
+            Err(_) => return Held::Lost(format!("no keep-alive answer within {deadline:?}")),
+            Ok(Err(e)) => return Held::Lost(format!("keep-alive stream failed: {e}")),
+            Ok(Ok(None)) => return Held::Lost("keep-alive stream closed".into()),
+            Ok(Ok(Some(resp))) if resp.ttl() <= 0 => {
+                return Held::Lost(format!(
+                    "lease {lease:x} expired or is unknown to the server"
+                ))
+            }
+            Ok(Ok(Some(_))) => ka.set_live(),
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! Listing a service's instances and watching them change, resumed by revision.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions, WatchResponse, WatchStream};
+use futures::stream::{self, StreamExt};
+use tokio::time::{timeout, Instant};
+use waypost_core::{Error, InstanceSet, ServiceInstance, ServiceName, Watch, WatchEvent};
+
+use crate::error::{self, BACKEND};
+use crate::retry::{self, Backoff};
+use crate::Ctx;
+
+/// The valid instances among `kvs`, keyed by etcd key; invalid values are skipped, logged and
+/// counted.
+fn decode_all(
+    ctx: &Ctx,
+    service: &ServiceName,
+    kvs: &[KeyValue],
+) -> BTreeMap<Vec<u8>, ServiceInstance> {
+    kvs.iter()
+        .filter_map(|kv| decode(ctx, service, kv).map(|i| (kv.key().to_vec(), i)))
+        .collect()
+}
+
+fn decode(ctx: &Ctx, service: &ServiceName, kv: &KeyValue) -> Option<ServiceInstance> {
+    match ctx.layout.decode(service, kv.key(), kv.value()) {
+        Ok(inst) => Some(inst),
+        Err(why) => {
+            ctx.skipped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                key = %String::from_utf8_lossy(kv.key()),
+                reason = %why,
+                "skipping a value under the etcd prefix that is not a waypost instance record"
+            );
+            None
+        }
+    }
+}
+
+/// Reads every key of `service`: the instances and the revision they are current at.
+pub(crate) async fn list(
+    ctx: &Ctx,
+    service: &ServiceName,
+) -> Result<(i64, BTreeMap<Vec<u8>, ServiceInstance>), Error> {
+    let prefix = ctx.layout.service_prefix(service);
+    let resp = retry::call(
+        &ctx.client,
+        "list instances",
+        ctx.request_timeout,
+        ctx.attempts,
+        |mut c| {
+            let key = prefix.clone();
+            async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+        },
+    )
+    .await?;
+    let revision = resp
+        .header()
+        .map(|h| h.revision())
+        .ok_or_else(|| Error::protocol(BACKEND, "list instances", "response without a header"))?;
+    Ok((revision, decode_all(ctx, service, resp.kvs())))
+}
+
+/// A watch of one service. See [`Discovery`](waypost_core::Discovery) for the contract.
+pub(crate) fn watch(
+    ctx: Arc<Ctx>,
+    closed: tokio::sync::watch::Receiver<()>,
+    service: ServiceName,
+) -> Watch {
+    let w = Watcher {
+        prefix: ctx.layout.service_prefix(&service),
+        ctx,
+        service,
+        closed,
+        current: BTreeMap::new(),
+        delivered: InstanceSet::new(),
+        last_revision: 0,
+        need_list: true,
+        stream: None,
+        backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+        retry_at: None,
+        pending: VecDeque::new(),
+    };
+    stream::unfold(
+        w,
+        |mut w| async move { w.next().await.map(|item| (item, w)) },
+    )
+    .boxed()
+}
+
+/// An open etcd watch and what is known about its liveness.
+struct Open {
+    stream: WatchStream,
+    /// When the last message arrived (or the stream was opened).
+    last_message: Instant,
+    /// When a progress request went out that has not been answered yet.
+    progress_asked: Option<Instant>,
+}
+
+struct Watcher {
+    ctx: Arc<Ctx>,
+    service: ServiceName,
+    prefix: String,
+    closed: tokio::sync::watch::Receiver<()>,
+    /// The valid instances by key, as of `last_revision`.
+    current: BTreeMap<Vec<u8>, ServiceInstance>,
+    /// What this watch has told its consumer.
+    delivered: InstanceSet,
+    /// Every change up to this revision is in `current`.
+    last_revision: i64,
+    /// The next step must re-list (at the start, and after compaction).
+    need_list: bool,
+    stream: Option<Open>,
+    backoff: Backoff,
+    /// When the next attempt may start, after a failure.
+    retry_at: Option<Instant>,
+    pending: VecDeque<Result<WatchEvent, Error>>,
+}
+
+impl Watcher {
+    /// The next item; `None` once the [`Etcd`](crate::Etcd) client is dropped.
+    async fn next(&mut self) -> Option<Result<WatchEvent, Error>> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(item);
+            }
+            let mut closed = self.closed.clone();
+            tokio::select! {
+                // Errs when every clone of the client is gone.
+                r = closed.changed() => if r.is_err() { return None },
+                () = self.step() => {}
+            }
+        }
+    }
+
+    /// One step of the state machine; queues what the consumer must be told.
+    async fn step(&mut self) {
+        if let Some(at) = self.retry_at.take() {
+            tokio::time::sleep_until(at).await;
+        }
+        if self.need_list {
+            return self.relist().await;
+        }
+        let Some(open) = &mut self.stream else {
+            return self.open().await;
+        };
+        let idle_limit = match open.progress_asked {
+            Some(asked) => asked + self.ctx.request_timeout,
+            None => open.last_message + self.ctx.progress_interval,
+        };
+        let msg = tokio::select! {
+            m = open.stream.message() => m,
+            () = tokio::time::sleep_until(idle_limit) => {
+                if open.progress_asked.is_some() {
+                    // A watch on a member that lost the cluster can hang without a word.
+                    self.stream = None;
+                    return self.fail(Error::unavailable(
+                        BACKEND,
+                        "watch",
+                        format!("no answer to a progress request within {:?}; re-opening the watch", self.ctx.request_timeout),
+                    )).await;
+                }
+                if let Err(e) = open.stream.request_progress().await {
+                    self.stream = None;
+                    return self.fail(error::map("watch progress request", e)).await;
+                }
+                open.progress_asked = Some(Instant::now());
+                return;
+            }
+        };
+        match msg {
+            Ok(Some(resp)) => {
+                open.last_message = Instant::now();
+                open.progress_asked = None;
+                self.handle(resp).await;
+            }
+            Ok(None) => {
+                // A closed stream is a reason to resume, never to end (go-kit's bug).
+                self.stream = None;
+                tracing::debug!(service = %self.service, "etcd watch stream closed; resuming");
+                self.pause().await;
+            }
+            Err(e) => {
+                self.stream = None;
+                self.fail(error::map("watch", e)).await;
+            }
+        }
+    }
+
+    async fn relist(&mut self) {
+        match list(&self.ctx, &self.service).await {
+            Ok((revision, instances)) => {
+                self.current = instances;
+                self.last_revision = revision;
+                self.need_list = false;
+                self.backoff.reset();
+                self.emit();
+            }
+            Err(e) => self.fail(e).await,
+        }
+    }
+
+    async fn open(&mut self) {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_progress_notify()
+            .with_start_revision(self.last_revision + 1);
+        let mut c = self.ctx.client.clone();
+        let opened = timeout(
+            self.ctx.request_timeout,
+            c.watch(self.prefix.clone(), Some(options)),
+        )
+        .await;
+        match opened {
+            Ok(Ok(stream)) => {
+                self.stream = Some(Open {
+                    stream,
+                    last_message: Instant::now(),
+                    progress_asked: None,
+                });
+            }
+            Ok(Err(e)) => self.fail(error::map("open watch", e)).await,
+            Err(_) => {
+                self.fail(error::timed_out("open watch", self.ctx.request_timeout))
+                    .await
+            }
+        }
+    }
+
+    async fn handle(&mut self, resp: WatchResponse) {
+        if resp.canceled() {
+            self.stream = None;
+            if resp.compact_revision() > 0 {
+                // The revisions we missed are gone: re-list and tell only the difference. Never
+                // jump to the compact revision, that would skip events.
+                tracing::info!(
+                    service = %self.service,
+                    from = self.last_revision + 1,
+                    compacted_to = resp.compact_revision(),
+                    "etcd watch hit a compacted revision; re-listing"
+                );
+                self.need_list = true;
+                return;
+            }
+            let reason = resp.cancel_reason().to_owned();
+            let err = if reason.contains("permission denied") {
+                Error::PermissionDenied {
+                    backend: BACKEND,
+                    operation: format!("watch {}", self.prefix),
+                    message: reason,
+                }
+            } else {
+                Error::unavailable(
+                    BACKEND,
+                    "watch",
+                    format!("the server cancelled the watch: {reason:?}"),
+                )
+            };
+            return self.fail(err).await;
+        }
+        if resp.created() {
+            // The acknowledgement of the watch request: no events in it.
+            self.backoff.reset();
+            return;
+        }
+        if resp.events().is_empty() {
+            // A progress notification: every change up to this revision has been sent.
+            if let Some(h) = resp.header() {
+                self.last_revision = self.last_revision.max(h.revision());
+            }
+            return;
+        }
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            self.last_revision = self.last_revision.max(kv.mod_revision());
+            match ev.event_type() {
+                EventType::Put => match decode(&self.ctx, &self.service, kv) {
+                    Some(inst) => {
+                        self.current.insert(kv.key().to_vec(), inst);
+                    }
+                    // An instance overwritten with garbage is no longer an instance.
+                    None => {
+                        self.current.remove(kv.key());
+                    }
+                },
+                EventType::Delete => {
+                    self.current.remove(kv.key());
+                }
+            }
+        }
+        self.emit();
+    }
+
+    /// Queues the difference between what was delivered and `current` (nothing if none).
+    fn emit(&mut self) {
+        let events = self.delivered.sync(self.current.values().cloned());
+        self.pending.extend(events.into_iter().map(Ok));
+    }
+
+    /// Reports `err` (the watch goes on) and schedules the next attempt after a backoff.
+    async fn fail(&mut self, err: Error) {
+        tracing::warn!(service = %self.service, error = %err, "etcd watch interrupted; retrying");
+        self.pending.push_back(Err(err));
+        self.pause().await;
+    }
+
+    /// Schedules the next attempt after a backoff. The wait happens at the start of the next
+    /// step, so that queued items (an error) reach the consumer first.
+    async fn pause(&mut self) {
+        self.retry_at = Some(Instant::now() + self.backoff.next_delay());
+    }
+}
