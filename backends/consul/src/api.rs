@@ -1,0 +1,364 @@
+//! The few agent and health endpoints Waypost uses, with every bad answer turned into a typed
+//! [`Error`].
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode, Url};
+use tracing::warn;
+use waypost_core::{Error, ServiceInstance, ServiceName};
+
+use crate::backoff::Backoff;
+use crate::wire::{HealthEntry, ServiceRegistration};
+use crate::BACKEND;
+
+/// How much of a bad answer's body goes into an error message.
+const SNIPPET_MAX: usize = 200;
+
+/// A configured connection to one agent.
+pub(crate) struct Api {
+    pub(crate) http: reqwest::Client,
+    pub(crate) base: Url,
+    /// Marked sensitive: never printed.
+    pub(crate) token: Option<HeaderValue>,
+    pub(crate) datacenter: Option<String>,
+    pub(crate) request_timeout: Duration,
+    pub(crate) default_host: Option<String>,
+    pub(crate) detected_host: OnceLock<String>,
+    pub(crate) backoff: (Duration, Duration),
+}
+
+/// What a discovery query asks for.
+#[derive(Clone, Debug)]
+pub(crate) struct HealthQuery {
+    pub passing_only: bool,
+    pub tags: Vec<String>,
+    pub stale: bool,
+    pub cached: bool,
+}
+
+/// A health answer: the valid instances, sorted by id, and the index to block on next.
+#[derive(Debug)]
+pub(crate) struct HealthAnswer {
+    pub instances: Vec<ServiceInstance>,
+    pub index: Option<u64>,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Api {
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff::new(self.backoff.0, self.backoff.1)
+    }
+
+    /// The host registered for registrations that name none: the configured default, else this
+    /// machine's first non-loopback IPv4 address, else 127.0.0.1.
+    pub(crate) fn default_host(&self) -> &str {
+        if let Some(h) = &self.default_host {
+            return h;
+        }
+        self.detected_host.get_or_init(|| {
+            if_addrs::get_if_addrs()
+                .ok()
+                .into_iter()
+                .flatten()
+                .filter(|i| !i.is_loopback())
+                .find_map(|i| match i.ip() {
+                    std::net::IpAddr::V4(v4) if !v4.is_link_local() => Some(v4.to_string()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "127.0.0.1".to_owned())
+        })
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            // Each segment is percent-encoded: instance ids may hold '?', '#', '%'.
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    async fn send(
+        &self,
+        operation: &str,
+        method: Method,
+        url: Url,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Answer, Error> {
+        let mut req = self.http.request(method, url).timeout(timeout);
+        if let Some(token) = &self.token {
+            req = req.header("X-Consul-Token", token.clone());
+        }
+        if let Some(body) = body {
+            req = req.header("Content-Type", "application/json").body(body);
+        }
+        let resp = req.send().await.map_err(|e| transport(operation, e))?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    transport(operation, e)
+                } else {
+                    Error::protocol(
+                        BACKEND,
+                        operation,
+                        format!("the answer's body was cut off or unreadable ({e}); retried"),
+                    )
+                }
+            })?
+            .to_vec();
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// `PUT /v1/agent/service/register`.
+    pub(crate) async fn register(&self, reg: &ServiceRegistration) -> Result<(), Error> {
+        let op = format!("register {} of {}", reg.id, reg.name);
+        let body = serde_json::to_vec(reg)
+            .map_err(|e| Error::protocol(BACKEND, &op, format!("cannot encode: {e}")))?;
+        let url = self.url(&["v1", "agent", "service", "register"]);
+        let a = self
+            .send(&op, Method::PUT, url, Some(body), self.request_timeout)
+            .await?;
+        ok_or_error(&op, &a)
+    }
+
+    /// `PUT /v1/agent/check/pass/<check>`. A check the agent does not know (it restarted and
+    /// forgot the service) is [`Error::NotFound`]: Consul says 404 or, in older versions, 500
+    /// ("does not have associated TTL").
+    pub(crate) async fn pass(&self, check_id: &str) -> Result<(), Error> {
+        let op = format!("heartbeat {check_id}");
+        let url = self.url(&["v1", "agent", "check", "pass", check_id]);
+        let a = self
+            .send(&op, Method::PUT, url, None, self.request_timeout)
+            .await?;
+        if a.status == StatusCode::NOT_FOUND || a.status == StatusCode::INTERNAL_SERVER_ERROR {
+            return Err(Error::NotFound {
+                backend: BACKEND,
+                what: format!("check {check_id} ({})", snippet(&a.body)),
+            });
+        }
+        ok_or_error(&op, &a)
+    }
+
+    /// `GET /v1/agent/service/<id>`: whether the agent still knows the service.
+    pub(crate) async fn has_service(&self, id: &str) -> Result<bool, Error> {
+        let op = format!("look up service {id}");
+        let url = self.url(&["v1", "agent", "service", id]);
+        let a = self
+            .send(&op, Method::GET, url, None, self.request_timeout)
+            .await?;
+        if a.status == StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        ok_or_error(&op, &a).map(|()| true)
+    }
+
+    /// `PUT /v1/agent/service/deregister/<id>`; an unknown service counts as deregistered.
+    pub(crate) async fn deregister(&self, id: &str) -> Result<(), Error> {
+        let op = format!("deregister {id}");
+        let url = self.url(&["v1", "agent", "service", "deregister", id]);
+        let a = self
+            .send(&op, Method::PUT, url, None, self.request_timeout)
+            .await?;
+        if a.status == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        ok_or_error(&op, &a)
+    }
+
+    /// `GET /v1/health/service/<name>`, blocking when `index` is above 0.
+    pub(crate) async fn health(
+        &self,
+        service: &ServiceName,
+        q: &HealthQuery,
+        index: u64,
+        wait: Duration,
+    ) -> Result<HealthAnswer, Error> {
+        let op = format!("GET /v1/health/service/{service}");
+        let mut url = self.url(&["v1", "health", "service", service.as_str()]);
+        let mut timeout = self.request_timeout;
+        {
+            let mut qp = url.query_pairs_mut();
+            if q.passing_only {
+                qp.append_pair("passing", "true");
+            }
+            for tag in &q.tags {
+                qp.append_pair("tag", tag);
+            }
+            if let Some(dc) = &self.datacenter {
+                qp.append_pair("dc", dc);
+            }
+            if q.stale {
+                qp.append_key_only("stale");
+            }
+            if q.cached {
+                qp.append_key_only("cached");
+            }
+            if index > 0 {
+                qp.append_pair("index", &index.to_string());
+                qp.append_pair("wait", &crate::wire::go_duration(wait));
+                // The server adds up to wait/16 of jitter: a timeout of exactly `wait` would
+                // fail every idle watch.
+                timeout = wait * 17 / 16 + self.request_timeout;
+            }
+        }
+        let a = self.send(&op, Method::GET, url, None, timeout).await?;
+        ok_or_error(&op, &a)?;
+        let index = a
+            .headers
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let entries: Vec<serde_json::Value> = serde_json::from_slice(&a.body).map_err(|e| {
+            Error::protocol(
+                BACKEND,
+                &op,
+                format!(
+                    "expected a JSON array of health entries, got {} ({e}): {}",
+                    content_type(&a.headers),
+                    snippet(&a.body)
+                ),
+            )
+        })?;
+        let mut instances: Vec<ServiceInstance> = Vec::with_capacity(entries.len());
+        for value in entries {
+            // One bad foreign registration must not hide the valid ones.
+            let parsed = serde_json::from_value::<HealthEntry>(value)
+                .map_err(|e| e.to_string())
+                .and_then(HealthEntry::into_instance);
+            match parsed {
+                Ok(inst) if inst.service() != service => {
+                    warn!(service = %service, other = %inst.service(), "consul listed an instance of another service; skipped");
+                }
+                Ok(inst) => instances.push(inst),
+                Err(why) => warn!(service = %service, "skipping an invalid consul entry: {why}"),
+            }
+        }
+        instances.sort_by(|a, b| a.id().cmp(b.id()));
+        instances.dedup_by(|b, a| {
+            let dup = a.id() == b.id();
+            if dup {
+                warn!(service = %service, id = %a.id(), "the same instance id on two nodes; keeping one");
+            }
+            dup
+        });
+        if !q.tags.is_empty() {
+            // Old agents honour only one `tag` parameter: check them all here.
+            instances.retain(|i| q.tags.iter().all(|t| i.has_tag(t)));
+        }
+        Ok(HealthAnswer { instances, index })
+    }
+}
+
+fn transport(operation: &str, e: reqwest::Error) -> Error {
+    let what = if e.is_timeout() {
+        "no answer in time"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else {
+        "the connection failed"
+    };
+    Error::Unavailable {
+        backend: BACKEND,
+        operation: operation.to_owned(),
+        message: format!("{what}: {e}"),
+        source: Some(std::sync::Arc::new(e)),
+    }
+}
+
+fn ok_or_error(operation: &str, a: &Answer) -> Result<(), Error> {
+    let status = a.status;
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = snippet(&a.body);
+    Err(match status {
+        StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => Error::PermissionDenied {
+            backend: BACKEND,
+            operation: operation.to_owned(),
+            message: format!("HTTP {status}: {body}; set CONSUL_HTTP_TOKEN or .token()"),
+        },
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+            Error::unavailable(BACKEND, operation, format!("HTTP {status}: {body}"))
+        }
+        _ => Error::protocol(BACKEND, operation, format!("HTTP {status}: {body}")),
+    })
+}
+
+fn content_type(h: &HeaderMap) -> String {
+    h.get("Content-Type")
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(|| "no content type".to_owned(), |v| format!("content type {v}"))
+}
+
+/// The start of a body, printable and short, for error messages.
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(SNIPPET_MAX)
+        .collect();
+    if text.chars().count() > SNIPPET_MAX {
+        out.push('…');
+    }
+    let out = out.trim().to_owned();
+    if out.is_empty() {
+        "(empty body)".to_owned()
+    } else {
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snippets_are_short_and_printable() {
+        assert_eq!(snippet(b""), "(empty body)");
+        assert_eq!(snippet(b"a\nb"), "a b");
+        let long = "x".repeat(1000);
+        assert_eq!(snippet(long.as_bytes()).chars().count(), SNIPPET_MAX + 1);
+    }
+
+    #[test]
+    fn statuses_map_to_typed_errors() {
+        let answer = |status: u16| Answer {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: HeaderMap::new(),
+            body: b"ACL not found".to_vec(),
+        };
+        assert!(ok_or_error("op", &answer(200)).is_ok());
+        let denied = ok_or_error("register x", &answer(403)).unwrap_err();
+        assert!(matches!(denied, Error::PermissionDenied { .. }));
+        assert!(denied.to_string().contains("register x"));
+        assert!(matches!(ok_or_error("op", &answer(500)), Err(Error::Protocol { .. })));
+        assert!(matches!(ok_or_error("op", &answer(503)), Err(Error::Unavailable { .. })));
+    }
+
+    #[test]
+    fn path_segments_are_escaped() {
+        let api = crate::Consul::builder().build().unwrap();
+        let url = api.api().url(&["v1", "agent", "check", "pass", "service:a?b#c%d"]);
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:8500/v1/agent/check/pass/service:a%3Fb%23c%25d"
+        );
+    }
+}

@@ -1,0 +1,430 @@
+//! The client configuration: address, token, TLS, query options, and the `CONSUL_*` variables.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::HeaderValue;
+use reqwest::Url;
+use waypost_core::Error;
+
+use crate::api::Api;
+use crate::{Consul, BACKEND};
+
+/// The agent address used when none is configured (Consul's own default).
+pub const DEFAULT_ADDRESS: &str = "127.0.0.1:8500";
+
+/// The longest blocking wait the server honours.
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// Builds a [`Consul`] client; see [`Consul::builder`].
+///
+/// Nothing here does I/O except reading the TLS files named with [`ca_cert`](Self::ca_cert) /
+/// [`client_cert`](Self::client_cert) in [`build`](Self::build). The token never appears in
+/// `Debug` output.
+///
+/// ```
+/// use std::time::Duration;
+/// use waypost_consul::Consul;
+///
+/// let consul = Consul::builder()
+///     .address("https://consul.internal:8501")
+///     .token("s3cr3t")
+///     .datacenter("eu-1")
+///     .tags(["v1"])
+///     .stale(true)
+///     .wait(Duration::from_secs(60))
+///     .build()?;
+/// assert!(!format!("{consul:?}").contains("s3cr3t"));
+/// # Ok::<(), waypost_core::Error>(())
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct ConsulBuilder {
+    pub(crate) address: Option<String>,
+    pub(crate) ssl: bool,
+    pub(crate) token: Option<String>,
+    pub(crate) datacenter: Option<String>,
+    pub(crate) passing_only: bool,
+    pub(crate) tags: Vec<String>,
+    pub(crate) stale: bool,
+    pub(crate) cached: bool,
+    pub(crate) wait: Duration,
+    pub(crate) ca_cert: Option<PathBuf>,
+    pub(crate) client_cert: Option<(PathBuf, PathBuf)>,
+    pub(crate) default_host: Option<String>,
+    pub(crate) request_timeout: Duration,
+    pub(crate) backoff: (Duration, Duration),
+    pub(crate) rate_limit: (u32, Duration),
+}
+
+impl Default for ConsulBuilder {
+    fn default() -> Self {
+        ConsulBuilder {
+            address: None,
+            ssl: false,
+            token: None,
+            datacenter: None,
+            passing_only: true,
+            tags: Vec::new(),
+            stale: false,
+            cached: false,
+            wait: Duration::from_secs(300),
+            ca_cert: None,
+            client_cert: None,
+            default_host: None,
+            request_timeout: Duration::from_secs(10),
+            backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+            rate_limit: (5, Duration::from_secs(3)),
+        }
+    }
+}
+
+impl fmt::Debug for ConsulBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsulBuilder")
+            .field("address", &self.address)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("datacenter", &self.datacenter)
+            .field("passing_only", &self.passing_only)
+            .field("tags", &self.tags)
+            .field("stale", &self.stale)
+            .field("cached", &self.cached)
+            .field("wait", &self.wait)
+            .field("ca_cert", &self.ca_cert)
+            .field("client_cert", &self.client_cert)
+            .field("default_host", &self.default_host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsulBuilder {
+    /// The agent's HTTP address: `host:port`, or an `http://` / `https://` URL
+    /// (default [`DEFAULT_ADDRESS`]).
+    pub fn address(mut self, address: impl Into<String>) -> Self {
+        self.address = Some(address.into());
+        self
+    }
+
+    /// The ACL token, sent as `X-Consul-Token`. Never logged nor shown in `Debug`.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// The datacenter to query (default: the agent's own).
+    pub fn datacenter(mut self, dc: impl Into<String>) -> Self {
+        self.datacenter = Some(dc.into());
+        self
+    }
+
+    /// Whether discovery lists only instances whose checks all pass (default `true`).
+    pub fn passing_only(mut self, yes: bool) -> Self {
+        self.passing_only = yes;
+        self
+    }
+
+    /// Discovery lists only instances carrying **all** of these tags.
+    pub fn tags<I, S>(mut self, tags: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.tags.extend(tags.into_iter().map(Into::into));
+        self
+    }
+
+    /// Lets any server answer discovery queries (`?stale`): survives the loss of the leader, at
+    /// the price of possibly slightly old data.
+    pub fn stale(mut self, yes: bool) -> Self {
+        self.stale = yes;
+        self
+    }
+
+    /// Lets the agent answer discovery queries from its cache (`?cached`).
+    pub fn cached(mut self, yes: bool) -> Self {
+        self.cached = yes;
+        self
+    }
+
+    /// How long a watch's blocking query waits for a change (default 5 min, at most 10 min).
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// A PEM file of CA certificates to trust for `https` (`CONSUL_CACERT`).
+    pub fn ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_cert = Some(path.into());
+        self
+    }
+
+    /// A client certificate and its private key, both PEM (`CONSUL_CLIENT_CERT`,
+    /// `CONSUL_CLIENT_KEY`).
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client_cert = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// The address registered for registrations that name no host (default: this machine's
+    /// first non-loopback IPv4 address, or `127.0.0.1` when it has none).
+    pub fn default_host(mut self, host: impl Into<String>) -> Self {
+        self.default_host = Some(host.into());
+        self
+    }
+
+    /// Time limit of one ordinary request (default 10 s). Blocking queries get `wait × 17/16`
+    /// plus this.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Bounds of the jittered exponential backoff after a failure (default 100 ms to 10 s).
+    pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff = (min, max);
+        self
+    }
+
+    /// How fast a watch may repeat blocking queries that bring no change: `burst` at once, then
+    /// one per `refill` (default 5, then one per 3 s). Queries after a real change are not
+    /// limited.
+    pub fn watch_rate_limit(mut self, burst: u32, refill: Duration) -> Self {
+        self.rate_limit = (burst, refill);
+        self
+    }
+
+    /// Applies the Consul CLI's environment variables that are set: `CONSUL_HTTP_ADDR`,
+    /// `CONSUL_HTTP_TOKEN`, `CONSUL_HTTP_SSL`, `CONSUL_CACERT`, `CONSUL_CLIENT_CERT`,
+    /// `CONSUL_CLIENT_KEY`. Builder calls after this one override them.
+    pub fn from_env(self) -> Self {
+        self.from_vars(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    pub(crate) fn from_vars(mut self, var: impl Fn(&str) -> Option<String>) -> Self {
+        if let Some(addr) = var("CONSUL_HTTP_ADDR") {
+            self.address = Some(addr);
+        }
+        if let Some(token) = var("CONSUL_HTTP_TOKEN") {
+            self.token = Some(token);
+        }
+        if let Some(ssl) = var("CONSUL_HTTP_SSL") {
+            self.ssl = matches!(ssl.to_ascii_lowercase().as_str(), "1" | "true" | "yes");
+        }
+        if let Some(ca) = var("CONSUL_CACERT") {
+            self.ca_cert = Some(ca.into());
+        }
+        if let (Some(cert), Some(key)) = (var("CONSUL_CLIENT_CERT"), var("CONSUL_CLIENT_KEY")) {
+            self.client_cert = Some((cert.into(), key.into()));
+        }
+        self
+    }
+
+    /// Checks the configuration and builds the client. No network I/O: the first request
+    /// connects.
+    pub fn build(self) -> Result<Consul, Error> {
+        let base = parse_address(self.address.as_deref().unwrap_or(DEFAULT_ADDRESS), self.ssl)?;
+        let token = match &self.token {
+            None => None,
+            Some(t) if t.is_empty() => None,
+            Some(t) => {
+                let mut v = HeaderValue::from_str(t).map_err(|_| {
+                    config("the ACL token contains characters not allowed in an HTTP header")
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+        };
+        if self.wait.is_zero() {
+            return Err(config("the blocking-query wait must be above zero"));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(config("the request timeout must be above zero"));
+        }
+        if let Some(dc) = &self.datacenter {
+            if dc.is_empty() || dc.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(config(format!("datacenter {dc:?} is not a datacenter name")));
+            }
+        }
+        if let Some(host) = &self.default_host {
+            if host.is_empty() || host.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(config(format!("default host {host:?} is not a host name or IP")));
+            }
+        }
+        let mut http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(Duration::from_secs(3))
+            .user_agent(concat!("waypost-consul/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &self.ca_cert {
+            let pem = read(path, "CA certificate")?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                config(format!("CA certificate {}: not PEM: {e}", path.display()))
+            })?;
+            if certs.is_empty() {
+                return Err(config(format!(
+                    "CA certificate {}: no certificate in the file",
+                    path.display()
+                )));
+            }
+            for cert in certs {
+                http = http.add_root_certificate(cert);
+            }
+        }
+        if let Some((cert, key)) = &self.client_cert {
+            let mut pem = read(cert, "client certificate")?;
+            pem.push(b'\n');
+            pem.extend(read(key, "client key")?);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                config(format!(
+                    "client certificate {} / key {}: {e}",
+                    cert.display(),
+                    key.display()
+                ))
+            })?;
+            http = http.identity(identity);
+        }
+        let http = http
+            .build()
+            .map_err(|e| config(format!("cannot set up the HTTP client: {e}")))?;
+        let api = Api {
+            http,
+            base,
+            token,
+            datacenter: self.datacenter.clone(),
+            request_timeout: self.request_timeout,
+            default_host: self.default_host.clone(),
+            detected_host: Default::default(),
+            backoff: self.backoff,
+        };
+        Ok(Consul::new(Arc::new(api), self))
+    }
+
+    pub(crate) fn wait_clamped(&self) -> Duration {
+        self.wait.min(MAX_WAIT)
+    }
+}
+
+fn config(message: impl Into<String>) -> Error {
+    Error::Config {
+        backend: BACKEND,
+        message: message.into(),
+    }
+}
+
+fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| config(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+/// `host:port`, `http://host:port` or `https://host:port[/prefix]` → the base URL.
+fn parse_address(address: &str, ssl: bool) -> Result<Url, Error> {
+    let address = address.trim();
+    if address.is_empty() {
+        return Err(config("the agent address is empty; give host:port or an http(s) URL"));
+    }
+    let with_scheme = if address.contains("://") {
+        address.to_owned()
+    } else if ssl {
+        format!("https://{address}")
+    } else {
+        format!("http://{address}")
+    };
+    let url = Url::parse(&with_scheme).map_err(|e| {
+        config(format!(
+            "agent address {address:?} is not host:port or an http(s) URL: {e}"
+        ))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(config(format!(
+            "agent address {address:?}: scheme {:?} is not supported (use http or https)",
+            url.scheme()
+        )));
+    }
+    if url.host_str().map_or(true, str::is_empty) {
+        return Err(config(format!("agent address {address:?} names no host")));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(config(format!(
+            "agent address {address:?} must not have a query or fragment"
+        )));
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn addresses_are_parsed_the_cli_way() {
+        let ok = |a: &str, ssl: bool| parse_address(a, ssl).unwrap().to_string();
+        assert_eq!(ok("127.0.0.1:8500", false), "http://127.0.0.1:8500/");
+        assert_eq!(ok("consul:8501", true), "https://consul:8501/");
+        assert_eq!(ok("https://c.example:8501", false), "https://c.example:8501/");
+        assert_eq!(ok("http://[::1]:8500", false), "http://[::1]:8500/");
+        for bad in ["", "unix:///var/run/consul.sock", "http://", "ftp://x:1", "http://h:1/?a=b"] {
+            let err = parse_address(bad, false).unwrap_err();
+            assert!(matches!(err, Error::Config { .. }), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn environment_variables_are_read_and_builder_calls_win() {
+        let vars: HashMap<&str, &str> = [
+            ("CONSUL_HTTP_ADDR", "10.1.2.3:8501"),
+            ("CONSUL_HTTP_TOKEN", "tok"),
+            ("CONSUL_HTTP_SSL", "true"),
+            ("CONSUL_CACERT", "/ca.pem"),
+            ("CONSUL_CLIENT_CERT", "/c.pem"),
+            ("CONSUL_CLIENT_KEY", "/k.pem"),
+        ]
+        .into();
+        let b = ConsulBuilder::default().from_vars(|n| vars.get(n).map(|v| v.to_string()));
+        assert_eq!(b.address.as_deref(), Some("10.1.2.3:8501"));
+        assert_eq!(b.token.as_deref(), Some("tok"));
+        assert!(b.ssl);
+        assert_eq!(b.ca_cert, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(
+            b.client_cert,
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        let b = b.address("127.0.0.1:1");
+        assert_eq!(b.address.as_deref(), Some("127.0.0.1:1"));
+        // The missing CA file is reported as a configuration error naming the file.
+        let err = b.build().unwrap_err();
+        assert!(err.to_string().contains("/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn token_is_redacted_and_bad_values_are_config_errors() {
+        let b = ConsulBuilder::default().token("very-secret-token");
+        assert!(!format!("{b:?}").contains("very-secret-token"));
+        let consul = b.build().unwrap();
+        assert!(!format!("{consul:?}").contains("very-secret-token"));
+
+        let bad_token = ConsulBuilder::default().token("a\nb").build().unwrap_err();
+        assert!(matches!(bad_token, Error::Config { .. }));
+        assert!(!bad_token.to_string().contains("a\nb"));
+        let zero_wait = ConsulBuilder::default().wait(Duration::ZERO).build();
+        assert!(matches!(zero_wait, Err(Error::Config { .. })));
+        let bad_dc = ConsulBuilder::default().datacenter("d c").build();
+        assert!(matches!(bad_dc, Err(Error::Config { .. })));
+    }
+
+    #[test]
+    fn unreadable_or_bad_pem_is_a_config_error() {
+        let dir = std::env::temp_dir().join(format!("waypost-consul-pem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let garbage = dir.join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate").unwrap();
+        let err = ConsulBuilder::default().ca_cert(&garbage).build().unwrap_err();
+        assert!(matches!(err, Error::Config { .. }), "{err}");
+        let err = ConsulBuilder::default()
+            .client_cert(&garbage, &garbage)
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::Config { .. }), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,123 @@
+//! Registering with the agent and keeping the registration alive.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+use waypost_core::{Error, HealthCheck, KeepAlive, Registration, RegistrationHandle, StopMode};
+
+use crate::api::Api;
+use crate::wire::{check_id, ServiceRegistration};
+
+/// How often the handle of a registration with an HTTP or TCP check (run by Consul, no
+/// heartbeat) asks the agent whether it still knows the service.
+const MAX_PROBE_PERIOD: Duration = Duration::from_secs(10);
+const MIN_PROBE_PERIOD: Duration = Duration::from_secs(1);
+
+pub(crate) async fn register(api: Arc<Api>, reg: Registration) -> Result<RegistrationHandle, Error> {
+    let instance = reg.instance_or_host(api.default_host())?;
+    let payload = Arc::new(ServiceRegistration::new(&instance, &reg));
+    // The first attempt's error goes to the caller: a 403 or an unreachable agent is theirs to
+    // decide about, not a reason to retry silently.
+    api.register(&payload).await?;
+    info!(id = %payload.id, service = %payload.name, address = %payload.address, port = payload.port, "registered with consul");
+    let check = reg.check().clone();
+    Ok(RegistrationHandle::spawn(instance, move |ka| {
+        keep_alive(api, payload, check, ka)
+    }))
+}
+
+/// Runs `call`, unless the handle asks to stop first.
+async fn or_stop<T>(ka: &mut KeepAlive, call: impl Future<Output = T>) -> Result<T, StopMode> {
+    tokio::select! {
+        mode = ka.stopped() => Err(mode),
+        out = call => Ok(out),
+    }
+}
+
+async fn keep_alive(
+    api: Arc<Api>,
+    reg: Arc<ServiceRegistration>,
+    check: HealthCheck,
+    mut ka: KeepAlive,
+) -> Result<(), Error> {
+    ka.set_live();
+    let ttl = check.heartbeat_interval();
+    let period = ttl.unwrap_or_else(|| match &check {
+        HealthCheck::Http { interval, .. } | HealthCheck::Tcp { interval, .. } => {
+            (*interval).clamp(MIN_PROBE_PERIOD, MAX_PROBE_PERIOD)
+        }
+        _ => MAX_PROBE_PERIOD,
+    });
+    let check_id = check_id(&reg.id);
+    let mut backoff = api.backoff();
+    let mut delay = period;
+    loop {
+        if let Some(mode) = ka.sleep(delay).await {
+            return finish(&api, &reg.id, mode).await;
+        }
+        let beat = if ttl.is_some() {
+            or_stop(&mut ka, api.pass(&check_id)).await
+        } else {
+            or_stop(&mut ka, async {
+                match api.has_service(&reg.id).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(Error::NotFound {
+                        backend: crate::BACKEND,
+                        what: format!("service {}", reg.id),
+                    }),
+                    Err(e) => Err(e),
+                }
+            })
+            .await
+        };
+        let beat = match beat {
+            Ok(beat) => beat,
+            Err(mode) => return finish(&api, &reg.id, mode).await,
+        };
+        let err = match beat {
+            Ok(()) => {
+                ka.set_live();
+                backoff.reset();
+                delay = period;
+                continue;
+            }
+            Err(e) => e,
+        };
+        // The agent forgot the service (restart) or could not be reached: registering again is
+        // idempotent, so do it in both cases and resume heart-beating.
+        ka.set_recovering(err.to_string());
+        warn!(id = %reg.id, "consul registration lost: {err}; registering again");
+        match or_stop(&mut ka, api.register(&reg)).await {
+            Err(mode) => return finish(&api, &reg.id, mode).await,
+            Ok(Ok(())) => {
+                info!(id = %reg.id, "registered with consul again");
+                ka.set_live();
+                backoff.reset();
+                delay = period;
+            }
+            Ok(Err(e)) => {
+                delay = backoff.next_delay();
+                warn!(id = %reg.id, retry_in = ?delay, "registering again failed: {e}");
+            }
+        }
+    }
+}
+
+async fn finish(api: &Api, id: &str, mode: StopMode) -> Result<(), Error> {
+    match mode {
+        StopMode::Deregister => {
+            let result = api.deregister(id).await;
+            match &result {
+                Ok(()) => info!(id, "deregistered from consul"),
+                Err(e) => warn!(id, "deregistering failed: {e}; consul's check removes it later"),
+            }
+            result
+        }
+        StopMode::Abandon => {
+            debug!(id, "registration abandoned without deregistering");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! A real `consul agent -dev` on free loopback ports, for tests.
+//!
+//! The binary comes from `WAYPOST_CONSUL_BIN` or `PATH`; without one, starting panics with the
+//! command that fetches it (a test never skips silently). Each server gets its own ports, picked
+//! by binding port 0, so tests run in parallel. The agent is killed (and waited for) on drop.
+//!
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use waypost_conformance::consul_server::ConsulServer;
+//! let server = ConsulServer::start().await;
+//! println!("consul at {}", server.http_url());
+//! server.restart().await; // -dev forgets every registration
+//! # }
+//! ```
+
+use std::fs::File;
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long an agent may take to elect itself leader (about 0.1 s when idle; CI is loaded).
+const READY_BOUND: Duration = Duration::from_secs(30);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+#[derive(Clone, Copy, Debug)]
+struct Ports {
+    http: u16,
+    serf_lan: u16,
+    serf_wan: u16,
+    server: u16,
+}
+
+/// A running single-node Consul agent in dev mode (in-memory state, nothing on disk).
+#[derive(Debug)]
+pub struct ConsulServer {
+    bin: PathBuf,
+    ports: Ports,
+    acl_token: Option<String>,
+    log: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+impl ConsulServer {
+    /// Starts an agent and waits until it has a leader.
+    ///
+    /// # Panics
+    /// When no `consul` binary is found, or the agent does not come up.
+    pub async fn start() -> ConsulServer {
+        Self::start_inner(None).await
+    }
+
+    /// Starts an agent with ACLs enabled, default policy `deny`, and a bootstrap (master)
+    /// token, available from [`acl_token`](Self::acl_token).
+    pub async fn start_with_acl() -> ConsulServer {
+        let token = format!(
+            "00000000-0000-4000-8000-{:012x}",
+            u64::from(std::process::id()) << 16 | u64::from(NEXT.fetch_add(1, Ordering::Relaxed))
+        );
+        Self::start_inner(Some(token)).await
+    }
+
+    async fn start_inner(acl_token: Option<String>) -> ConsulServer {
+        let bin = consul_bin();
+        let mut last_error = String::new();
+        // Free ports are picked by binding port 0 and releasing it: another process may grab one
+        // in between, so try a few sets.
+        for _ in 0..3 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let log = std::env::temp_dir().join(format!(
+                "waypost-consul-{}-{n}.log",
+                std::process::id()
+            ));
+            let server = ConsulServer {
+                bin: bin.clone(),
+                ports: free_ports(),
+                acl_token: acl_token.clone(),
+                log,
+                child: Mutex::new(None),
+            };
+            match server.spawn_and_wait().await {
+                Ok(()) => return server,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("consul agent did not start: {last_error}");
+    }
+
+    /// The HTTP address, `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.ports.http)
+    }
+
+    /// The HTTP base URL, `http://127.0.0.1:<port>`.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// The bootstrap token of an agent started with [`start_with_acl`](Self::start_with_acl).
+    pub fn acl_token(&self) -> Option<&str> {
+        self.acl_token.as_deref()
+    }
+
+    /// Kills the agent (as a crash would) and starts it again on the same ports; returns when
+    /// it has a leader. A `-dev` agent forgets every registration.
+    ///
+    /// # Panics
+    /// When the agent does not come back.
+    pub async fn restart(&self) {
+        self.kill();
+        let mut last = String::new();
+        // The ports were just released; a few tries cover a slow release on a loaded machine.
+        for _ in 0..5 {
+            match self.spawn_and_wait().await {
+                Ok(()) => return,
+                Err(e) => {
+                    last = e;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+        panic!("consul agent did not come back after a restart: {last}");
+    }
+
+    /// Kills the agent and waits for it to exit. Idempotent.
+    pub fn kill(&self) {
+        let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut child) = guard.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn command(&self) -> Command {
+        let p = self.ports;
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["agent", "-dev", "-node", "waypost-test", "-bind", "127.0.0.1"])
+            .args(["-client", "127.0.0.1", "-dns-port", "-1", "-grpc-port", "-1"])
+            .args(["-http-port", &p.http.to_string()])
+            .args(["-serf-lan-port", &p.serf_lan.to_string()])
+            .args(["-serf-wan-port", &p.serf_wan.to_string()])
+            .args(["-server-port", &p.server.to_string()])
+            // Loopback only: no update check.
+            .args(["-hcl", "disable_update_check = true"])
+            .env("CHECKPOINT_DISABLE", "1");
+        if let Some(token) = &self.acl_token {
+            cmd.args([
+                "-hcl",
+                &format!(
+                    r#"acl {{ enabled = true default_policy = "deny" enable_token_persistence = false tokens {{ master = "{token}" agent = "{token}" }} }}"#
+                ),
+            ]);
+        }
+        cmd
+    }
+
+    async fn spawn_and_wait(&self) -> Result<(), String> {
+        let log = File::create(&self.log).map_err(|e| format!("log {}: {e}", self.log.display()))?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
+        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        let http = reqwest::Client::new();
+        let url = format!("{}/v1/status/leader", self.http_url());
+        let deadline = Instant::now() + READY_BOUND;
+        loop {
+            if let Some(status) = self.exited() {
+                return Err(format!("agent exited ({status}); log:\n{}", tail(&self.log)));
+            }
+            if let Ok(resp) = http.get(&url).timeout(Duration::from_secs(2)).send().await {
+                if let Ok(text) = resp.text().await {
+                    // `""` until a leader is elected, then `"127.0.0.1:<server port>"`.
+                    if text.trim().trim_matches('"').contains(':') {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(format!(
+                    "no leader within {READY_BOUND:?}; log:\n{}",
+                    tail(&self.log)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn exited(&self) -> Option<std::process::ExitStatus> {
+        let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let status = guard.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        if status.is_some() {
+            *guard = None;
+        }
+        status
+    }
+}
+
+impl Drop for ConsulServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The binary from `WAYPOST_CONSUL_BIN`, else `consul` on `PATH`.
+fn consul_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("WAYPOST_CONSUL_BIN").filter(|b| !b.is_empty()) {
+        let bin = PathBuf::from(bin);
+        if bin.is_file() {
+            return bin;
+        }
+        panic!(
+            "WAYPOST_CONSUL_BIN={} is not a file; run `eval \"$(scripts/fetch-servers)\"` to fetch consul",
+            bin.display()
+        );
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("consul");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "no consul binary: these tests need a real Consul agent. Run `eval \"$(scripts/fetch-servers)\"` \
+         in the repository (it fetches Consul into .cache/servers and sets WAYPOST_CONSUL_BIN), or put consul on PATH"
+    );
+}
+
+/// Four distinct free ports (TCP and, for Serf, UDP too).
+fn free_ports() -> Ports {
+    let mut held = Vec::new();
+    let mut pick = |udp_too: bool| loop {
+        let Ok(l) = TcpListener::bind("127.0.0.1:0") else {
+            continue;
+        };
+        let Ok(port) = l.local_addr().map(|a| a.port()) else {
+            continue;
+        };
+        if udp_too && UdpSocket::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        held.push(l);
+        return port;
+    };
+    let ports = Ports {
+        http: pick(false),
+        serf_lan: pick(true),
+        serf_wan: pick(true),
+        server: pick(false),
+    };
+    drop(held);
+    ports
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
