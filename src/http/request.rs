@@ -1,0 +1,353 @@
+//! Building a request and sending it: pick, send, record the outcome, retry elsewhere.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use reqwest::Method;
+use waypost_core::{InstanceId, PickContext, ServiceInstance};
+
+use super::error::{GaveUp, HttpError};
+use super::response::Response;
+use super::{HashKey, HttpClient};
+
+/// One request to the service, built from [`HttpClient::get`] and friends and sent with
+/// [`send`](Self::send).
+///
+/// ```
+/// # use waypost::http::HttpClient;
+/// # use waypost::strategies::RoundRobin;
+/// # use waypost::{Balancer, ServiceInstance, WatchEvent};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// # let port = listener.local_addr()?.port();
+/// # let app = axum::Router::new().route("/users", axum::routing::post(|body: String| async move { body }));
+/// # tokio::spawn(async move { axum::serve(listener, app).await });
+/// # let balancer = Balancer::new(RoundRobin::new());
+/// # balancer.apply(WatchEvent::Snapshot(vec![ServiceInstance::builder("users", "u1").host("127.0.0.1").port(port).build()?]));
+/// let client = HttpClient::new(balancer)?;
+/// let response = client
+///     .post("/users")
+///     .header("x-request-id", "42")
+///     .json(&serde_json::json!({"name": "ada"}))
+///     .idempotent(true) // this endpoint upserts: safe to repeat on another instance
+///     .send()
+///     .await?;
+/// assert!(response.status().is_success());
+/// assert_eq!(response.text().await?, r#"{"name":"ada"}"#);
+/// # Ok(())
+/// # }
+/// ```
+#[must_use = "a request does nothing until it is sent"]
+pub struct RequestBuilder {
+    client: HttpClient,
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+    idempotent: Option<bool>,
+    key: Option<Vec<u8>>,
+    timeout: Option<Duration>,
+    error: Option<String>,
+}
+
+impl fmt::Debug for RequestBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestBuilder")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("headers", &self.headers)
+            .field("body_len", &self.body.as_ref().map(Bytes::len))
+            .field("idempotent", &self.is_idempotent())
+            .finish()
+    }
+}
+
+/// Methods that RFC 9110 defines as idempotent: repeating them has the effect of sending once.
+fn method_is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// The URL of `path` at `instance` (IPv6 hosts bracketed).
+pub(crate) fn url_for(instance: &ServiceInstance, path: &str) -> Result<reqwest::Url, String> {
+    let url = format!("http://{}{}", instance.authority(), path);
+    reqwest::Url::parse(&url).map_err(|e| format!("{url:?} is not a valid URL: {e}"))
+}
+
+impl RequestBuilder {
+    pub(crate) fn new(client: HttpClient, method: Method, path: String) -> Self {
+        let error = (!path.starts_with('/'))
+            .then(|| format!("the path must start with '/' (it is appended to http://host:port), got {path:?}"));
+        RequestBuilder {
+            client,
+            method,
+            path,
+            headers: HeaderMap::new(),
+            body: None,
+            idempotent: None,
+            key: None,
+            timeout: None,
+            error,
+        }
+    }
+
+    /// Adds a header. An invalid name or value makes [`send`](Self::send) fail with
+    /// [`HttpError::InvalidRequest`] before anything is sent.
+    pub fn header<K, V>(mut self, name: K, value: V) -> Self
+    where
+        K: TryInto<HeaderName>,
+        K::Error: fmt::Display,
+        V: TryInto<HeaderValue>,
+        V::Error: fmt::Display,
+    {
+        match (name.try_into(), value.try_into()) {
+            (Ok(n), Ok(v)) => {
+                self.headers.append(n, v);
+            }
+            (Err(e), _) => self.fail(format!("bad header name: {e}")),
+            (_, Err(e)) => self.fail(format!("bad header value: {e}")),
+        }
+        self
+    }
+
+    /// Sets the body. Kept in memory, so that a retry can send it again.
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = Some(body.into());
+        self
+    }
+
+    /// Sets a JSON body and `content-type: application/json`.
+    pub fn json<T: serde::Serialize + ?Sized>(mut self, value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(body) => {
+                self.body = Some(body.into());
+                self.headers
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
+            Err(e) => self.fail(format!("the JSON body would not serialize: {e}")),
+        }
+        self
+    }
+
+    /// Declares whether repeating the request is safe, overriding the method's default (GET,
+    /// HEAD, PUT, DELETE, OPTIONS and TRACE are; POST and PATCH are not). Only idempotent
+    /// requests are retried after they were sent.
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = Some(idempotent);
+        self
+    }
+
+    /// The hash key for hashing strategies, overriding the client's
+    /// [`HashKey`](super::HashKey) setting.
+    pub fn key(mut self, key: impl AsRef<[u8]>) -> Self {
+        self.key = Some(key.as_ref().to_vec());
+        self
+    }
+
+    /// The overall time limit of this call, retries included (overrides the client's
+    /// request timeout).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    fn fail(&mut self, reason: String) {
+        self.error.get_or_insert(reason);
+    }
+
+    fn is_idempotent(&self) -> bool {
+        self.idempotent
+            .unwrap_or_else(|| method_is_idempotent(&self.method))
+    }
+
+    /// The hash key this request routes by, if any.
+    fn routing_key(&self) -> Option<&[u8]> {
+        if let Some(k) = &self.key {
+            return Some(k);
+        }
+        match &self.client.inner.hash_key {
+            Some(HashKey::Path) => Some(
+                self.path
+                    .split_once('?')
+                    .map_or(self.path.as_str(), |(p, _)| p)
+                    .as_bytes(),
+            ),
+            Some(HashKey::Header(name)) => self.headers.get(name).map(HeaderValue::as_bytes),
+            None => None,
+        }
+    }
+
+    /// Sends the request to an instance the balancer picks, retrying on another instance as
+    /// the [module docs](super) describe. An HTTP answer of any status is `Ok`; see
+    /// [`Response::error_for_status`].
+    pub async fn send(self) -> Result<Response, HttpError> {
+        if let Some(reason) = self.error.clone() {
+            return Err(HttpError::InvalidRequest {
+                method: self.method,
+                path: self.path,
+                reason,
+            });
+        }
+        let inner = &self.client.inner;
+        let mut ctx = PickContext::new();
+        if let Some(key) = self.routing_key() {
+            ctx = ctx.with_key(key);
+        }
+        if let Some(zone) = &inner.zone {
+            ctx = ctx.with_zone(zone);
+        }
+        let idempotent = self.is_idempotent();
+        let deadline = self
+            .timeout
+            .or(inner.request_timeout)
+            .map(|t| Instant::now() + t);
+        inner.budget.deposit();
+
+        let mut tried: Vec<InstanceId> = Vec::new();
+        let mut attempts: u32 = 0;
+        loop {
+            attempts += 1;
+            let picked = if tried.is_empty() {
+                inner.balancer.pick_with(&ctx)
+            } else {
+                inner.balancer.pick_excluding(&ctx, &tried)
+            };
+            let guard = picked.map_err(|source| HttpError::NoInstance {
+                method: self.method.clone(),
+                path: self.path.clone(),
+                source,
+            })?;
+            let instance = guard.instance().clone();
+            let url = url_for(&instance, &self.path).map_err(|reason| HttpError::InvalidRequest {
+                method: self.method.clone(),
+                path: self.path.clone(),
+                reason,
+            })?;
+            // This try's limit: the per-try timeout, cut to what is left of the overall one.
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let limit = match (inner.per_try_timeout, left) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let mut request = inner
+                .http
+                .request(self.method.clone(), url)
+                .headers(self.headers.clone());
+            if let Some(body) = &self.body {
+                request = request.body(body.clone());
+            }
+            if let Some(limit) = limit {
+                request = request.timeout(limit);
+            }
+
+            let failure = match request.send().await {
+                Ok(response) if !response.status().is_server_error() => {
+                    guard.success();
+                    return Ok(self.response(response, instance, attempts));
+                }
+                Ok(response) => Failure::Status(response),
+                Err(e) if e.is_connect() => Failure::Connect(e),
+                Err(e) if e.is_timeout() => Failure::Timeout(e),
+                Err(e) => Failure::Transport(e),
+            };
+            guard.failure();
+
+            // Only a connect error proves that the request never left this process.
+            let sent = !matches!(failure, Failure::Connect(_));
+            let stop = if sent && !idempotent {
+                Some(GaveUp::NotIdempotent)
+            } else if attempts >= inner.max_attempts {
+                Some(GaveUp::AttemptsExhausted)
+            } else if deadline.is_some_and(|d| Instant::now() >= d) {
+                Some(GaveUp::Deadline)
+            } else if !inner.budget.try_withdraw() {
+                Some(GaveUp::BudgetExhausted)
+            } else {
+                None
+            };
+            let Some(gave_up) = stop else {
+                tracing::debug!(method = %self.method, path = %self.path, instance = %instance.id(),
+                    attempt = attempts, "retrying on another instance");
+                tried.push(instance.id().clone());
+                continue;
+            };
+            let (method, path) = (self.method.clone(), self.path.clone());
+            let (id, authority) = (instance.id().clone(), instance.authority());
+            return match failure {
+                Failure::Status(response) => Ok(self.response(response, instance, attempts)),
+                Failure::Connect(source) => Err(HttpError::Connect {
+                    method,
+                    path,
+                    instance: id,
+                    authority,
+                    attempts,
+                    gave_up,
+                    source,
+                }),
+                Failure::Timeout(source) => Err(HttpError::Timeout {
+                    method,
+                    path,
+                    instance: id,
+                    authority,
+                    after: limit.unwrap_or_default(),
+                    attempts,
+                    gave_up,
+                    source,
+                }),
+                Failure::Transport(source) => Err(HttpError::Transport {
+                    method,
+                    path,
+                    instance: id,
+                    authority,
+                    attempts,
+                    gave_up,
+                    source,
+                }),
+            };
+        }
+    }
+
+    fn response(&self, inner: reqwest::Response, instance: ServiceInstance, attempts: u32) -> Response {
+        Response::new(inner, instance, self.method.clone(), self.path.clone(), attempts)
+    }
+}
+
+/// How one attempt failed.
+enum Failure {
+    /// A 5xx answer.
+    Status(reqwest::Response),
+    /// No connection: nothing was sent.
+    Connect(reqwest::Error),
+    /// The attempt's time limit ran out.
+    Timeout(reqwest::Error),
+    /// The connection broke during the exchange.
+    Transport(reqwest::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotent_methods_follow_rfc_9110() {
+        for m in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE, Method::OPTIONS] {
+            assert!(method_is_idempotent(&m), "{m}");
+        }
+        for m in [Method::POST, Method::PATCH] {
+            assert!(!method_is_idempotent(&m), "{m}");
+        }
+    }
+
+    #[test]
+    fn urls_bracket_ipv6_and_keep_the_query() {
+        let v6 = ServiceInstance::builder("s", "a").host("::1").port(8080).build().unwrap();
+        assert_eq!(url_for(&v6, "/users?x=1").unwrap().as_str(), "http://[::1]:8080/users?x=1");
+        let v4 = ServiceInstance::builder("s", "b").host("10.0.0.1").port(80).build().unwrap();
+        assert_eq!(url_for(&v4, "/").unwrap().as_str(), "http://10.0.0.1/");
+    }
+}

@@ -1,0 +1,150 @@
+//! An answer, with the instance that gave it.
+
+use std::fmt;
+
+use bytes::Bytes;
+use reqwest::header::HeaderMap;
+use reqwest::{Method, StatusCode};
+use waypost_core::ServiceInstance;
+
+use super::error::HttpError;
+
+/// The answer to a request, with the instance that gave it and the attempts it took.
+///
+/// ```
+/// # use waypost::http::HttpClient;
+/// # use waypost::strategies::RoundRobin;
+/// # use waypost::{Balancer, ServiceInstance, WatchEvent};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// # let port = listener.local_addr()?.port();
+/// # let app = axum::Router::new().route("/users/{id}", axum::routing::get(|| async { axum::Json(serde_json::json!({"id": 7})) }));
+/// # tokio::spawn(async move { axum::serve(listener, app).await });
+/// # let balancer = Balancer::new(RoundRobin::new());
+/// # balancer.apply(WatchEvent::Snapshot(vec![ServiceInstance::builder("users", "u1").host("127.0.0.1").port(port).build()?]));
+/// # let client = HttpClient::new(balancer)?;
+/// let response = client.get("/users/7").send().await?;
+/// assert_eq!(response.status(), 200);
+/// assert_eq!(response.instance().id().as_str(), "u1");
+/// assert_eq!(response.attempts(), 1);
+/// let user: serde_json::Value = response.json().await?;
+/// assert_eq!(user["id"], 7);
+///
+/// let missing = client.get("/nowhere").send().await?;
+/// assert_eq!(missing.status(), 404); // an answer, not an error...
+/// assert!(missing.error_for_status().is_err()); // ...until asked for one
+/// # Ok(())
+/// # }
+/// ```
+pub struct Response {
+    inner: reqwest::Response,
+    instance: ServiceInstance,
+    method: Method,
+    path: String,
+    attempts: u32,
+}
+
+impl fmt::Debug for Response {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Response")
+            .field("status", &self.status())
+            .field("instance", self.instance.id())
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
+impl Response {
+    pub(crate) fn new(
+        inner: reqwest::Response,
+        instance: ServiceInstance,
+        method: Method,
+        path: String,
+        attempts: u32,
+    ) -> Self {
+        Response {
+            inner,
+            instance,
+            method,
+            path,
+            attempts,
+        }
+    }
+
+    /// The status code.
+    pub fn status(&self) -> StatusCode {
+        self.inner.status()
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &HeaderMap {
+        self.inner.headers()
+    }
+
+    /// The instance that answered.
+    pub fn instance(&self) -> &ServiceInstance {
+        &self.instance
+    }
+
+    /// Attempts it took, the first one included (more than 1 after retries).
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// `Err(HttpError::Status)` for a 4xx or 5xx answer, else the response itself.
+    pub fn error_for_status(self) -> Result<Self, HttpError> {
+        let status = self.status();
+        if status.is_client_error() || status.is_server_error() {
+            Err(HttpError::Status {
+                method: self.method,
+                path: self.path,
+                instance: self.instance.id().clone(),
+                status,
+                attempts: self.attempts,
+            })
+        } else {
+            Ok(self)
+        }
+    }
+
+    /// The body as text.
+    pub async fn text(self) -> Result<String, HttpError> {
+        let (fail, inner) = self.split();
+        inner.text().await.map_err(fail)
+    }
+
+    /// The body as bytes.
+    pub async fn bytes(self) -> Result<Bytes, HttpError> {
+        let (fail, inner) = self.split();
+        inner.bytes().await.map_err(fail)
+    }
+
+    /// The body decoded from JSON.
+    pub async fn json<T: serde::de::DeserializeOwned>(self) -> Result<T, HttpError> {
+        let (fail, inner) = self.split();
+        inner.json().await.map_err(fail)
+    }
+
+    /// The underlying `reqwest` response (to stream the body, for instance).
+    pub fn into_inner(self) -> reqwest::Response {
+        self.inner
+    }
+
+    fn split(self) -> (impl FnOnce(reqwest::Error) -> HttpError, reqwest::Response) {
+        let Response {
+            inner,
+            instance,
+            method,
+            path,
+            ..
+        } = self;
+        let fail = move |source| HttpError::Body {
+            method,
+            path,
+            instance: instance.id().clone(),
+            source,
+        };
+        (fail, inner)
+    }
+}

@@ -1,0 +1,338 @@
+//! The client against real HTTP servers on loopback.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode as AxumStatus;
+use axum::response::IntoResponse;
+use tokio::io::AsyncReadExt;
+use waypost_core::{Balancer, Endpoint, PickContext, Picker, ServiceInstance, Strategy, WatchEvent};
+
+use super::*;
+
+/// Always the first instance by id: makes "the failing one is tried first" deterministic.
+struct First;
+struct FirstPicker;
+impl Strategy for First {
+    fn name(&self) -> &str {
+        "first"
+    }
+    fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> {
+        Box::new(FirstPicker)
+    }
+}
+impl Picker for FirstPicker {
+    fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> {
+        (!e.is_empty()).then_some(0)
+    }
+}
+
+/// Remembers the hash of the last pick's context.
+struct SeeKey(Arc<AtomicU64>);
+struct SeeKeyPicker(Arc<AtomicU64>);
+impl Strategy for SeeKey {
+    fn name(&self) -> &str {
+        "see-key"
+    }
+    fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> {
+        Box::new(SeeKeyPicker(self.0.clone()))
+    }
+}
+impl Picker for SeeKeyPicker {
+    fn pick(&self, e: &[Endpoint], ctx: &PickContext<'_>) -> Option<usize> {
+        self.0.store(ctx.hash().unwrap_or(0), Ordering::SeqCst);
+        (!e.is_empty()).then_some(0)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Behavior {
+    /// 200 with the request body echoed.
+    Ok,
+    /// 500.
+    Fail,
+    /// Answers 200 after this long.
+    Slow(Duration),
+}
+
+struct Server {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+}
+
+async fn server(behavior: Behavior) -> Server {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let app = axum::Router::new().fallback(move |body: bytes::Bytes| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            match behavior {
+                Behavior::Ok => (AxumStatus::OK, body).into_response(),
+                Behavior::Fail => AxumStatus::INTERNAL_SERVER_ERROR.into_response(),
+                Behavior::Slow(d) => {
+                    tokio::time::sleep(d).await;
+                    AxumStatus::OK.into_response()
+                }
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Server { addr, hits }
+}
+
+/// A server that reads a request and closes the connection without answering.
+async fn hang_up_server() -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            drop(sock);
+        }
+    });
+    Server { addr, hits }
+}
+
+/// A loopback port nothing listens on.
+async fn closed_port() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+fn instance(id: &str, addr: SocketAddr) -> ServiceInstance {
+    ServiceInstance::builder("svc", id)
+        .host(addr.ip().to_string())
+        .port(addr.port())
+        .build()
+        .unwrap()
+}
+
+fn balancer(strategy: impl Strategy, instances: Vec<ServiceInstance>) -> Balancer {
+    let b = Balancer::new(strategy);
+    b.apply(WatchEvent::Snapshot(instances));
+    b
+}
+
+fn state(b: &Balancer, id: &str) -> Endpoint {
+    b.endpoints()
+        .into_iter()
+        .find(|e| e.id().as_str() == id)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn outcomes_reach_the_endpoint_state() {
+    let ok = server(Behavior::Ok).await;
+    let bad = server(Behavior::Fail).await;
+    let b = balancer(First, vec![instance("a-ok", ok.addr)]);
+    let client = HttpClient::builder(b.clone()).max_attempts(1).build().unwrap();
+    for _ in 0..3 {
+        let r = client.get("/x").send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let a = state(&b, "a-ok");
+    assert_eq!((a.state().successes(), a.state().failures()), (3, 0));
+    assert_eq!(a.state().in_flight(), 0);
+    assert!(a.state().ewma_latency().is_some());
+
+    // A 5xx answer is a failure for the balancer, and still an answer for the caller.
+    b.apply(WatchEvent::Snapshot(vec![instance("b-bad", bad.addr)]));
+    let r = client.get("/x").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(matches!(r.error_for_status(), Err(HttpError::Status { .. })));
+    let s = state(&b, "b-bad");
+    assert_eq!((s.state().successes(), s.state().failures()), (0, 1));
+    assert_eq!(s.state().in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_failing_get_is_retried_on_another_instance() {
+    let bad = server(Behavior::Fail).await;
+    let ok = server(Behavior::Ok).await;
+    let b = balancer(First, vec![instance("a-bad", bad.addr), instance("b-ok", ok.addr)]);
+    let client = HttpClient::new(b.clone()).unwrap();
+    let r = client.get("/users").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.instance().id().as_str(), "b-ok");
+    assert_eq!(r.attempts(), 2);
+    assert_eq!(bad.hits.load(Ordering::SeqCst), 1);
+    assert_eq!(state(&b, "a-bad").state().failures(), 1);
+    assert_eq!(state(&b, "b-ok").state().successes(), 1);
+}
+
+#[tokio::test]
+async fn a_sent_post_is_not_retried() {
+    let bad = server(Behavior::Fail).await;
+    let ok = server(Behavior::Ok).await;
+    let b = balancer(First, vec![instance("a-bad", bad.addr), instance("b-ok", ok.addr)]);
+    let client = HttpClient::new(b.clone()).unwrap();
+    let r = client.post("/users").body("x").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(r.attempts(), 1);
+    assert_eq!(ok.hits.load(Ordering::SeqCst), 0);
+
+    // The connection breaks after the request went out: still not repeated.
+    let hangup = hang_up_server().await;
+    b.apply(WatchEvent::Snapshot(vec![instance("a-hangup", hangup.addr), instance("b-ok", ok.addr)]));
+    let err = client.post("/users").body("x").send().await.unwrap_err();
+    assert!(matches!(err, HttpError::Transport { gave_up: GaveUp::NotIdempotent, .. }), "{err}");
+    assert!(err.to_string().contains("idempotent"), "{err}");
+    assert_eq!(ok.hits.load(Ordering::SeqCst), 0);
+    assert_eq!(hangup.hits.load(Ordering::SeqCst), 1);
+
+    // The same GET is retried.
+    let r = client.get("/users").send().await.unwrap();
+    assert_eq!(r.instance().id().as_str(), "b-ok");
+}
+
+#[tokio::test]
+async fn a_post_marked_idempotent_is_retried() {
+    let bad = server(Behavior::Fail).await;
+    let ok = server(Behavior::Ok).await;
+    let b = balancer(First, vec![instance("a-bad", bad.addr), instance("b-ok", ok.addr)]);
+    let client = HttpClient::new(b).unwrap();
+    let r = client.post("/users").body("payload").idempotent(true).send().await.unwrap();
+    assert_eq!(r.instance().id().as_str(), "b-ok");
+    // The body is sent again in full on the retry.
+    assert_eq!(r.text().await.unwrap(), "payload");
+}
+
+#[tokio::test]
+async fn a_connect_error_is_retried_even_for_post() {
+    let dead = closed_port().await;
+    let ok = server(Behavior::Ok).await;
+    let b = balancer(First, vec![instance("a-dead", dead), instance("b-ok", ok.addr)]);
+    let client = HttpClient::new(b.clone()).unwrap();
+    let r = client.post("/users").body("x").send().await.unwrap();
+    assert_eq!(r.instance().id().as_str(), "b-ok");
+    assert_eq!(state(&b, "a-dead").state().failures(), 1);
+
+    // With nowhere else to go the error says what happened and why it stopped.
+    let only_dead = balancer(First, vec![instance("a-dead", dead)]);
+    let client = HttpClient::builder(only_dead).max_attempts(2).build().unwrap();
+    let err = client.post("/users").send().await.unwrap_err();
+    match &err {
+        HttpError::Connect { attempts, gave_up, .. } => {
+            assert_eq!(*attempts, 2);
+            assert_eq!(gave_up, &GaveUp::AttemptsExhausted);
+        }
+        other => panic!("expected a connect error, got {other}"),
+    }
+    assert!(err.to_string().contains("could not connect"), "{err}");
+}
+
+#[tokio::test]
+async fn the_retry_budget_stops_a_retry_storm() {
+    let a = server(Behavior::Fail).await;
+    let c = server(Behavior::Fail).await;
+    let b = balancer(First, vec![instance("a", a.addr), instance("c", c.addr)]);
+    let budget = RetryBudget::new(0.2, 0).unwrap();
+    let client = HttpClient::builder(b)
+        .max_attempts(3)
+        .retry_budget(budget.clone())
+        .build()
+        .unwrap();
+    let mut gave_up_for_budget = 0;
+    for _ in 0..100 {
+        let r = client.get("/").send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        if r.attempts() == 1 {
+            gave_up_for_budget += 1;
+        }
+    }
+    let hits = a.hits.load(Ordering::SeqCst) + c.hits.load(Ordering::SeqCst);
+    // Without a budget: 300 hits. With it: the 100 calls plus about 20 % retries.
+    assert!((101..=121).contains(&hits), "{hits} hits");
+    assert!(gave_up_for_budget > 50, "{gave_up_for_budget}");
+    assert_eq!(budget.available(), 0);
+}
+
+#[tokio::test]
+async fn a_hanging_instance_is_left_after_the_per_try_timeout() {
+    let slow = server(Behavior::Slow(Duration::from_secs(30))).await;
+    let ok = server(Behavior::Ok).await;
+    let b = balancer(First, vec![instance("a-slow", slow.addr), instance("b-ok", ok.addr)]);
+    let client = HttpClient::builder(b.clone())
+        .per_try_timeout(Duration::from_millis(300))
+        .request_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let r = client.get("/").send().await.unwrap();
+    assert_eq!(r.instance().id().as_str(), "b-ok");
+    assert_eq!(state(&b, "a-slow").state().failures(), 1);
+}
+
+#[tokio::test]
+async fn the_overall_timeout_gives_a_typed_error() {
+    let slow = server(Behavior::Slow(Duration::from_secs(30))).await;
+    let b = balancer(First, vec![instance("a-slow", slow.addr)]);
+    let client = HttpClient::builder(b).build().unwrap();
+    let err = client
+        .get("/")
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await
+        .unwrap_err();
+    match &err {
+        HttpError::Timeout { gave_up, attempts, .. } => {
+            assert_eq!(gave_up, &GaveUp::Deadline);
+            assert_eq!(*attempts, 1);
+        }
+        other => panic!("expected a timeout, got {other}"),
+    }
+    assert!(err.to_string().contains("request_timeout"), "{err}");
+}
+
+#[tokio::test]
+async fn hash_keys_come_from_the_path_or_a_header() {
+    let ok = server(Behavior::Ok).await;
+    let seen = Arc::new(AtomicU64::new(0));
+    let b = balancer(SeeKey(seen.clone()), vec![instance("a", ok.addr)]);
+    let hash = |k: &[u8]| PickContext::new().with_key(k).hash().unwrap();
+
+    let by_path = HttpClient::builder(b.clone()).hash_key(HashKey::Path).build().unwrap();
+    by_path.get("/users/7?verbose=1").send().await.unwrap();
+    assert_eq!(seen.load(Ordering::SeqCst), hash(b"/users/7"));
+    by_path.get("/users/7").key("explicit").send().await.unwrap();
+    assert_eq!(seen.load(Ordering::SeqCst), hash(b"explicit"));
+
+    let by_header = HttpClient::builder(b)
+        .hash_key(HashKey::header("x-user").unwrap())
+        .build()
+        .unwrap();
+    by_header.get("/").header("x-user", "ada").send().await.unwrap();
+    assert_eq!(seen.load(Ordering::SeqCst), hash(b"ada"));
+    by_header.get("/").send().await.unwrap();
+    assert_eq!(seen.load(Ordering::SeqCst), 0, "no header, no key");
+}
+
+#[tokio::test]
+async fn bad_input_fails_before_sending() {
+    let ok = server(Behavior::Ok).await;
+    let b = balancer(First, vec![instance("a", ok.addr)]);
+    let client = HttpClient::new(b).unwrap();
+    let err = client.get("users").send().await.unwrap_err();
+    assert!(matches!(err, HttpError::InvalidRequest { .. }), "{err}");
+    let err = client.get("/").header("bad header", "v").send().await.unwrap_err();
+    assert!(err.to_string().contains("header name"), "{err}");
+    assert_eq!(ok.hits.load(Ordering::SeqCst), 0);
+
+    assert!(HashKey::header("bad header").is_err());
+    let empty = Balancer::new(First);
+    assert!(matches!(
+        HttpClient::builder(empty.clone()).max_attempts(0).build(),
+        Err(HttpError::Config { .. })
+    ));
+    assert!(HttpClient::builder(empty.clone()).connect_timeout(Duration::ZERO).build().is_err());
+    let err = HttpClient::new(empty).unwrap().get("/").send().await.unwrap_err();
+    assert!(matches!(err, HttpError::NoInstance { .. }), "{err}");
+}
