@@ -1,17 +1,66 @@
 //! Waypost's backend conformance suite, and harnesses that start real Consul and etcd servers.
 //!
-//! A backend crate runs the whole suite against its own backend by implementing [`Backend`] and
-//! invoking [`conformance_tests!`] in an integration test:
+//! The suite is a set of [`scenarios`], each an `async fn(&impl Backend)` that plays one or more
+//! processes against a backend and checks what a [`Registry`] and a [`Discovery`] must do:
+//! round-trips, watches (snapshot first, then only changes), TTL expiry, deregistration,
+//! liveness, resync after a restart, several watchers, many instances and bad input. Every wait
+//! is bounded polling (up to a deadline taken from the [`Backend`]), never a fixed sleep.
 //!
-//! ```ignore
-//! // tests/conformance.rs of a third-party backend crate, with
-//! // [dev-dependencies] waypost-conformance = "0.1"
-//! struct Mine { /* a running server, a client */ }
-//! #[waypost_conformance::async_trait]
-//! impl waypost_conformance::Backend for Mine { /* ... */ }
-//! async fn start() -> Mine { /* start a fresh server */ }
-//! waypost_conformance::conformance_tests!(start);
+//! # Running it against your own backend
+//!
+//! A backend crate (Waypost's own or a third party's) adds
+//!
+//! ```toml
+//! [dev-dependencies]
+//! waypost-conformance = "0.1"
 //! ```
+//!
+//! implements [`Backend`] in an integration test and invokes [`conformance_tests!`] with an
+//! `async fn` that starts a fresh backend. The macro expands to one `#[test]` per scenario
+//! (each on its own multi-threaded Tokio runtime with two workers), named like the scenario, so
+//! they run in parallel and fail individually. The crate using the macro needs no Tokio
+//! dependency of its own.
+//!
+//! ```no_run
+//! // tests/conformance.rs of a backend crate
+//! use std::sync::Arc;
+//! use waypost_conformance::{async_trait, conformance_tests, Backend};
+//! use waypost_core::{Discovery, Registry};
+//!
+//! struct Mine {
+//!     // A running server and what is needed to reach it; here the in-process backend.
+//!     memory: waypost_memory::Memory,
+//! }
+//!
+//! #[async_trait]
+//! impl Backend for Mine {
+//!     fn name(&self) -> &'static str {
+//!         "mine"
+//!     }
+//!     fn registry(&self) -> Arc<dyn Registry> {
+//!         Arc::new(self.memory.clone())
+//!     }
+//!     fn discovery(&self) -> Arc<dyn Discovery> {
+//!         Arc::new(self.memory.clone())
+//!     }
+//!     async fn restart(&self) -> Result<(), String> {
+//!         // Stop the server and start it again on the same address.
+//!         self.memory.restart(std::time::Duration::from_millis(200)).await;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! /// A fresh backend for each scenario.
+//! async fn start() -> Mine {
+//!     Mine { memory: waypost_memory::Memory::new() }
+//! }
+//!
+//! conformance_tests!(start);
+//! # fn main() {}
+//! ```
+//!
+//! A single scenario can also be called directly from any async test:
+//! `waypost_conformance::scenarios::ttl_expiry(&backend).await`.
 #![warn(missing_docs)]
 
 use std::sync::Arc;
@@ -20,10 +69,41 @@ use std::time::Duration;
 pub use async_trait::async_trait;
 use waypost_core::{Discovery, Registry};
 
+pub mod consul_server;
+pub mod etcd_server;
+pub mod scenarios;
+
 /// A backend under test: a running server (or in-process state) and clients for it.
 ///
 /// Every scenario gets a fresh `Backend` from the factory given to [`conformance_tests!`], so
-/// scenarios run in parallel without sharing servers.
+/// scenarios run in parallel without sharing servers. The bounds below are correctness bounds
+/// (how long a scenario waits before it fails), not speed targets: scenarios return as soon as
+/// the expected state is reached.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use waypost_conformance::{async_trait, Backend};
+/// use waypost_core::{Discovery, Registry};
+/// use waypost_memory::Memory;
+///
+/// struct InProcess(Memory);
+///
+/// #[async_trait]
+/// impl Backend for InProcess {
+///     fn name(&self) -> &'static str { "memory" }
+///     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+///     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+///     fn ttl(&self) -> Duration { Duration::from_secs(1) }
+///     async fn restart(&self) -> Result<(), String> {
+///         self.0.restart(Duration::from_millis(100)).await;
+///         Ok(())
+///     }
+/// }
+///
+/// let b = InProcess(Memory::new());
+/// assert_eq!(b.expiry_bound(), Duration::from_secs(4));
+/// ```
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// A short name for messages (`memory`, `consul`, `etcd`).
@@ -49,4 +129,144 @@ pub trait Backend: Send + Sync + 'static {
     /// Makes the backend unavailable and brings it back the way a real restart does (a Consul
     /// `-dev` agent forgets everything; etcd keeps its data). Returns when it serves again.
     async fn restart(&self) -> Result<(), String>;
+
+    /// How long a change (a registration, a deregistration) may take to show in
+    /// [`Discovery::instances`] and in a watch. Default 10 s.
+    fn settle_bound(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+
+    /// How long after [`restart`](Self::restart) returns the registrations and watches may take
+    /// to heal (reconnect backoff included). Default 30 s.
+    fn heal_bound(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+
+    /// The host scenarios register their instances with. Default `127.0.0.1`.
+    fn host(&self) -> String {
+        "127.0.0.1".to_owned()
+    }
+}
+
+#[async_trait]
+impl<B: Backend + ?Sized> Backend for Arc<B> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn registry(&self) -> Arc<dyn Registry> {
+        (**self).registry()
+    }
+    fn discovery(&self) -> Arc<dyn Discovery> {
+        (**self).discovery()
+    }
+    fn ttl(&self) -> Duration {
+        (**self).ttl()
+    }
+    fn expiry_bound(&self) -> Duration {
+        (**self).expiry_bound()
+    }
+    async fn restart(&self) -> Result<(), String> {
+        (**self).restart().await
+    }
+    fn settle_bound(&self) -> Duration {
+        (**self).settle_bound()
+    }
+    fn heal_bound(&self) -> Duration {
+        (**self).heal_bound()
+    }
+    fn host(&self) -> String {
+        (**self).host()
+    }
+}
+
+/// What the [`conformance_tests!`] macro expands to; not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    pub use tokio;
+
+    /// Runs one scenario on a fresh multi-threaded runtime with two workers (what
+    /// `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]` does), with an overall
+    /// time limit so that a hung backend fails the test instead of hanging the run.
+    pub fn run<B, F, Fut, S>(name: &str, factory: F, scenario: S)
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = B>,
+        S: for<'a> FnOnce(&'a B) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>,
+        B: crate::Backend,
+    {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("building a Tokio runtime for the conformance scenario");
+        rt.block_on(async {
+            let backend = factory().await;
+            let limit = crate::scenarios::scenario_time_limit(&backend);
+            if tokio::time::timeout(limit, scenario(&backend))
+                .await
+                .is_err()
+            {
+                panic!(
+                    "[{}] scenario {name} did not finish within {limit:?}",
+                    backend.name()
+                );
+            }
+        });
+    }
+}
+
+/// Expands to one test per conformance scenario, run against the backend that `$factory`
+/// (a path to an `async fn() -> B` with `B:` [`Backend`]) starts afresh for each test.
+///
+/// Each test is named like its scenario (see [`scenarios`]) and runs on its own
+/// multi-threaded Tokio runtime with two worker threads, so the scenarios run in parallel
+/// and report individually. See the [crate docs](crate) for a full example.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use waypost_conformance::{async_trait, Backend};
+/// # use waypost_core::{Discovery, Registry};
+/// # struct Mine(waypost_memory::Memory);
+/// # #[async_trait]
+/// # impl Backend for Mine {
+/// #     fn name(&self) -> &'static str { "mine" }
+/// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+/// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+/// #     async fn restart(&self) -> Result<(), String> { Ok(()) }
+/// # }
+/// async fn start() -> Mine {
+///     Mine(waypost_memory::Memory::new())
+/// }
+/// waypost_conformance::conformance_tests!(start);
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:path) => {
+        $crate::conformance_tests!(@each $factory;
+            register_then_discover,
+            watch_starts_with_snapshot,
+            watch_add_update_remove,
+            ttl_expiry,
+            deregister_on_shutdown,
+            drop_deregisters,
+            liveness_is_reported,
+            reconnect_resync,
+            several_watchers_same_service,
+            many_instances,
+            bad_input,
+        );
+    };
+    (@each $factory:path; $($scenario:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $scenario() {
+                $crate::__private::run(
+                    ::core::stringify!($scenario),
+                    $factory,
+                    |backend| ::std::boxed::Box::pin($crate::scenarios::$scenario(backend)),
+                );
+            }
+        )+
+    };
 }

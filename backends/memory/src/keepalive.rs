@@ -1,0 +1,165 @@
+//! The background task behind each registration handle: heartbeats, healing, deregistration.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use waypost_core::{Error, HealthCheck, KeepAlive, ServiceInstance, StopMode};
+
+use crate::check::{run_probe, Probe};
+use crate::state::Inner;
+
+/// Stores a registration and starts what keeps it judged: the reaper for a TTL check, a probe
+/// for a check the backend runs.
+pub(crate) fn install(
+    inner: &Arc<Inner>,
+    instance: &ServiceInstance,
+    check: &HealthCheck,
+) -> Result<(), Error> {
+    let token = inner.put(instance, check)?;
+    match Probe::for_check(check) {
+        Some(probe) => {
+            tokio::spawn(run_probe(
+                Arc::downgrade(inner),
+                instance.service().clone(),
+                instance.id().clone(),
+                token,
+                probe,
+            ));
+        }
+        None => inner.ensure_reaper(),
+    }
+    Ok(())
+}
+
+/// Jittered exponential backoff between failed attempts, capped so that a recovering
+/// registration never waits longer than its normal heartbeat period.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(50);
+
+    pub(crate) fn new(cap: Duration) -> Self {
+        Backoff {
+            next: Self::FIRST,
+            cap: cap.max(Self::FIRST),
+        }
+    }
+
+    /// The next delay: between half and all of the current step (so that many handles
+    /// recovering from one outage spread out), then the step doubles.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        step.mul_f64(0.5 + fastrand::f64() * 0.5)
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// How often the handle talks to the backend: every TTL/3 for a TTL check; for a check the
+/// backend runs, every check interval, only to notice that the backend forgot the registration.
+fn period(check: &HealthCheck) -> Duration {
+    match (check.heartbeat_interval(), check) {
+        (Some(every), _) => every,
+        (None, HealthCheck::Http { interval, .. } | HealthCheck::Tcp { interval, .. }) => *interval,
+        (None, _) => Duration::from_secs(1),
+    }
+}
+
+/// The keep-alive loop. Retries forever while the handle lives; ends when asked to stop or when
+/// the backend itself is dropped.
+pub(crate) async fn run(
+    inner: Weak<Inner>,
+    instance: ServiceInstance,
+    check: HealthCheck,
+    mut keep_alive: KeepAlive,
+) -> Result<(), Error> {
+    let every = period(&check);
+    let ttl = match &check {
+        HealthCheck::Ttl { ttl } => Some(*ttl),
+        _ => None,
+    };
+    let mut backoff = Backoff::new(every);
+    let mut delay = every;
+    keep_alive.set_live(); // `register` stored it before spawning this task
+    loop {
+        if let Some(mode) = keep_alive.sleep(delay).await {
+            return stop(&inner, &instance, mode);
+        }
+        let Some(backend) = inner.upgrade() else {
+            return Err(closed());
+        };
+        let outcome = match backend.beat(instance.service(), instance.id(), ttl) {
+            Err(Error::NotFound { .. }) => {
+                // Expired, or a restart forgot it: register again, as a client of a restarted
+                // Consul agent must.
+                keep_alive.set_recovering(format!(
+                    "the memory backend no longer holds {}; registering again",
+                    instance.id()
+                ));
+                install(&backend, &instance, &check)
+            }
+            other => other,
+        };
+        match outcome {
+            Ok(()) => {
+                keep_alive.set_live();
+                backoff.reset();
+                delay = every;
+            }
+            Err(e) => {
+                tracing::debug!(id = %instance.id(), error = %e, "memory keep-alive failed; retrying");
+                keep_alive.set_recovering(e.to_string());
+                delay = backoff.next_delay();
+            }
+        }
+    }
+}
+
+fn stop(inner: &Weak<Inner>, instance: &ServiceInstance, mode: StopMode) -> Result<(), Error> {
+    match (mode, inner.upgrade()) {
+        (StopMode::Deregister, Some(backend)) => backend.remove(instance.service(), instance.id()),
+        // Abandoned (a crash: the TTL removes it), or the backend is gone with all it held.
+        _ => Ok(()),
+    }
+}
+
+fn closed() -> Error {
+    Error::Closed {
+        what: "the memory backend (every Memory clone was dropped)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(400));
+        let d: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
+        assert!(d[0] >= Duration::from_millis(25) && d[0] <= Duration::from_millis(50));
+        assert!(d[1] >= Duration::from_millis(50) && d[1] <= Duration::from_millis(100));
+        assert!(d[5] >= Duration::from_millis(200) && d[5] <= Duration::from_millis(400));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn period_follows_the_check() {
+        assert_eq!(
+            period(&HealthCheck::ttl(Duration::from_secs(3))),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            period(&HealthCheck::tcp("h:1", Duration::from_secs(2))),
+            Duration::from_secs(2)
+        );
+    }
+}
