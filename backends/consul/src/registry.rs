@@ -20,12 +20,27 @@ pub(crate) async fn register(api: Arc<Api>, reg: Registration) -> Result<Registr
     let payload = Arc::new(ServiceRegistration::new(&instance, &reg));
     // The first attempt's error goes to the caller: a 403 or an unreachable agent is theirs to
     // decide about, not a reason to retry silently.
-    api.register(&payload).await?;
+    register_and_pass(&api, &payload, reg.check()).await?;
     info!(id = %payload.id, service = %payload.name, address = %payload.address, port = payload.port, "registered with consul");
     let check = reg.check().clone();
     Ok(RegistrationHandle::spawn(instance, move |ka| {
         keep_alive(api, payload, check, ka)
     }))
+}
+
+/// Registers, and passes a TTL check at once: the agent restores a TTL check's last saved
+/// status when the same check is registered again (a critical one stays critical despite
+/// `"Status": "passing"`), and the instance must be routable right away.
+async fn register_and_pass(
+    api: &Api,
+    reg: &ServiceRegistration,
+    check: &HealthCheck,
+) -> Result<(), Error> {
+    api.register(reg).await?;
+    if check.heartbeat_interval().is_some() {
+        api.pass(&check_id(&reg.id)).await?;
+    }
+    Ok(())
 }
 
 /// Runs `call`, unless the handle asks to stop first.
@@ -89,7 +104,7 @@ async fn keep_alive(
         // idempotent, so do it in both cases and resume heart-beating.
         ka.set_recovering(err.to_string());
         warn!(id = %reg.id, "consul registration lost: {err}; registering again");
-        match or_stop(&mut ka, api.register(&reg)).await {
+        match or_stop(&mut ka, register_and_pass(&api, &reg, &check)).await {
             Err(mode) => return finish(&api, &reg.id, mode).await,
             Ok(Ok(())) => {
                 info!(id = %reg.id, "registered with consul again");

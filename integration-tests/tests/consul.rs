@@ -1,0 +1,348 @@
+//! The Consul backend against a real `consul agent -dev`: the conformance suite, then what is
+//! specific to Consul (weights/tags/meta on the wire, TTL checks, checks run by Consul, agent
+//! restarts, ACLs).
+//!
+//! Needs a `consul` binary: `eval "$(scripts/fetch-servers)"`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::time::Instant;
+use waypost_conformance::consul_server::ConsulServer;
+use waypost_conformance::scenarios::{eventually, Mirror};
+use waypost_conformance::{async_trait, Backend};
+use waypost_consul::{Consul, ConsulBuilder};
+use waypost_core::{
+    Discovery, Error, HealthCheck, Registration, Registry, ServiceInstance, ServiceName,
+};
+
+/// A generous bound for anything that settles in milliseconds on an idle machine.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// A client for `server`, with a short backoff cap so that healing after a restart is quick.
+fn builder(server: &ConsulServer) -> ConsulBuilder {
+    Consul::builder()
+        .address(server.addr())
+        .retry_backoff(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+fn client(server: &ConsulServer) -> Consul {
+    builder(server).build().unwrap()
+}
+
+struct ConsulBackend {
+    server: ConsulServer,
+}
+
+#[async_trait]
+impl Backend for ConsulBackend {
+    fn name(&self) -> &'static str {
+        "consul"
+    }
+    fn registry(&self) -> Arc<dyn Registry> {
+        Arc::new(client(&self.server))
+    }
+    fn discovery(&self) -> Arc<dyn Discovery> {
+        Arc::new(client(&self.server))
+    }
+    fn expiry_bound(&self) -> Duration {
+        // Consul marks the TTL check critical ttl after the last pass; the rest is CI slack.
+        self.ttl() + Duration::from_secs(6)
+    }
+    async fn restart(&self) -> Result<(), String> {
+        self.server.restart().await;
+        Ok(())
+    }
+}
+
+async fn start() -> ConsulBackend {
+    ConsulBackend {
+        server: ConsulServer::start().await,
+    }
+}
+
+waypost_conformance::conformance_tests!(start);
+
+fn name(s: &str) -> ServiceName {
+    ServiceName::new(s).unwrap()
+}
+
+fn ttl_registration(service: &str, id: &str, port: u16) -> Registration {
+    Registration::builder(service, id)
+        .host("127.0.0.1")
+        .port(port)
+        .check(HealthCheck::ttl(Duration::from_secs(2)))
+        .build()
+        .unwrap()
+}
+
+async fn ids(d: &Consul, service: &str) -> Result<Vec<String>, String> {
+    d.instances(&name(service))
+        .await
+        .map(|v| v.iter().map(|i| i.id().to_string()).collect())
+        .map_err(|e| e.to_string())
+}
+
+async fn agent_get(server: &ConsulServer, path: &str, token: Option<&str>) -> serde_json::Value {
+    let mut req = reqwest::Client::new().get(format!("{}{path}", server.http_url()));
+    if let Some(t) = token {
+        req = req.header("X-Consul-Token", t);
+    }
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+async fn agent_put(server: &ConsulServer, path: &str, body: serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .put(format!("{}{path}", server.http_url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_tags_meta_and_zone_round_trip() {
+    let server = ConsulServer::start().await;
+    let consul = client(&server);
+    let reg = Registration::builder("users", "users-1")
+        .host("127.0.0.1")
+        .port(8081)
+        .tag("v1")
+        .tag("blue")
+        .meta("version", "1.4.2")
+        .weight(3)
+        .zone("eu-1a")
+        .build()
+        .unwrap();
+    let h = consul.register(reg).await.unwrap();
+
+    // On the wire: Weights, Meta.zone, Tags, and a TTL check registered passing.
+    let svc = agent_get(&server, "/v1/agent/service/users-1", None).await;
+    assert_eq!(svc["Weights"], json!({"Passing": 3, "Warning": 1}));
+    assert_eq!(svc["Meta"], json!({"version": "1.4.2", "zone": "eu-1a"}));
+    assert_eq!(svc["Tags"], json!(["v1", "blue"]));
+    let checks = agent_get(&server, "/v1/agent/checks", None).await;
+    assert_eq!(checks["service:users-1"]["Status"], "passing");
+
+    // Read back: exactly the registered instance (passing at once: no wait for a heartbeat).
+    let got = consul.instances(&name("users")).await.unwrap();
+    assert_eq!(got, vec![h.instance().clone()]);
+    assert_eq!(got[0].weight().get(), 3);
+    assert_eq!(got[0].zone(), Some("eu-1a"));
+    assert!(!got[0].metadata().contains_key("zone"));
+
+    // Tag filters: every tag must match.
+    let both = builder(&server).tags(["v1", "blue"]).build().unwrap();
+    assert_eq!(both.instances(&name("users")).await.unwrap().len(), 1);
+    let other = builder(&server).tags(["v1", "green"]).build().unwrap();
+    assert!(other.instances(&name("users")).await.unwrap().is_empty());
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_registrations_weight_fallbacks_and_bad_entries() {
+    let server = ConsulServer::start().await;
+    let consul = client(&server);
+    // Registered by some other tool: no Address (Node.Address is used), weight in Meta or a tag.
+    agent_put(&server, "/v1/agent/service/register",
+        json!({"ID": "meta-w", "Name": "legacy", "Port": 9001, "Meta": {"weight": "7"}})).await;
+    agent_put(&server, "/v1/agent/service/register",
+        json!({"ID": "tag-w", "Name": "legacy", "Address": "127.0.0.2", "Port": 9002, "Tags": ["weight:4"]})).await;
+    // Bad data that Consul accepts: must be skipped, never hide the valid ones.
+    agent_put(&server, "/v1/agent/service/register",
+        json!({"ID": "bad id", "Name": "legacy", "Address": "127.0.0.3", "Port": 9003})).await;
+    agent_put(&server, "/v1/agent/service/register",
+        json!({"ID": "bad-weight", "Name": "legacy", "Address": "127.0.0.3", "Port": 9004, "Meta": {"weight": "heavy"}})).await;
+
+    let got = consul.instances(&name("legacy")).await.unwrap();
+    let summary: Vec<(String, String, u32)> = got
+        .iter()
+        .map(|i| (i.id().to_string(), i.host().to_owned(), i.weight().get()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("meta-w".into(), "127.0.0.1".into(), 7),
+            ("tag-w".into(), "127.0.0.2".into(), 4),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_instance_goes_critical_leaves_passing_set_and_comes_back() {
+    let server = ConsulServer::start().await;
+    let consul = client(&server);
+    let all = builder(&server).passing_only(false).build().unwrap();
+    let h = consul.register(ttl_registration("ttl", "t-1", 9100)).await.unwrap();
+    assert_eq!(ids(&consul, "ttl").await.unwrap(), ["t-1"]);
+
+    h.abandon().await.unwrap(); // heart-beating stops, nothing deregisters
+    eventually(SETTLE, "t-1 leaves the passing set", || async {
+        let now = ids(&consul, "ttl").await?;
+        if now.is_empty() { Ok(()) } else { Err(format!("{now:?}")) }
+    })
+    .await;
+    // Critical, not gone: a client that wants every instance still sees it.
+    assert_eq!(ids(&all, "ttl").await.unwrap(), ["t-1"]);
+
+    let h = consul.register(ttl_registration("ttl", "t-1", 9100)).await.unwrap();
+    assert_eq!(ids(&consul, "ttl").await.unwrap(), ["t-1"]);
+    // And it stays passing: the handle heart-beats (several TTLs go by).
+    let mut mirror = Mirror::new("ttl watch", consul.watch(&name("ttl")));
+    mirror
+        .hold(Duration::from_secs(5), "t-1 stays listed while heart-beating", |s| s.get("t-1").is_some())
+        .await;
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_run_by_consul_follow_the_target() {
+    let server = ConsulServer::start().await;
+    let consul = client(&server);
+    // A TCP check against a listener, and an HTTP check against a tiny HTTP server.
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_addr = tcp.local_addr().unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let http_server = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut s, _)) = http.accept().await {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+        }
+    });
+    let interval = Duration::from_secs(1);
+    let reg_tcp = Registration::builder("checked", "by-tcp").host("127.0.0.1").port(tcp_addr.port())
+        .check(HealthCheck::tcp(tcp_addr.to_string(), interval)).build().unwrap();
+    let reg_http = Registration::builder("checked", "by-http").host("127.0.0.1").port(http_addr.port())
+        .check(HealthCheck::http(format!("http://{http_addr}/health"), interval)).build().unwrap();
+    let h1 = consul.register(reg_tcp).await.unwrap();
+    let h2 = consul.register(reg_http).await.unwrap();
+    eventually(SETTLE, "both pass once Consul ran their checks", || async {
+        let now = ids(&consul, "checked").await?;
+        if now == ["by-http", "by-tcp"] { Ok(()) } else { Err(format!("{now:?}")) }
+    })
+    .await;
+    drop(tcp);
+    http_server.abort();
+    eventually(SETTLE, "both turn critical once their targets are gone", || async {
+        let now = ids(&consul, "checked").await?;
+        if now.is_empty() { Ok(()) } else { Err(format!("{now:?}")) }
+    })
+    .await;
+    h1.shutdown().await.unwrap();
+    h2.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_delivers_a_registration_promptly() {
+    let server = ConsulServer::start().await;
+    let consul = client(&server);
+    let mut mirror = Mirror::new("watch", consul.watch(&name("fast")));
+    mirror.wait_until(SETTLE, "the (empty) snapshot", |s| s.is_empty()).await;
+    let h = consul.register(ttl_registration("fast", "f-1", 9200)).await.unwrap();
+    // The blocking query returns within milliseconds of the change; 5 s is a correctness bound
+    // (a watch that polls on a timer, or waits for the blocking wait to expire, would miss it).
+    mirror.wait_until(Duration::from_secs(5), "f-1 is added", |s| s.get("f-1").is_some()).await;
+    assert_eq!(mirror.set().get("f-1"), Some(h.instance()));
+    h.shutdown().await.unwrap();
+    mirror.wait_until(Duration::from_secs(5), "f-1 is removed", |s| s.is_empty()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restart_mid_watch_heals_registration_and_watch() {
+    let server = ConsulServer::start().await;
+    let consul = client(&server);
+    let mut mirror = Mirror::new("watch", consul.watch(&name("healing")));
+    let h = consul.register(ttl_registration("healing", "h-1", 9300)).await.unwrap();
+    mirror.wait_until(SETTLE, "h-1 listed", |s| s.get("h-1").is_some()).await;
+    let mut live = h.subscribe();
+
+    server.restart().await; // -dev: the agent forgot h-1
+    // The handle notices (heartbeat fails), re-registers, and is live again.
+    tokio::time::timeout(SETTLE, live.wait_for(|l| !l.is_live()))
+        .await
+        .expect("the handle reports the lost registration")
+        .unwrap();
+    tokio::time::timeout(SETTLE * 2, live.wait_for(|l| l.is_live()))
+        .await
+        .expect("the handle heals")
+        .unwrap();
+    eventually(SETTLE, "h-1 listed again after the restart", || async {
+        let now = ids(&consul, "healing").await?;
+        if now == ["h-1"] { Ok(()) } else { Err(format!("{now:?}")) }
+    })
+    .await;
+    // The watch resumed (the mirror checks: no second snapshot, no duplicate add) and shows it.
+    mirror.wait_until(SETTLE, "h-1 in the resumed watch", |s| s.get("h-1") == Some(h.instance())).await;
+    // Changes after the restart still arrive.
+    let h2 = consul.register(ttl_registration("healing", "h-2", 9301)).await.unwrap();
+    mirror.wait_until(SETTLE, "h-2 added after the restart", |s| s.get("h-2").is_some()).await;
+    let want = consul.instances(&name("healing")).await.unwrap();
+    mirror.wait_until(SETTLE, "watch equals instances()", |s| s.instances() == want).await;
+    h.shutdown().await.unwrap();
+    h2.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_agent_denies_without_token_and_works_with_it() {
+    let server = ConsulServer::start_with_acl().await;
+    let token = server.acl_token().unwrap().to_owned();
+
+    let anonymous = client(&server);
+    let err = anonymous.register(ttl_registration("secured", "s-1", 9400)).await.unwrap_err();
+    match &err {
+        Error::PermissionDenied { operation, .. } => assert!(operation.contains("register s-1"), "{err}"),
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("token"), "{err}");
+
+    let authorized = builder(&server).token(token.as_str()).build().unwrap();
+    assert!(!format!("{authorized:?}").contains(&token));
+    let h = authorized.register(ttl_registration("secured", "s-1", 9400)).await.unwrap();
+    assert_eq!(ids(&authorized, "secured").await.unwrap(), ["s-1"]);
+    // ACLs filter reads: without the token the instance is invisible, not an error.
+    assert!(ids(&anonymous, "secured").await.unwrap().is_empty());
+    let mut mirror = Mirror::new("acl watch", authorized.watch(&name("secured")));
+    mirror.wait_until(SETTLE, "s-1 in the watch", |s| s.get("s-1").is_some()).await;
+    h.shutdown().await.unwrap();
+    assert!(ids(&authorized, "secured").await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_host_is_filled_and_overridable() {
+    let server = ConsulServer::start().await;
+    let reg = || Registration::builder("hosts", "auto").port(9500).build().unwrap();
+    let h = client(&server).register(reg()).await.unwrap();
+    let host: std::net::Ipv4Addr = h.instance().host().parse().expect("an IPv4 address");
+    assert!(!host.is_unspecified());
+    let listed: Vec<ServiceInstance> = client(&server).instances(&name("hosts")).await.unwrap();
+    assert_eq!(listed[0].host(), h.instance().host());
+    h.shutdown().await.unwrap();
+
+    let custom = builder(&server).default_host("10.9.8.7").build().unwrap();
+    let h = custom.register(reg()).await.unwrap();
+    assert_eq!(custom.instances(&name("hosts")).await.unwrap()[0].host(), "10.9.8.7");
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_agent_is_unavailable_and_watch_keeps_trying() {
+    let server = ConsulServer::start().await;
+    let consul = client(&server);
+    let h = consul.register(ttl_registration("down", "d-1", 9600)).await.unwrap();
+    let mut mirror = Mirror::new("watch", consul.watch(&name("down")));
+    mirror.wait_until(SETTLE, "d-1 listed", |s| s.get("d-1").is_some()).await;
+    server.kill();
+    let err = consul.instances(&name("down")).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err}");
+    // Fail-static: errors are reported, the last good set stays, and the watch does not end.
+    let until = Instant::now() + SETTLE;
+    while mirror.errors() < 2 {
+        mirror.next_until(until).await.expect("the watch reports the outage");
+    }
+    assert!(mirror.set().get("d-1").is_some());
+    h.abandon().await.unwrap();
+}
