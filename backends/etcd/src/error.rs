@@ -26,6 +26,15 @@ pub(crate) fn map(operation: &str, err: etcd_client::Error) -> Error {
                     operation: operation.to_owned(),
                     message,
                 },
+                Code::InvalidArgument if message.contains("user name is empty") => {
+                    Error::PermissionDenied {
+                        backend: BACKEND,
+                        operation: operation.to_owned(),
+                        message: format!(
+                            "{message} (authentication is enabled: give .auth(user, password))"
+                        ),
+                    }
+                }
                 Code::InvalidArgument if message.contains("authentication failed") => {
                     Error::PermissionDenied {
                         backend: BACKEND,

@@ -1,0 +1,414 @@
+//! Real etcd servers for tests: a single node ([`EtcdServer`]) or a cluster ([`EtcdCluster`]),
+//! on free loopback ports, with data in a temporary directory, stopped (and the directory
+//! removed) on drop.
+//!
+//! The binary is `WAYPOST_ETCD_BIN`, else `etcd` on `PATH`; `eval "$(scripts/fetch-servers)"`
+//! provides it.
+//!
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use waypost_conformance::etcd_server::EtcdServer;
+//! let server = EtcdServer::start().await;
+//! println!("etcd at {}", server.endpoint());
+//! server.restart().await; // same ports, same data
+//! # }
+//! ```
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a member may take to report healthy (a cluster elects a leader in ~3 s).
+const READY_LIMIT: Duration = Duration::from_secs(30);
+
+/// The etcd binary: `WAYPOST_ETCD_BIN`, else `etcd` on `PATH`.
+///
+/// # Panics
+/// When there is none, with a message saying how to get one.
+pub fn etcd_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("WAYPOST_ETCD_BIN") {
+        let bin = PathBuf::from(bin);
+        if bin.is_file() {
+            return bin;
+        }
+        panic!("WAYPOST_ETCD_BIN={} is not a file; run `eval \"$(scripts/fetch-servers)\"` from the repository root", bin.display());
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("etcd");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "no etcd binary: set WAYPOST_ETCD_BIN or put etcd on PATH; \
+         run `eval \"$(scripts/fetch-servers)\"` from the repository root to fetch one"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a free loopback port")
+}
+
+/// A private directory under the system temp dir, removed by [`Members`]' drop.
+fn temp_dir() -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!(
+        "waypost-etcd-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("creating a temp dir for etcd");
+    dir
+}
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn client_url(&self, port: u16) -> String {
+        format!("http://127.0.0.1:{port}")
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
+    fn spawn(&mut self, initial_cluster: &str, token: &str, client_port: u16) {
+        let client = self.client_url(client_port);
+        let child = Command::new(etcd_binary())
+            .arg("--name")
+            .arg(&self.name)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &self.peer_url()])
+            .args(["--initial-advertise-peer-urls", &self.peer_url()])
+            .args(["--initial-cluster", initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", token])
+            .args(["--logger", "zap", "--log-outputs"])
+            .arg(&self.log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting etcd {}: {e}", self.name));
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+/// The members of one cluster (of one or more).
+struct Members {
+    dir: PathBuf,
+    token: String,
+    members: Mutex<Vec<Member>>,
+    http: reqwest::Client,
+}
+
+impl Members {
+    async fn start(n: usize) -> Members {
+        assert!(n >= 1, "a cluster needs at least one member");
+        let dir = temp_dir();
+        let token = dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "waypost".into());
+        let mut members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                data_dir: dir.join(format!("m{i}.data")),
+                log: dir.join(format!("m{i}.log")),
+                child: None,
+            })
+            .collect();
+        let initial = initial_cluster(&members);
+        for m in &mut members {
+            let port = m.client_port;
+            m.spawn(&initial, &token, port);
+        }
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("building an HTTP client");
+        let this = Members {
+            dir,
+            token,
+            members: Mutex::new(members),
+            http,
+        };
+        for i in 0..n {
+            this.wait_healthy(i, None).await;
+        }
+        this
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Member>> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        self.lock()
+            .iter()
+            .map(|m| m.client_url(m.client_port))
+            .collect()
+    }
+
+    /// Waits until member `i` answers `/health` with `true` on `port` (default its own).
+    async fn wait_healthy(&self, i: usize, port: Option<u16>) {
+        let url = {
+            let ms = self.lock();
+            format!(
+                "{}/health",
+                ms[i].client_url(port.unwrap_or(ms[i].client_port))
+            )
+        };
+        let started = Instant::now();
+        loop {
+            if let Ok(resp) = self.http.get(&url).send().await {
+                if let Ok(v) = resp.json::<serde_json::Value>().await {
+                    if v["health"] == "true" {
+                        return;
+                    }
+                }
+            }
+            let exited = {
+                let mut ms = self.lock();
+                ms[i]
+                    .child
+                    .as_mut()
+                    .map(|c| matches!(c.try_wait(), Ok(Some(_))))
+                    .unwrap_or(true)
+            };
+            if exited || started.elapsed() > READY_LIMIT {
+                let ms = self.lock();
+                panic!(
+                    "etcd member {} did not become healthy at {url} ({}); its log ends with:\n{}",
+                    ms[i].name,
+                    if exited { "it exited" } else { "time limit" },
+                    ms[i].log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill(&self, i: usize) {
+        self.lock()[i].kill();
+    }
+
+    async fn start_member(&self, i: usize, port: Option<u16>) {
+        {
+            let mut ms = self.lock();
+            let initial = initial_cluster(&ms);
+            let m = &mut ms[i];
+            m.kill();
+            let port = port.unwrap_or(m.client_port);
+            m.spawn(&initial, &self.token, port);
+        }
+        self.wait_healthy(i, port).await;
+    }
+
+    /// The index of the member that is the leader, as the members themselves report it.
+    async fn leader(&self) -> Option<usize> {
+        let urls: Vec<Option<String>> = self
+            .lock()
+            .iter()
+            .map(|m| m.child.as_ref().map(|_| m.client_url(m.client_port)))
+            .collect();
+        for (i, url) in urls.iter().enumerate() {
+            let Some(url) = url else { continue };
+            let Ok(resp) = self
+                .http
+                .post(format!("{url}/v3/maintenance/status"))
+                .body("{}")
+                .send()
+                .await
+            else {
+                continue;
+            };
+            let Ok(v) = resp.json::<serde_json::Value>().await else {
+                continue;
+            };
+            if v["leader"].is_string() && v["leader"] == v["header"]["member_id"] {
+                return Some(i);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Members {
+    fn drop(&mut self) {
+        for m in self.lock().iter_mut() {
+            m.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn initial_cluster(members: &[Member]) -> String {
+    members
+        .iter()
+        .map(|m| format!("{}={}", m.name, m.peer_url()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// One etcd server on free loopback ports. Killed, and its data removed, on drop.
+pub struct EtcdServer {
+    members: Members,
+}
+
+impl EtcdServer {
+    /// Starts a server and waits until it is healthy.
+    ///
+    /// # Panics
+    /// Without an etcd binary (see [`etcd_binary`]), or when it does not become healthy.
+    pub async fn start() -> EtcdServer {
+        EtcdServer {
+            members: Members::start(1).await,
+        }
+    }
+
+    /// The client URL, `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        self.members.endpoints().remove(0)
+    }
+
+    /// [`endpoint`](Self::endpoint) as a list.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.endpoints()
+    }
+
+    /// Kills the server (as a crash would; etcd's data survives) and starts it again on the same
+    /// ports; returns once it is healthy.
+    pub async fn restart(&self) {
+        self.members.start_member(0, None).await;
+    }
+
+    /// Kills the server; its data stays for [`resume`](Self::resume).
+    pub fn stop(&self) {
+        self.members.kill(0);
+    }
+
+    /// Starts the (stopped) server with its data on another client port, which it returns:
+    /// clients of [`endpoint`](Self::endpoint) cannot reach it meanwhile. For changing data
+    /// while a watcher is cut off.
+    pub async fn start_isolated(&self) -> String {
+        let port = free_port();
+        self.members.start_member(0, Some(port)).await;
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// Starts the server again on its own ports (after [`stop`](Self::stop) or
+    /// [`start_isolated`](Self::start_isolated)).
+    pub async fn resume(&self) {
+        self.members.start_member(0, None).await;
+    }
+
+    /// The directory with the server's data and log.
+    pub fn dir(&self) -> &Path {
+        &self.members.dir
+    }
+}
+
+/// A cluster of etcd members on free loopback ports. Every member is killed, and the data
+/// removed, on drop.
+pub struct EtcdCluster {
+    members: Members,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until each is healthy (a leader is elected).
+    ///
+    /// # Panics
+    /// Without an etcd binary, or when the cluster does not become healthy.
+    pub async fn start(n: usize) -> EtcdCluster {
+        EtcdCluster {
+            members: Members::start(n).await,
+        }
+    }
+
+    /// The client URLs of all members (stopped ones included).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.endpoints()
+    }
+
+    /// The index of the current leader, if the running members agree on one.
+    pub async fn leader(&self) -> Option<usize> {
+        self.members.leader().await
+    }
+
+    /// Kills member `i` (SIGKILL).
+    pub fn kill_member(&self, i: usize) {
+        self.members.kill(i);
+    }
+
+    /// Waits for a leader (up to 30 s), kills it, and returns its index.
+    ///
+    /// # Panics
+    /// When no leader shows up in time.
+    pub async fn kill_leader(&self) -> usize {
+        let started = Instant::now();
+        loop {
+            if let Some(i) = self.leader().await {
+                self.kill_member(i);
+                return i;
+            }
+            assert!(
+                started.elapsed() < READY_LIMIT,
+                "the etcd cluster has no leader"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts member `i` again with its data; returns once it is healthy.
+    pub async fn restart_member(&self, i: usize) {
+        self.members.start_member(i, None).await;
+    }
+
+    /// Restarts every member, one after the other.
+    pub async fn restart(&self) {
+        let n = self.members.lock().len();
+        for i in 0..n {
+            self.restart_member(i).await;
+        }
+    }
+}
