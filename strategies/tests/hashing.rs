@@ -52,7 +52,7 @@ fn shares(picks: &[String]) -> HashMap<String, f64> {
 
 /// The hash whose Maglev slot is `slot` (slot = ⌊hash × M / 2⁶⁴⌋, as documented).
 fn slot_hash(slot: u64, m: u64) -> u64 {
-    (((u128::from(slot) << 64) + u128::from(m) - 1) / u128::from(m)) as u64
+    (u128::from(slot) << 64).div_ceil(u128::from(m)) as u64
 }
 
 /// The owner of every entry of a Maglev table of size `m`.
