@@ -20,7 +20,13 @@ pub(crate) async fn register(api: Arc<Api>, reg: Registration) -> Result<Registr
     let payload = Arc::new(ServiceRegistration::new(&instance, &reg));
     // The first attempt's error goes to the caller: a 403 or an unreachable agent is theirs to
     // decide about, not a reason to retry silently.
-    register_and_pass(&api, &payload, reg.check()).await?;
+    api.register(&payload).await?;
+    if reg.check().heartbeat_interval().is_some() {
+        // See `register_and_pass`; a failure here is the keep-alive loop's to heal.
+        if let Err(e) = api.pass(&check_id(&payload.id)).await {
+            warn!(id = %payload.id, "first heartbeat failed: {e}");
+        }
+    }
     info!(id = %payload.id, service = %payload.name, address = %payload.address, port = payload.port, "registered with consul");
     let check = reg.check().clone();
     Ok(RegistrationHandle::spawn(instance, move |ka| {
