@@ -1,2 +1,319 @@
-//! placeholder, being written
-fn main() {}
+//! Sends requests to a service through Waypost's balancer and HTTP client, and reports where
+//! they went as one JSON object.
+//!
+//! ```text
+//! cargo run --example client --features consul -- --backend consul --service user-service \
+//!     --strategy weighted-round-robin --requests 600 --concurrency 4
+//! cargo run --example client --features etcd -- --backend etcd --etcd-endpoints http://127.0.0.1:2379
+//! ```
+//!
+//! Waits up to 10 s (`--wait`) for an instance, sends `GET /users/<n>` (n cycles through 1 to
+//! 100) and prints:
+//! `{"strategy":...,"requests":600,"ok":...,"errors":...,"by_instance":{"<id>":count,...},"latency_ms":{"p50":...,"p99":...}}`
+//! where `ok` counts 2xx answers, `errors` everything else (error statuses and failed
+//! requests), `by_instance` the 2xx answers per instance id, and latencies are per request,
+//! retries included. Diagnostics go to stderr; the exit status is 0 whenever the report is
+//! printed.
+//!
+//! `--strategy` takes every name of `waypost::strategies::names()` (the opt-in ones need their
+//! feature, e.g. `--features consul,p2c-ewma`). `--key` routes hashing strategies
+//! (`consistent-hash`, `maglev`): `--key path` hashes the request path (`/users/<n>`);
+//! `--key <header-name>` sends that header with value `user-<n>` and hashes it.
+//!
+//! `--backend memory` starts three in-process instances (weights 1, 2, 3) to talk to, so the
+//! client can be tried without any server.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use waypost::http::{HashKey, HttpClient};
+use waypost::{Balancer, ServiceName};
+
+use common::BackendArgs;
+
+#[derive(Debug, Parser)]
+#[command(about = "Sends requests to a service through Waypost and reports where they went")]
+struct Args {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Service to send to.
+    #[arg(long, default_value = "user-service")]
+    service: String,
+    /// Balancing strategy.
+    #[arg(long, default_value = "round-robin",
+          value_parser = clap::builder::PossibleValuesParser::new(waypost::strategies::names()))]
+    strategy: String,
+    /// Requests to send.
+    #[arg(long, default_value_t = 600)]
+    requests: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Hash key for hashing strategies: `path`, or a header name.
+    #[arg(long)]
+    key: Option<String>,
+    /// How long to wait for a first instance.
+    #[arg(long, default_value = "10s", value_parser = common::parse_duration)]
+    wait: Duration,
+    /// Time limit per request, retries included.
+    #[arg(long, default_value = "5s", value_parser = common::parse_duration)]
+    timeout: Duration,
+}
+
+/// The report; fields in the documented order.
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    strategy: String,
+    requests: usize,
+    ok: usize,
+    errors: usize,
+    by_instance: BTreeMap<String, usize>,
+    latency_ms: Latency,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let report = match run(args).await {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match serde_json::to_string(&report) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("client: cannot encode the report: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<Report, String> {
+    let service = ServiceName::new(&args.service).map_err(|e| e.to_string())?;
+    let hash_key = match args.key.as_deref() {
+        None => None,
+        Some("path") => Some(HashKey::Path),
+        Some(header) => Some(HashKey::header(header).map_err(|e| e.to_string())?),
+    };
+    let strategy = waypost::strategies::by_name(&args.strategy)
+        .ok_or_else(|| format!("strategy {:?} is not compiled in", args.strategy))?;
+
+    let backend = args.backend.connect().await?;
+    let demo = demo_instances(&args, &backend).await?;
+
+    let balancer = Balancer::watch(&*backend.discovery, &service, strategy);
+    if !balancer.wait_ready(args.wait).await {
+        return Err(format!(
+            "no instance of {service} appeared within {:?}; start one, e.g. \
+             cargo run --example user-service --features consul -- --backend consul --name {service} --port 0",
+            args.wait
+        ));
+    }
+    let mut builder = HttpClient::builder(balancer).request_timeout(args.timeout);
+    if let Some(key) = hash_key.clone() {
+        builder = builder.hash_key(key);
+    }
+    let client = builder.build().map_err(|e| e.to_string())?;
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|_| {
+            let (client, next, hash_key) = (client.clone(), next.clone(), hash_key.clone());
+            let total = args.requests;
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        return results;
+                    }
+                    results.push(one(&client, i, hash_key.as_ref()).await);
+                }
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(args.requests);
+    for w in workers {
+        results.extend(w.await.map_err(|e| format!("a request task failed: {e}"))?);
+    }
+
+    for (registration, server) in demo {
+        let _ = registration.shutdown().await;
+        let _ = server.stop().await;
+    }
+    Ok(report(args.strategy, args.requests, results))
+}
+
+/// One request: the instance that answered with 2xx (`None` otherwise), and its latency.
+async fn one(client: &HttpClient, i: usize, key: Option<&HashKey>) -> (Option<String>, Duration) {
+    let n = i % common::USERS as usize + 1;
+    let mut request = client.get(format!("/users/{n}"));
+    if let Some(HashKey::Header(name)) = key {
+        request = request.header(name.clone(), format!("user-{n}"));
+    }
+    let started = Instant::now();
+    let outcome = request.send().await;
+    let latency = started.elapsed();
+    match outcome {
+        Ok(r) if r.status().is_success() => (Some(r.instance().id().to_string()), latency),
+        Ok(r) => {
+            eprintln!("client: {} from {}", r.status(), r.instance().id());
+            (None, latency)
+        }
+        Err(e) => {
+            eprintln!("client: {e}");
+            (None, latency)
+        }
+    }
+}
+
+fn report(strategy: String, requests: usize, results: Vec<(Option<String>, Duration)>) -> Report {
+    let mut by_instance = BTreeMap::new();
+    let mut latencies: Vec<Duration> = Vec::with_capacity(results.len());
+    for (answered_by, latency) in results {
+        latencies.push(latency);
+        if let Some(id) = answered_by {
+            *by_instance.entry(id).or_insert(0) += 1;
+        }
+    }
+    latencies.sort();
+    let ok: usize = by_instance.values().sum();
+    Report {
+        strategy,
+        requests,
+        ok,
+        errors: requests - ok,
+        by_instance,
+        latency_ms: Latency {
+            p50: percentile_ms(&latencies, 50),
+            p99: percentile_ms(&latencies, 99),
+        },
+    }
+}
+
+/// Nearest-rank percentile of sorted latencies, in milliseconds with 3 decimals.
+fn percentile_ms(sorted: &[Duration], p: usize) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len()).div_ceil(100).clamp(1, sorted.len());
+    let ms = sorted[rank - 1].as_secs_f64() * 1000.0;
+    (ms * 1000.0).round() / 1000.0
+}
+
+type Demo = Vec<(waypost::RegistrationHandle, common::UserService)>;
+
+/// With the in-process backend there is nobody else to register instances: start three.
+#[cfg(feature = "memory")]
+async fn demo_instances(args: &Args, backend: &common::Backend) -> Result<Demo, String> {
+    if backend.memory.is_none() {
+        return Ok(Vec::new());
+    }
+    eprintln!("client: memory backend: serving three in-process instances of {} (weights 1, 2, 3)", args.service);
+    let mut demo = Vec::new();
+    for weight in 1..=3u32 {
+        let id = format!("{}-{weight}", args.service);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("cannot listen on loopback: {e}"))?;
+        let server = common::UserService::start(listener, &id).map_err(|e| e.to_string())?;
+        let registration = waypost::Registration::builder(&args.service, &id)
+            .host("127.0.0.1")
+            .port(server.addr().port())
+            .weight(weight)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let handle = backend.registry.register(registration).await.map_err(|e| e.to_string())?;
+        demo.push((handle, server));
+    }
+    Ok(demo)
+}
+
+#[cfg(not(feature = "memory"))]
+async fn demo_instances(_: &Args, _: &common::Backend) -> Result<Demo, String> {
+    Ok(Vec::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("client").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_issue_command_line_parses_and_every_strategy_is_accepted() {
+        let args = parse(&[
+            "--backend", "consul", "--service", "user-service", "--strategy", "weighted-round-robin",
+            "--requests", "600", "--concurrency", "4",
+        ])
+        .unwrap();
+        assert_eq!(args.backend.backend, common::BackendKind::Consul);
+        assert_eq!((args.requests, args.concurrency), (600, 4));
+        for name in waypost::strategies::names() {
+            assert_eq!(parse(&["--strategy", name]).unwrap().strategy, name);
+        }
+        let err = parse(&["--strategy", "fastest"]).unwrap_err().to_string();
+        assert!(err.contains("round-robin"), "the error lists the valid names: {err}");
+        assert!(parse(&["--concurrency", "0"]).is_err());
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let ms: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile_ms(&ms, 50), 50.0);
+        assert_eq!(percentile_ms(&ms, 99), 99.0);
+        assert_eq!(percentile_ms(&ms[..1], 99), 1.0);
+        assert_eq!(percentile_ms(&[], 50), 0.0);
+    }
+
+    #[tokio::test]
+    async fn the_report_follows_the_contract() {
+        let args = parse(&["--backend", "memory", "--strategy", "weighted-round-robin", "--requests", "60"]).unwrap();
+        let report = run(args).await.unwrap();
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(json.starts_with(r#"{"strategy":"weighted-round-robin","requests":60,"ok":60,"errors":0,"by_instance":{"#), "{json}");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let by: BTreeMap<String, usize> = serde_json::from_value(v["by_instance"].clone()).unwrap();
+        assert_eq!(by.keys().collect::<Vec<_>>(), ["user-service-1", "user-service-2", "user-service-3"]);
+        assert_eq!(by.values().sum::<usize>(), 60);
+        let (p50, p99) = (v["latency_ms"]["p50"].as_f64().unwrap(), v["latency_ms"]["p99"].as_f64().unwrap());
+        assert!(p50 > 0.0 && p50 <= p99, "{p50} {p99}");
+    }
+
+    #[tokio::test]
+    async fn bad_input_and_a_missing_service_are_clear_errors() {
+        let err = run(parse(&["--service", "bad/name"]).unwrap()).await.unwrap_err();
+        assert!(err.contains("service name"), "{err}");
+        let err = run(parse(&["--key", "bad header"]).unwrap()).await.unwrap_err();
+        assert!(err.contains("header name"), "{err}");
+
+        // An agent address where nothing listens: no instance ever appears.
+        #[cfg(feature = "consul")]
+        {
+            let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            let addr = closed.to_string();
+            let args = parse(&["--backend", "consul", "--consul-addr", &addr, "--wait", "300ms"]).unwrap();
+            let err = run(args).await.unwrap_err();
+            assert!(err.contains("no instance of user-service appeared"), "{err}");
+        }
+    }
+}
