@@ -1,0 +1,74 @@
+//! Uniformly at random.
+
+use std::sync::Arc;
+
+use waypost_core::{Endpoint, PickContext, Picker, Strategy};
+
+use crate::rng::Rng;
+
+/// Uniformly at random, ignoring weights. See `WeightedRandom` (feature `weighted-random`) for
+/// picks in proportion to weight.
+///
+/// Pick cost: one draw from the thread's own generator (nothing shared between threads) and one
+/// multiplication.
+///
+/// ```
+/// use waypost_core::{Endpoint, PickContext, ServiceInstance, Strategy};
+/// use waypost_strategies::Random;
+///
+/// let endpoints: Vec<Endpoint> = ["a", "b", "c"]
+///     .iter()
+///     .map(|id| Endpoint::fresh(ServiceInstance::builder("users", *id).host("h").port(80).build().unwrap()))
+///     .collect();
+/// let picker = Random::seeded(42).build(&endpoints);
+/// let i = picker.pick(&endpoints, &PickContext::new()).unwrap();
+/// assert!(i < 3);
+/// assert_eq!(picker.pick(&[], &PickContext::new()), None);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Random {
+    rng: Arc<Rng>,
+}
+
+impl Random {
+    /// Random picks from the calling thread's generator.
+    pub fn new() -> Self {
+        Self::with_rng(Rng::new())
+    }
+
+    /// Random picks from `rng`.
+    pub fn with_rng(rng: Rng) -> Self {
+        Random { rng: Arc::new(rng) }
+    }
+
+    /// Deterministic random picks (tests, simulations): `with_rng(Rng::seeded(seed))`.
+    pub fn seeded(seed: u64) -> Self {
+        Self::with_rng(Rng::seeded(seed))
+    }
+}
+
+impl Strategy for Random {
+    fn name(&self) -> &str {
+        "random"
+    }
+
+    fn build(&self, _endpoints: &[Endpoint]) -> Box<dyn Picker> {
+        Box::new(RandomPicker {
+            rng: self.rng.clone(),
+        })
+    }
+}
+
+struct RandomPicker {
+    rng: Arc<Rng>,
+}
+
+impl Picker for RandomPicker {
+    #[inline]
+    fn pick(&self, endpoints: &[Endpoint], _ctx: &PickContext<'_>) -> Option<usize> {
+        match endpoints.len() {
+            0 => None,
+            n => Some(self.rng.below(n)),
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! Where pickers get their spread from: random numbers ([`Rng`]), weighted draws (`Alias`) and
+//! per-thread positions (`Cursor`).
+//!
+//! All three are lock-free and shareable between threads, and none puts a cache line that every
+//! thread writes on the pick path: the default [`Rng`] is thread-local, and a `Cursor` keeps one
+//! position per thread stripe.
+
+use std::cell::Cell;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// A random number source for pickers: lock-free, `Send + Sync`, and cheap on the pick path.
+///
+/// [`Rng::new`] (the default) draws from the calling thread's own generator (`fastrand`'s
+/// thread-local wyrand), so threads picking at once share nothing. [`Rng::seeded`] is
+/// deterministic (SplitMix64 over one atomic counter) for tests and simulations: the same seed
+/// gives the same sequence on one thread. Its counter is shared by the threads that use it, so
+/// it is meant for tests, not for hot multi-threaded paths.
+///
+/// ```
+/// use waypost_strategies::Rng;
+///
+/// let a = Rng::seeded(7);
+/// let b = Rng::seeded(7);
+/// let xs: Vec<usize> = (0..5).map(|_| a.below(10)).collect();
+/// let ys: Vec<usize> = (0..5).map(|_| b.below(10)).collect();
+/// assert_eq!(xs, ys);
+/// assert!(xs.iter().all(|&x| x < 10));
+///
+/// let f = Rng::new().f64();
+/// assert!((0.0..1.0).contains(&f));
+/// ```
+pub struct Rng(Source);
+
+enum Source {
+    Thread,
+    Seeded(AtomicU64),
+}
+
+/// SplitMix64's increment (2^64 / φ, odd).
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl Rng {
+    /// The calling thread's generator, seeded from the OS-provided entropy `fastrand` uses.
+    pub const fn new() -> Self {
+        Rng(Source::Thread)
+    }
+
+    /// A deterministic generator: equal seeds give equal sequences (on one thread).
+    pub const fn seeded(seed: u64) -> Self {
+        Rng(Source::Seeded(AtomicU64::new(seed)))
+    }
+
+    /// A uniformly distributed `u64`.
+    #[inline]
+    pub fn u64(&self) -> u64 {
+        match &self.0 {
+            Source::Thread => fastrand::u64(..),
+            Source::Seeded(state) => {
+                // SplitMix64: a Weyl sequence (one fetch_add, so concurrent callers never get
+                // the same value) through a bijective mixer.
+                let mut z = state
+                    .fetch_add(GAMMA, Ordering::Relaxed)
+                    .wrapping_add(GAMMA);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^ (z >> 31)
+            }
+        }
+    }
+
+    /// A number in `0..n`, or 0 when `n` is 0 (so that a caller's empty case cannot panic).
+    ///
+    /// Lemire's multiply-shift: one multiplication, no division. The bias is below `n / 2^64`,
+    /// far under anything a load balancer can observe.
+    #[inline]
+    pub fn below(&self, n: usize) -> usize {
+        self.below_u64(n as u64) as usize
+    }
+
+    /// As [`below`](Self::below), for `u64` ranges (weight sums).
+    #[inline]
+    pub fn below_u64(&self, n: u64) -> u64 {
+        ((u128::from(self.u64()) * u128::from(n)) >> 64) as u64
+    }
+
+    /// A float in `[0, 1)` with 53 random bits.
+    #[inline]
+    pub fn f64(&self) -> f64 {
+        (self.u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clone for Rng {
+    /// A thread-local source stays thread-local; a seeded one is copied with its current state,
+    /// so the clone repeats the original's upcoming sequence.
+    fn clone(&self) -> Self {
+        match &self.0 {
+            Source::Thread => Rng::new(),
+            Source::Seeded(state) => Rng::seeded(state.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+impl fmt::Debug for Rng {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Source::Thread => f.write_str("Rng(thread-local)"),
+            Source::Seeded(_) => f.write_str("Rng(seeded)"),
+        }
+    }
+}
+
+/// A weighted draw in O(1): Vose's alias table, in integers so that the proportions are exact.
+///
+/// Column `i` (drawn uniformly) keeps itself when a second uniform draw `u < total` falls below
+/// `slots[i].keep`, and gives its `alias` otherwise. Weights are scaled by `n`, so every column
+/// holds exactly `total` units: the probability of instance `i` is exactly `w_i / total`.
+#[cfg(any(feature = "weighted-random", feature = "p2c", feature = "p2c-ewma"))]
+#[derive(Debug)]
+pub(crate) struct Alias {
+    /// Empty when every weight is equal: a plain uniform draw is then exact and cheaper.
+    slots: Box<[Slot]>,
+    /// Sum of the weights.
+    total: u64,
+}
+
+#[cfg(any(feature = "weighted-random", feature = "p2c", feature = "p2c-ewma"))]
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    keep: u64,
+    alias: u32,
+}
+
+#[cfg(any(feature = "weighted-random", feature = "p2c", feature = "p2c-ewma"))]
+impl Alias {
+    /// The table for `weights` (each ≥ 1; at most `u32::MAX` of them).
+    pub(crate) fn new(weights: impl ExactSizeIterator<Item = u32> + Clone) -> Self {
+        let n = weights.len() as u64;
+        let total: u64 = weights.clone().map(u64::from).sum();
+        let first = weights.clone().next();
+        if weights.clone().all(|w| Some(w) == first) {
+            return Alias {
+                slots: Box::new([]),
+                total,
+            };
+        }
+        // Scaled so that the average column holds exactly `total`.
+        let mut left: Vec<u64> = weights.map(|w| u64::from(w) * n).collect();
+        let mut slots: Vec<Slot> = (0..left.len())
+            .map(|i| Slot {
+                keep: total,
+                alias: i as u32,
+            })
+            .collect();
+        let (mut small, mut large): (Vec<u32>, Vec<u32>) =
+            (0..left.len() as u32).partition(|&i| left[i as usize] < total);
+        while let (Some(s), Some(l)) = (small.pop(), large.last().copied()) {
+            slots[s as usize] = Slot {
+                keep: left[s as usize],
+                alias: l,
+            };
+            // The large one fills the rest of the small one's column.
+            left[l as usize] -= total - left[s as usize];
+            if left[l as usize] < total {
+                large.pop();
+                small.push(l);
+            }
+        }
+        // What is left holds exactly `total` each (integers: no rounding residue).
+        Alias {
+            slots: slots.into_boxed_slice(),
+            total,
+        }
+    }
+
+    /// An index in `0..n` drawn in proportion to weight (`n` = the number of weights given).
+    #[inline]
+    pub(crate) fn draw(&self, rng: &Rng, n: usize) -> usize {
+        let col = rng.below(n);
+        match self.slots.get(col) {
+            None => col,
+            Some(slot) => {
+                if rng.below_u64(self.total) < slot.keep {
+                    col
+                } else {
+                    slot.alias as usize
+                }
+            }
+        }
+    }
+
+    /// Two distinct indices, each drawn in proportion to weight as far as distinctness allows:
+    /// the second is redrawn once if it equals the first, then taken uniformly among the others
+    /// (so that a dominant instance cannot make this loop). Needs `n >= 2`.
+    #[inline]
+    pub(crate) fn draw_two(&self, rng: &Rng, n: usize) -> (usize, usize) {
+        let a = self.draw(rng, n);
+        let mut b = self.draw(rng, n);
+        if b == a {
+            b = self.draw(rng, n);
+        }
+        if b == a {
+            let j = rng.below(n - 1);
+            b = if j >= a { j + 1 } else { j };
+        }
+        (a, b)
+    }
+}
+
+/// Stripes of a [`Cursor`]: enough that the worker threads of a typical runtime each get their
+/// own; more threads share stripes (still correct, just contended).
+#[cfg(any(feature = "round-robin", feature = "weighted-round-robin"))]
+const STRIPES: usize = 16;
+
+/// A position in a cycle, kept per thread stripe so that threads picking at once do not bounce
+/// one cache line between cores.
+///
+/// Each thread advances its own stripe (thread `k` gets stripe `k mod 16`), so each thread's
+/// picks follow the strategy's sequence exactly, and the union over threads is fair to within
+/// one step per thread. Stripes start at random positions so that many clients started at the
+/// same moment do not all begin with the same instance.
+#[cfg(any(feature = "round-robin", feature = "weighted-round-robin"))]
+pub(crate) struct Cursor {
+    stripes: [Padded; STRIPES],
+}
+
+/// One stripe, on its own cache line (128 bytes: adjacent-line prefetch pairs 64-byte lines).
+#[cfg(any(feature = "round-robin", feature = "weighted-round-robin"))]
+#[repr(align(128))]
+struct Padded(AtomicU64);
+
+#[cfg(any(feature = "round-robin", feature = "weighted-round-robin"))]
+impl Cursor {
+    pub(crate) fn new() -> Self {
+        Cursor {
+            stripes: std::array::from_fn(|_| Padded(AtomicU64::new(fastrand::u64(..)))),
+        }
+    }
+
+    /// Moves this thread's position `step` forward in a cycle of `len` (`0 < step <= len`) and
+    /// returns the position it was at, in `0..len`.
+    ///
+    /// A position left over from a longer cycle (the set shrank) is first taken modulo `len`,
+    /// so it is never out of range; the common path has no division.
+    #[inline]
+    pub(crate) fn advance(&self, step: u64, len: u64) -> u64 {
+        let slot = &self.stripes[stripe()].0;
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            let at = if cur < len { cur } else { cur % len };
+            let mut next = at + step;
+            if next >= len {
+                next -= len;
+            }
+            // Uncontended unless threads share a stripe; a failed exchange retries with the
+            // value another thread wrote, so no step is lost or taken twice.
+            match slot.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return at,
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+#[cfg(any(feature = "round-robin", feature = "weighted-round-robin"))]
+impl fmt::Debug for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cursor")
+            .field("stripes", &STRIPES)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The calling thread's stripe, assigned in order of first use.
+#[cfg(any(feature = "round-robin", feature = "weighted-round-robin"))]
+#[inline]
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    STRIPE
+        .try_with(|s| {
+            let v = s.get();
+            if v < STRIPES {
+                v
+            } else {
+                let v = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+                s.set(v);
+                v
+            }
+        })
+        // During thread teardown the thread-local is gone: share stripe 0.
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_is_deterministic_and_seeds_differ() {
+        let a: Vec<u64> = {
+            let r = Rng::seeded(1);
+            (0..8).map(|_| r.u64()).collect()
+        };
+        let b: Vec<u64> = {
+            let r = Rng::seeded(1);
+            (0..8).map(|_| r.u64()).collect()
+        };
+        let c: Vec<u64> = {
+            let r = Rng::seeded(2);
+            (0..8).map(|_| r.u64()).collect()
+        };
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn clone_of_seeded_repeats_the_sequence() {
+        let r = Rng::seeded(9);
+        r.u64();
+        let c = r.clone();
+        assert_eq!(r.u64(), c.u64());
+    }
+
+    #[test]
+    fn below_is_in_range_and_roughly_uniform() {
+        for rng in [Rng::new(), Rng::seeded(3)] {
+            assert_eq!(rng.below(0), 0);
+            assert_eq!(rng.below(1), 0);
+            let mut counts = [0u32; 7];
+            for _ in 0..70_000 {
+                counts[rng.below(7)] += 1;
+            }
+            for c in counts {
+                assert!((9_000..11_000).contains(&c), "{counts:?}");
+            }
+            for _ in 0..1000 {
+                let f = rng.f64();
+                assert!((0.0..1.0).contains(&f));
+            }
+        }
+    }
+
+    #[cfg(any(feature = "weighted-random", feature = "p2c", feature = "p2c-ewma"))]
+    #[test]
+    fn alias_columns_hold_exactly_the_weights() {
+        let weights = [1u32, 2, 3, 10, 1, 7];
+        let alias = Alias::new(weights.iter().copied());
+        let n = weights.len() as u64;
+        // Reconstruct each instance's exact share from the table: it must equal w_i * n.
+        let mut share = vec![0u64; weights.len()];
+        for (i, slot) in alias.slots.iter().enumerate() {
+            share[i] += slot.keep;
+            share[slot.alias as usize] += alias.total - slot.keep;
+        }
+        let want: Vec<u64> = weights.iter().map(|&w| u64::from(w) * n).collect();
+        assert_eq!(share, want);
+    }
+
+    #[cfg(any(feature = "weighted-random", feature = "p2c", feature = "p2c-ewma"))]
+    #[test]
+    fn draw_two_is_distinct_even_when_one_weight_dominates() {
+        let alias = Alias::new([1_000_000u32, 1, 1].into_iter());
+        let rng = Rng::seeded(5);
+        for _ in 0..10_000 {
+            let (a, b) = alias.draw_two(&rng, 3);
+            assert_ne!(a, b);
+            assert!(a < 3 && b < 3);
+        }
+    }
+
+    #[cfg(any(feature = "round-robin", feature = "weighted-round-robin"))]
+    #[test]
+    fn cursor_cycles_and_survives_a_shorter_cycle() {
+        let c = Cursor::new();
+        let first = c.advance(1, 5);
+        assert!(first < 5);
+        let seq: Vec<u64> = (0..5).map(|_| c.advance(1, 5)).collect();
+        let mut sorted = seq.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [0, 1, 2, 3, 4]);
+        for _ in 0..100 {
+            assert!(c.advance(1, 2) < 2);
+        }
+        for _ in 0..100 {
+            assert!(c.advance(3, 7) < 7);
+        }
+    }
+}
