@@ -11,6 +11,9 @@
 //!   the instance is listed while the connection succeeds (from the first successful probe on).
 //! - **HTTP checks** ([`HealthCheck::Http`]) are run **as TCP-connect checks** to the URL's host
 //!   and port: the in-process backend carries no HTTP client. Consul runs real HTTP checks.
+//! - [`Registration::deregister_critical_after`] is not used: a TTL registration expires after
+//!   its TTL anyway, and a checked one stays registered (unlisted while failing) for as long as
+//!   its handle lives, since the handle would register it again at once.
 //! - A registration without a host is registered at `127.0.0.1`. Registering an id again
 //!   replaces the earlier registration (watchers see `Updated`).
 //! - [`RegistrationHandle::shutdown`] removes the instance at once; dropping the handle does the

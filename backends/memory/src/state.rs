@@ -174,12 +174,13 @@ impl Inner {
     pub(crate) fn remove(&self, service: &ServiceName, id: &InstanceId) -> Result<(), Error> {
         let mut state = self.state();
         state.unavailable(|| format!("deregister {id}"))?;
-        let removed = state
-            .services
-            .get_mut(service)
-            .and_then(|entries| entries.remove(id))
-            .is_some();
-        if removed {
+        let Some(entries) = state.services.get_mut(service) else {
+            return Ok(());
+        };
+        if entries.remove(id).is_some() {
+            if entries.is_empty() {
+                state.services.remove(service);
+            }
             state.notify(service);
         }
         Ok(())
@@ -230,7 +231,10 @@ impl Inner {
 
     /// A change signal for `service`, already marked as seen.
     pub(crate) fn subscribe(&self, service: &ServiceName) -> watch::Receiver<()> {
-        self.state()
+        let mut state = self.state();
+        // Signals of services nobody watches any more are dropped here and in `notify`.
+        state.notifiers.retain(|_, tx| tx.receiver_count() > 0);
+        state
             .notifiers
             .entry(service.clone())
             .or_insert_with(|| watch::channel(()).0)

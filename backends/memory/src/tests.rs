@@ -264,6 +264,24 @@ async fn missing_host_defaults_and_reregistering_updates() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn dropping_a_handle_deregisters_at_once() {
+    let memory = Memory::new();
+    // A TTL far longer than the test's waits: only deregistration can explain the removal.
+    let h = memory.register(ttl_reg("s", "a", 3600)).await.unwrap();
+    let mut watch = memory.watch(&name("s"));
+    assert!(
+        matches!(next_event(&mut watch, Duration::from_secs(1)).await, WatchEvent::Snapshot(v) if v.len() == 1)
+    );
+    drop(h);
+    let ev = next_event(&mut watch, Duration::from_secs(1)).await;
+    assert!(
+        matches!(ev, WatchEvent::Removed(ref i) if i.id().as_str() == "a"),
+        "{ev:?}"
+    );
+    assert!(ids(&memory, "s").await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
 async fn shutdown_during_an_outage_reports_the_error() {
     let memory = Memory::new();
     let h = memory.register(ttl_reg("s", "a", 3)).await.unwrap();
