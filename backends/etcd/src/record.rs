@@ -230,7 +230,8 @@ mod tests {
 
     #[test]
     fn bad_values_are_rejected_with_a_reason() {
-        let cases: Vec<(&[u8], fn(&RecordError) -> bool)> = vec![
+        type Check = fn(&RecordError) -> bool;
+        let cases: Vec<(&[u8], Check)> = vec![
             (b"garbage", |e| matches!(e, RecordError::Json(_))),
             (b"", |e| matches!(e, RecordError::Json(_))),
             (b"[1,2]", |e| matches!(e, RecordError::Json(_))),
