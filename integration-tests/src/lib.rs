@@ -179,40 +179,62 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
 }
 
-/// What the [`conformance_tests!`] macro expands to; not a stable API.
-#[doc(hidden)]
-pub mod __private {
-    pub use tokio;
-
-    /// Runs one scenario on a fresh multi-threaded runtime with two workers (what
-    /// `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]` does), with an overall
-    /// time limit so that a hung backend fails the test instead of hanging the run.
-    pub fn run<B, F, Fut, S>(name: &str, factory: F, scenario: S)
-    where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = B>,
-        S: for<'a> FnOnce(&'a B) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>,
-        B: crate::Backend,
+/// Runs one scenario the way [`conformance_tests!`] does: on a fresh multi-threaded Tokio
+/// runtime with two workers (what `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]`
+/// sets up), against a backend from `factory`, within
+/// [`scenario_time_limit`](scenarios::scenario_time_limit) so that a hung backend fails the
+/// test instead of hanging the run. Panics (fails the test) when the scenario does.
+///
+/// Useful to run a scenario against a backend set up differently from the macro's factory.
+///
+/// ```
+/// use std::sync::Arc;
+/// use waypost_conformance::{async_trait, run, scenarios, Backend};
+/// use waypost_core::{Discovery, Registry};
+///
+/// struct InProcess(waypost_memory::Memory);
+/// #[async_trait]
+/// impl Backend for InProcess {
+///     fn name(&self) -> &'static str { "memory" }
+///     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+///     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+///     async fn restart(&self) -> Result<(), String> { Ok(()) }
+/// }
+///
+/// run(
+///     "bad_input",
+///     || async { InProcess(waypost_memory::Memory::new()) },
+///     |backend| Box::pin(scenarios::bad_input(backend)),
+/// );
+/// ```
+pub fn run<B, F, Fut, S>(name: &str, factory: F, scenario: S)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = B>,
+    S: for<'a> FnOnce(&'a B) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>,
+    B: Backend,
+{
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
     {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("building a Tokio runtime for the conformance scenario");
-        rt.block_on(async {
-            let backend = factory().await;
-            let limit = crate::scenarios::scenario_time_limit(&backend);
-            if tokio::time::timeout(limit, scenario(&backend))
-                .await
-                .is_err()
-            {
-                panic!(
-                    "[{}] scenario {name} did not finish within {limit:?}",
-                    backend.name()
-                );
-            }
-        });
-    }
+        Ok(rt) => rt,
+        Err(e) => panic!("scenario {name}: cannot build a Tokio runtime: {e}"),
+    };
+    rt.block_on(async {
+        let backend = factory().await;
+        let limit = scenarios::scenario_time_limit(&backend);
+        if tokio::time::timeout(limit, scenario(&backend))
+            .await
+            .is_err()
+        {
+            panic!(
+                "[{}] scenario {name} did not finish within {limit:?}",
+                backend.name()
+            );
+        }
+    });
 }
 
 /// Expands to one test per conformance scenario, run against the backend that `$factory`
@@ -261,7 +283,7 @@ macro_rules! conformance_tests {
         $(
             #[test]
             fn $scenario() {
-                $crate::__private::run(
+                $crate::run(
                     ::core::stringify!($scenario),
                     $factory,
                     |backend| ::std::boxed::Box::pin($crate::scenarios::$scenario(backend)),

@@ -1223,3 +1223,164 @@ pub async fn bad_input<B: Backend + ?Sized>(backend: &B) {
     assert_describes(name, &list[0], h.instance());
     let _ = h.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    //! The checks of [`Mirror`] must catch each kind of inconsistent watch.
+
+    use super::*;
+    use futures::stream;
+
+    fn inst(id: &str, port: u16) -> ServiceInstance {
+        ServiceInstance::builder("s", id)
+            .host("h")
+            .port(port)
+            .build()
+            .unwrap()
+    }
+
+    /// Feeds `events` (then nothing, forever) through a mirror until it has seen them all.
+    async fn replay(events: Vec<WatchEvent>) {
+        let n = events.len();
+        let watch = stream::iter(events.into_iter().map(Ok))
+            .chain(stream::pending())
+            .boxed();
+        let mut mirror = Mirror::new("test", watch);
+        let until = Instant::now() + Duration::from_secs(5);
+        while mirror.log().len() < n {
+            mirror.next_until(until).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn consistent_events_pass() {
+        replay(vec![
+            WatchEvent::Snapshot(vec![inst("a", 1)]),
+            WatchEvent::Added(inst("b", 1)),
+            WatchEvent::Updated(inst("a", 2)),
+            WatchEvent::Removed(inst("b", 1)),
+            WatchEvent::Added(inst("b", 1)),
+        ])
+        .await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "already present")]
+    async fn added_twice_is_caught() {
+        replay(vec![
+            WatchEvent::Snapshot(vec![inst("a", 1)]),
+            WatchEvent::Added(inst("a", 1)),
+        ])
+        .await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "never added")]
+    async fn update_of_an_absent_id_is_caught() {
+        replay(vec![
+            WatchEvent::Snapshot(vec![]),
+            WatchEvent::Updated(inst("a", 1)),
+        ])
+        .await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "without any change")]
+    async fn empty_update_is_caught() {
+        replay(vec![
+            WatchEvent::Snapshot(vec![inst("a", 1)]),
+            WatchEvent::Updated(inst("a", 1)),
+        ])
+        .await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "not present")]
+    async fn removal_of_an_absent_id_is_caught() {
+        replay(vec![
+            WatchEvent::Snapshot(vec![]),
+            WatchEvent::Removed(inst("a", 1)),
+        ])
+        .await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "second Snapshot")]
+    async fn second_snapshot_is_caught() {
+        replay(vec![
+            WatchEvent::Snapshot(vec![]),
+            WatchEvent::Snapshot(vec![]),
+        ])
+        .await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "before the Snapshot")]
+    async fn change_before_snapshot_is_caught() {
+        replay(vec![WatchEvent::Added(inst("a", 1))]).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "sorted by id")]
+    async fn unsorted_snapshot_is_caught() {
+        replay(vec![WatchEvent::Snapshot(vec![inst("b", 1), inst("a", 1)])]).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "the watch ended")]
+    async fn ended_watch_is_caught() {
+        let watch = stream::iter([Ok(WatchEvent::Snapshot(vec![]))]).boxed();
+        let mut mirror = Mirror::new("test", watch);
+        mirror
+            .wait_until(Duration::from_secs(5), "never", |_| false)
+            .await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "not seen within")]
+    async fn wait_until_gives_up_at_its_bound() {
+        let watch = stream::iter([Ok(WatchEvent::Snapshot(vec![]))])
+            .chain(stream::pending())
+            .boxed();
+        let mut mirror = Mirror::new("test", watch);
+        mirror
+            .wait_until(Duration::from_millis(100), "never", |_| false)
+            .await;
+    }
+
+    #[tokio::test]
+    async fn errors_are_counted_not_fatal() {
+        let err = waypost_core::Error::unavailable("test", "watch", "down");
+        let watch = stream::iter([Err(err), Ok(WatchEvent::Snapshot(vec![inst("a", 1)]))])
+            .chain(stream::pending())
+            .boxed();
+        let mut mirror = Mirror::new("test", watch);
+        mirror
+            .wait_until(Duration::from_secs(5), "a", |s| s.len() == 1)
+            .await;
+        assert_eq!(mirror.errors(), 1);
+    }
+
+    #[test]
+    fn describes_accepts_zone_and_weight_in_metadata_only() {
+        let want = ServiceInstance::builder("s", "a")
+            .host("h")
+            .port(1)
+            .weight(3)
+            .zone("z")
+            .build()
+            .unwrap();
+        let consul_like = ServiceInstance::builder("s", "a")
+            .host("h")
+            .port(1)
+            .weight(3)
+            .meta("zone", "z")
+            .meta("weight", "3")
+            .build()
+            .unwrap();
+        assert_describes("test", &consul_like, &want);
+        let stray = consul_like.to_builder().meta("extra", "x").build().unwrap();
+        let caught = std::panic::catch_unwind(|| assert_describes("test", &stray, &want));
+        assert!(caught.is_err(), "unregistered metadata must be caught");
+    }
+}
