@@ -71,10 +71,8 @@ impl ConsulServer {
         // in between, so try a few sets.
         for _ in 0..3 {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let log = std::env::temp_dir().join(format!(
-                "waypost-consul-{}-{n}.log",
-                std::process::id()
-            ));
+            let log =
+                std::env::temp_dir().join(format!("waypost-consul-{}-{n}.log", std::process::id()));
             let server = ConsulServer {
                 bin: bin.clone(),
                 ports: free_ports(),
@@ -138,15 +136,29 @@ impl ConsulServer {
     fn command(&self) -> Command {
         let p = self.ports;
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["agent", "-dev", "-node", "waypost-test", "-bind", "127.0.0.1"])
-            .args(["-client", "127.0.0.1", "-dns-port", "-1", "-grpc-port", "-1"])
-            .args(["-http-port", &p.http.to_string()])
-            .args(["-serf-lan-port", &p.serf_lan.to_string()])
-            .args(["-serf-wan-port", &p.serf_wan.to_string()])
-            .args(["-server-port", &p.server.to_string()])
-            // Loopback only: no update check.
-            .args(["-hcl", "disable_update_check = true"])
-            .env("CHECKPOINT_DISABLE", "1");
+        cmd.args([
+            "agent",
+            "-dev",
+            "-node",
+            "waypost-test",
+            "-bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "-client",
+            "127.0.0.1",
+            "-dns-port",
+            "-1",
+            "-grpc-port",
+            "-1",
+        ])
+        .args(["-http-port", &p.http.to_string()])
+        .args(["-serf-lan-port", &p.serf_lan.to_string()])
+        .args(["-serf-wan-port", &p.serf_wan.to_string()])
+        .args(["-server-port", &p.server.to_string()])
+        // Loopback only: no update check.
+        .args(["-hcl", "disable_update_check = true"])
+        .env("CHECKPOINT_DISABLE", "1");
         if let Some(token) = &self.acl_token {
             cmd.args([
                 "-hcl",
@@ -159,7 +171,8 @@ impl ConsulServer {
     }
 
     async fn spawn_and_wait(&self) -> Result<(), String> {
-        let log = File::create(&self.log).map_err(|e| format!("log {}: {e}", self.log.display()))?;
+        let log =
+            File::create(&self.log).map_err(|e| format!("log {}: {e}", self.log.display()))?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
         let child = self
             .command()
@@ -174,7 +187,10 @@ impl ConsulServer {
         let deadline = Instant::now() + READY_BOUND;
         loop {
             if let Some(status) = self.exited() {
-                return Err(format!("agent exited ({status}); log:\n{}", tail(&self.log)));
+                return Err(format!(
+                    "agent exited ({status}); log:\n{}",
+                    tail(&self.log)
+                ));
             }
             if let Ok(resp) = http.get(&url).timeout(Duration::from_secs(2)).send().await {
                 if let Ok(text) = resp.text().await {

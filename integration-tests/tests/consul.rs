@@ -146,13 +146,21 @@ async fn foreign_registrations_weight_fallbacks_and_bad_entries() {
     let server = ConsulServer::start().await;
     let consul = client(&server);
     // Registered by some other tool: no Address (Node.Address is used), weight in Meta or a tag.
-    agent_put(&server, "/v1/agent/service/register",
-        json!({"ID": "meta-w", "Name": "legacy", "Port": 9001, "Meta": {"weight": "7"}})).await;
+    agent_put(
+        &server,
+        "/v1/agent/service/register",
+        json!({"ID": "meta-w", "Name": "legacy", "Port": 9001, "Meta": {"weight": "7"}}),
+    )
+    .await;
     agent_put(&server, "/v1/agent/service/register",
         json!({"ID": "tag-w", "Name": "legacy", "Address": "127.0.0.2", "Port": 9002, "Tags": ["weight:4"]})).await;
     // Bad data that Consul accepts: must be skipped, never hide the valid ones.
-    agent_put(&server, "/v1/agent/service/register",
-        json!({"ID": "bad id", "Name": "legacy", "Address": "127.0.0.3", "Port": 9003})).await;
+    agent_put(
+        &server,
+        "/v1/agent/service/register",
+        json!({"ID": "bad id", "Name": "legacy", "Address": "127.0.0.3", "Port": 9003}),
+    )
+    .await;
     agent_put(&server, "/v1/agent/service/register",
         json!({"ID": "bad-weight", "Name": "legacy", "Address": "127.0.0.3", "Port": 9004, "Meta": {"weight": "heavy"}})).await;
 
@@ -175,24 +183,38 @@ async fn ttl_instance_goes_critical_leaves_passing_set_and_comes_back() {
     let server = ConsulServer::start().await;
     let consul = client(&server);
     let all = builder(&server).passing_only(false).build().unwrap();
-    let h = consul.register(ttl_registration("ttl", "t-1", 9100)).await.unwrap();
+    let h = consul
+        .register(ttl_registration("ttl", "t-1", 9100))
+        .await
+        .unwrap();
     assert_eq!(ids(&consul, "ttl").await.unwrap(), ["t-1"]);
 
     h.abandon().await.unwrap(); // heart-beating stops, nothing deregisters
     eventually(SETTLE, "t-1 leaves the passing set", || async {
         let now = ids(&consul, "ttl").await?;
-        if now.is_empty() { Ok(()) } else { Err(format!("{now:?}")) }
+        if now.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{now:?}"))
+        }
     })
     .await;
     // Critical, not gone: a client that wants every instance still sees it.
     assert_eq!(ids(&all, "ttl").await.unwrap(), ["t-1"]);
 
-    let h = consul.register(ttl_registration("ttl", "t-1", 9100)).await.unwrap();
+    let h = consul
+        .register(ttl_registration("ttl", "t-1", 9100))
+        .await
+        .unwrap();
     assert_eq!(ids(&consul, "ttl").await.unwrap(), ["t-1"]);
     // And it stays passing: the handle heart-beats (several TTLs go by).
     let mut mirror = Mirror::new("ttl watch", consul.watch(&name("ttl")));
     mirror
-        .hold(Duration::from_secs(5), "t-1 stays listed while heart-beating", |s| s.get("t-1").is_some())
+        .hold(
+            Duration::from_secs(5),
+            "t-1 stays listed while heart-beating",
+            |s| s.get("t-1").is_some(),
+        )
         .await;
     h.shutdown().await.unwrap();
 }
@@ -209,27 +231,52 @@ async fn checks_run_by_consul_follow_the_target() {
     let http_server = tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;
         while let Ok((mut s, _)) = http.accept().await {
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                .await;
         }
     });
     let interval = Duration::from_secs(1);
-    let reg_tcp = Registration::builder("checked", "by-tcp").host("127.0.0.1").port(tcp_addr.port())
-        .check(HealthCheck::tcp(tcp_addr.to_string(), interval)).build().unwrap();
-    let reg_http = Registration::builder("checked", "by-http").host("127.0.0.1").port(http_addr.port())
-        .check(HealthCheck::http(format!("http://{http_addr}/health"), interval)).build().unwrap();
+    let reg_tcp = Registration::builder("checked", "by-tcp")
+        .host("127.0.0.1")
+        .port(tcp_addr.port())
+        .check(HealthCheck::tcp(tcp_addr.to_string(), interval))
+        .build()
+        .unwrap();
+    let reg_http = Registration::builder("checked", "by-http")
+        .host("127.0.0.1")
+        .port(http_addr.port())
+        .check(HealthCheck::http(
+            format!("http://{http_addr}/health"),
+            interval,
+        ))
+        .build()
+        .unwrap();
     let h1 = consul.register(reg_tcp).await.unwrap();
     let h2 = consul.register(reg_http).await.unwrap();
     eventually(SETTLE, "both pass once Consul ran their checks", || async {
         let now = ids(&consul, "checked").await?;
-        if now == ["by-http", "by-tcp"] { Ok(()) } else { Err(format!("{now:?}")) }
+        if now == ["by-http", "by-tcp"] {
+            Ok(())
+        } else {
+            Err(format!("{now:?}"))
+        }
     })
     .await;
     drop(tcp);
     http_server.abort();
-    eventually(SETTLE, "both turn critical once their targets are gone", || async {
-        let now = ids(&consul, "checked").await?;
-        if now.is_empty() { Ok(()) } else { Err(format!("{now:?}")) }
-    })
+    eventually(
+        SETTLE,
+        "both turn critical once their targets are gone",
+        || async {
+            let now = ids(&consul, "checked").await?;
+            if now.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{now:?}"))
+            }
+        },
+    )
     .await;
     h1.shutdown().await.unwrap();
     h2.shutdown().await.unwrap();
@@ -240,14 +287,25 @@ async fn watch_delivers_a_registration_promptly() {
     let server = ConsulServer::start().await;
     let consul = client(&server);
     let mut mirror = Mirror::new("watch", consul.watch(&name("fast")));
-    mirror.wait_until(SETTLE, "the (empty) snapshot", |s| s.is_empty()).await;
-    let h = consul.register(ttl_registration("fast", "f-1", 9200)).await.unwrap();
+    mirror
+        .wait_until(SETTLE, "the (empty) snapshot", |s| s.is_empty())
+        .await;
+    let h = consul
+        .register(ttl_registration("fast", "f-1", 9200))
+        .await
+        .unwrap();
     // The blocking query returns within milliseconds of the change; 5 s is a correctness bound
     // (a watch that polls on a timer, or waits for the blocking wait to expire, would miss it).
-    mirror.wait_until(Duration::from_secs(5), "f-1 is added", |s| s.get("f-1").is_some()).await;
+    mirror
+        .wait_until(Duration::from_secs(5), "f-1 is added", |s| {
+            s.get("f-1").is_some()
+        })
+        .await;
     assert_eq!(mirror.set().get("f-1"), Some(h.instance()));
     h.shutdown().await.unwrap();
-    mirror.wait_until(Duration::from_secs(5), "f-1 is removed", |s| s.is_empty()).await;
+    mirror
+        .wait_until(Duration::from_secs(5), "f-1 is removed", |s| s.is_empty())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,12 +313,17 @@ async fn agent_restart_mid_watch_heals_registration_and_watch() {
     let server = ConsulServer::start().await;
     let consul = client(&server);
     let mut mirror = Mirror::new("watch", consul.watch(&name("healing")));
-    let h = consul.register(ttl_registration("healing", "h-1", 9300)).await.unwrap();
-    mirror.wait_until(SETTLE, "h-1 listed", |s| s.get("h-1").is_some()).await;
+    let h = consul
+        .register(ttl_registration("healing", "h-1", 9300))
+        .await
+        .unwrap();
+    mirror
+        .wait_until(SETTLE, "h-1 listed", |s| s.get("h-1").is_some())
+        .await;
     let mut live = h.subscribe();
 
     server.restart().await; // -dev: the agent forgot h-1
-    // The handle notices (heartbeat fails), re-registers, and is live again.
+                            // The handle notices (heartbeat fails), re-registers, and is live again.
     tokio::time::timeout(SETTLE, live.wait_for(|l| !l.is_live()))
         .await
         .expect("the handle reports the lost registration")
@@ -271,16 +334,35 @@ async fn agent_restart_mid_watch_heals_registration_and_watch() {
         .unwrap();
     eventually(SETTLE, "h-1 listed again after the restart", || async {
         let now = ids(&consul, "healing").await?;
-        if now == ["h-1"] { Ok(()) } else { Err(format!("{now:?}")) }
+        if now == ["h-1"] {
+            Ok(())
+        } else {
+            Err(format!("{now:?}"))
+        }
     })
     .await;
     // The watch resumed (the mirror checks: no second snapshot, no duplicate add) and shows it.
-    mirror.wait_until(SETTLE, "h-1 in the resumed watch", |s| s.get("h-1") == Some(h.instance())).await;
+    mirror
+        .wait_until(SETTLE, "h-1 in the resumed watch", |s| {
+            s.get("h-1") == Some(h.instance())
+        })
+        .await;
     // Changes after the restart still arrive.
-    let h2 = consul.register(ttl_registration("healing", "h-2", 9301)).await.unwrap();
-    mirror.wait_until(SETTLE, "h-2 added after the restart", |s| s.get("h-2").is_some()).await;
+    let h2 = consul
+        .register(ttl_registration("healing", "h-2", 9301))
+        .await
+        .unwrap();
+    mirror
+        .wait_until(SETTLE, "h-2 added after the restart", |s| {
+            s.get("h-2").is_some()
+        })
+        .await;
     let want = consul.instances(&name("healing")).await.unwrap();
-    mirror.wait_until(SETTLE, "watch equals instances()", |s| s.instances() == want).await;
+    mirror
+        .wait_until(SETTLE, "watch equals instances()", |s| {
+            s.instances() == want
+        })
+        .await;
     h.shutdown().await.unwrap();
     h2.shutdown().await.unwrap();
 }
@@ -291,9 +373,14 @@ async fn acl_agent_denies_without_token_and_works_with_it() {
     let token = server.acl_token().unwrap().to_owned();
 
     let anonymous = client(&server);
-    let err = anonymous.register(ttl_registration("secured", "s-1", 9400)).await.unwrap_err();
+    let err = anonymous
+        .register(ttl_registration("secured", "s-1", 9400))
+        .await
+        .unwrap_err();
     match &err {
-        Error::PermissionDenied { operation, .. } => assert!(operation.contains("register s-1"), "{err}"),
+        Error::PermissionDenied { operation, .. } => {
+            assert!(operation.contains("register s-1"), "{err}")
+        }
         other => panic!("expected PermissionDenied, got {other:?}"),
     }
     assert!(!err.is_retryable());
@@ -301,12 +388,17 @@ async fn acl_agent_denies_without_token_and_works_with_it() {
 
     let authorized = builder(&server).token(token.as_str()).build().unwrap();
     assert!(!format!("{authorized:?}").contains(&token));
-    let h = authorized.register(ttl_registration("secured", "s-1", 9400)).await.unwrap();
+    let h = authorized
+        .register(ttl_registration("secured", "s-1", 9400))
+        .await
+        .unwrap();
     assert_eq!(ids(&authorized, "secured").await.unwrap(), ["s-1"]);
     // ACLs filter reads: without the token the instance is invisible, not an error.
     assert!(ids(&anonymous, "secured").await.unwrap().is_empty());
     let mut mirror = Mirror::new("acl watch", authorized.watch(&name("secured")));
-    mirror.wait_until(SETTLE, "s-1 in the watch", |s| s.get("s-1").is_some()).await;
+    mirror
+        .wait_until(SETTLE, "s-1 in the watch", |s| s.get("s-1").is_some())
+        .await;
     h.shutdown().await.unwrap();
     assert!(ids(&authorized, "secured").await.unwrap().is_empty());
 }
@@ -314,7 +406,12 @@ async fn acl_agent_denies_without_token_and_works_with_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_host_is_filled_and_overridable() {
     let server = ConsulServer::start().await;
-    let reg = || Registration::builder("hosts", "auto").port(9500).build().unwrap();
+    let reg = || {
+        Registration::builder("hosts", "auto")
+            .port(9500)
+            .build()
+            .unwrap()
+    };
     let h = client(&server).register(reg()).await.unwrap();
     let host: std::net::Ipv4Addr = h.instance().host().parse().expect("an IPv4 address");
     assert!(!host.is_unspecified());
@@ -324,7 +421,10 @@ async fn empty_host_is_filled_and_overridable() {
 
     let custom = builder(&server).default_host("10.9.8.7").build().unwrap();
     let h = custom.register(reg()).await.unwrap();
-    assert_eq!(custom.instances(&name("hosts")).await.unwrap()[0].host(), "10.9.8.7");
+    assert_eq!(
+        custom.instances(&name("hosts")).await.unwrap()[0].host(),
+        "10.9.8.7"
+    );
     h.shutdown().await.unwrap();
 }
 
@@ -332,16 +432,24 @@ async fn empty_host_is_filled_and_overridable() {
 async fn unreachable_agent_is_unavailable_and_watch_keeps_trying() {
     let server = ConsulServer::start().await;
     let consul = client(&server);
-    let h = consul.register(ttl_registration("down", "d-1", 9600)).await.unwrap();
+    let h = consul
+        .register(ttl_registration("down", "d-1", 9600))
+        .await
+        .unwrap();
     let mut mirror = Mirror::new("watch", consul.watch(&name("down")));
-    mirror.wait_until(SETTLE, "d-1 listed", |s| s.get("d-1").is_some()).await;
+    mirror
+        .wait_until(SETTLE, "d-1 listed", |s| s.get("d-1").is_some())
+        .await;
     server.kill();
     let err = consul.instances(&name("down")).await.unwrap_err();
     assert!(matches!(err, Error::Unavailable { .. }), "{err}");
     // Fail-static: errors are reported, the last good set stays, and the watch does not end.
     let until = Instant::now() + SETTLE;
     while mirror.errors() < 2 {
-        mirror.next_until(until).await.expect("the watch reports the outage");
+        mirror
+            .next_until(until)
+            .await
+            .expect("the watch reports the outage");
     }
     assert!(mirror.set().get("d-1").is_some());
     h.abandon().await.unwrap();

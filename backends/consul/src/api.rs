@@ -303,7 +303,10 @@ fn ok_or_error(operation: &str, a: &Answer) -> Result<(), Error> {
 fn content_type(h: &HeaderMap) -> String {
     h.get("Content-Type")
         .and_then(|v| v.to_str().ok())
-        .map_or_else(|| "no content type".to_owned(), |v| format!("content type {v}"))
+        .map_or_else(
+            || "no content type".to_owned(),
+            |v| format!("content type {v}"),
+        )
 }
 
 /// The start of a body, printable and short, for error messages.
@@ -348,14 +351,22 @@ mod tests {
         let denied = ok_or_error("register x", &answer(403)).unwrap_err();
         assert!(matches!(denied, Error::PermissionDenied { .. }));
         assert!(denied.to_string().contains("register x"));
-        assert!(matches!(ok_or_error("op", &answer(500)), Err(Error::Protocol { .. })));
-        assert!(matches!(ok_or_error("op", &answer(503)), Err(Error::Unavailable { .. })));
+        assert!(matches!(
+            ok_or_error("op", &answer(500)),
+            Err(Error::Protocol { .. })
+        ));
+        assert!(matches!(
+            ok_or_error("op", &answer(503)),
+            Err(Error::Unavailable { .. })
+        ));
     }
 
     #[test]
     fn path_segments_are_escaped() {
         let api = crate::Consul::builder().build().unwrap();
-        let url = api.api().url(&["v1", "agent", "check", "pass", "service:a?b#c%d"]);
+        let url = api
+            .api()
+            .url(&["v1", "agent", "check", "pass", "service:a?b#c%d"]);
         assert_eq!(
             url.as_str(),
             "http://127.0.0.1:8500/v1/agent/check/pass/service:a%3Fb%23c%25d"

@@ -105,7 +105,11 @@ mod tests {
         for step in steps {
             let d = b.next_delay();
             let step = Duration::from_millis(step);
-            assert!(d >= step / 2 && d <= step, "{d:?} not in [{:?}, {step:?}]", step / 2);
+            assert!(
+                d >= step / 2 && d <= step,
+                "{d:?} not in [{:?}, {step:?}]",
+                step / 2
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

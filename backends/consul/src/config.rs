@@ -198,11 +198,13 @@ impl ConsulBuilder {
     /// Applies the Consul CLI's environment variables that are set: `CONSUL_HTTP_ADDR`,
     /// `CONSUL_HTTP_TOKEN`, `CONSUL_HTTP_SSL`, `CONSUL_CACERT`, `CONSUL_CLIENT_CERT`,
     /// `CONSUL_CLIENT_KEY`. Builder calls after this one override them.
+    // Named like the Consul clients' `from_env`; it layers the environment onto this builder.
+    #[allow(clippy::wrong_self_convention)]
     pub fn from_env(self) -> Self {
-        self.from_vars(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+        self.apply_vars(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
     }
 
-    pub(crate) fn from_vars(mut self, var: impl Fn(&str) -> Option<String>) -> Self {
+    pub(crate) fn apply_vars(mut self, var: impl Fn(&str) -> Option<String>) -> Self {
         if let Some(addr) = var("CONSUL_HTTP_ADDR") {
             self.address = Some(addr);
         }
@@ -244,12 +246,16 @@ impl ConsulBuilder {
         }
         if let Some(dc) = &self.datacenter {
             if dc.is_empty() || dc.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                return Err(config(format!("datacenter {dc:?} is not a datacenter name")));
+                return Err(config(format!(
+                    "datacenter {dc:?} is not a datacenter name"
+                )));
             }
         }
         if let Some(host) = &self.default_host {
             if host.is_empty() || host.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                return Err(config(format!("default host {host:?} is not a host name or IP")));
+                return Err(config(format!(
+                    "default host {host:?} is not a host name or IP"
+                )));
             }
         }
         let mut http = reqwest::Client::builder()
@@ -258,9 +264,8 @@ impl ConsulBuilder {
             .user_agent(concat!("waypost-consul/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = &self.ca_cert {
             let pem = read(path, "CA certificate")?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                config(format!("CA certificate {}: not PEM: {e}", path.display()))
-            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| config(format!("CA certificate {}: not PEM: {e}", path.display())))?;
             if certs.is_empty() {
                 return Err(config(format!(
                     "CA certificate {}: no certificate in the file",
@@ -320,7 +325,9 @@ fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, Error> {
 fn parse_address(address: &str, ssl: bool) -> Result<Url, Error> {
     let address = address.trim();
     if address.is_empty() {
-        return Err(config("the agent address is empty; give host:port or an http(s) URL"));
+        return Err(config(
+            "the agent address is empty; give host:port or an http(s) URL",
+        ));
     }
     let with_scheme = if address.contains("://") {
         address.to_owned()
@@ -361,9 +368,18 @@ mod tests {
         let ok = |a: &str, ssl: bool| parse_address(a, ssl).unwrap().to_string();
         assert_eq!(ok("127.0.0.1:8500", false), "http://127.0.0.1:8500/");
         assert_eq!(ok("consul:8501", true), "https://consul:8501/");
-        assert_eq!(ok("https://c.example:8501", false), "https://c.example:8501/");
+        assert_eq!(
+            ok("https://c.example:8501", false),
+            "https://c.example:8501/"
+        );
         assert_eq!(ok("http://[::1]:8500", false), "http://[::1]:8500/");
-        for bad in ["", "unix:///var/run/consul.sock", "http://", "ftp://x:1", "http://h:1/?a=b"] {
+        for bad in [
+            "",
+            "unix:///var/run/consul.sock",
+            "http://",
+            "ftp://x:1",
+            "http://h:1/?a=b",
+        ] {
             let err = parse_address(bad, false).unwrap_err();
             assert!(matches!(err, Error::Config { .. }), "{bad}: {err}");
         }
@@ -380,7 +396,7 @@ mod tests {
             ("CONSUL_CLIENT_KEY", "/k.pem"),
         ]
         .into();
-        let b = ConsulBuilder::default().from_vars(|n| vars.get(n).map(|v| v.to_string()));
+        let b = ConsulBuilder::default().apply_vars(|n| vars.get(n).map(|v| v.to_string()));
         assert_eq!(b.address.as_deref(), Some("10.1.2.3:8501"));
         assert_eq!(b.token.as_deref(), Some("tok"));
         assert!(b.ssl);
@@ -418,7 +434,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let garbage = dir.join("garbage.pem");
         std::fs::write(&garbage, "not a certificate").unwrap();
-        let err = ConsulBuilder::default().ca_cert(&garbage).build().unwrap_err();
+        let err = ConsulBuilder::default()
+            .ca_cert(&garbage)
+            .build()
+            .unwrap_err();
         assert!(matches!(err, Error::Config { .. }), "{err}");
         let err = ConsulBuilder::default()
             .client_cert(&garbage, &garbage)

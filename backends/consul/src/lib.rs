@@ -140,10 +140,7 @@ impl Registry for Consul {
 #[async_trait]
 impl Discovery for Consul {
     async fn instances(&self, service: &ServiceName) -> Result<Vec<ServiceInstance>, Error> {
-        let answer = self
-            .api
-            .health(service, &self.query, 0, self.wait)
-            .await?;
+        let answer = self.api.health(service, &self.query, 0, self.wait).await?;
         Ok(answer.instances)
     }
 

@@ -15,7 +15,10 @@ use crate::wire::{check_id, ServiceRegistration};
 const MAX_PROBE_PERIOD: Duration = Duration::from_secs(10);
 const MIN_PROBE_PERIOD: Duration = Duration::from_secs(1);
 
-pub(crate) async fn register(api: Arc<Api>, reg: Registration) -> Result<RegistrationHandle, Error> {
+pub(crate) async fn register(
+    api: Arc<Api>,
+    reg: Registration,
+) -> Result<RegistrationHandle, Error> {
     let instance = reg.instance_or_host(api.default_host())?;
     let payload = Arc::new(ServiceRegistration::new(&instance, &reg));
     // The first attempt's error goes to the caller: a 403 or an unreachable agent is theirs to
@@ -132,7 +135,10 @@ async fn finish(api: &Api, id: &str, mode: StopMode) -> Result<(), Error> {
             let result = api.deregister(id).await;
             match &result {
                 Ok(()) => info!(id, "deregistered from consul"),
-                Err(e) => warn!(id, "deregistering failed: {e}; consul's check removes it later"),
+                Err(e) => warn!(
+                    id,
+                    "deregistering failed: {e}; consul's check removes it later"
+                ),
             }
             result
         }

@@ -60,7 +60,11 @@ pub(crate) fn watch(api: Arc<Api>, service: ServiceName, cfg: WatchConfig) -> Wa
         index: 0,
         delivered: InstanceSet::new(),
         pending: VecDeque::new(),
-        bucket: TokenBucket::new(cfg.rate_limit.0, cfg.rate_limit.1, tokio::time::Instant::now()),
+        bucket: TokenBucket::new(
+            cfg.rate_limit.0,
+            cfg.rate_limit.1,
+            tokio::time::Instant::now(),
+        ),
         delay: None,
         throttle: false,
         failing: false,
@@ -110,6 +114,10 @@ impl State {
                     let delay = self.backoff.next_delay();
                     warn!(service = %self.service, retry_in = ?delay, "consul watch failed: {e}; keeping the last known instances");
                     self.failing = true;
+                    // The server may have restarted with a lower index, and some servers block
+                    // on an index they have not reached yet: start over with a fresh read (the
+                    // diff keeps the events to the real difference).
+                    self.index = 0;
                     self.delay = Some(delay);
                     self.throttle = false;
                     self.pending.push_back(Err(e));

@@ -190,7 +190,8 @@ impl HealthEntry {
             .filter(|a| !a.is_empty())
             .or_else(|| self.node.and_then(|n| n.address))
             .unwrap_or_default();
-        let port = u16::try_from(svc.port).map_err(|_| format!("port {} is out of range", svc.port))?;
+        let port =
+            u16::try_from(svc.port).map_err(|_| format!("port {} is out of range", svc.port))?;
         let mut meta = svc.meta.unwrap_or_default();
         let zone = meta.remove(ZONE_META_KEY);
         let mut b = ServiceInstance::builder(svc.service, svc.id)
@@ -261,7 +262,10 @@ mod tests {
     fn http_and_tcp_checks_are_run_by_consul() {
         let reg = Registration::builder("s", "i")
             .port(1)
-            .check(HealthCheck::http("http://127.0.0.1:1/health", Duration::from_millis(1500)))
+            .check(HealthCheck::http(
+                "http://127.0.0.1:1/health",
+                Duration::from_millis(1500),
+            ))
             .build()
             .unwrap();
         let inst = reg.instance_or_host("127.0.0.1").unwrap();

@@ -135,7 +135,7 @@ async fn next(watch: &mut waypost_core::Watch) -> Result<WatchEvent, Error> {
 
 #[tokio::test]
 async fn http_500_is_a_protocol_error_and_the_watch_keeps_going() {
-    let (addr, _) = fake(|_, n| match n {
+    let (addr, seen) = fake(|_, n| match n {
         0 => ready(status(500, "rpc error: No cluster leader", "text/plain")),
         1 => ready(health(10, json!([entry("a", 1)]))),
         2..=4 => ready(status(500, "rpc error: No cluster leader", "text/plain")),
@@ -160,34 +160,78 @@ async fn http_500_is_a_protocol_error_and_the_watch_keeps_going() {
         assert!(matches!(err, Error::Protocol { .. }), "{err}");
     }
     let ev = next(&mut watch).await.unwrap();
-    assert!(matches!(&ev, WatchEvent::Added(i) if i.id().as_str() == "b"), "{ev:?}");
+    assert!(
+        matches!(&ev, WatchEvent::Added(i) if i.id().as_str() == "b"),
+        "{ev:?}"
+    );
+    // After the outage the watch reads afresh (the agent may have restarted with a lower
+    // index), then blocks again on the index it got.
+    let seen = seen.lock().unwrap().clone();
+    let index: Vec<Option<String>> = seen
+        .iter()
+        .skip(1)
+        .take(5)
+        .map(|s| s.param("index"))
+        .collect();
+    assert_eq!(
+        index,
+        [None, Some("10".into()), None, None, None],
+        "{seen:?}"
+    );
 }
 
 #[tokio::test]
 async fn html_instead_of_json_is_a_protocol_error() {
     let (addr, _) = fake(|_, _| {
-        ready(status(200, "<html><body>Welcome to the proxy</body></html>", "text/html"))
+        ready(status(
+            200,
+            "<html><body>Welcome to the proxy</body></html>",
+            "text/html",
+        ))
     })
     .await;
-    let err = client(&addr).build().unwrap().instances(&users()).await.unwrap_err();
+    let err = client(&addr)
+        .build()
+        .unwrap()
+        .instances(&users())
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Protocol { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("text/html") && msg.contains("Welcome to the proxy"), "{msg}");
+    assert!(
+        msg.contains("text/html") && msg.contains("Welcome to the proxy"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
 async fn truncated_bodies_are_protocol_errors() {
     // Valid JSON syntax cut short, with a matching length.
     let (addr, _) = fake(|_, _| ready(health(3, Value::String("x".into())))).await;
-    let err = client(&addr).build().unwrap().instances(&users()).await.unwrap_err();
+    let err = client(&addr)
+        .build()
+        .unwrap()
+        .instances(&users())
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Protocol { .. }), "{err}");
     let (addr, _) = fake(|_, _| {
-        let mut r = status(200, r#"[{"Node":{"Address":"10.0.0.1"},"Serv"#, "application/json");
-        r.headers_mut().insert("X-Consul-Index", HeaderValue::from(3));
+        let mut r = status(
+            200,
+            r#"[{"Node":{"Address":"10.0.0.1"},"Serv"#,
+            "application/json",
+        );
+        r.headers_mut()
+            .insert("X-Consul-Index", HeaderValue::from(3));
         ready(r)
     })
     .await;
-    let err = client(&addr).build().unwrap().instances(&users()).await.unwrap_err();
+    let err = client(&addr)
+        .build()
+        .unwrap()
+        .instances(&users())
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Protocol { .. }), "{err}");
 
     // A connection that closes before the promised Content-Length.
@@ -203,7 +247,12 @@ async fn truncated_bodies_are_protocol_errors() {
             let _ = s.shutdown().await;
         }
     });
-    let err = client(&addr).build().unwrap().instances(&users()).await.unwrap_err();
+    let err = client(&addr)
+        .build()
+        .unwrap()
+        .instances(&users())
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Protocol { .. }), "{err}");
     assert!(err.to_string().contains("cut off"), "{err}");
 }
@@ -224,7 +273,12 @@ async fn invalid_entries_are_skipped_and_valid_ones_kept() {
         ))
     })
     .await;
-    let got = client(&addr).build().unwrap().instances(&users()).await.unwrap();
+    let got = client(&addr)
+        .build()
+        .unwrap()
+        .instances(&users())
+        .await
+        .unwrap();
     let got: Vec<&str> = got.iter().map(|i| i.id().as_str()).collect();
     assert_eq!(got, ["a", "b"]);
 }
@@ -233,10 +287,16 @@ async fn invalid_entries_are_skipped_and_valid_ones_kept() {
 async fn permission_denied_names_the_operation_and_is_not_retried() {
     let (addr, seen) = fake(|_, _| ready(status(403, "ACL not found", "text/plain"))).await;
     let consul = client(&addr).token("the-token").build().unwrap();
-    let reg = Registration::builder("users", "u-1").host("127.0.0.1").port(80).build().unwrap();
+    let reg = Registration::builder("users", "u-1")
+        .host("127.0.0.1")
+        .port(80)
+        .build()
+        .unwrap();
     let err = consul.register(reg).await.unwrap_err();
     match &err {
-        Error::PermissionDenied { operation, message, .. } => {
+        Error::PermissionDenied {
+            operation, message, ..
+        } => {
             assert!(operation.contains("register u-1"), "{err}");
             assert!(message.contains("ACL not found"), "{err}");
         }
@@ -295,7 +355,8 @@ async fn index_zero_is_never_sent_and_churn_is_rate_limited() {
     drop(watch);
     let seen = seen.lock().unwrap().clone();
     assert!(
-        seen.iter().all(|s| s.param("index").as_deref() != Some("0")),
+        seen.iter()
+            .all(|s| s.param("index").as_deref() != Some("0")),
         "index 0 must be sent as 1: {seen:?}"
     );
     assert_eq!(seen[1].param("index").as_deref(), Some("1"));
@@ -327,7 +388,10 @@ async fn blocking_request_timeout_covers_the_servers_wait_jitter() {
     let mut watch = consul.watch(&users());
     assert_eq!(ids(&next(&mut watch).await.unwrap()), ["a"]);
     let quiet = tokio::time::timeout(wait + Duration::from_millis(900), watch.next()).await;
-    assert!(quiet.is_err(), "an idle blocking query must not time out: {quiet:?}");
+    assert!(
+        quiet.is_err(),
+        "an idle blocking query must not time out: {quiet:?}"
+    );
     let seen = seen.lock().unwrap().clone();
     assert!(seen.len() >= 2, "{seen:?}");
     assert_eq!(seen[1].param("wait").as_deref(), Some("4s"));
@@ -355,8 +419,14 @@ async fn forgotten_check_reregisters_and_shutdown_deregisters() {
     let passes = Arc::new(AtomicUsize::new(0));
     let p = passes.clone();
     let (addr, seen) = fake(move |req, _| {
-        let r = if req.path.starts_with("/v1/agent/check/pass/") && p.fetch_add(1, Ordering::SeqCst) == 1 {
-            status(500, "CheckID \"service:u-1?\" does not have associated TTL", "text/plain")
+        let r = if req.path.starts_with("/v1/agent/check/pass/")
+            && p.fetch_add(1, Ordering::SeqCst) == 1
+        {
+            status(
+                500,
+                "CheckID \"service:u-1?\" does not have associated TTL",
+                "text/plain",
+            )
         } else {
             status(200, "", "text/plain")
         };
@@ -374,21 +444,37 @@ async fn forgotten_check_reregisters_and_shutdown_deregisters() {
     let h = consul.register(reg).await.unwrap();
     let mut live = h.subscribe();
     let bound = Duration::from_secs(10);
-    tokio::time::timeout(bound, live.wait_for(|l| matches!(l, Liveness::Recovering { .. })))
-        .await
-        .expect("the lost check is noticed")
-        .unwrap();
+    tokio::time::timeout(
+        bound,
+        live.wait_for(|l| matches!(l, Liveness::Recovering { .. })),
+    )
+    .await
+    .expect("the lost check is noticed")
+    .unwrap();
     tokio::time::timeout(bound, live.wait_for(Liveness::is_live))
         .await
         .expect("the registration heals")
         .unwrap();
     h.shutdown().await.unwrap();
     let seen = seen.lock().unwrap().clone();
-    let calls: Vec<(&str, &str)> = seen.iter().map(|s| (s.method.as_str(), s.path.as_str())).collect();
+    let calls: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|s| (s.method.as_str(), s.path.as_str()))
+        .collect();
     let register = ("PUT", "/v1/agent/service/register");
     let pass = ("PUT", "/v1/agent/check/pass/service:u-1%3F");
     // register, pass, failed pass, register again, pass, ... deregister.
-    assert_eq!(calls[..5], [register, pass, pass, register, pass], "{calls:?}");
-    assert_eq!(calls.last(), Some(&("PUT", "/v1/agent/service/deregister/u-1%3F")));
-    assert!(seen.iter().all(|s| s.token.is_none()), "no token configured, none sent");
+    assert_eq!(
+        calls[..5],
+        [register, pass, pass, register, pass],
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.last(),
+        Some(&("PUT", "/v1/agent/service/deregister/u-1%3F"))
+    );
+    assert!(
+        seen.iter().all(|s| s.token.is_none()),
+        "no token configured, none sent"
+    );
 }
