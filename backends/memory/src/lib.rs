@@ -73,6 +73,17 @@ use state::Inner;
 pub(crate) const BACKEND: &str = "memory";
 
 /// The host of a registration that names none.
+///
+/// ```
+/// use waypost_core::{Registration, Registry};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let memory = waypost_memory::Memory::new();
+/// let handle = memory.register(Registration::builder("users", "u1").port(80).build()?).await?;
+/// assert_eq!(handle.instance().host(), waypost_memory::DEFAULT_HOST);
+/// # Ok(())
+/// # }
+/// ```
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 
 /// The in-process registry and discovery. Cheap to clone; clones share one registry.
