@@ -102,6 +102,12 @@ impl fmt::Debug for ConsulBuilder {
 impl ConsulBuilder {
     /// The agent's HTTP address: `host:port`, or an `http://` / `https://` URL
     /// (default [`DEFAULT_ADDRESS`]).
+    ///
+    /// ```
+    /// let consul = waypost_consul::Consul::builder().address("https://10.0.0.2:8501").build()?;
+    /// assert!(format!("{consul:?}").contains("https://10.0.0.2:8501"));
+    /// # Ok::<(), waypost_core::Error>(())
+    /// ```
     pub fn address(mut self, address: impl Into<String>) -> Self {
         self.address = Some(address.into());
         self
@@ -120,12 +126,24 @@ impl ConsulBuilder {
     }
 
     /// Whether discovery lists only instances whose checks all pass (default `true`).
+    ///
+    /// ```
+    /// // Also list instances whose checks are warning or critical (e.g. for a dashboard).
+    /// let all = waypost_consul::Consul::builder().passing_only(false).build()?;
+    /// # Ok::<(), waypost_core::Error>(())
+    /// ```
     pub fn passing_only(mut self, yes: bool) -> Self {
         self.passing_only = yes;
         self
     }
 
     /// Discovery lists only instances carrying **all** of these tags.
+    ///
+    /// ```
+    /// // Only instances tagged both "v2" and "canary".
+    /// let canaries = waypost_consul::Consul::builder().tags(["v2", "canary"]).build()?;
+    /// # Ok::<(), waypost_core::Error>(())
+    /// ```
     pub fn tags<I, S>(mut self, tags: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -169,6 +187,12 @@ impl ConsulBuilder {
 
     /// The address registered for registrations that name no host (default: this machine's
     /// first non-loopback IPv4 address, or `127.0.0.1` when it has none).
+    ///
+    /// ```
+    /// // Behind NAT: announce the address clients can reach.
+    /// let consul = waypost_consul::Consul::builder().default_host("203.0.113.7").build()?;
+    /// # Ok::<(), waypost_core::Error>(())
+    /// ```
     pub fn default_host(mut self, host: impl Into<String>) -> Self {
         self.default_host = Some(host.into());
         self
@@ -198,6 +222,12 @@ impl ConsulBuilder {
     /// Applies the Consul CLI's environment variables that are set: `CONSUL_HTTP_ADDR`,
     /// `CONSUL_HTTP_TOKEN`, `CONSUL_HTTP_SSL`, `CONSUL_CACERT`, `CONSUL_CLIENT_CERT`,
     /// `CONSUL_CLIENT_KEY`. Builder calls after this one override them.
+    ///
+    /// ```
+    /// // CONSUL_HTTP_ADDR etc. if set, but always this datacenter.
+    /// let consul = waypost_consul::Consul::builder().from_env().datacenter("dc1").build()?;
+    /// # Ok::<(), waypost_core::Error>(())
+    /// ```
     // Named like the Consul clients' `from_env`; it layers the environment onto this builder.
     #[allow(clippy::wrong_self_convention)]
     pub fn from_env(self) -> Self {
@@ -225,6 +255,12 @@ impl ConsulBuilder {
 
     /// Checks the configuration and builds the client. No network I/O: the first request
     /// connects.
+    ///
+    /// ```
+    /// use waypost_core::Error;
+    /// let err = waypost_consul::Consul::builder().address("unix:///run/consul.sock").build();
+    /// assert!(matches!(err, Err(Error::Config { .. })));
+    /// ```
     pub fn build(self) -> Result<Consul, Error> {
         let base = parse_address(self.address.as_deref().unwrap_or(DEFAULT_ADDRESS), self.ssl)?;
         let token = match &self.token {

@@ -6,9 +6,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use waypost_core::{HealthCheck, Registration, ServiceInstance};
 
-/// The metadata key that carries an instance's zone.
+/// The metadata key that carries an instance's zone: a registration's zone is written to
+/// `Meta.zone` (replacing a metadata pair of that name), and `Meta.zone` is read back as the
+/// zone, not as metadata.
 pub const ZONE_META_KEY: &str = "zone";
-/// The metadata key read as a weight when `Weights` is left at Consul's default.
+/// The metadata key read as a weight when `Weights.Passing` is left at Consul's default of 1
+/// (registrations by other tools); a `weight:N` tag comes next, then 1.
 pub const WEIGHT_META_KEY: &str = "weight";
 
 /// The safety net when the registration sets none: Consul's reaper clamps anything shorter to
