@@ -1,0 +1,138 @@
+//! What one pick costs, per strategy and instance-set size, against the seed's algorithms.
+//!
+//! ```text
+//! cargo bench -p waypost-strategies --all-features --bench pick
+//! ```
+//!
+//! Benchmark ids:
+//! - `pick/<strategy>/<n>`: one `Picker::pick` over `n` endpoints (weights 1..10, a steady load
+//!   of 0..3 calls in flight, see `fixture`), the picker built once outside the loop. Hashing
+//!   strategies get a different key on every pick.
+//! - `pick_2threads/<strategy>/<n>`: the same picker, two threads picking from it at once. Both
+//!   threads wait on a barrier, then each runs the same number of picks and times itself; the
+//!   reported time is the slower thread's elapsed time divided by its pick count, i.e. what one
+//!   pick costs a thread while another thread is picking from the same picker. (Throughput of the
+//!   pair is twice that rate.) On a 2-core machine the two threads only overlap fully when the
+//!   machine is otherwise idle; BENCHMARKS.md records the load.
+//! - `balancer_pick/<strategy>/<n>`: `Balancer::pick_with` and dropping the guard, i.e. the whole
+//!   request-path cost: snapshot load, pick, in-flight accounting.
+//! - `seed/<strategy>/<n>` and `seed_2threads/<strategy>/<n>`: the seed's Go algorithms, ported
+//!   in `seed/` (mutex round-robin, mutex random, weighted list rebuilt per pick, least-connections
+//!   scanning a mutex-guarded map), measured exactly like `pick` and `pick_2threads`.
+//!
+//! Criterion settings are short so that the whole bench runs in a few minutes on 2 cores
+//! (warm-up 300 ms, measurement 1 s, 20 samples, no plots); command-line flags such as
+//! `--measurement-time 5` override them.
+
+mod fixture;
+mod seed;
+
+use std::hint::black_box;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use waypost_core::{Balancer, WatchEvent};
+
+use fixture::{context, endpoints, instances, is_hashing, SIZES};
+
+/// Runs `pick(offset + i)` for `i` in `0..iters` and returns the elapsed time.
+fn run<F: Fn(u64)>(iters: u64, offset: u64, pick: &F) -> Duration {
+    let start = Instant::now();
+    for i in 0..iters {
+        pick(offset + i);
+    }
+    start.elapsed()
+}
+
+/// Two threads released together by a barrier each run `iters` picks; returns the slower one's
+/// elapsed time (see the module docs).
+fn run_2threads<F: Fn(u64) + Sync>(iters: u64, pick: &F) -> Duration {
+    let barrier = Barrier::new(2);
+    let timed = |offset: u64| {
+        barrier.wait();
+        run(iters, offset, pick)
+    };
+    std::thread::scope(|s| {
+        // The second thread's keys start far away, so hashing strategies see distinct keys.
+        let other = s.spawn(|| timed(1 << 40));
+        let mine = timed(0);
+        let theirs = other.join().expect("the second picking thread panicked");
+        mine.max(theirs)
+    })
+}
+
+fn pick(c: &mut Criterion) {
+    for &n in &SIZES {
+        let eps = endpoints(n);
+        for name in waypost_strategies::names() {
+            let strategy = waypost_strategies::by_name(name).expect("names() lists it");
+            let picker = strategy.build(&eps);
+            let hashing = is_hashing(name);
+            let one = |i: u64| {
+                black_box(picker.pick(black_box(&eps), &context(hashing, i)));
+            };
+            c.benchmark_group("pick")
+                .bench_function(BenchmarkId::new(name, n), |b| {
+                    b.iter_custom(|iters| run(iters, 0, &one))
+                });
+            c.benchmark_group("pick_2threads")
+                .bench_function(BenchmarkId::new(name, n), |b| {
+                    b.iter_custom(|iters| run_2threads(iters, &one))
+                });
+        }
+    }
+}
+
+fn balancer_pick(c: &mut Criterion) {
+    for n in [10, 10_000] {
+        for name in waypost_strategies::names() {
+            let strategy = waypost_strategies::by_name(name).expect("names() lists it");
+            let balancer = Balancer::new(strategy);
+            balancer.apply(WatchEvent::Snapshot(instances(n)));
+            let hashing = is_hashing(name);
+            let one = |i: u64| {
+                drop(black_box(balancer.pick_with(&context(hashing, i))));
+            };
+            c.benchmark_group("balancer_pick")
+                .bench_function(BenchmarkId::new(name, n), |b| {
+                    b.iter_custom(|iters| run(iters, 0, &one))
+                });
+        }
+    }
+}
+
+fn seed_port(c: &mut Criterion) {
+    for &n in &SIZES {
+        let eps = endpoints(n);
+        for name in seed::NAMES {
+            let picker = seed::by_name(name).expect("seed::NAMES lists it");
+            let one = |_: u64| {
+                black_box(picker.pick(black_box(&eps)));
+            };
+            c.benchmark_group("seed")
+                .bench_function(BenchmarkId::new(name, n), |b| {
+                    b.iter_custom(|iters| run(iters, 0, &one))
+                });
+            c.benchmark_group("seed_2threads")
+                .bench_function(BenchmarkId::new(name, n), |b| {
+                    b.iter_custom(|iters| run_2threads(iters, &one))
+                });
+        }
+    }
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .sample_size(20)
+        .without_plots()
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = pick, balancer_pick, seed_port
+}
+criterion_main!(benches);

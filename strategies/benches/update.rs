@@ -1,0 +1,185 @@
+//! What an instance-set update costs a balancer holding 10,000 instances, and whether picks
+//! running at the same time ever wait for it.
+//!
+//! ```text
+//! cargo bench -p waypost-strategies --all-features --bench update
+//! ```
+//!
+//! `update/<strategy>/10000`: one `Balancer::apply` of a single-instance change; iterations
+//! alternate `WatchEvent::Added` and `WatchEvent::Removed` of the same instance, so the time is
+//! the mean of one add and one remove. Each apply rebuilds the snapshot (the endpoint list and
+//! the strategy's picker) and swaps it in; the old one is freed by whoever drops it last.
+//!
+//! Meanwhile a second thread picks in a loop (`Balancer::pick_with`, guard dropped) and times
+//! every pick. After each strategy the bench prints that thread's pick-latency distribution
+//! during the updates, and during a quiet period of the same length before them, so a pick that
+//! waited for an update would show as a tail the quiet period lacks.
+//!
+//! Settings: warm-up 300 ms, measurement 1 s, 10 samples (criterion's minimum).
+
+mod fixture;
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use waypost_core::{Balancer, WatchEvent};
+
+use fixture::{context, instance, instances, is_hashing};
+
+const N: usize = 10_000;
+
+/// Pick latencies in log-linear buckets: 8 sub-buckets per power of two (≤ 12.5 % error).
+struct Histogram {
+    counts: Vec<u64>,
+    max: u64,
+    total: u64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Histogram {
+            counts: vec![0; 64 * 8],
+            max: 0,
+            total: 0,
+        }
+    }
+
+    fn bucket(ns: u64) -> usize {
+        if ns < 8 {
+            return ns as usize;
+        }
+        let exp = 63 - ns.leading_zeros() as usize; // ≥ 3
+        let sub = (ns >> (exp - 3)) as usize & 7;
+        (exp - 2) * 8 + sub
+    }
+
+    fn upper(bucket: usize) -> u64 {
+        if bucket < 8 {
+            return bucket as u64;
+        }
+        let exp = bucket / 8 + 2;
+        let sub = (bucket % 8) as u64;
+        ((8 + sub + 1) << (exp - 3)) - 1
+    }
+
+    fn record(&mut self, ns: u64) {
+        self.counts[Self::bucket(ns)] += 1;
+        self.max = self.max.max(ns);
+        self.total += 1;
+    }
+
+    fn quantile(&self, q: f64) -> u64 {
+        let rank = (q * self.total as f64).ceil() as u64;
+        let mut seen = 0;
+        for (b, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank.max(1) {
+                return Self::upper(b).min(self.max);
+            }
+        }
+        self.max
+    }
+
+    fn over(&self, ns: u64) -> u64 {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|&(b, _)| b > Self::bucket(ns))
+            .map(|(_, &c)| c)
+            .sum()
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} picks, p50 {} ns, p99 {} ns, p99.9 {} ns, p99.99 {} ns, max {} ns, \
+             {} over 10 µs ({:.1} per million)",
+            self.total,
+            self.quantile(0.5),
+            self.quantile(0.99),
+            self.quantile(0.999),
+            self.quantile(0.9999),
+            self.max,
+            self.over(10_000),
+            self.over(10_000) as f64 * 1e6 / self.total.max(1) as f64,
+        )
+    }
+}
+
+/// Picks from `balancer` until `stop`, timing each pick.
+fn pick_loop(balancer: &Balancer, hashing: bool, stop: &AtomicBool) -> Histogram {
+    let mut h = Histogram::new();
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let start = Instant::now();
+        drop(black_box(balancer.pick_with(&context(hashing, i))));
+        h.record(start.elapsed().as_nanos() as u64);
+        i += 1;
+    }
+    h
+}
+
+fn update(c: &mut Criterion) {
+    let extra = instance(N);
+    for name in waypost_strategies::names() {
+        let strategy = waypost_strategies::by_name(name).expect("names() lists it");
+        let balancer = Balancer::new(strategy);
+        balancer.apply(WatchEvent::Snapshot(instances(N)));
+        let hashing = is_hashing(name);
+
+        let stop = AtomicBool::new(false);
+        let (quiet, busy, updating) = std::thread::scope(|s| {
+            let quiet = s.spawn(|| pick_loop(&balancer, hashing, &stop));
+            std::thread::sleep(Duration::from_millis(1300));
+            stop.store(true, Ordering::Relaxed);
+            let quiet = quiet.join().expect("picker thread panicked");
+
+            stop.store(false, Ordering::Relaxed);
+            let busy = s.spawn(|| pick_loop(&balancer, hashing, &stop));
+            let started = Instant::now();
+            let mut updates = 0u64;
+            c.benchmark_group("update")
+                .bench_function(BenchmarkId::new(name, N), |b| {
+                    let mut present = false;
+                    b.iter(|| {
+                        balancer.apply(if present {
+                            WatchEvent::Removed(extra.clone())
+                        } else {
+                            WatchEvent::Added(extra.clone())
+                        });
+                        present = !present;
+                        updates += 1;
+                    })
+                });
+            stop.store(true, Ordering::Relaxed);
+            let busy = busy.join().expect("picker thread panicked");
+            (quiet, busy, (updates, started.elapsed()))
+        });
+        println!(
+            "update/{name}/{N}: {} updates in {:.1} s; picks meanwhile: {}",
+            updating.0,
+            updating.1.as_secs_f64(),
+            busy.summary()
+        );
+        println!(
+            "update/{name}/{N}: picks without updates: {}",
+            quiet.summary()
+        );
+    }
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .sample_size(10)
+        .without_plots()
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = update
+}
+criterion_main!(benches);

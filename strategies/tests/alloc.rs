@@ -1,0 +1,164 @@
+//! The pick path of every compiled-in strategy allocates nothing, at 10 and at 10,000
+//! instances: `Picker::pick`, and `Balancer::pick_with` with the guard's outcome recorded or the
+//! guard dropped. Counted per thread by a global allocator, so tests running in parallel do not
+//! disturb the count.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::Duration;
+
+use waypost_core::{
+    clock_nanos, Balancer, Endpoint, EndpointState, PickContext, ServiceInstance, WatchEvent,
+};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // `try_with`: the allocator also runs while thread-locals are being torn down.
+        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+const SIZES: [usize; 2] = [10, 10_000];
+const PICKS: u64 = 20_000;
+
+fn instances(n: usize) -> Vec<ServiceInstance> {
+    (0..n)
+        .map(|i| {
+            ServiceInstance::builder("users", format!("users-{i:05}"))
+                .host("10.0.0.1")
+                .port(8080)
+                .weight(1 + (i % 10) as u32)
+                .build()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Endpoints under some load, so load-aware strategies take their real branches.
+fn endpoints(n: usize) -> Vec<Endpoint> {
+    let now = clock_nanos();
+    instances(n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, inst)| {
+            let state = EndpointState::new_at(now);
+            for _ in 0..i % 3 {
+                state.begin();
+            }
+            state.observe_latency_at(Duration::from_micros(50 + (i as u64 * 13) % 200), now);
+            Endpoint::new(inst, Arc::new(state))
+        })
+        .collect()
+}
+
+/// Request `i`'s context: every other one has a hash key, so hashing strategies run both their
+/// keyed path and their documented no-key fallback, and the others see keys they ignore.
+fn context(i: u64) -> PickContext<'static> {
+    if i % 2 == 0 {
+        PickContext::new().with_hash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    } else {
+        PickContext::new()
+    }
+}
+
+/// Allocations made by `PICKS` calls of `f`, after a warm-up call (thread-local RNG state,
+/// arc-swap's per-thread slots).
+fn count(mut f: impl FnMut(u64)) -> u64 {
+    f(0);
+    let before = allocations();
+    for i in 1..=PICKS {
+        f(i);
+    }
+    allocations() - before
+}
+
+#[test]
+fn the_counter_sees_allocations() {
+    // Guards the assertions below against a counter that counts nothing.
+    let before = allocations();
+    drop(std::hint::black_box(Box::new(7u64)));
+    assert_eq!(allocations() - before, 1);
+}
+
+#[test]
+fn every_strategy_compiled_in_is_tested() {
+    // Guards the loops below against testing nothing: the default features give four.
+    assert!(waypost_strategies::names().len() >= 4);
+}
+
+#[test]
+fn picker_pick_does_not_allocate() {
+    let mut allocating = Vec::new();
+    for name in waypost_strategies::names() {
+        let strategy = waypost_strategies::by_name(name).unwrap();
+        for n in SIZES {
+            let eps = endpoints(n);
+            let picker = strategy.build(&eps);
+            let mut picked = 0u64;
+            let allocs = count(|i| {
+                if let Some(k) = picker.pick(&eps, &context(i)) {
+                    assert!(k < eps.len(), "{name} picked index {k} of {}", eps.len());
+                    picked += 1;
+                }
+            });
+            assert_eq!(picked, PICKS + 1, "{name} at n={n} declined picks");
+            if allocs > 0 {
+                allocating.push(format!(
+                    "{name} at n={n}: {allocs} allocations in {PICKS} picks"
+                ));
+            }
+        }
+    }
+    assert!(
+        allocating.is_empty(),
+        "Picker::pick allocates: {allocating:#?}"
+    );
+}
+
+#[test]
+fn balancer_pick_and_guard_do_not_allocate() {
+    let mut allocating = Vec::new();
+    for name in waypost_strategies::names() {
+        for n in SIZES {
+            let balancer = Balancer::new(waypost_strategies::by_name(name).unwrap());
+            balancer.apply(WatchEvent::Snapshot(instances(n)));
+            let allocs = count(|i| {
+                let guard = balancer.pick_with(&context(i)).unwrap();
+                // Every way a call can end: success, failure (with latency), cancelled.
+                match i % 3 {
+                    0 => guard.success(),
+                    1 => guard.failure(),
+                    _ => drop(guard),
+                }
+            });
+            if allocs > 0 {
+                allocating.push(format!(
+                    "{name} at n={n}: {allocs} allocations in {PICKS} picks"
+                ));
+            }
+        }
+    }
+    assert!(
+        allocating.is_empty(),
+        "Balancer::pick_with allocates: {allocating:#?}"
+    );
+}
