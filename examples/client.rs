@@ -226,7 +226,10 @@ async fn demo_instances(args: &Args, backend: &common::Backend) -> Result<Demo, 
     if backend.memory.is_none() {
         return Ok(Vec::new());
     }
-    eprintln!("client: memory backend: serving three in-process instances of {} (weights 1, 2, 3)", args.service);
+    eprintln!(
+        "client: memory backend: serving three in-process instances of {} (weights 1, 2, 3)",
+        args.service
+    );
     let mut demo = Vec::new();
     for weight in 1..=3u32 {
         let id = format!("{}-{weight}", args.service);
@@ -240,7 +243,11 @@ async fn demo_instances(args: &Args, backend: &common::Backend) -> Result<Demo, 
             .weight(weight)
             .build()
             .map_err(|e| e.to_string())?;
-        let handle = backend.registry.register(registration).await.map_err(|e| e.to_string())?;
+        let handle = backend
+            .registry
+            .register(registration)
+            .await
+            .map_err(|e| e.to_string())?;
         demo.push((handle, server));
     }
     Ok(demo)
@@ -262,8 +269,16 @@ mod tests {
     #[test]
     fn the_issue_command_line_parses_and_every_strategy_is_accepted() {
         let args = parse(&[
-            "--backend", "consul", "--service", "user-service", "--strategy", "weighted-round-robin",
-            "--requests", "600", "--concurrency", "4",
+            "--backend",
+            "consul",
+            "--service",
+            "user-service",
+            "--strategy",
+            "weighted-round-robin",
+            "--requests",
+            "600",
+            "--concurrency",
+            "4",
         ])
         .unwrap();
         assert_eq!(args.backend.backend, common::BackendKind::Consul);
@@ -272,7 +287,10 @@ mod tests {
             assert_eq!(parse(&["--strategy", name]).unwrap().strategy, name);
         }
         let err = parse(&["--strategy", "fastest"]).unwrap_err().to_string();
-        assert!(err.contains("round-robin"), "the error lists the valid names: {err}");
+        assert!(
+            err.contains("round-robin"),
+            "the error lists the valid names: {err}"
+        );
         assert!(parse(&["--concurrency", "0"]).is_err());
     }
 
@@ -287,33 +305,65 @@ mod tests {
 
     #[tokio::test]
     async fn the_report_follows_the_contract() {
-        let args = parse(&["--backend", "memory", "--strategy", "weighted-round-robin", "--requests", "60"]).unwrap();
+        let args = parse(&[
+            "--backend",
+            "memory",
+            "--strategy",
+            "weighted-round-robin",
+            "--requests",
+            "60",
+        ])
+        .unwrap();
         let report = run(args).await.unwrap();
         let json = serde_json::to_string(&report).unwrap();
         assert!(json.starts_with(r#"{"strategy":"weighted-round-robin","requests":60,"ok":60,"errors":0,"by_instance":{"#), "{json}");
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         let by: BTreeMap<String, usize> = serde_json::from_value(v["by_instance"].clone()).unwrap();
-        assert_eq!(by.keys().collect::<Vec<_>>(), ["user-service-1", "user-service-2", "user-service-3"]);
+        assert_eq!(
+            by.keys().collect::<Vec<_>>(),
+            ["user-service-1", "user-service-2", "user-service-3"]
+        );
         assert_eq!(by.values().sum::<usize>(), 60);
-        let (p50, p99) = (v["latency_ms"]["p50"].as_f64().unwrap(), v["latency_ms"]["p99"].as_f64().unwrap());
+        let (p50, p99) = (
+            v["latency_ms"]["p50"].as_f64().unwrap(),
+            v["latency_ms"]["p99"].as_f64().unwrap(),
+        );
         assert!(p50 > 0.0 && p50 <= p99, "{p50} {p99}");
     }
 
     #[tokio::test]
     async fn bad_input_and_a_missing_service_are_clear_errors() {
-        let err = run(parse(&["--service", "bad/name"]).unwrap()).await.unwrap_err();
+        let err = run(parse(&["--service", "bad/name"]).unwrap())
+            .await
+            .unwrap_err();
         assert!(err.contains("service name"), "{err}");
-        let err = run(parse(&["--key", "bad header"]).unwrap()).await.unwrap_err();
+        let err = run(parse(&["--key", "bad header"]).unwrap())
+            .await
+            .unwrap_err();
         assert!(err.contains("header name"), "{err}");
 
         // An agent address where nothing listens: no instance ever appears.
         #[cfg(feature = "consul")]
         {
-            let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            let closed = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
             let addr = closed.to_string();
-            let args = parse(&["--backend", "consul", "--consul-addr", &addr, "--wait", "300ms"]).unwrap();
+            let args = parse(&[
+                "--backend",
+                "consul",
+                "--consul-addr",
+                &addr,
+                "--wait",
+                "300ms",
+            ])
+            .unwrap();
             let err = run(args).await.unwrap_err();
-            assert!(err.contains("no instance of user-service appeared"), "{err}");
+            assert!(
+                err.contains("no instance of user-service appeared"),
+                "{err}"
+            );
         }
     }
 }

@@ -75,7 +75,11 @@ struct Instance {
 async fn main() -> Result<(), Error> {
     let summary = run().await?;
     // The run checks itself, so that a regression cannot hide in a table.
-    let failed: usize = summary.per_strategy.iter().map(|(_, t)| t.failed).sum::<usize>()
+    let failed: usize = summary
+        .per_strategy
+        .iter()
+        .map(|(_, t)| t.failed)
+        .sum::<usize>()
         + summary.during.failed
         + summary.after.failed;
     if failed > 0 {
@@ -123,7 +127,11 @@ async fn run() -> Result<Summary, Error> {
         println!("\nwatch: {}", describe(&event?));
     }
     let balancer = Balancer::watch(&memory, &service, waypost::strategies::RoundRobin::new());
-    wait_for(|| balancer.instances().len() == instances.len(), "the balancer to see every instance").await?;
+    wait_for(
+        || balancer.instances().len() == instances.len(),
+        "the balancer to see every instance",
+    )
+    .await?;
     let client = HttpClient::builder(balancer.clone())
         .connect_timeout(Duration::from_secs(1))
         .request_timeout(Duration::from_secs(5))
@@ -154,7 +162,10 @@ async fn run() -> Result<Summary, Error> {
     let load = tokio::spawn(send_until(client.clone(), running.clone(), 4));
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let endpoint = balancer.endpoints().into_iter().find(|e| e.id().as_str() == victim.id);
+    let endpoint = balancer
+        .endpoints()
+        .into_iter()
+        .find(|e| e.id().as_str() == victim.id);
     victim.registration.shutdown().await?;
     let mut removal_seen = false;
     while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
@@ -168,12 +179,21 @@ async fn run() -> Result<Summary, Error> {
     // The server stops only once the balancer no longer picks the instance and the requests it
     // already sent there are answered: that is what makes the move lossless.
     wait_for(
-        || balancer.instances().iter().all(|i| i.id().as_str() != victim.id),
+        || {
+            balancer
+                .instances()
+                .iter()
+                .all(|i| i.id().as_str() != victim.id)
+        },
         "the balancer to drop the stopped instance",
     )
     .await?;
     if let Some(endpoint) = endpoint {
-        wait_for(|| endpoint.state().in_flight() == 0, "requests in flight to finish").await?;
+        wait_for(
+            || endpoint.state().in_flight() == 0,
+            "requests in flight to finish",
+        )
+        .await?;
     }
     victim.server.stop().await?;
     println!("{} stopped", victim.id);
@@ -187,8 +207,10 @@ async fn run() -> Result<Summary, Error> {
     print_row("during the stop", &columns, &during);
     print_row("after the stop", &columns, &after);
 
-    let failed = per_strategy.iter().map(|(_, t)| t.failed).sum::<usize>() + during.failed + after.failed;
-    let total = per_strategy.iter().map(|(_, t)| t.total()).sum::<usize>() + during.total() + after.total();
+    let failed =
+        per_strategy.iter().map(|(_, t)| t.failed).sum::<usize>() + during.failed + after.failed;
+    let total =
+        per_strategy.iter().map(|(_, t)| t.total()).sum::<usize>() + during.total() + after.total();
     println!(
         "\n(\"during\": requests picked before the balancer saw the removal finished on {}; its server\n\
          stopped only after they were answered. Retries would have covered a refused connection.)",
@@ -293,7 +315,10 @@ async fn one(client: &HttpClient, i: usize, tally: &mut Tally) {
 
 fn describe(event: &WatchEvent) -> String {
     let ids = |v: &[waypost::ServiceInstance]| {
-        v.iter().map(|i| i.id().to_string()).collect::<Vec<_>>().join(", ")
+        v.iter()
+            .map(|i| i.id().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     match event {
         WatchEvent::Snapshot(all) => format!("snapshot of {} instances: {}", all.len(), ids(all)),
@@ -317,7 +342,10 @@ fn print_row(label: &str, columns: &[(String, u32)], tally: &Tally) {
     let mut line = format!("  {label:<22}");
     for (id, _) in columns {
         let n = tally.by_instance.get(id).copied().unwrap_or(0);
-        line.push_str(&format!("{:>22}", format!("{n:>5} {:>5.1} %", 100.0 * n as f64 / total)));
+        line.push_str(&format!(
+            "{:>22}",
+            format!("{n:>5} {:>5.1} %", 100.0 * n as f64 / total)
+        ));
     }
     line.push_str(&format!("{:>9}", tally.failed));
     println!("{line}");
@@ -348,14 +376,30 @@ mod tests {
             assert_eq!(tally.by_instance.len(), 3, "{name}: every instance serves");
         }
         // Weighted round robin is exact over its whole cycle; over 600 picks within a few.
-        let wrr = &s.per_strategy.iter().find(|(n, _)| n == "weighted-round-robin").unwrap().1;
-        for (id, want) in [("user-service-1", 100), ("user-service-2", 200), ("user-service-3", 300)] {
+        let wrr = &s
+            .per_strategy
+            .iter()
+            .find(|(n, _)| n == "weighted-round-robin")
+            .unwrap()
+            .1;
+        for (id, want) in [
+            ("user-service-1", 100),
+            ("user-service-2", 200),
+            ("user-service-3", 300),
+        ] {
             let got = wrr.by_instance[id];
-            assert!(got.abs_diff(want) <= 3, "{id}: {got} answers, want about {want}");
+            assert!(
+                got.abs_diff(want) <= 3,
+                "{id}: {got} answers, want about {want}"
+            );
         }
         assert_eq!(s.during.failed, 0);
         assert_eq!(s.after.failed, 0);
-        assert_eq!(s.after.by_instance.get(&s.stopped), None, "no traffic after the stop");
+        assert_eq!(
+            s.after.by_instance.get(&s.stopped),
+            None,
+            "no traffic after the stop"
+        );
         assert_eq!(s.after.total(), super::REQUESTS);
     }
 }

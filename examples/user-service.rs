@@ -137,7 +137,9 @@ async fn run(
     waypost::ServiceName::new(&args.name).map_err(|e| e.to_string())?;
     let backend = args.backend.connect().await?;
     if args.backend.backend == common::BackendKind::Memory {
-        eprintln!("user-service: memory backend: the registration is visible only inside this process");
+        eprintln!(
+            "user-service: memory backend: the registration is visible only inside this process"
+        );
     }
     let id = args
         .id
@@ -208,8 +210,21 @@ mod tests {
     #[test]
     fn the_issue_command_line_parses() {
         let args = Args::try_parse_from([
-            "user-service", "--backend", "consul", "--name", "user-service", "--port", "0",
-            "--weight", "2", "--tag", "v1", "--meta", "zone=a", "--ttl", "10s",
+            "user-service",
+            "--backend",
+            "consul",
+            "--name",
+            "user-service",
+            "--port",
+            "0",
+            "--weight",
+            "2",
+            "--tag",
+            "v1",
+            "--meta",
+            "zone=a",
+            "--ttl",
+            "10s",
         ])
         .unwrap();
         assert_eq!(args.backend.backend, common::BackendKind::Consul);
@@ -219,20 +234,36 @@ mod tests {
         assert_eq!(args.ttl, Duration::from_secs(10));
 
         let args = Args::try_parse_from([
-            "user-service", "--backend", "etcd", "--etcd-endpoints", "http://127.0.0.1:1,http://127.0.0.1:2",
+            "user-service",
+            "--backend",
+            "etcd",
+            "--etcd-endpoints",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
         ])
         .unwrap();
         assert_eq!(args.backend.etcd_endpoints.len(), 2);
         assert!(Args::try_parse_from(["user-service", "--meta", "novalue"]).is_err());
         assert!(Args::try_parse_from(["user-service", "--ttl", "10 parsecs"]).is_err());
-        assert_eq!(common::parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(
+            common::parse_duration("1500ms"),
+            Ok(Duration::from_millis(1500))
+        );
     }
 
     #[tokio::test]
     async fn registers_serves_and_deregisters_with_the_json_contract() {
         let args = Args::try_parse_from([
-            "user-service", "--backend", "memory", "--name", "users", "--id", "users-1",
-            "--host", "127.0.0.1", "--port", "0",
+            "user-service",
+            "--backend",
+            "memory",
+            "--name",
+            "users",
+            "--id",
+            "users-1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
         ])
         .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -250,7 +281,9 @@ mod tests {
         let raw = lines.recv().await.unwrap();
         // Fields in the documented order, for readers that do not parse JSON.
         assert!(
-            raw.starts_with(r#"{"event":"registered","id":"users-1","service":"users","addr":"127.0.0.1:"#),
+            raw.starts_with(
+                r#"{"event":"registered","id":"users-1","service":"users","addr":"127.0.0.1:"#
+            ),
             "{raw}"
         );
         let registered: serde_json::Value = serde_json::from_str(&raw).unwrap();
@@ -258,11 +291,16 @@ mod tests {
         assert_eq!(registered["id"], "users-1");
         assert_eq!(registered["service"], "users");
         let addr = registered["addr"].as_str().unwrap().to_owned();
-        assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "{addr}");
+        assert!(
+            addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+            "{addr}"
+        );
         assert_eq!(registered.as_object().unwrap().len(), 4);
 
         // It serves what it registered, and says who answered.
-        let r = reqwest::get(format!("http://{addr}/users/7")).await.unwrap();
+        let r = reqwest::get(format!("http://{addr}/users/7"))
+            .await
+            .unwrap();
         assert_eq!(r.headers()[common::INSTANCE_HEADER], "users-1");
         let user: serde_json::Value = r.json().await.unwrap();
         assert_eq!(user["id"], 7);
@@ -272,8 +310,12 @@ mod tests {
         }
 
         stop.send(()).unwrap();
-        let deregistered: serde_json::Value = serde_json::from_str(&lines.recv().await.unwrap()).unwrap();
-        assert_eq!(deregistered, json!({"event": "deregistered", "id": "users-1"}));
+        let deregistered: serde_json::Value =
+            serde_json::from_str(&lines.recv().await.unwrap()).unwrap();
+        assert_eq!(
+            deregistered,
+            json!({"event": "deregistered", "id": "users-1"})
+        );
         task.await.unwrap().unwrap();
     }
 
@@ -285,7 +327,9 @@ mod tests {
             let err = run(args, async {}, |_| {}).await.unwrap_err();
             assert!(err.contains("--features etcd"), "{err}");
         }
-        let args = Args::try_parse_from(["user-service", "--name", "bad/name", "--host", "127.0.0.1"]).unwrap();
+        let args =
+            Args::try_parse_from(["user-service", "--name", "bad/name", "--host", "127.0.0.1"])
+                .unwrap();
         let err = run(args, async {}, |_| {}).await.unwrap_err();
         assert!(err.contains("service name"), "{err}");
     }

@@ -164,11 +164,7 @@ impl RetryBudget {
     /// The window, with the slots that fell out of it since the last call cleared.
     fn window(&self, now: Instant) -> MutexGuard<'_, Window> {
         // Every update leaves the window consistent, so a poisoned lock is still usable.
-        let mut w = self
-            .shared
-            .window
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut w = self.shared.window.lock().unwrap_or_else(|p| p.into_inner());
         let slot = self.shared.slot;
         let started = *w.started.get_or_insert(now);
         let steps = now.saturating_duration_since(started).as_nanos() / slot.as_nanos().max(1);

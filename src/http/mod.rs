@@ -306,7 +306,9 @@ impl HttpClientBuilder {
     /// Checks the options and builds the client (which needs no runtime until it sends).
     pub fn build(self) -> Result<HttpClient, HttpError> {
         let zero = |what: &str| HttpError::Config {
-            message: format!("{what} is 0: no request could ever complete; give a positive duration"),
+            message: format!(
+                "{what} is 0: no request could ever complete; give a positive duration"
+            ),
         };
         if self.connect_timeout.is_zero() {
             return Err(zero("connect_timeout"));

@@ -81,8 +81,11 @@ pub(crate) fn url_for(instance: &ServiceInstance, path: &str) -> Result<reqwest:
 
 impl RequestBuilder {
     pub(crate) fn new(client: HttpClient, method: Method, path: String) -> Self {
-        let error = (!path.starts_with('/'))
-            .then(|| format!("the path must start with '/' (it is appended to http://host:port), got {path:?}"));
+        let error = (!path.starts_with('/')).then(|| {
+            format!(
+                "the path must start with '/' (it is appended to http://host:port), got {path:?}"
+            )
+        });
         RequestBuilder {
             client,
             method,
@@ -223,11 +226,12 @@ impl RequestBuilder {
                 source,
             })?;
             let instance = guard.instance().clone();
-            let url = url_for(&instance, &self.path).map_err(|reason| HttpError::InvalidRequest {
-                method: self.method.clone(),
-                path: self.path.clone(),
-                reason,
-            })?;
+            let url =
+                url_for(&instance, &self.path).map_err(|reason| HttpError::InvalidRequest {
+                    method: self.method.clone(),
+                    path: self.path.clone(),
+                    reason,
+                })?;
             // This try's limit: the per-try timeout, cut to what is left of the overall one.
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             let limit = match (inner.per_try_timeout, left) {
@@ -312,8 +316,19 @@ impl RequestBuilder {
         }
     }
 
-    fn response(&self, inner: reqwest::Response, instance: ServiceInstance, attempts: u32) -> Response {
-        Response::new(inner, instance, self.method.clone(), self.path.clone(), attempts)
+    fn response(
+        &self,
+        inner: reqwest::Response,
+        instance: ServiceInstance,
+        attempts: u32,
+    ) -> Response {
+        Response::new(
+            inner,
+            instance,
+            self.method.clone(),
+            self.path.clone(),
+            attempts,
+        )
     }
 }
 
@@ -335,7 +350,13 @@ mod tests {
 
     #[test]
     fn idempotent_methods_follow_rfc_9110() {
-        for m in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE, Method::OPTIONS] {
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ] {
             assert!(method_is_idempotent(&m), "{m}");
         }
         for m in [Method::POST, Method::PATCH] {
@@ -345,9 +366,20 @@ mod tests {
 
     #[test]
     fn urls_bracket_ipv6_and_keep_the_query() {
-        let v6 = ServiceInstance::builder("s", "a").host("::1").port(8080).build().unwrap();
-        assert_eq!(url_for(&v6, "/users?x=1").unwrap().as_str(), "http://[::1]:8080/users?x=1");
-        let v4 = ServiceInstance::builder("s", "b").host("10.0.0.1").port(80).build().unwrap();
+        let v6 = ServiceInstance::builder("s", "a")
+            .host("::1")
+            .port(8080)
+            .build()
+            .unwrap();
+        assert_eq!(
+            url_for(&v6, "/users?x=1").unwrap().as_str(),
+            "http://[::1]:8080/users?x=1"
+        );
+        let v4 = ServiceInstance::builder("s", "b")
+            .host("10.0.0.1")
+            .port(80)
+            .build()
+            .unwrap();
         assert_eq!(url_for(&v4, "/").unwrap().as_str(), "http://10.0.0.1/");
     }
 }

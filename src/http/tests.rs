@@ -8,7 +8,9 @@ use std::time::Duration;
 use axum::http::StatusCode as AxumStatus;
 use axum::response::IntoResponse;
 use tokio::io::AsyncReadExt;
-use waypost_core::{Balancer, Endpoint, PickContext, Picker, ServiceInstance, Strategy, WatchEvent};
+use waypost_core::{
+    Balancer, Endpoint, PickContext, Picker, ServiceInstance, Strategy, WatchEvent,
+};
 
 use super::*;
 
@@ -134,7 +136,10 @@ async fn outcomes_reach_the_endpoint_state() {
     let ok = server(Behavior::Ok).await;
     let bad = server(Behavior::Fail).await;
     let b = balancer(First, vec![instance("a-ok", ok.addr)]);
-    let client = HttpClient::builder(b.clone()).max_attempts(1).build().unwrap();
+    let client = HttpClient::builder(b.clone())
+        .max_attempts(1)
+        .build()
+        .unwrap();
     for _ in 0..3 {
         let r = client.get("/x").send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
@@ -148,7 +153,10 @@ async fn outcomes_reach_the_endpoint_state() {
     b.apply(WatchEvent::Snapshot(vec![instance("b-bad", bad.addr)]));
     let r = client.get("/x").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(matches!(r.error_for_status(), Err(HttpError::Status { .. })));
+    assert!(matches!(
+        r.error_for_status(),
+        Err(HttpError::Status { .. })
+    ));
     let s = state(&b, "b-bad");
     assert_eq!((s.state().successes(), s.state().failures()), (0, 1));
     assert_eq!(s.state().in_flight(), 0);
@@ -158,7 +166,10 @@ async fn outcomes_reach_the_endpoint_state() {
 async fn a_failing_get_is_retried_on_another_instance() {
     let bad = server(Behavior::Fail).await;
     let ok = server(Behavior::Ok).await;
-    let b = balancer(First, vec![instance("a-bad", bad.addr), instance("b-ok", ok.addr)]);
+    let b = balancer(
+        First,
+        vec![instance("a-bad", bad.addr), instance("b-ok", ok.addr)],
+    );
     let client = HttpClient::new(b.clone()).unwrap();
     let r = client.get("/users").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
@@ -173,7 +184,10 @@ async fn a_failing_get_is_retried_on_another_instance() {
 async fn a_sent_post_is_not_retried() {
     let bad = server(Behavior::Fail).await;
     let ok = server(Behavior::Ok).await;
-    let b = balancer(First, vec![instance("a-bad", bad.addr), instance("b-ok", ok.addr)]);
+    let b = balancer(
+        First,
+        vec![instance("a-bad", bad.addr), instance("b-ok", ok.addr)],
+    );
     let client = HttpClient::new(b.clone()).unwrap();
     let r = client.post("/users").body("x").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
@@ -182,9 +196,21 @@ async fn a_sent_post_is_not_retried() {
 
     // The connection breaks after the request went out: still not repeated.
     let hangup = hang_up_server().await;
-    b.apply(WatchEvent::Snapshot(vec![instance("a-hangup", hangup.addr), instance("b-ok", ok.addr)]));
+    b.apply(WatchEvent::Snapshot(vec![
+        instance("a-hangup", hangup.addr),
+        instance("b-ok", ok.addr),
+    ]));
     let err = client.post("/users").body("x").send().await.unwrap_err();
-    assert!(matches!(err, HttpError::Transport { gave_up: GaveUp::NotIdempotent, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            HttpError::Transport {
+                gave_up: GaveUp::NotIdempotent,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("idempotent"), "{err}");
     assert_eq!(ok.hits.load(Ordering::SeqCst), 0);
     assert_eq!(hangup.hits.load(Ordering::SeqCst), 1);
@@ -198,9 +224,18 @@ async fn a_sent_post_is_not_retried() {
 async fn a_post_marked_idempotent_is_retried() {
     let bad = server(Behavior::Fail).await;
     let ok = server(Behavior::Ok).await;
-    let b = balancer(First, vec![instance("a-bad", bad.addr), instance("b-ok", ok.addr)]);
+    let b = balancer(
+        First,
+        vec![instance("a-bad", bad.addr), instance("b-ok", ok.addr)],
+    );
     let client = HttpClient::new(b).unwrap();
-    let r = client.post("/users").body("payload").idempotent(true).send().await.unwrap();
+    let r = client
+        .post("/users")
+        .body("payload")
+        .idempotent(true)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.instance().id().as_str(), "b-ok");
     // The body is sent again in full on the retry.
     assert_eq!(r.text().await.unwrap(), "payload");
@@ -210,7 +245,10 @@ async fn a_post_marked_idempotent_is_retried() {
 async fn a_connect_error_is_retried_even_for_post() {
     let dead = closed_port().await;
     let ok = server(Behavior::Ok).await;
-    let b = balancer(First, vec![instance("a-dead", dead), instance("b-ok", ok.addr)]);
+    let b = balancer(
+        First,
+        vec![instance("a-dead", dead), instance("b-ok", ok.addr)],
+    );
     let client = HttpClient::new(b.clone()).unwrap();
     let r = client.post("/users").body("x").send().await.unwrap();
     assert_eq!(r.instance().id().as_str(), "b-ok");
@@ -218,10 +256,15 @@ async fn a_connect_error_is_retried_even_for_post() {
 
     // With nowhere else to go the error says what happened and why it stopped.
     let only_dead = balancer(First, vec![instance("a-dead", dead)]);
-    let client = HttpClient::builder(only_dead).max_attempts(2).build().unwrap();
+    let client = HttpClient::builder(only_dead)
+        .max_attempts(2)
+        .build()
+        .unwrap();
     let err = client.post("/users").send().await.unwrap_err();
     match &err {
-        HttpError::Connect { attempts, gave_up, .. } => {
+        HttpError::Connect {
+            attempts, gave_up, ..
+        } => {
             assert_eq!(*attempts, 2);
             assert_eq!(gave_up, &GaveUp::AttemptsExhausted);
         }
@@ -260,7 +303,10 @@ async fn the_retry_budget_stops_a_retry_storm() {
 async fn a_hanging_instance_is_left_after_the_per_try_timeout() {
     let slow = server(Behavior::Slow(Duration::from_secs(30))).await;
     let ok = server(Behavior::Ok).await;
-    let b = balancer(First, vec![instance("a-slow", slow.addr), instance("b-ok", ok.addr)]);
+    let b = balancer(
+        First,
+        vec![instance("a-slow", slow.addr), instance("b-ok", ok.addr)],
+    );
     let client = HttpClient::builder(b.clone())
         .per_try_timeout(Duration::from_millis(300))
         .request_timeout(Duration::from_secs(20))
@@ -283,7 +329,9 @@ async fn the_overall_timeout_gives_a_typed_error() {
         .await
         .unwrap_err();
     match &err {
-        HttpError::Timeout { gave_up, attempts, .. } => {
+        HttpError::Timeout {
+            gave_up, attempts, ..
+        } => {
             assert_eq!(gave_up, &GaveUp::Deadline);
             assert_eq!(*attempts, 1);
         }
@@ -299,17 +347,30 @@ async fn hash_keys_come_from_the_path_or_a_header() {
     let b = balancer(SeeKey(seen.clone()), vec![instance("a", ok.addr)]);
     let hash = |k: &[u8]| PickContext::new().with_key(k).hash().unwrap();
 
-    let by_path = HttpClient::builder(b.clone()).hash_key(HashKey::Path).build().unwrap();
+    let by_path = HttpClient::builder(b.clone())
+        .hash_key(HashKey::Path)
+        .build()
+        .unwrap();
     by_path.get("/users/7?verbose=1").send().await.unwrap();
     assert_eq!(seen.load(Ordering::SeqCst), hash(b"/users/7"));
-    by_path.get("/users/7").key("explicit").send().await.unwrap();
+    by_path
+        .get("/users/7")
+        .key("explicit")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(seen.load(Ordering::SeqCst), hash(b"explicit"));
 
     let by_header = HttpClient::builder(b)
         .hash_key(HashKey::header("x-user").unwrap())
         .build()
         .unwrap();
-    by_header.get("/").header("x-user", "ada").send().await.unwrap();
+    by_header
+        .get("/")
+        .header("x-user", "ada")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(seen.load(Ordering::SeqCst), hash(b"ada"));
     by_header.get("/").send().await.unwrap();
     assert_eq!(seen.load(Ordering::SeqCst), 0, "no header, no key");
@@ -322,7 +383,12 @@ async fn bad_input_fails_before_sending() {
     let client = HttpClient::new(b).unwrap();
     let err = client.get("users").send().await.unwrap_err();
     assert!(matches!(err, HttpError::InvalidRequest { .. }), "{err}");
-    let err = client.get("/").header("bad header", "v").send().await.unwrap_err();
+    let err = client
+        .get("/")
+        .header("bad header", "v")
+        .send()
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("header name"), "{err}");
     assert_eq!(ok.hits.load(Ordering::SeqCst), 0);
 
@@ -332,7 +398,15 @@ async fn bad_input_fails_before_sending() {
         HttpClient::builder(empty.clone()).max_attempts(0).build(),
         Err(HttpError::Config { .. })
     ));
-    assert!(HttpClient::builder(empty.clone()).connect_timeout(Duration::ZERO).build().is_err());
-    let err = HttpClient::new(empty).unwrap().get("/").send().await.unwrap_err();
+    assert!(HttpClient::builder(empty.clone())
+        .connect_timeout(Duration::ZERO)
+        .build()
+        .is_err());
+    let err = HttpClient::new(empty)
+        .unwrap()
+        .get("/")
+        .send()
+        .await
+        .unwrap_err();
     assert!(matches!(err, HttpError::NoInstance { .. }), "{err}");
 }
