@@ -123,6 +123,17 @@ impl Member {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) with the system's `kill`.
+    fn signal(&self, signal: &str) {
+        let Some(child) = &self.child else { return };
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("running kill -{signal}: {e}"));
+        assert!(status.success(), "kill -{signal} {} failed", child.id());
+    }
+
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -340,6 +351,17 @@ impl EtcdServer {
     /// [`start_isolated`](Self::start_isolated)).
     pub async fn resume(&self) {
         self.members.start_member(0, None).await;
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open but nothing answers, as with a
+    /// hung or partitioned member.
+    pub fn freeze(&self) {
+        self.members.lock()[0].signal("STOP");
+    }
+
+    /// Lets a [`freeze`](Self::freeze)d server go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.members.lock()[0].signal("CONT");
     }
 
     /// The directory with the server's data and log.

@@ -13,8 +13,8 @@ use tokio::time::{timeout, Instant};
 use waypost_conformance::etcd_server::{EtcdCluster, EtcdServer};
 use waypost_conformance::{async_trait, Backend};
 use waypost_core::{
-    Discovery, Error, HealthCheck, InstanceSet, Registration, RegistrationHandle, Registry,
-    ServiceInstance, ServiceName, WatchEvent,
+    Discovery, Error, HealthCheck, InstanceSet, Liveness, Registration, RegistrationHandle,
+    Registry, ServiceInstance, ServiceName, WatchEvent,
 };
 use waypost_etcd::etcd_client;
 use waypost_etcd::{encode_record, Etcd};
@@ -298,6 +298,75 @@ async fn abandoned_registration_expires_within_ttl_and_kept_one_stays() {
         .iter()
         .any(|e| matches!(e, WatchEvent::Removed(i) if i.id().as_str() == "kept")));
     kept.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_server_is_noticed_by_keep_alive_and_watch() {
+    let server = EtcdServer::start().await;
+    let etcd = Etcd::builder()
+        .endpoints(server.endpoints())
+        .request_timeout(Duration::from_secs(1))
+        .progress_interval(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    // Keep-alives every 2 s, each answer due within 1 s (the request timeout).
+    let ttl = Duration::from_secs(6);
+    let handle = etcd
+        .register(registration("frozen", "f-1", 1, ttl))
+        .await
+        .unwrap();
+    let mut live = handle.subscribe();
+    let mut rx = collect(&etcd, "frozen");
+    let mut seen = Seen::default();
+    seen.until(&mut rx, Duration::from_secs(10), "snapshot", |s| {
+        s.set.len() == 1
+    })
+    .await;
+
+    // Connections stay open, nothing answers: only deadlines can tell.
+    server.freeze();
+    let noticed = timeout(
+        Duration::from_secs(8),
+        live.wait_for(|l| matches!(l, Liveness::Recovering { .. })),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    // Progress requests (every idle second, each due within 1 s) notice it in about 2 s; the
+    // bound stays below what HTTP/2 pings alone would take (10 s interval), so it is the watch's
+    // own check that is tested.
+    let watch_noticed = timeout(Duration::from_secs(5), rx.recv()).await;
+    server.thaw();
+    assert!(
+        noticed,
+        "a silent keep-alive stream went unnoticed: {:?}",
+        handle.liveness()
+    );
+    assert!(
+        matches!(watch_noticed, Ok(Some(Err(_)))),
+        "a silent watch went unnoticed: {watch_noticed:?}"
+    );
+
+    // Once the server answers again the registration is live, and the instance never left.
+    let back = timeout(Duration::from_secs(20), live.wait_for(Liveness::is_live))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    assert!(
+        back,
+        "not live again after the server came back: {:?}",
+        handle.liveness()
+    );
+    assert_eq!(etcd.instances(&name("frozen")).await.unwrap().len(), 1);
+    seen.until(&mut rx, Duration::from_secs(2), "still listed", |s| {
+        s.set.len() == 1
+    })
+    .await;
+    assert!(
+        seen.events.len() == 1,
+        "no event expected: {:?}",
+        seen.events
+    );
+    handle.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
