@@ -478,3 +478,26 @@ async fn forgotten_check_reregisters_and_shutdown_deregisters() {
         "no token configured, none sent"
     );
 }
+
+#[tokio::test]
+async fn query_options_reach_the_agent() {
+    let (addr, seen) = fake(|_, _| ready(health(4, json!([])))).await;
+    let consul = client(&addr)
+        .token("t0k")
+        .datacenter("eu-1")
+        .tags(["v1", "blue"])
+        .stale(true)
+        .cached(true)
+        .passing_only(false)
+        .build()
+        .unwrap();
+    consul.instances(&users()).await.unwrap();
+    let default = client(&addr).build().unwrap();
+    default.instances(&users()).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen[0].path, "/v1/health/service/users");
+    assert_eq!(seen[0].query, "tag=v1&tag=blue&dc=eu-1&stale&cached");
+    assert_eq!(seen[0].token.as_deref(), Some("t0k"));
+    assert_eq!(seen[1].query, "passing=true");
+    assert_eq!(seen[1].token, None);
+}
