@@ -138,6 +138,22 @@ async fn weights_tags_meta_and_zone_round_trip() {
     assert_eq!(both.instances(&name("users")).await.unwrap().len(), 1);
     let other = builder(&server).tags(["v1", "green"]).build().unwrap();
     assert!(other.instances(&name("users")).await.unwrap().is_empty());
+
+    // The read options the agent understands: stale reads, the agent cache, the datacenter.
+    let relaxed = builder(&server)
+        .stale(true)
+        .cached(true)
+        .datacenter("dc1")
+        .build()
+        .unwrap();
+    assert_eq!(relaxed.instances(&name("users")).await.unwrap(), got);
+    let elsewhere = builder(&server).datacenter("nowhere").build().unwrap();
+    let err = elsewhere.instances(&name("users")).await.unwrap_err();
+    assert!(matches!(err, Error::Protocol { .. }), "{err}");
+    assert!(
+        err.to_string().contains("nowhere") || err.to_string().contains("datacenter"),
+        "{err}"
+    );
     h.shutdown().await.unwrap();
 }
 
