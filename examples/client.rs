@@ -366,4 +366,67 @@ mod tests {
             );
         }
     }
+
+    /// Serves two instances registered through `backend`, then checks the client's report.
+    #[cfg(any(feature = "consul", feature = "etcd"))]
+    async fn exercise(backend: &[&str]) {
+        let mut args = vec![
+            "--service",
+            "users",
+            "--strategy",
+            "round-robin",
+            "--requests",
+            "40",
+        ];
+        args.extend_from_slice(backend);
+        let args = parse(&args).unwrap();
+        let connected = args.backend.connect().await.unwrap();
+        let mut running = Vec::new();
+        for id in ["users-a", "users-b"] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let server = common::UserService::start(listener, id).unwrap();
+            let reg = waypost::Registration::builder("users", id)
+                .host("127.0.0.1")
+                .port(server.addr().port())
+                .build()
+                .unwrap();
+            running.push((connected.registry.register(reg).await.unwrap(), server));
+        }
+        // Both are listed before the client starts, so round robin splits evenly.
+        let users: ServiceName = "users".parse().unwrap();
+        waypost_conformance::scenarios::eventually(
+            Duration::from_secs(10),
+            "both listed",
+            || async {
+                match connected.discovery.instances(&users).await {
+                    Ok(v) if v.len() == 2 => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await;
+
+        let report = run(args).await.unwrap();
+        assert_eq!((report.ok, report.errors), (40, 0), "{report:?}");
+        assert_eq!(report.by_instance["users-a"], 20, "{report:?}");
+        assert_eq!(report.by_instance["users-b"], 20, "{report:?}");
+        for (handle, server) in running {
+            handle.shutdown().await.unwrap();
+            server.stop().await.unwrap();
+        }
+    }
+
+    #[cfg(feature = "consul")]
+    #[tokio::test]
+    async fn reports_on_a_service_in_a_real_consul_agent() {
+        let consul = waypost_conformance::consul_server::ConsulServer::start().await;
+        exercise(&["--backend", "consul", "--consul-addr", &consul.addr()]).await;
+    }
+
+    #[cfg(feature = "etcd")]
+    #[tokio::test]
+    async fn reports_on_a_service_in_a_real_etcd() {
+        let etcd = waypost_conformance::etcd_server::EtcdServer::start().await;
+        exercise(&["--backend", "etcd", "--etcd-endpoints", &etcd.endpoint()]).await;
+    }
 }

@@ -206,6 +206,7 @@ async fn run(
 mod tests {
     use super::*;
     use serde_json::json;
+    use waypost_conformance::scenarios::eventually;
 
     #[test]
     fn the_issue_command_line_parses() {
@@ -250,24 +251,19 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn registers_serves_and_deregisters_with_the_json_contract() {
-        let args = Args::try_parse_from([
-            "user-service",
-            "--backend",
-            "memory",
-            "--name",
-            "users",
-            "--id",
-            "users-1",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-        ])
-        .unwrap();
+    /// A user service running in a task, its output lines on a channel.
+    struct Running {
+        stop: tokio::sync::oneshot::Sender<()>,
+        lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+        task: tokio::task::JoinHandle<Result<(), String>>,
+    }
+
+    fn spawn(args: &[&str]) -> Running {
+        let args =
+            Args::try_parse_from(std::iter::once("user-service").chain(args.iter().copied()))
+                .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+        let (lines_tx, lines) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(run(
             args,
             async move {
@@ -277,8 +273,34 @@ mod tests {
                 let _ = lines_tx.send(line);
             },
         ));
+        Running { stop, lines, task }
+    }
 
-        let raw = lines.recv().await.unwrap();
+    /// Runs the issue's command line against `backend` and checks the output contract, the
+    /// HTTP service, and (given a discovery of the same backend) what the backend lists.
+    async fn exercise(backend: &[&str], discovery: Option<std::sync::Arc<dyn waypost::Discovery>>) {
+        let mut args = vec![
+            "--name",
+            "users",
+            "--id",
+            "users-1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--weight",
+            "2",
+            "--tag",
+            "v1",
+            "--meta",
+            "zone=a",
+            "--ttl",
+            "10s",
+        ];
+        args.extend_from_slice(backend);
+        let mut running = spawn(&args);
+
+        let raw = running.lines.recv().await.unwrap();
         // Fields in the documented order, for readers that do not parse JSON.
         assert!(
             raw.starts_with(
@@ -287,15 +309,12 @@ mod tests {
             "{raw}"
         );
         let registered: serde_json::Value = serde_json::from_str(&raw).unwrap();
-        assert_eq!(registered["event"], "registered");
-        assert_eq!(registered["id"], "users-1");
-        assert_eq!(registered["service"], "users");
+        assert_eq!(registered.as_object().unwrap().len(), 4);
         let addr = registered["addr"].as_str().unwrap().to_owned();
         assert!(
-            addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
-            "{addr}"
+            !addr.ends_with(":0"),
+            "the bound port is registered: {addr}"
         );
-        assert_eq!(registered.as_object().unwrap().len(), 4);
 
         // It serves what it registered, and says who answered.
         let r = reqwest::get(format!("http://{addr}/users/7"))
@@ -309,14 +328,80 @@ mod tests {
             assert!(r.status().is_success(), "{path}");
         }
 
-        stop.send(()).unwrap();
+        let users: waypost::ServiceName = "users".parse().unwrap();
+        if let Some(d) = &discovery {
+            let listed = eventually(Duration::from_secs(10), "users-1 listed", || async {
+                match d.instances(&users).await {
+                    Ok(v) if !v.is_empty() => Ok(v),
+                    other => Err(format!("{other:?}")),
+                }
+            })
+            .await;
+            assert_eq!(listed.len(), 1, "{listed:?}");
+            let i = &listed[0];
+            assert_eq!((i.id().as_str(), i.authority()), ("users-1", addr.clone()));
+            assert_eq!(i.weight().get(), 2);
+            assert!(i.has_tag("v1"), "{i:?}");
+            // Consul keeps the zone in `Meta.zone`, so there `zone=a` reads back as the zone.
+            let zone = i.metadata().get("zone").map(String::as_str).or(i.zone());
+            assert_eq!(zone, Some("a"), "{i:?}");
+        }
+
+        running.stop.send(()).unwrap();
         let deregistered: serde_json::Value =
-            serde_json::from_str(&lines.recv().await.unwrap()).unwrap();
+            serde_json::from_str(&running.lines.recv().await.unwrap()).unwrap();
         assert_eq!(
             deregistered,
             json!({"event": "deregistered", "id": "users-1"})
         );
-        task.await.unwrap().unwrap();
+        running.task.await.unwrap().unwrap();
+        if let Some(d) = &discovery {
+            eventually(Duration::from_secs(10), "users-1 deregistered", || async {
+                match d.instances(&users).await {
+                    Ok(v) if v.is_empty() => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            })
+            .await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_json_contract_with_the_memory_backend() {
+        exercise(&["--backend", "memory"], None).await;
+    }
+
+    #[cfg(feature = "consul")]
+    #[tokio::test]
+    async fn the_json_contract_with_a_real_consul_agent() {
+        let consul = waypost_conformance::consul_server::ConsulServer::start().await;
+        let addr = consul.addr();
+        let discovery = waypost::consul::Consul::builder()
+            .address(&addr)
+            .build()
+            .unwrap();
+        exercise(
+            &["--backend", "consul", "--consul-addr", &addr],
+            Some(std::sync::Arc::new(discovery)),
+        )
+        .await;
+    }
+
+    #[cfg(feature = "etcd")]
+    #[tokio::test]
+    async fn the_json_contract_with_a_real_etcd() {
+        let etcd = waypost_conformance::etcd_server::EtcdServer::start().await;
+        let endpoint = etcd.endpoint();
+        let discovery = waypost::etcd::Etcd::builder()
+            .endpoints([endpoint.clone()])
+            .connect()
+            .await
+            .unwrap();
+        exercise(
+            &["--backend", "etcd", "--etcd-endpoints", &endpoint],
+            Some(std::sync::Arc::new(discovery)),
+        )
+        .await;
     }
 
     #[tokio::test]
