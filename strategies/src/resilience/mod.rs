@@ -22,6 +22,15 @@
 //!
 //! The layer needs outcomes: call [`PickGuard::failure`](waypost_core::PickGuard::failure) or
 //! `success` for every call, or ejection never sees a failure.
+//!
+//! Costs: a pick reads the clock (when ejection or slow start is on) and a few atomics, plus
+//! what the inner strategy costs per try. Ejecting an instance, and the first pick after an
+//! ejection ends, count the healthy instances: O(n), once per such event. Each build runs the
+//! inner strategy's build once for the whole set and once per zone.
+//!
+//! Ejection state is read from [`EndpointState`](waypost_core::EndpointState); an ejection made
+//! there by anything other than this layer is obeyed by picks at once, but counted toward the
+//! panic threshold, zone health and the ejection limit only from the next instance-set update.
 mod clock;
 mod filter;
 mod picker;

@@ -11,6 +11,14 @@ use std::time::Duration;
 ///
 /// Defaults follow Envoy: 5 failures, 30 s, capped at 300 s, 50 %; probation lasts 30 s.
 ///
+/// Failures are noticed on the pick path: the first pick that lands on an instance whose
+/// failures call for ejection ejects it (and picks again), so an instance nobody picks is never
+/// ejected, and needs not be. The share limit counts the instances that pass the
+/// [`Filter`](super::Filter). An instance's ejection count never decreases (its state has no
+/// way to lower it yet), so an instance ejected often over its life is ejected for
+/// `max_ejection_time` from then on. Calls still in flight when an instance is ejected can fail
+/// after the ejection and count toward its probation.
+///
 /// ```
 /// use std::time::Duration;
 /// use waypost_strategies::resilience::OutlierEjection;
