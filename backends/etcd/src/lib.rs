@@ -75,7 +75,7 @@
 //!   request timeout) is retried, reaching another member; watch and keep-alive streams are
 //!   re-created when their member dies.
 //! - **Auth and TLS**: [`EtcdBuilder::auth`] (a wrong password fails `connect` with
-//!   [`Error::PermissionDenied`](waypost_core::Error::PermissionDenied)); `https://` endpoints and
+//!   [`Error::PermissionDenied`]); `https://` endpoints and
 //!   the `tls_*` options with the crate feature `tls` (rustls with ring; no system library).
 //!
 //! The underlying client crate is re-exported as [`etcd_client`] for administration tasks

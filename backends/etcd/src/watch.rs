@@ -264,12 +264,16 @@ impl Watcher {
             return self.fail(err).await;
         }
         if resp.created() {
-            // The acknowledgement of the watch request: no events in it.
-            self.backoff.reset();
+            // The acknowledgement of the watch request, without events. Not yet a sign of
+            // health: a member without a leader acknowledges, then cancels.
             return;
         }
+        self.backoff.reset();
         if resp.events().is_empty() {
-            // A progress notification: every change up to this revision has been sent.
+            // A progress notification: every change up to this revision has been sent. (etcd
+            // before 3.4.25 / 3.5.8 could answer a progress *request* of a watch that was still
+            // catching up with the current revision; progress is only requested after a quiet
+            // `progress_interval`, when a catching-up watch would have sent events.)
             if let Some(h) = resp.header() {
                 self.last_revision = self.last_revision.max(h.revision());
             }
