@@ -129,3 +129,8 @@ pub mod etcd {
 
 #[cfg(feature = "http")]
 pub mod http;
+
+/// The README's Rust examples, compiled as doc tests so that they stay true.
+#[cfg(all(doctest, feature = "memory", feature = "http", feature = "classic"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
