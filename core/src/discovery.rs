@@ -13,7 +13,7 @@ use crate::instance::{ServiceInstance, ServiceName};
 /// A watch starts with a [`WatchEvent::Snapshot`](crate::WatchEvent::Snapshot) delivered as
 /// soon as the backend answered (not after a poll period), then delivers only changes. It never
 /// ends on a backend error: it yields the error, backs off, and resumes, telling only the real
-/// difference from what it delivered before. It ends when the discovery is dropped or closed.
+/// difference from what it delivered before. It ends when the stream is dropped.
 ///
 /// ```
 /// use futures::{stream, StreamExt};
