@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use waypost_core::{Endpoint, PickContext, Picker, Strategy};
+use waypost_core::{Endpoint, EndpointState, PickContext, Picker, Strategy};
 
 use crate::rng::Rng;
 
@@ -18,7 +18,8 @@ use crate::rng::Rng;
 ///
 /// Cost: the scan stops at the first idle instance, so while some instance is idle (the
 /// common case at moderate load) a pick reads O(1) instances on average. When every instance
-/// has a call in flight the scan reads all `n` of them: O(n), about a nanosecond per instance.
+/// has a call in flight the scan reads all `n` of them: O(n), a few nanoseconds per instance
+/// (a contiguous array of state pointers and weights, one state load each).
 /// For large sets under sustained load prefer `P2c` (feature `p2c`), which reads two.
 ///
 /// With every instance idle the weight cannot matter (`0 / w` is 0 for all), so light
@@ -29,12 +30,13 @@ use crate::rng::Rng;
 /// use waypost_strategies::LeastConnections;
 ///
 /// let balancer = Balancer::new(LeastConnections::new());
-/// let set = ["a", "b"].map(|id| ServiceInstance::builder("users", id).host("h").port(80).build().unwrap());
-/// balancer.apply(WatchEvent::Snapshot(set.to_vec()));
+/// let set = ["a", "b"].map(|id| ServiceInstance::builder("users", id).host("h").port(80).build());
+/// balancer.apply(WatchEvent::Snapshot(set.into_iter().collect::<Result<_, _>>()?));
 ///
-/// let busy = balancer.pick().unwrap(); // one call in flight on one instance...
-/// let next = balancer.pick().unwrap(); // ...so the next call goes to the other
+/// let busy = balancer.pick()?; // one call in flight on one instance...
+/// let next = balancer.pick()?; // ...so the next call goes to the other
 /// assert_ne!(busy.instance().id(), next.instance().id());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct LeastConnections {
@@ -63,46 +65,54 @@ impl Strategy for LeastConnections {
         "least-connections"
     }
 
-    fn build(&self, _endpoints: &[Endpoint]) -> Box<dyn Picker> {
+    fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Picker> {
         Box::new(LeastConnectionsPicker {
             rng: self.rng.clone(),
+            members: endpoints
+                .iter()
+                .map(|e| (e.shared_state().clone(), e.weight()))
+                .collect(),
         })
     }
 }
 
 struct LeastConnectionsPicker {
     rng: Arc<Rng>,
+    /// Each endpoint's state and weight side by side: the scan reads one contiguous array and
+    /// one pointer per instance, instead of two pointers per instance through the endpoints.
+    members: Box<[(Arc<EndpointState>, u32)]>,
 }
 
 impl Picker for LeastConnectionsPicker {
     fn pick(&self, endpoints: &[Endpoint], _ctx: &PickContext<'_>) -> Option<usize> {
-        let n = endpoints.len();
-        if n <= 1 {
-            return (n == 1).then_some(0);
+        let n = self.members.len();
+        if n <= 1 || endpoints.len() != n {
+            // Empty, trivial, or (against the Picker contract) another slice: stay in range.
+            return (!endpoints.is_empty()).then_some(0);
         }
         let start = self.rng.below(n);
+        let (state, weight) = &self.members[start];
         let mut best = start;
-        let mut best_load = endpoints[start].state().in_flight();
+        let mut best_load = state.in_flight();
         if best_load == 0 {
             return Some(start);
         }
-        let mut best_weight = endpoints[start].weight();
+        let mut best_weight = *weight;
         // From the random start to the end, then around from the beginning.
-        let rest = endpoints[start + 1..]
+        let rest = self.members[start + 1..]
             .iter()
             .zip(start + 1..)
-            .chain(endpoints[..start].iter().zip(0..));
-        for (ep, i) in rest {
-            let load = ep.state().in_flight();
+            .chain(self.members[..start].iter().zip(0..));
+        for ((state, weight), i) in rest {
+            let load = state.in_flight();
             if load == 0 {
                 return Some(i);
             }
-            let weight = ep.weight();
             // load / weight < best_load / best_weight, without division; u128 cannot overflow.
             if u128::from(load) * u128::from(best_weight)
-                < u128::from(best_load) * u128::from(weight)
+                < u128::from(best_load) * u128::from(*weight)
             {
-                (best, best_load, best_weight) = (i, load, weight);
+                (best, best_load, best_weight) = (i, load, *weight);
             }
         }
         Some(best)

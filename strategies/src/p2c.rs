@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use waypost_core::{Endpoint, PickContext, Picker, Strategy};
+use waypost_core::{Endpoint, EndpointState, PickContext, Picker, Strategy};
 
 use crate::rng::{Alias, Rng};
 
@@ -35,14 +35,15 @@ use crate::rng::{Alias, Rng};
 /// use waypost_strategies::P2c;
 ///
 /// let balancer = Balancer::new(P2c::seeded(7));
-/// let set = ["a", "b"].map(|id| ServiceInstance::builder("users", id).host("h").port(80).build().unwrap());
-/// balancer.apply(WatchEvent::Snapshot(set.to_vec()));
+/// let set = ["a", "b"].map(|id| ServiceInstance::builder("users", id).host("h").port(80).build());
+/// balancer.apply(WatchEvent::Snapshot(set.into_iter().collect::<Result<_, _>>()?));
 ///
-/// let busy = balancer.pick().unwrap();
+/// let busy = balancer.pick()?;
 /// // With two instances both are always candidates: the idle one wins.
 /// for _ in 0..10 {
-///     assert_ne!(balancer.pick().unwrap().instance().id(), busy.instance().id());
+///     assert_ne!(balancer.pick()?.instance().id(), busy.instance().id());
 /// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct P2c {
@@ -75,7 +76,10 @@ impl Strategy for P2c {
         Box::new(P2cPicker {
             rng: self.rng.clone(),
             alias: Alias::new(endpoints.iter().map(Endpoint::weight)),
-            len: endpoints.len(),
+            members: endpoints
+                .iter()
+                .map(|e| (e.shared_state().clone(), e.weight()))
+                .collect(),
         })
     }
 }
@@ -84,21 +88,24 @@ impl Strategy for P2c {
 struct P2cPicker {
     rng: Arc<Rng>,
     alias: Alias,
-    len: usize,
+    /// Each endpoint's state and weight side by side: one pointer to follow per candidate
+    /// instead of two through the endpoint.
+    members: Box<[(Arc<EndpointState>, u32)]>,
 }
 
 impl Picker for P2cPicker {
     #[inline]
     fn pick(&self, endpoints: &[Endpoint], _ctx: &PickContext<'_>) -> Option<usize> {
-        if self.len != endpoints.len() || self.len <= 1 {
+        let n = self.members.len();
+        if n <= 1 || endpoints.len() != n {
             // Empty, trivial, or (against the Picker contract) another slice: stay in range.
             return (!endpoints.is_empty()).then_some(0);
         }
-        let (a, b) = self.alias.draw_two(&self.rng, self.len);
-        let (ea, eb) = (&endpoints[a], &endpoints[b]);
-        let (la, lb) = (ea.state().in_flight(), eb.state().in_flight());
+        let (a, b) = self.alias.draw_two(&self.rng, n);
+        let ((sa, wa), (sb, wb)) = (&self.members[a], &self.members[b]);
+        let (la, lb) = (sa.in_flight(), sb.in_flight());
         // lb / wb < la / wa, cross-multiplied; a tie keeps the first draw.
-        if u128::from(lb) * u128::from(ea.weight()) < u128::from(la) * u128::from(eb.weight()) {
+        if u128::from(lb) * u128::from(*wa) < u128::from(la) * u128::from(*wb) {
             Some(b)
         } else {
             Some(a)

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use waypost_core::{Endpoint, PickContext, Picker, Strategy};
+use waypost_core::{Endpoint, EndpointState, PickContext, Picker, Strategy};
 
 use crate::rng::{Alias, Rng};
 
@@ -36,8 +36,8 @@ use crate::rng::{Alias, Rng};
 /// light ones at low load; this way equally fast idle instances tie, and the draw, proportional
 /// to weight, decides.
 ///
-/// A pick is O(1): two draws, six atomic loads, no lock (tower's `PeakEwma` takes a mutex per
-/// load reading).
+/// A pick is O(1): two random numbers, four atomic loads, no lock (tower's `PeakEwma` takes a
+/// mutex per load reading).
 ///
 /// ```
 /// use std::time::Duration;
@@ -46,7 +46,8 @@ use crate::rng::{Alias, Rng};
 ///
 /// let endpoints: Vec<Endpoint> = ["fast", "slow"]
 ///     .iter()
-///     .map(|id| Endpoint::fresh(ServiceInstance::builder("users", *id).host("h").port(80).build().unwrap()))
+///     .map(|id| ServiceInstance::builder("users", *id).host("h").port(80).build().unwrap())
+///     .map(Endpoint::fresh)
 ///     .collect();
 /// for (ep, ms) in endpoints.iter().zip([5, 50]) {
 ///     ep.state().begin();
@@ -87,7 +88,10 @@ impl Strategy for P2cEwma {
         Box::new(P2cEwmaPicker {
             rng: self.rng.clone(),
             alias: Alias::new(endpoints.iter().map(Endpoint::weight)),
-            len: endpoints.len(),
+            members: endpoints
+                .iter()
+                .map(|e| (e.shared_state().clone(), e.weight()))
+                .collect(),
         })
     }
 }
@@ -96,19 +100,21 @@ impl Strategy for P2cEwma {
 struct P2cEwmaPicker {
     rng: Arc<Rng>,
     alias: Alias,
-    len: usize,
+    /// Each endpoint's state and weight side by side: one pointer to follow per candidate
+    /// instead of two through the endpoint.
+    members: Box<[(Arc<EndpointState>, u32)]>,
 }
 
 impl Picker for P2cEwmaPicker {
     #[inline]
     fn pick(&self, endpoints: &[Endpoint], _ctx: &PickContext<'_>) -> Option<usize> {
-        if self.len != endpoints.len() || self.len <= 1 {
+        let n = self.members.len();
+        if n <= 1 || endpoints.len() != n {
             // Empty, trivial, or (against the Picker contract) another slice: stay in range.
             return (!endpoints.is_empty()).then_some(0);
         }
-        let (a, b) = self.alias.draw_two(&self.rng, self.len);
-        let (ea, eb) = (&endpoints[a], &endpoints[b]);
-        let (sa, sb) = (ea.state(), eb.state());
+        let (a, b) = self.alias.draw_two(&self.rng, n);
+        let ((sa, wa), (sb, wb)) = (&self.members[a], &self.members[b]);
         // 0.0 means "no sample yet": borrow the rival's estimate (see the type's docs).
         let (lat_a, lat_b) = match (sa.ewma_nanos(), sb.ewma_nanos()) {
             (0.0, 0.0) => (1.0, 1.0),
@@ -116,7 +122,7 @@ impl Picker for P2cEwmaPicker {
             (a, 0.0) => (a, a),
             (a, b) => (a, b),
         };
-        let (wa, wb) = (f64::from(ea.weight()), f64::from(eb.weight()));
+        let (wa, wb) = (f64::from(*wa), f64::from(*wb));
         // latency × (1 + in_flight / weight), both sides multiplied by wa × wb.
         let cost_a = lat_a * (wa + sa.in_flight() as f64) * wb;
         let cost_b = lat_b * (wb + sb.in_flight() as f64) * wa;

@@ -18,7 +18,8 @@ use crate::rng::Rng;
 ///
 /// let endpoints: Vec<Endpoint> = ["a", "b", "c"]
 ///     .iter()
-///     .map(|id| Endpoint::fresh(ServiceInstance::builder("users", *id).host("h").port(80).build().unwrap()))
+///     .map(|id| ServiceInstance::builder("users", *id).host("h").port(80).build().unwrap())
+///     .map(Endpoint::fresh)
 ///     .collect();
 /// let picker = Random::seeded(42).build(&endpoints);
 /// let i = picker.pick(&endpoints, &PickContext::new()).unwrap();

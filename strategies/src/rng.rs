@@ -117,23 +117,25 @@ impl fmt::Debug for Rng {
     }
 }
 
-/// A weighted draw in O(1): Vose's alias table, in integers so that the proportions are exact.
+/// A weighted draw in O(1): Vose's alias table, built in integers.
 ///
-/// Column `i` (drawn uniformly) keeps itself when a second uniform draw `u < total` falls below
-/// `slots[i].keep`, and gives its `alias` otherwise. Weights are scaled by `n`, so every column
-/// holds exactly `total` units: the probability of instance `i` is exactly `w_i / total`.
+/// Weights are scaled by `n`, so that every column holds exactly `total` units, split between
+/// the column's own instance (`keep` units) and one `alias`; the split is computed exactly in
+/// integers, then stored as a threshold on a 64-bit draw. A draw is one random `u64`: its
+/// product with `n` gives the column in the high half and, in the low half, a second uniform
+/// number for the split (Lemire's trick used twice). The probability of instance `i` is
+/// `w_i / total` to within `n / 2^64`: exact for any load balancer's purposes.
 #[cfg(any(feature = "weighted-random", feature = "p2c", feature = "p2c-ewma"))]
 #[derive(Debug)]
 pub(crate) struct Alias {
     /// Empty when every weight is equal: a plain uniform draw is then exact and cheaper.
     slots: Box<[Slot]>,
-    /// Sum of the weights.
-    total: u64,
 }
 
 #[cfg(any(feature = "weighted-random", feature = "p2c", feature = "p2c-ewma"))]
 #[derive(Clone, Copy, Debug)]
 struct Slot {
+    /// `keep / total × 2^64`, saturated: a column is its own instance below this threshold.
     keep: u64,
     alias: u32,
 }
@@ -142,30 +144,42 @@ struct Slot {
 impl Alias {
     /// The table for `weights` (each ≥ 1; at most `u32::MAX` of them).
     pub(crate) fn new(weights: impl ExactSizeIterator<Item = u32> + Clone) -> Self {
+        let split = Self::split(weights);
+        let slots = split
+            .map(|(total, columns)| {
+                columns
+                    .into_iter()
+                    .map(|(keep, alias)| Slot {
+                        keep: ((u128::from(keep) << 64) / u128::from(total))
+                            .min(u128::from(u64::MAX)) as u64,
+                        alias,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Alias { slots }
+    }
+
+    /// Vose's construction in integers: `(total, [(units kept, alias)])`, or `None` when all
+    /// weights are equal. Column `i` holds `total` units: `kept` of instance `i`, the rest of
+    /// `alias`; instance `i`'s units over all columns sum to exactly `w_i × n`.
+    fn split(
+        weights: impl ExactSizeIterator<Item = u32> + Clone,
+    ) -> Option<(u64, Vec<(u64, u32)>)> {
         let n = weights.len() as u64;
         let total: u64 = weights.clone().map(u64::from).sum();
         let first = weights.clone().next();
         if weights.clone().all(|w| Some(w) == first) {
-            return Alias {
-                slots: Box::new([]),
-                total,
-            };
+            return None;
         }
-        // Scaled so that the average column holds exactly `total`.
         let mut left: Vec<u64> = weights.map(|w| u64::from(w) * n).collect();
-        let mut slots: Vec<Slot> = (0..left.len())
-            .map(|i| Slot {
-                keep: total,
-                alias: i as u32,
-            })
-            .collect();
+        // A full column keeps all of itself (and its alias is itself, should the draw land
+        // on the saturated threshold).
+        let mut columns: Vec<(u64, u32)> = (0..left.len() as u32).map(|i| (total, i)).collect();
         let (mut small, mut large): (Vec<u32>, Vec<u32>) =
             (0..left.len() as u32).partition(|&i| left[i as usize] < total);
         while let (Some(s), Some(l)) = (small.pop(), large.last().copied()) {
-            slots[s as usize] = Slot {
-                keep: left[s as usize],
-                alias: l,
-            };
+            columns[s as usize] = (left[s as usize], l);
             // The large one fills the rest of the small one's column.
             left[l as usize] -= total - left[s as usize];
             if left[l as usize] < total {
@@ -173,26 +187,19 @@ impl Alias {
                 small.push(l);
             }
         }
-        // What is left holds exactly `total` each (integers: no rounding residue).
-        Alias {
-            slots: slots.into_boxed_slice(),
-            total,
-        }
+        // Integers leave no residue: whatever remains holds exactly `total` (a full column).
+        Some((total, columns))
     }
 
     /// An index in `0..n` drawn in proportion to weight (`n` = the number of weights given).
     #[inline]
     pub(crate) fn draw(&self, rng: &Rng, n: usize) -> usize {
-        let col = rng.below(n);
+        let wide = u128::from(rng.u64()) * n as u128;
+        let col = (wide >> 64) as usize;
         match self.slots.get(col) {
             None => col,
-            Some(slot) => {
-                if rng.below_u64(self.total) < slot.keep {
-                    col
-                } else {
-                    slot.alias as usize
-                }
-            }
+            Some(slot) if (wide as u64) < slot.keep => col,
+            Some(slot) => slot.alias as usize,
         }
     }
 
@@ -354,16 +361,31 @@ mod tests {
     #[test]
     fn alias_columns_hold_exactly_the_weights() {
         let weights = [1u32, 2, 3, 10, 1, 7];
-        let alias = Alias::new(weights.iter().copied());
+        let (total, columns) = Alias::split(weights.iter().copied()).unwrap();
         let n = weights.len() as u64;
-        // Reconstruct each instance's exact share from the table: it must equal w_i * n.
+        // Each instance's units over all columns must be exactly w_i × n.
         let mut share = vec![0u64; weights.len()];
-        for (i, slot) in alias.slots.iter().enumerate() {
-            share[i] += slot.keep;
-            share[slot.alias as usize] += alias.total - slot.keep;
+        for (i, &(keep, alias)) in columns.iter().enumerate() {
+            share[i] += keep;
+            share[alias as usize] += total - keep;
         }
         let want: Vec<u64> = weights.iter().map(|&w| u64::from(w) * n).collect();
         assert_eq!(share, want);
+        assert!(Alias::split([4u32, 4, 4].into_iter()).is_none());
+    }
+
+    #[cfg(any(feature = "weighted-random", feature = "p2c", feature = "p2c-ewma"))]
+    #[test]
+    fn alias_draws_follow_the_weights() {
+        let alias = Alias::new([1u32, 2, 3, 4].into_iter());
+        let rng = Rng::seeded(8);
+        let mut counts = [0u32; 4];
+        for _ in 0..100_000 {
+            counts[alias.draw(&rng, 4)] += 1;
+        }
+        for (c, w) in counts.iter().zip([1u32, 2, 3, 4]) {
+            assert!(c.abs_diff(w * 10_000) < 600, "{counts:?}");
+        }
     }
 
     #[cfg(any(feature = "weighted-random", feature = "p2c", feature = "p2c-ewma"))]

@@ -9,10 +9,10 @@ use crate::rng::{Alias, Rng};
 /// At random, in proportion to weight: an instance of weight 3 gets three times the picks of
 /// one of weight 1, exactly in the limit.
 ///
-/// Built on Vose's alias table in integer arithmetic (at build time, O(n)): a pick is two draws
-/// and one table read, O(1) at any size, with the probability of each instance exactly
-/// `weight / total weight` (no floating-point rounding). When all weights are equal the table is
-/// skipped and a pick is one uniform draw. Memory: 16 bytes per instance.
+/// Built on Vose's alias table, computed in integers at build time (O(n)): a pick is one random
+/// `u64` and one table read, O(1) at any size, and the probability of each instance is
+/// `weight / total weight` to within `n / 2^64` (no floating-point rounding). When all weights
+/// are equal the table is skipped and a pick is one uniform draw. Memory: 16 bytes per instance.
 ///
 /// ```
 /// use waypost_core::{Endpoint, PickContext, ServiceInstance, Strategy};
@@ -20,9 +20,8 @@ use crate::rng::{Alias, Rng};
 ///
 /// let endpoints: Vec<Endpoint> = [("a", 1), ("b", 9)]
 ///     .iter()
-///     .map(|(id, w)| {
-///         Endpoint::fresh(ServiceInstance::builder("users", *id).host("h").port(80).weight(*w).build().unwrap())
-///     })
+///     .map(|(id, w)| ServiceInstance::builder("users", *id).host("h").port(80).weight(*w).build())
+///     .map(|inst| Endpoint::fresh(inst.unwrap()))
 ///     .collect();
 /// let picker = WeightedRandom::seeded(1).build(&endpoints);
 /// let heavy = (0..10_000)

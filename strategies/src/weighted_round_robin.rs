@@ -44,9 +44,8 @@ use crate::rng::Cursor;
 ///
 /// let endpoints: Vec<Endpoint> = [("a", 1), ("b", 2), ("c", 3)]
 ///     .iter()
-///     .map(|(id, w)| {
-///         Endpoint::fresh(ServiceInstance::builder("users", *id).host("h").port(80).weight(*w).build().unwrap())
-///     })
+///     .map(|(id, w)| ServiceInstance::builder("users", *id).host("h").port(80).weight(*w).build())
+///     .map(|inst| Endpoint::fresh(inst.unwrap()))
 ///     .collect();
 /// let picker = WeightedRoundRobin::new().build(&endpoints);
 /// let mut counts = [0u32; 3];

@@ -154,7 +154,8 @@ proptest! {
                     if eps.is_empty() {
                         prop_assert_eq!(picked, None);
                     } else {
-                        prop_assert!(matches!(picked, Some(i) if i < eps.len()), "{}: {:?}", s.name(), picked);
+                        let in_range = matches!(picked, Some(i) if i < eps.len());
+                        prop_assert!(in_range, "{}: {:?}", s.name(), picked);
                     }
                 }
             }
@@ -209,13 +210,16 @@ mod round_robin {
     fn position_survives_an_update() {
         let strategy = RoundRobin::new();
         let three = endpoints(&[1, 1, 1]);
-        let picker = strategy.build(&three);
-        let last = *run(&*picker, &three, 5).last().unwrap();
-        // A fourth instance sorts last: the rotation goes on from where it was instead of
-        // restarting (a per-picker counter would start over).
         let four = endpoints(&[1, 1, 1, 1]);
-        let picker = strategy.build(&four);
-        assert_eq!(picker.pick(&four, &PickContext::new()), Some(last + 1));
+        // Alternate between a set of three and of four, one pick per rebuild: every pick
+        // continues the rotation from the previous one (a picker-local counter would restart).
+        let mut prev = (run(&*strategy.build(&three), &three, 1)[0], 3);
+        for k in 0..20 {
+            let eps = if k % 2 == 0 { &four } else { &three };
+            let picked = strategy.build(eps).pick(eps, &PickContext::new()).unwrap();
+            assert_eq!(picked, (prev.0 + 1) % prev.1 % eps.len(), "pick {k}");
+            prev = (picked, eps.len());
+        }
     }
 
     #[test]

@@ -156,7 +156,8 @@ fn print(name: &str, r: &Report) {
 #[test]
 fn p2c_ewma_beats_round_robin_at_p99() {
     println!(
-        "{REQUESTS} requests at {:.0}/s over {} backends (two fast, one a bit slower, one slow, one slow with stalls)",
+        "{REQUESTS} requests at {:.0}/s over {} backends \
+         (two fast, one a bit slower, one slow, one slow with stalls)",
         1e3 / ARRIVAL_MS,
         BACKENDS.len()
     );
