@@ -547,6 +547,13 @@ async fn leader_killed_watch_keeps_delivering_and_registration_stays_live() {
     )
     .await;
 
+    // Requests that the client sends to the dead member fail at once with Unavailable; they
+    // are retried on another member, so none of these fails.
+    for _ in 0..50 {
+        let listed = etcd.instances(&name("pay")).await;
+        assert!(listed.is_ok_and(|l| l.len() == 6));
+    }
+
     // The registration heals on the survivors and stays listed for longer than its TTL.
     let live_by = Instant::now() + Duration::from_secs(30);
     while !handle.is_live() {
