@@ -301,6 +301,51 @@ async fn abandoned_registration_expires_within_ttl_and_kept_one_stays() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_lease_is_replaced_by_a_new_one_and_the_key_put_again() {
+    let server = EtcdServer::start().await;
+    let etcd = client(&server.endpoints()).await;
+    let mut c = raw(&server.endpoint()).await;
+    let handle = etcd
+        .register(registration("lease", "l-1", 1, Duration::from_secs(3)))
+        .await
+        .unwrap();
+    let mut rx = collect(&etcd, "lease");
+    let mut seen = Seen::default();
+    seen.until(&mut rx, Duration::from_secs(10), "listed", |s| {
+        s.set.len() == 1
+    })
+    .await;
+    let old_lease = c.get(key("lease", "l-1"), None).await.unwrap().kvs()[0].lease();
+
+    // The lease vanishes behind the registration's back (as after an expiry): the next
+    // keep-alive learns it, and the registration grants a new lease and puts the key again.
+    c.lease_revoke(old_lease).await.unwrap();
+    seen.until(&mut rx, Duration::from_secs(10), "removed", |s| {
+        s.set.is_empty()
+    })
+    .await;
+    seen.until(&mut rx, Duration::from_secs(10), "back", |s| {
+        s.set.len() == 1
+    })
+    .await;
+    let kvs = c.get(key("lease", "l-1"), None).await.unwrap();
+    let new_lease = kvs.kvs()[0].lease();
+    assert!(new_lease != 0 && new_lease != old_lease);
+    let mut live = handle.subscribe();
+    let back = timeout(Duration::from_secs(10), live.wait_for(Liveness::is_live))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    assert!(back, "{:?}", handle.liveness());
+    handle.shutdown().await.unwrap();
+    assert!(c
+        .get(key("lease", "l-1"), None)
+        .await
+        .unwrap()
+        .kvs()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_server_is_noticed_by_keep_alive_and_watch() {
     let server = EtcdServer::start().await;
     let etcd = Etcd::builder()
