@@ -1,10 +1,11 @@
 //! Ring hash (Ketama): requests with equal keys go to the same instance, and a change of the
 //! instance set moves only the keys it must.
 
-use std::fmt::{self, Write as _};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 
-use waypost_core::{Endpoint, PickContext, Picker, Strategy};
+use waypost_core::{Endpoint, InstanceId, PickContext, Picker, Strategy};
 
 use crate::Rng;
 
@@ -19,13 +20,15 @@ use crate::Rng;
 ///   1/N of them); adding one takes about 1/(N+1), from all the others.
 /// - **Weighted:** an instance's share of keys is proportional to its weight (up to the spread
 ///   of its points: about ±1/√points).
-/// - **Bounded:** the ring holds at most [`max_points`](Self::max_points) points (default 2²⁰).
-///   A larger set is scaled down, every instance keeping at least one point; the balance gets
-///   coarser then, and, because the scale depends on the total weight, an update moves a few
-///   keys more than the minimum.
+/// - **Bounded:** the ring holds at most [`max_points`](Self::max_points) points (default 2²⁰,
+///   8 MiB). A larger set gets fewer points per unit of weight (an integer, so that unchanged
+///   instances keep their points across updates until the total weight crosses a step); the
+///   balance gets coarser then. Past one point per unit of weight, every instance keeps at
+///   least one point, and an update may move a few keys more than the minimum.
 /// - **Cost:** a pick is a bucket lookup plus a binary search within one small bucket of the
 ///   sorted ring (usually one cache line): O(log n) at worst, no lock, no allocation. A build
-///   hashes and sorts every point: O(P log P) for P points, tens of milliseconds at the limit.
+///   reuses the last ring's points for unchanged instances and hashes and sorts only the new
+///   ones' points: O(P) for P points (one pass), O(P log P) for the first build.
 /// - **No key:** a request without a key gets a random point, so keyless traffic spreads in
 ///   proportion to weight, like a weighted random pick. That is a choice, not an error.
 ///
@@ -46,11 +49,42 @@ use crate::Rng;
 /// }
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Clone, Debug)]
 pub struct ConsistentHash {
     points_per_weight: u32,
     max_points: usize,
     rng: Arc<Rng>,
+    /// The last ring built, so that the next build reuses the points of unchanged instances
+    /// instead of hashing and sorting everything again. Only builds take this lock.
+    last: Mutex<Option<Built>>,
+}
+
+/// What the next build needs from the last one.
+struct Built {
+    ids: Vec<InstanceId>,
+    counts: Vec<u64>,
+    points: Arc<Vec<u64>>,
+}
+
+impl Clone for ConsistentHash {
+    /// The same settings and randomness; the clone keeps its own last ring.
+    fn clone(&self) -> Self {
+        ConsistentHash {
+            points_per_weight: self.points_per_weight,
+            max_points: self.max_points,
+            rng: Arc::clone(&self.rng),
+            last: Mutex::new(None),
+        }
+    }
+}
+
+impl fmt::Debug for ConsistentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsistentHash")
+            .field("points_per_weight", &self.points_per_weight)
+            .field("max_points", &self.max_points)
+            .field("rng", &self.rng)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ConsistentHash {
@@ -73,6 +107,7 @@ impl ConsistentHash {
             points_per_weight: Self::DEFAULT_POINTS_PER_WEIGHT,
             max_points: Self::DEFAULT_MAX_POINTS,
             rng: Arc::new(Rng::new()),
+            last: Mutex::new(None),
         }
     }
 
@@ -119,23 +154,109 @@ impl ConsistentHash {
         Self::with_rng(Rng::seeded(seed))
     }
 
-    /// How many points each endpoint gets, in slice order.
-    fn points(&self, endpoints: &[Endpoint]) -> Vec<u64> {
-        let wanted: Vec<u64> = endpoints
-            .iter()
-            .map(|e| u64::from(e.weight()) * u64::from(self.points_per_weight))
-            .collect();
-        let total: u64 = wanted.iter().sum();
+    /// How many points each endpoint gets, in slice order: `weight × per_weight` with one
+    /// integer `per_weight` for the whole set, so that the counts of unchanged instances stay
+    /// the same across updates (unless the total weight crosses a step of
+    /// `max_points / total weight`), and with them their points.
+    fn counts(&self, endpoints: &[Endpoint]) -> Vec<u64> {
+        let total_weight: u64 = endpoints.iter().map(|e| u64::from(e.weight())).sum();
         let max = self.max_points as u64;
-        if total <= max {
-            return wanted;
+        let per_weight = u64::from(self.points_per_weight).min(max / total_weight.max(1));
+        if per_weight >= 1 {
+            return endpoints
+                .iter()
+                .map(|e| u64::from(e.weight()) * per_weight)
+                .collect();
         }
-        // Scale down; u128 because points × max can exceed 64 bits.
-        wanted
-            .into_iter()
-            .map(|p| ((u128::from(p) * u128::from(max) / u128::from(total)) as u64).max(1))
+        // Not even one point per unit of weight fits: scale down, one point at least each
+        // (u128: weight × max can exceed 64 bits). Every update then reshapes the whole ring.
+        endpoints
+            .iter()
+            .map(|e| {
+                let w = u128::from(e.weight());
+                ((w * u128::from(max) / u128::from(total_weight)) as u64).max(1)
+            })
             .collect()
     }
+
+    /// The points for `endpoints`, sorted by hash then owner, reusing `last`'s points of every
+    /// instance that kept its id and point count: O(P) for P points, plus hashing and sorting
+    /// only the changed instances' points.
+    fn points(&self, endpoints: &[Endpoint], counts: &[u64], last: Option<&Built>) -> Vec<u64> {
+        // Old index -> new index of each instance whose points carry over.
+        let mut remap = Vec::new();
+        let mut kept = vec![false; endpoints.len()];
+        if let Some(last) = last {
+            let index: HashMap<&str, usize> = endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.id().as_str(), i))
+                .collect();
+            remap = last
+                .ids
+                .iter()
+                .zip(&last.counts)
+                .map(|(id, &count)| match index.get(id.as_str()) {
+                    Some(&i) if counts[i] == count => {
+                        kept[i] = true;
+                        i as u64
+                    }
+                    _ => u64::MAX,
+                })
+                .collect();
+        }
+        let mut fresh = Vec::new();
+        let mut name = Vec::new();
+        for (i, ep) in endpoints.iter().enumerate().filter(|&(i, _)| !kept[i]) {
+            for replica in 0..counts[i] {
+                name.clear();
+                name.extend_from_slice(ep.id().as_str().as_bytes());
+                name.push(b'-');
+                push_decimal(&mut name, replica);
+                let hash = xxhash_rust::xxh3::xxh3_64(&name) >> 32;
+                fresh.push(hash << 32 | i as u64);
+            }
+        }
+        fresh.sort_unstable();
+
+        let carried = last
+            .into_iter()
+            .flat_map(|l| l.points.iter())
+            .filter_map(|&p| {
+                let owner = *remap.get((p & 0xffff_ffff) as usize)?;
+                (owner != u64::MAX).then_some(p & !0xffff_ffff | owner)
+            });
+        let mut points = Vec::with_capacity(counts.iter().sum::<u64>() as usize);
+        let mut fresh = fresh.into_iter().peekable();
+        for p in carried {
+            while let Some(&f) = fresh.peek() {
+                if f > p {
+                    break;
+                }
+                points.push(f);
+                fresh.next();
+            }
+            points.push(p);
+        }
+        fresh.for_each(|f| points.push(f));
+        points
+    }
+}
+
+/// `n` in decimal, as `format!` would write it, without formatting machinery (a build hashes up
+/// to a million names).
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 impl Strategy for ConsistentHash {
@@ -144,20 +265,28 @@ impl Strategy for ConsistentHash {
     }
 
     fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Picker> {
-        Box::new(Ring::new(
-            endpoints,
-            &self.points(endpoints),
-            Arc::clone(&self.rng),
-        ))
+        let counts = self.counts(endpoints);
+        // A poisoned lock only means a build panicked; the cache is then simply not reused.
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let points = Arc::new(self.points(endpoints, &counts, last.as_ref()));
+        *last = Some(Built {
+            ids: endpoints.iter().map(|e| e.id().clone()).collect(),
+            counts,
+            points: Arc::clone(&points),
+        });
+        Box::new(Ring::new(points, Arc::clone(&self.rng)))
     }
 }
 
 /// The sorted ring as one array of packed points, `(hash << 32) | owner`, indexed by the top
 /// bits of the hash so that a search reads one small bucket: typically one cache line, which
 /// also holds the owners. Points are 32-bit, as in Ketama: at the default 2²⁰ points about a
-/// hundred coincide, which only drops those duplicates.
+/// hundred coincide. Coinciding points are all kept, sorted by owner, so the search finds the
+/// lowest owner (the lowest id, in the balancer's sorted slices) whatever the update history,
+/// and removing that owner hands the point to the next.
 struct Ring {
-    points: Vec<u64>,
+    /// Shared with the strategy's cache of the last build.
+    points: Arc<Vec<u64>>,
     /// `buckets[b]` = the first ring position whose hash has top bits ≥ `b`; one extra entry at
     /// the end holds the ring's length.
     buckets: Vec<u32>,
@@ -166,25 +295,7 @@ struct Ring {
 }
 
 impl Ring {
-    fn new(endpoints: &[Endpoint], counts: &[u64], rng: Arc<Rng>) -> Ring {
-        let total: usize = counts.iter().map(|&p| p as usize).sum();
-        let mut points: Vec<u64> = Vec::with_capacity(total);
-        let mut name = String::new();
-        for (i, (ep, &n)) in endpoints.iter().zip(counts).enumerate() {
-            for replica in 0..n {
-                name.clear();
-                // Writing into a String cannot fail.
-                let _ = write!(name, "{}-{}", ep.id(), replica);
-                let hash = xxhash_rust::xxh3::xxh3_64(name.as_bytes()) >> 32;
-                points.push(hash << 32 | i as u64);
-            }
-        }
-        // Equal hashes go to the lower index (sorting the packed value sorts by hash, then
-        // owner), which is the lower id for the balancer's sorted slices: the same winner
-        // whatever else is in the set.
-        points.sort_unstable();
-        points.dedup_by_key(|p| *p >> 32);
-
+    fn new(points: Arc<Vec<u64>>, rng: Arc<Rng>) -> Ring {
         // About eight points (one cache line) per bucket, at most 2^17 buckets (512 KiB).
         let bits = (usize::BITS - points.len().leading_zeros())
             .saturating_sub(3)

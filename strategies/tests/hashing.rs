@@ -275,3 +275,40 @@ fn maglev_table_size_is_a_prime_at_least_the_one_asked() {
     let owners = table(&b, 5);
     assert_eq!(owners.len(), 5);
 }
+
+#[test]
+fn ring_over_its_point_limit_still_moves_only_the_removed_instances_keys() {
+    // 100 instances of weight 10 at 160 points per unit would be 160,000 points; the limit
+    // allows 10 per unit, and one instance fewer still rounds to 10, so unchanged instances keep
+    // their points.
+    let set: Vec<_> = (0..100).map(|i| inst(&format!("i{i:03}"), 10)).collect();
+    let b = balancer(ConsistentHash::new().max_points(10_000), set.clone());
+    let before = assignment(&b, 20_000);
+    b.apply(WatchEvent::Removed(set[42].clone()));
+    let after = assignment(&b, 20_000);
+    let moved = before.iter().zip(&after).filter(|(x, y)| x != y);
+    assert!(moved.clone().all(|(x, _)| x == "i042"));
+    let share = moved.count() as f64 / 20_000.0;
+    assert!((0.003..=0.02).contains(&share), "{share}");
+}
+
+#[test]
+fn ring_built_step_by_step_equals_ring_built_at_once() {
+    // Built incrementally (reusing the last ring) or from scratch, the ring is the same.
+    let set: Vec<_> = (0..30)
+        .map(|i| inst(&format!("i{i:02}"), 1 + i % 4))
+        .collect();
+    let stepwise = balancer(ConsistentHash::new(), set[..10].to_vec());
+    for i in set[10..].iter() {
+        stepwise.apply(WatchEvent::Added(i.clone()));
+    }
+    stepwise.apply(WatchEvent::Removed(set[3].clone()));
+    stepwise.apply(WatchEvent::Updated(
+        set[7].to_builder().weight(9).build().unwrap(),
+    ));
+    let mut end = set.clone();
+    end[7] = set[7].to_builder().weight(9).build().unwrap();
+    end.remove(3);
+    let at_once = balancer(ConsistentHash::new(), end);
+    assert_eq!(assignment(&stepwise, 20_000), assignment(&at_once, 20_000));
+}
