@@ -442,6 +442,19 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "tls")]
+    #[tokio::test]
+    async fn tls_options_need_https_endpoints_and_hide_the_key() {
+        let b = Etcd::builder()
+            .endpoints(["http://127.0.0.1:2379"])
+            .tls_identity_pem("CERT", "PRIVATE-KEY-BYTES")
+            .tls_domain("etcd.local");
+        assert!(!format!("{b:?}").contains("PRIVATE-KEY-BYTES"));
+        let err = b.connect().await.unwrap_err();
+        assert!(matches!(err, Error::Config { .. }), "{err}");
+        assert!(err.to_string().contains("https://"), "{err}");
+    }
+
     #[tokio::test]
     async fn unreachable_cluster_is_unavailable() {
         // A port that was free a moment ago: connection refused, no server needed.
