@@ -182,10 +182,10 @@ fn populate(endpoints: &[Endpoint], size: u32) -> Vec<u32> {
         };
         let (mut c, skip) = cursor[i];
         while table[c as usize] != u32::MAX {
-            c = (c + skip) % m;
+            c = step(c, skip, m);
         }
         table[c as usize] = i as u32;
-        cursor[i].0 = (c + skip) % m;
+        cursor[i].0 = step(c, skip, m);
         filled += 1;
         claims[i] += 1;
         let w = u64::from(endpoints[i].weight());
@@ -194,6 +194,18 @@ fn populate(endpoints: &[Endpoint], size: u32) -> Vec<u32> {
         heap.push(Reverse((next, i)));
     }
     table
+}
+
+/// The next entry of a permutation: `(c + skip) mod m` for `c, skip < m`, without the division
+/// (the build's inner loop runs about M ln M times).
+#[inline]
+fn step(c: u64, skip: u64, m: u64) -> u64 {
+    let next = c + skip;
+    if next >= m {
+        next - m
+    } else {
+        next
+    }
 }
 
 struct Table {
