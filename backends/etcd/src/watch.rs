@@ -162,11 +162,11 @@ impl Watcher {
                         BACKEND,
                         "watch",
                         format!("no answer to a progress request within {:?}; re-opening the watch", self.ctx.request_timeout),
-                    )).await;
+                    ));
                 }
                 if let Err(e) = open.stream.request_progress().await {
                     self.stream = None;
-                    return self.fail(error::map("watch progress request", e)).await;
+                    return self.fail(error::map("watch progress request", e));
                 }
                 open.progress_asked = Some(Instant::now());
                 return;
@@ -182,11 +182,11 @@ impl Watcher {
                 // A closed stream is a reason to resume, never to end (go-kit's bug).
                 self.stream = None;
                 tracing::debug!(service = %self.service, "etcd watch stream closed; resuming");
-                self.pause().await;
+                self.pause();
             }
             Err(e) => {
                 self.stream = None;
-                self.fail(error::map("watch", e)).await;
+                self.fail(error::map("watch", e));
             }
         }
     }
@@ -200,7 +200,7 @@ impl Watcher {
                 self.backoff.reset();
                 self.emit();
             }
-            Err(e) => self.fail(e).await,
+            Err(e) => self.fail(e),
         }
     }
 
@@ -224,11 +224,8 @@ impl Watcher {
                     progress_asked: None,
                 });
             }
-            Ok(Err(e)) => self.fail(error::map("open watch", e)).await,
-            Err(_) => {
-                self.fail(error::timed_out("open watch", self.ctx.request_timeout))
-                    .await
-            }
+            Ok(Err(e)) => self.fail(error::map("open watch", e)),
+            Err(_) => self.fail(error::timed_out("open watch", self.ctx.request_timeout)),
         }
     }
 
@@ -261,7 +258,7 @@ impl Watcher {
                     format!("the server cancelled the watch: {reason:?}"),
                 )
             };
-            return self.fail(err).await;
+            return self.fail(err);
         }
         if resp.created() {
             // The acknowledgement of the watch request, without events. Not yet a sign of
@@ -307,15 +304,15 @@ impl Watcher {
     }
 
     /// Reports `err` (the watch goes on) and schedules the next attempt after a backoff.
-    async fn fail(&mut self, err: Error) {
+    fn fail(&mut self, err: Error) {
         tracing::warn!(service = %self.service, error = %err, "etcd watch interrupted; retrying");
         self.pending.push_back(Err(err));
-        self.pause().await;
+        self.pause();
     }
 
     /// Schedules the next attempt after a backoff. The wait happens at the start of the next
     /// step, so that queued items (an error) reach the consumer first.
-    async fn pause(&mut self) {
+    fn pause(&mut self) {
         self.retry_at = Some(Instant::now() + self.backoff.next_delay());
     }
 }
