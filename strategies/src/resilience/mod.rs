@@ -30,7 +30,8 @@
 //!
 //! Ejection state is read from [`EndpointState`](waypost_core::EndpointState); an ejection made
 //! there by anything other than this layer is obeyed by picks at once, but counted toward the
-//! panic threshold, zone health and the ejection limit only from the next instance-set update.
+//! panic threshold, zone health and the ejection limit only from the next instance-set update
+//! (or the layer's own next ejection or end of one).
 mod clock;
 mod filter;
 mod picker;
