@@ -149,6 +149,12 @@ impl EtcdBuilder {
     /// (rounded up, at least 1 s). When not set, a registration's
     /// [`HealthCheck::Ttl`](waypost_core::HealthCheck::Ttl) is used, and for checks etcd cannot
     /// run (HTTP, TCP) [`DEFAULT_LEASE_TTL`]. Keep-alives go out every TTL/3.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let b = waypost_etcd::Etcd::builder().lease_ttl(Duration::from_secs(30));
+    /// assert!(format!("{b:?}").contains("30s"));
+    /// ```
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = Some(ttl);
         self
@@ -157,6 +163,11 @@ impl EtcdBuilder {
     /// Authenticate as `user` with `password` (etcd's auth must be enabled). Never logged, not
     /// shown by `Debug`. A wrong password makes [`connect`](Self::connect) fail with
     /// [`Error::PermissionDenied`].
+    ///
+    /// ```
+    /// let b = waypost_etcd::Etcd::builder().auth("svc-users", "s3cret");
+    /// assert!(!format!("{b:?}").contains("s3cret"));
+    /// ```
     pub fn auth(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
         self.user = Some((user.into(), password.into()));
         self

@@ -190,6 +190,16 @@ impl Etcd {
     }
 
     /// The etcd key of instance `id` of `service`: `<prefix>/<service>/<id>`.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let etcd = waypost_etcd::Etcd::builder().connect().await?;
+    /// let key = etcd.key(&"users".parse()?, &"users-1".parse()?);
+    /// assert_eq!(key, "/waypost/services/users/users-1");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn key(&self, service: &ServiceName, id: &InstanceId) -> String {
         self.shared.ctx.layout.key(service, id)
     }
@@ -202,22 +212,6 @@ impl Etcd {
     /// The host announced by registrations that name none.
     pub fn default_host(&self) -> &str {
         &self.shared.ctx.default_host
-    }
-
-    /// The lease TTL for `registration`: the builder's, else its TTL check's, else
-    /// [`DEFAULT_LEASE_TTL`]; whole seconds, rounded up.
-    fn lease_ttl_secs(&self, registration: &Registration) -> i64 {
-        let ttl = self
-            .shared
-            .ctx
-            .lease_ttl
-            .unwrap_or(match registration.check() {
-                HealthCheck::Ttl { ttl } => *ttl,
-                // etcd runs no checks of its own: the lease is the only liveness signal.
-                _ => DEFAULT_LEASE_TTL,
-            });
-        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
-        secs.clamp(1, i64::MAX as u64) as i64
     }
 }
 
@@ -233,6 +227,18 @@ impl fmt::Debug for Etcd {
     }
 }
 
+/// The lease TTL of a registration: the builder's, else its TTL check's, else
+/// [`DEFAULT_LEASE_TTL`]; whole seconds, rounded up.
+fn lease_ttl_secs(configured: Option<Duration>, check: &HealthCheck) -> i64 {
+    let ttl = configured.unwrap_or(match check {
+        HealthCheck::Ttl { ttl } => *ttl,
+        // etcd runs no checks of its own: the lease is the only liveness signal.
+        _ => DEFAULT_LEASE_TTL,
+    });
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    secs.clamp(1, i64::MAX as u64) as i64
+}
+
 #[async_trait]
 impl Registry for Etcd {
     async fn register(&self, registration: Registration) -> Result<RegistrationHandle, Error> {
@@ -241,7 +247,7 @@ impl Registry for Etcd {
         let entry = registry::Entry {
             key: ctx.layout.key(instance.service(), instance.id()),
             value: encode_record(&instance),
-            ttl_secs: self.lease_ttl_secs(&registration),
+            ttl_secs: lease_ttl_secs(ctx.lease_ttl, registration.check()),
         };
         let lease = registry::establish(&ctx, &entry).await?;
         tracing::debug!(key = %entry.key, lease, ttl = entry.ttl_secs, "registered in etcd");
@@ -266,5 +272,20 @@ impl Discovery for Etcd {
             self.shared.closed.subscribe(),
             service.clone(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ttl_prefers_the_builder_then_the_check_and_rounds_up() {
+        let ttl = |s| HealthCheck::ttl(Duration::from_secs(s));
+        let http = HealthCheck::http("http://h/", Duration::from_secs(1));
+        assert_eq!(lease_ttl_secs(None, &ttl(4)), 4);
+        assert_eq!(lease_ttl_secs(Some(Duration::from_secs(7)), &ttl(4)), 7);
+        assert_eq!(lease_ttl_secs(None, &http), 10);
+        assert_eq!(lease_ttl_secs(Some(Duration::from_millis(2500)), &http), 3);
     }
 }
