@@ -28,7 +28,7 @@ use crate::rng::{Alias, Rng};
 /// - the mean of the instances with samples needs an O(n) pass per pick (or a stale copy).
 ///
 /// # Weights
-/// Candidates are drawn in proportion to weight, as in [`P2c`](crate::P2c), and a tie goes to
+/// Candidates are drawn in proportion to weight, as in `P2c` (feature `p2c`), and a tie goes to
 /// the first draw. The cost generalises to `latency × (1 + in_flight / weight)`: an instance
 /// of weight `w` counts as `w` parallel servers, so its queue per server is what delays a new
 /// call. With all weights 1 this is exactly `latency × (in_flight + 1)`. Dividing the whole

@@ -5,9 +5,8 @@
 //! thread writes on the pick path: the default [`Rng`] is thread-local, and a `Cursor` keeps one
 //! position per thread stripe.
 
-use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A random number source for pickers: lock-free, `Send + Sync`, and cheap on the pick path.
 ///
@@ -206,6 +205,7 @@ impl Alias {
     /// Two distinct indices, each drawn in proportion to weight as far as distinctness allows:
     /// the second is redrawn once if it equals the first, then taken uniformly among the others
     /// (so that a dominant instance cannot make this loop). Needs `n >= 2`.
+    #[cfg(any(feature = "p2c", feature = "p2c-ewma"))]
     #[inline]
     pub(crate) fn draw_two(&self, rng: &Rng, n: usize) -> (usize, usize) {
         let a = self.draw(rng, n);
@@ -289,6 +289,9 @@ impl fmt::Debug for Cursor {
 #[cfg(any(feature = "round-robin", feature = "weighted-round-robin"))]
 #[inline]
 fn stripe() -> usize {
+    use std::cell::Cell;
+    use std::sync::atomic::AtomicUsize;
+
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
@@ -388,7 +391,7 @@ mod tests {
         }
     }
 
-    #[cfg(any(feature = "weighted-random", feature = "p2c", feature = "p2c-ewma"))]
+    #[cfg(any(feature = "p2c", feature = "p2c-ewma"))]
     #[test]
     fn draw_two_is_distinct_even_when_one_weight_dominates() {
         let alias = Alias::new([1_000_000u32, 1, 1].into_iter());

@@ -13,11 +13,13 @@ use crate::rng::Cursor;
 /// set that shrank is taken modulo the new size: never out of range, and the rotation over the
 /// new set is exact from the next pick on.
 ///
-/// The position is kept per thread stripe (see the crate's `Cursor`): each thread rotates
-/// through the whole set on its own, so threads picking at once never contend on one cache line,
-/// and the total is fair to within one pick per thread. The rotation starts at a random
-/// instance, so that clients started together do not all hit the first one. Pick cost: one
-/// uncontended compare-and-swap, no division, no allocation.
+/// The position is kept in 16 stripes, each on its own cache line, and a thread always uses the
+/// same stripe (threads are assigned stripes in turn). Each thread thus rotates through the
+/// whole set on its own: threads picking at once do not bounce one cache line between cores (a
+/// single shared counter would make every pick a cache miss under concurrency), and the total
+/// is fair to within one pick per thread. Each stripe starts at a random instance, so that
+/// clients started together do not all hit the first one. Pick cost: one uncontended
+/// compare-and-swap, no division, no allocation.
 ///
 /// ```
 /// use waypost_core::{Balancer, ServiceInstance, WatchEvent};

@@ -24,17 +24,22 @@ use crate::rng::Cursor;
 /// a small cycle has no good stride (with weights 1, 2, 3 the only strides coprime to 6 are ±1,
 /// which would walk the runs in order).
 ///
+/// What the tests hold it to, for weight sets from `1, 2, 3` to a hundred instances: every window
+/// of 6 to 1,000 consecutive picks gives each instance within 3 picks of its share (the naive
+/// "each instance `weight` times in a row" is off by up to `weight`), and no instance runs more
+/// than twice as long as a perfectly smooth schedule needs. These hold per thread: each thread
+/// follows the sequence on its own stripe of the position (see `RoundRobin`).
+///
 /// Finding the owner is O(1) on average: a guide table of `n` buckets over the cycle points to
 /// the first instance of each bucket, and a binary search inside the bucket's (usually one or
 /// two) candidates finishes, so the worst case is O(log n). Nothing is rebuilt per pick, there is
 /// no lock and no division on the common path: one compare-and-swap on the thread's stripe of the
-/// position (see [`RoundRobin`](crate::RoundRobin) for the striping), one 128-bit
-/// multiplication, two table reads.
+/// position (see `RoundRobin` for the striping), one 128-bit multiplication, two table reads.
 ///
-/// Compared with nginx's smooth weighted round-robin (O(n) per pick, needs a lock) and Envoy's
-/// EDF scheduler (O(log n), a mutable heap behind a lock), this keeps picks lock-free; compared
-/// with gRPC's static-stride scheduler it needs no retry loop, whose length grows with the
-/// spread of the weights.
+/// Compared with nginx's smooth weighted round-robin (O(n) per pick, a lock when shared) and
+/// Envoy's EDF scheduler (O(log n), a mutable heap behind a lock), this keeps picks lock-free;
+/// compared with gRPC's static-stride scheduler it needs no retry loop, whose length grows with
+/// the spread of the weights.
 ///
 /// The position lives in the strategy and survives updates. Memory: 12 bytes per instance.
 ///

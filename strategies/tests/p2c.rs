@@ -2,7 +2,6 @@
 #![cfg(any(feature = "p2c", feature = "p2c-ewma"))]
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use waypost_core::{Endpoint, EndpointState, PickContext, Picker, ServiceInstance, Strategy};
 
@@ -115,6 +114,7 @@ mod p2c {
 #[cfg(feature = "p2c-ewma")]
 mod p2c_ewma {
     use super::*;
+    use std::time::Duration;
     use waypost_core::EWMA_DECAY;
     use waypost_strategies::P2cEwma;
 
