@@ -10,7 +10,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::discovery::Discovery;
-use crate::endpoint::{Endpoint, EndpointState, Outcome};
+use crate::endpoint::{clock_nanos, Endpoint, EndpointState, Outcome};
 use crate::error::Error;
 use crate::event::{Watch, WatchEvent};
 use crate::instance::{InstanceId, ServiceInstance, ServiceName};
@@ -357,11 +357,16 @@ impl Balancer {
                 }
             }
         }
-        // Then the least loaded one not excluded, so that retries still spread.
-        let fallback = eps
-            .iter()
-            .filter(|ep| !excluded(ep))
-            .min_by_key(|ep| ep.state().in_flight())
+        // Then the least loaded one not excluded (and not ejected by a resilience layer, if any
+        // is left), so that retries still spread.
+        let now = clock_nanos();
+        let least_loaded = |ok: &dyn Fn(&Endpoint) -> bool| {
+            eps.iter()
+                .filter(|ep| ok(ep))
+                .min_by_key(|ep| ep.state().in_flight())
+        };
+        let fallback = least_loaded(&|ep| !excluded(ep) && ep.state().ejected_until() <= now)
+            .or_else(|| least_loaded(&|ep| !excluded(ep)))
             .or_else(|| eps.first());
         match fallback {
             Some(ep) => Ok(PickGuard::new(ep.clone())),

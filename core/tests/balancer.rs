@@ -227,6 +227,19 @@ fn pick_excluding_avoids_excluded_ids() {
     );
 }
 
+#[test]
+fn pick_excluding_falls_back_to_an_instance_that_is_not_ejected() {
+    let b = Balancer::new(Last);
+    b.apply(WatchEvent::Snapshot(vec![inst("a"), inst("b"), inst("c")]));
+    // "c" (the strategy's choice) is excluded; "a" is ejected and less loaded than "b".
+    let eps = b.endpoints();
+    eps[0].state().eject_until(u64::MAX);
+    let _busy = [eps[1].state(), eps[1].state()].map(|s| s.begin());
+    let avoid = [inst("c").id().clone()];
+    let g = b.pick_excluding(&PickContext::new(), &avoid).unwrap();
+    assert_eq!(g.instance().id().as_str(), "b");
+}
+
 #[tokio::test]
 async fn follows_a_watch_reports_errors_and_stops_with_the_balancer() {
     let (tx, rx) = futures::channel::mpsc::unbounded::<Result<WatchEvent, Error>>();

@@ -76,26 +76,18 @@ pub use rng::Rng;
 /// assert!(waypost_strategies::names().contains(&"round-robin"));
 /// ```
 pub fn names() -> Vec<&'static str> {
-    let mut names = Vec::new();
-    #[cfg(feature = "round-robin")]
-    names.push("round-robin");
-    #[cfg(feature = "random")]
-    names.push("random");
-    #[cfg(feature = "weighted-round-robin")]
-    names.push("weighted-round-robin");
-    #[cfg(feature = "least-connections")]
-    names.push("least-connections");
-    #[cfg(feature = "weighted-random")]
-    names.push("weighted-random");
-    #[cfg(feature = "p2c")]
-    names.push("p2c");
-    #[cfg(feature = "p2c-ewma")]
-    names.push("p2c-ewma");
-    #[cfg(feature = "consistent-hash")]
-    names.push("consistent-hash");
-    #[cfg(feature = "maglev")]
-    names.push("maglev");
-    names
+    const ALL: &[(&str, bool)] = &[
+        ("round-robin", cfg!(feature = "round-robin")),
+        ("random", cfg!(feature = "random")),
+        ("weighted-round-robin", cfg!(feature = "weighted-round-robin")),
+        ("least-connections", cfg!(feature = "least-connections")),
+        ("weighted-random", cfg!(feature = "weighted-random")),
+        ("p2c", cfg!(feature = "p2c")),
+        ("p2c-ewma", cfg!(feature = "p2c-ewma")),
+        ("consistent-hash", cfg!(feature = "consistent-hash")),
+        ("maglev", cfg!(feature = "maglev")),
+    ];
+    ALL.iter().filter(|(_, on)| *on).map(|(name, _)| *name).collect()
 }
 
 /// The strategy called `name` with default settings, or `None` if no compiled-in strategy has
