@@ -52,10 +52,19 @@ pub fn etcd_binary() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding a free loopback port")
+    free_ports(1)[0]
+}
+
+/// `n` distinct free loopback ports: all listeners are held until all are chosen, so that the
+/// system cannot hand out the same port twice.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding a free loopback port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("a bound address").port())
+        .collect()
 }
 
 /// A private directory under the system temp dir, removed by [`Members`]' drop.
@@ -150,18 +159,32 @@ struct Members {
 }
 
 impl Members {
+    /// Starts `n` members on fresh ports. Another process can take a chosen port before etcd
+    /// binds it: then the member exits, and the whole start is tried again on other ports.
     async fn start(n: usize) -> Members {
         assert!(n >= 1, "a cluster needs at least one member");
+        let mut attempt = 1;
+        loop {
+            match Members::try_start(n).await {
+                Ok(members) => return members,
+                Err(why) if attempt < 3 && why.exited => attempt += 1,
+                Err(why) => panic!("{}", why.message),
+            }
+        }
+    }
+
+    async fn try_start(n: usize) -> Result<Members, NotHealthy> {
         let dir = temp_dir();
         let token = dir
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "waypost".into());
+        let ports = free_ports(2 * n);
         let mut members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_port: free_port(),
-                peer_port: free_port(),
+                client_port: ports[2 * i],
+                peer_port: ports[2 * i + 1],
                 data_dir: dir.join(format!("m{i}.data")),
                 log: dir.join(format!("m{i}.log")),
                 child: None,
@@ -184,9 +207,9 @@ impl Members {
             http,
         };
         for i in 0..n {
-            this.wait_healthy(i, None).await;
+            this.healthy(i, None).await?;
         }
-        this
+        Ok(this)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Member>> {
@@ -201,7 +224,16 @@ impl Members {
     }
 
     /// Waits until member `i` answers `/health` with `true` on `port` (default its own).
+    ///
+    /// # Panics
+    /// When it does not, with the end of its log.
     async fn wait_healthy(&self, i: usize, port: Option<u16>) {
+        if let Err(why) = self.healthy(i, port).await {
+            panic!("{}", why.message);
+        }
+    }
+
+    async fn healthy(&self, i: usize, port: Option<u16>) -> Result<(), NotHealthy> {
         let url = {
             let ms = self.lock();
             format!(
@@ -214,7 +246,7 @@ impl Members {
             if let Ok(resp) = self.http.get(&url).send().await {
                 if let Ok(v) = resp.json::<serde_json::Value>().await {
                     if v["health"] == "true" {
-                        return;
+                        return Ok(());
                     }
                 }
             }
@@ -228,12 +260,15 @@ impl Members {
             };
             if exited || started.elapsed() > READY_LIMIT {
                 let ms = self.lock();
-                panic!(
-                    "etcd member {} did not become healthy at {url} ({}); its log ends with:\n{}",
-                    ms[i].name,
-                    if exited { "it exited" } else { "time limit" },
-                    ms[i].log_tail()
-                );
+                return Err(NotHealthy {
+                    exited,
+                    message: format!(
+                        "etcd member {} did not become healthy at {url} ({}); its log ends with:\n{}",
+                        ms[i].name,
+                        if exited { "it exited" } else { "time limit" },
+                        ms[i].log_tail()
+                    ),
+                });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -291,6 +326,13 @@ impl Drop for Members {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Why a member did not come up.
+struct NotHealthy {
+    /// The process ended (e.g. its port was taken), as opposed to running but not healthy.
+    exited: bool,
+    message: String,
 }
 
 fn initial_cluster(members: &[Member]) -> String {
