@@ -16,11 +16,12 @@ use crate::rng::Rng;
 /// Ties are broken fairly: the scan starts at a random instance (the thread's own generator) and
 /// keeps the first least-loaded one it meets, so equally loaded instances share the traffic.
 ///
-/// Cost: the scan stops at the first idle instance, so while some instance is idle (the
-/// common case at moderate load) a pick reads O(1) instances on average. When every instance
-/// has a call in flight the scan reads all `n` of them: O(n), a few nanoseconds per instance
-/// (a contiguous array of state pointers and weights, one state load each).
-/// For large sets under sustained load prefer `P2c` (feature `p2c`), which reads two.
+/// Cost: the scan stops at the first idle instance. With a fraction `f` of the instances idle
+/// a pick reads about `1 / f` of them (one or two at light load, whatever `n`). When every
+/// instance has a call in flight the scan reads all `n`: **O(n) worst case**, a few nanoseconds
+/// per instance (a contiguous array of state pointers and weights, one state load each), so
+/// tens of microseconds at 10,000 busy instances. For large sets under sustained load prefer
+/// `P2c` (feature `p2c`), which always reads two.
 ///
 /// With every instance idle the weight cannot matter (`0 / w` is 0 for all), so light
 /// sequential traffic spreads evenly; weights take effect as calls overlap.

@@ -18,6 +18,11 @@ use crate::rng::{Alias, Rng};
 /// recovers wins traffic back gradually). Multiplying by `in_flight + 1` makes a fast instance
 /// lose to a slower idle one once enough calls are queued on it.
 ///
+/// The estimate only moves when a sample arrives (reading it does not decay it, unlike tower's
+/// `PeakEwma`, which reads the clock on every load reading). An instance that stopped being
+/// picked after a slow spell keeps its estimate until load on its rivals makes it the cheaper
+/// choice again and a new sample brings the estimate down.
+///
 /// # New instances
 /// An instance without a sample yet borrows its rival's estimate, so the pair is compared on
 /// load (and weight) alone; if neither has a sample, both count as equally fast. A new instance
