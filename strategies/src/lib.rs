@@ -2,10 +2,10 @@
 //!
 //! | feature | type | picks |
 //! |---|---|---|
-//! | `round-robin` | [`RoundRobin`] | each instance in turn |
-//! | `random` | [`Random`] | uniformly at random |
-//! | `weighted-round-robin` | [`WeightedRoundRobin`] | in turn, in proportion to weight, smoothly interleaved |
-//! | `least-connections` | [`LeastConnections`] | fewest calls in flight per unit of weight |
+//! | `round-robin` | `RoundRobin` | each instance in turn |
+//! | `random` | `Random` | uniformly at random |
+//! | `weighted-round-robin` | `WeightedRoundRobin` | in turn, in proportion to weight, smoothly interleaved |
+//! | `least-connections` | `LeastConnections` | fewest calls in flight per unit of weight |
 //! | `weighted-random` | `WeightedRandom` | at random, in proportion to weight |
 //! | `p2c` | `P2c` | the less loaded of two random instances |
 //! | `p2c-ewma` | `P2cEwma` | the faster of two random instances (peak-EWMA latency × load) |
@@ -79,7 +79,10 @@ pub fn names() -> Vec<&'static str> {
     const ALL: &[(&str, bool)] = &[
         ("round-robin", cfg!(feature = "round-robin")),
         ("random", cfg!(feature = "random")),
-        ("weighted-round-robin", cfg!(feature = "weighted-round-robin")),
+        (
+            "weighted-round-robin",
+            cfg!(feature = "weighted-round-robin"),
+        ),
         ("least-connections", cfg!(feature = "least-connections")),
         ("weighted-random", cfg!(feature = "weighted-random")),
         ("p2c", cfg!(feature = "p2c")),
@@ -87,7 +90,10 @@ pub fn names() -> Vec<&'static str> {
         ("consistent-hash", cfg!(feature = "consistent-hash")),
         ("maglev", cfg!(feature = "maglev")),
     ];
-    ALL.iter().filter(|(_, on)| *on).map(|(name, _)| *name).collect()
+    ALL.iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| *name)
+        .collect()
 }
 
 /// The strategy called `name` with default settings, or `None` if no compiled-in strategy has
@@ -99,26 +105,25 @@ pub fn names() -> Vec<&'static str> {
 /// assert!(waypost_strategies::by_name("no-such-strategy").is_none());
 /// ```
 pub fn by_name(name: &str) -> Option<Arc<dyn Strategy>> {
-    let s: Arc<dyn Strategy> = match name {
+    match name {
         #[cfg(feature = "round-robin")]
-        "round-robin" => Arc::new(RoundRobin::new()),
+        "round-robin" => Some(Arc::new(RoundRobin::new())),
         #[cfg(feature = "random")]
-        "random" => Arc::new(Random::new()),
+        "random" => Some(Arc::new(Random::new())),
         #[cfg(feature = "weighted-round-robin")]
-        "weighted-round-robin" => Arc::new(WeightedRoundRobin::new()),
+        "weighted-round-robin" => Some(Arc::new(WeightedRoundRobin::new())),
         #[cfg(feature = "least-connections")]
-        "least-connections" => Arc::new(LeastConnections::new()),
+        "least-connections" => Some(Arc::new(LeastConnections::new())),
         #[cfg(feature = "weighted-random")]
-        "weighted-random" => Arc::new(WeightedRandom::new()),
+        "weighted-random" => Some(Arc::new(WeightedRandom::new())),
         #[cfg(feature = "p2c")]
-        "p2c" => Arc::new(P2c::new()),
+        "p2c" => Some(Arc::new(P2c::new())),
         #[cfg(feature = "p2c-ewma")]
-        "p2c-ewma" => Arc::new(P2cEwma::new()),
+        "p2c-ewma" => Some(Arc::new(P2cEwma::new())),
         #[cfg(feature = "consistent-hash")]
-        "consistent-hash" => Arc::new(ConsistentHash::new()),
+        "consistent-hash" => Some(Arc::new(ConsistentHash::new())),
         #[cfg(feature = "maglev")]
-        "maglev" => Arc::new(Maglev::new()),
-        _ => return None,
-    };
-    Some(s)
+        "maglev" => Some(Arc::new(Maglev::new())),
+        _ => None,
+    }
 }

@@ -61,6 +61,7 @@ fn tally(balancer: &Balancer, picks: usize) -> HashMap<String, u64> {
 }
 
 /// Every strategy of this crate's file set that is compiled in, fresh, seeded where random.
+#[allow(clippy::vec_init_then_push)] // each push is behind its own feature
 fn strategies() -> Vec<Box<dyn Strategy>> {
     let mut all: Vec<Box<dyn Strategy>> = Vec::new();
     #[cfg(feature = "round-robin")]
