@@ -89,7 +89,16 @@ struct Member {
     peer_port: u16,
     data_dir: PathBuf,
     log: PathBuf,
+    tls: Option<Tls>,
     child: Option<Child>,
+}
+
+/// A TLS client listener next to the plain one (which the harness keeps for health checks).
+#[derive(Clone)]
+struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+    port: u16,
 }
 
 impl Member {
@@ -102,7 +111,13 @@ impl Member {
     }
 
     fn spawn(&mut self, initial_cluster: &str, token: &str, client_port: u16) {
-        let client = self.client_url(client_port);
+        let mut client = self.client_url(client_port);
+        let mut tls_args: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(tls) = &self.tls {
+            client = format!("{client},https://127.0.0.1:{}", tls.port);
+            tls_args.extend(["--cert-file".into(), tls.cert.clone().into_os_string()]);
+            tls_args.extend(["--key-file".into(), tls.key.clone().into_os_string()]);
+        }
         let child = Command::new(etcd_binary())
             .arg("--name")
             .arg(&self.name)
@@ -117,6 +132,7 @@ impl Member {
             .args(["--initial-cluster-token", token])
             .args(["--logger", "zap", "--log-outputs"])
             .arg(&self.log)
+            .args(&tls_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -161,11 +177,11 @@ struct Members {
 impl Members {
     /// Starts `n` members on fresh ports. Another process can take a chosen port before etcd
     /// binds it: then the member exits, and the whole start is tried again on other ports.
-    async fn start(n: usize) -> Members {
+    async fn start(n: usize, tls: Option<(&[u8], &[u8])>) -> Members {
         assert!(n >= 1, "a cluster needs at least one member");
         let mut attempt = 1;
         loop {
-            match Members::try_start(n).await {
+            match Members::try_start(n, tls).await {
                 Ok(members) => return members,
                 Err(why) if attempt < 3 && why.exited => attempt += 1,
                 Err(why) => panic!("{}", why.message),
@@ -173,20 +189,31 @@ impl Members {
         }
     }
 
-    async fn try_start(n: usize) -> Result<Members, NotHealthy> {
+    async fn try_start(n: usize, tls: Option<(&[u8], &[u8])>) -> Result<Members, NotHealthy> {
         let dir = temp_dir();
+        let tls = tls.map(|(cert, key)| {
+            let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
+            std::fs::write(&cert_path, cert).expect("writing the server certificate");
+            std::fs::write(&key_path, key).expect("writing the server key");
+            (cert_path, key_path)
+        });
         let token = dir
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "waypost".into());
-        let ports = free_ports(2 * n);
+        let ports = free_ports(3 * n);
         let mut members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_port: ports[2 * i],
-                peer_port: ports[2 * i + 1],
+                client_port: ports[3 * i],
+                peer_port: ports[3 * i + 1],
                 data_dir: dir.join(format!("m{i}.data")),
                 log: dir.join(format!("m{i}.log")),
+                tls: tls.as_ref().map(|(cert, key)| Tls {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    port: ports[3 * i + 2],
+                }),
                 child: None,
             })
             .collect();
@@ -355,8 +382,29 @@ impl EtcdServer {
     /// Without an etcd binary (see [`etcd_binary`]), or when it does not become healthy.
     pub async fn start() -> EtcdServer {
         EtcdServer {
-            members: Members::start(1).await,
+            members: Members::start(1, None).await,
         }
+    }
+
+    /// Starts a server that also serves clients over TLS with the given PEM certificate and
+    /// key, at [`tls_endpoint`](Self::tls_endpoint).
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    pub async fn start_tls(cert_pem: &[u8], key_pem: &[u8]) -> EtcdServer {
+        EtcdServer {
+            members: Members::start(1, Some((cert_pem, key_pem))).await,
+        }
+    }
+
+    /// The `https://127.0.0.1:<port>` client URL of a server started with
+    /// [`start_tls`](Self::start_tls).
+    pub fn tls_endpoint(&self) -> Option<String> {
+        let ms = self.members.lock();
+        ms[0]
+            .tls
+            .as_ref()
+            .map(|t| format!("https://127.0.0.1:{}", t.port))
     }
 
     /// The client URL, `http://127.0.0.1:<port>`.
@@ -425,7 +473,7 @@ impl EtcdCluster {
     /// Without an etcd binary, or when the cluster does not become healthy.
     pub async fn start(n: usize) -> EtcdCluster {
         EtcdCluster {
-            members: Members::start(n).await,
+            members: Members::start(n, None).await,
         }
     }
 

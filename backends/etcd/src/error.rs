@@ -13,6 +13,16 @@ pub(crate) fn map(operation: &str, err: etcd_client::Error) -> Error {
     match err {
         E::GRpcStatus(status) => {
             let message = status.message().to_owned();
+            if message.contains("invalid peer certificate") {
+                // Not an outage: trying again will not make the certificate trusted.
+                return Error::Config {
+                    backend: BACKEND,
+                    message: format!(
+                        "{operation}: TLS handshake failed: {message} (check tls_ca_pem and \
+                         tls_domain against the servers' certificates)"
+                    ),
+                };
+            }
             match status.code() {
                 Code::Unavailable
                 | Code::DeadlineExceeded
