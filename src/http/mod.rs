@@ -6,7 +6,9 @@
 //!   timeouts.
 //! - Outcomes reach the pick guard: a 5xx answer, a connect error or a timeout is a failure,
 //!   any other answer a success, with its latency — so least-connections, P2C/EWMA and outlier
-//!   ejection see real results.
+//!   ejection see real results. The outcome is recorded when the response headers arrive: the
+//!   in-flight count and the latency cover the time to the first byte of the answer, not the
+//!   time the caller takes to read the body.
 //! - Retries go to a *different* instance ([`Balancer::pick_excluding`]), bounded by
 //!   [`max_attempts`](HttpClientBuilder::max_attempts), by a [`RetryBudget`] and by the overall
 //!   [`request_timeout`](HttpClientBuilder::request_timeout):
