@@ -75,8 +75,10 @@
 //!   request timeout) is retried, reaching another member; watch and keep-alive streams are
 //!   re-created when their member dies.
 //! - **Auth and TLS**: [`EtcdBuilder::auth`] (a wrong password fails `connect` with
-//!   [`Error::PermissionDenied`]); `https://` endpoints and
-//!   the `tls_*` options with the crate feature `tls` (rustls with ring; no system library).
+//!   [`Error::PermissionDenied`]; tokens are refreshed when they expire); `https://` endpoints
+//!   and the `tls_*` options with the crate feature `tls` (rustls with ring: a C compiler, no
+//!   system library). A server certificate the configured CA did not sign fails `connect` with
+//!   [`Error::Config`].
 //!
 //! The underlying client crate is re-exported as [`etcd_client`] for administration tasks
 //! Waypost does not cover (compaction, auth setup).
