@@ -10,6 +10,7 @@
 //! No backend code lives here: a custom backend depends on this crate alone.
 #![warn(missing_docs)]
 
+mod backoff;
 mod balancer;
 mod discovery;
 mod endpoint;
@@ -21,6 +22,7 @@ mod registry;
 mod set;
 mod strategy;
 
+pub use backoff::Backoff;
 pub use balancer::{Balancer, BalancerBuilder, BalancerStatus, FailStatic, PickError, PickGuard};
 pub use discovery::Discovery;
 pub use endpoint::{clock_nanos, Endpoint, EndpointState, Outcome, EWMA_DECAY};

@@ -9,9 +9,9 @@ use reqwest::{Method, StatusCode, Url};
 use tracing::warn;
 use waypost_core::{Error, ServiceInstance, ServiceName};
 
-use crate::backoff::Backoff;
 use crate::wire::{HealthEntry, ServiceRegistration};
 use crate::BACKEND;
+use waypost_core::Backoff;
 
 /// How much of a bad answer's body goes into an error message.
 const SNIPPET_MAX: usize = 200;

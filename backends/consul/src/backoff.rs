@@ -1,41 +1,8 @@
-//! Jittered exponential backoff, and the token bucket that paces blocking queries.
+//! The token bucket that paces blocking queries.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
-
-/// Exponential backoff with "equal jitter": each delay is half the current step plus a random
-/// part of the other half, so that many clients that failed together do not retry together.
-#[derive(Clone, Debug)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    step: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            min,
-            max: max.max(min),
-            step: min,
-        }
-    }
-
-    /// The next delay; doubles the step up to the maximum.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let step = self.step;
-        self.step = (self.step * 2).min(self.max);
-        let half = step / 2;
-        let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
-        half + Duration::from_nanos(fastrand::u64(0..=nanos))
-    }
-
-    /// Back to the smallest step after a success.
-    pub(crate) fn reset(&mut self) {
-        self.step = self.min;
-    }
-}
 
 /// A token bucket: `capacity` queries in a burst, then one per `refill`.
 ///
@@ -97,23 +64,6 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
-        let steps = [100u64, 200, 400, 800, 800, 800];
-        for step in steps {
-            let d = b.next_delay();
-            let step = Duration::from_millis(step);
-            assert!(
-                d >= step / 2 && d <= step,
-                "{d:?} not in [{:?}, {step:?}]",
-                step / 2
-            );
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
-    }
 
     #[test]
     fn bucket_allows_a_burst_then_paces() {

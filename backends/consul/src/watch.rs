@@ -9,7 +9,8 @@ use tracing::{info, warn};
 use waypost_core::{Error, InstanceSet, ServiceName, Watch, WatchEvent};
 
 use crate::api::{Api, HealthQuery};
-use crate::backoff::{Backoff, TokenBucket};
+use crate::backoff::TokenBucket;
+use waypost_core::Backoff;
 
 /// The index to send next, given the one sent and the one returned.
 ///

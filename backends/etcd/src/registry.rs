@@ -6,8 +6,9 @@ use std::time::Duration;
 use tokio::time::timeout;
 use waypost_core::{Error, KeepAlive, StopMode};
 
-use crate::retry::{self, Backoff};
+use crate::retry;
 use crate::{error, Ctx};
+use waypost_core::Backoff;
 
 /// What a registration puts: the key, its value, and the lease TTL in whole seconds.
 #[derive(Clone, Debug)]

@@ -11,8 +11,9 @@ use tokio::time::{timeout, Instant};
 use waypost_core::{Error, InstanceSet, ServiceInstance, ServiceName, Watch, WatchEvent};
 
 use crate::error::{self, BACKEND};
-use crate::retry::{self, Backoff};
+use crate::retry;
 use crate::Ctx;
+use waypost_core::Backoff;
 
 /// The valid instances among `kvs`, keyed by etcd key; invalid values are skipped, logged and
 /// counted.

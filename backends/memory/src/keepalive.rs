@@ -3,7 +3,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use waypost_core::{Error, HealthCheck, KeepAlive, ServiceInstance, StopMode};
+use waypost_core::{Backoff, Error, HealthCheck, KeepAlive, ServiceInstance, StopMode};
 
 use crate::check::{run_probe, Probe};
 use crate::state::Inner;
@@ -31,37 +31,6 @@ pub(crate) fn install(
     Ok(())
 }
 
-/// Jittered exponential backoff between failed attempts, capped so that a recovering
-/// registration never waits longer than its normal heartbeat period.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    next: Duration,
-    cap: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(50);
-
-    pub(crate) fn new(cap: Duration) -> Self {
-        Backoff {
-            next: Self::FIRST,
-            cap: cap.max(Self::FIRST),
-        }
-    }
-
-    /// The next delay: between half and all of the current step (so that many handles
-    /// recovering from one outage spread out), then the step doubles.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let step = self.next;
-        self.next = (self.next * 2).min(self.cap);
-        step.mul_f64(0.5 + fastrand::f64() * 0.5)
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-}
-
 /// How often the handle talks to the backend: every TTL/3 for a TTL check; for a check the
 /// backend runs, every check interval, only to notice that the backend forgot the registration.
 fn period(check: &HealthCheck) -> Duration {
@@ -85,7 +54,9 @@ pub(crate) async fn run(
         HealthCheck::Ttl { ttl } => Some(*ttl),
         _ => None,
     };
-    let mut backoff = Backoff::new(every);
+    // Capped at the heartbeat period: a recovering registration never waits longer than a
+    // healthy one between attempts.
+    let mut backoff = Backoff::new(Duration::from_millis(50), every);
     let mut delay = every;
     keep_alive.set_live(); // `register` stored it before spawning this task
     loop {
@@ -139,17 +110,6 @@ fn closed() -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_up_to_the_cap() {
-        let mut b = Backoff::new(Duration::from_millis(400));
-        let d: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
-        assert!(d[0] >= Duration::from_millis(25) && d[0] <= Duration::from_millis(50));
-        assert!(d[1] >= Duration::from_millis(50) && d[1] <= Duration::from_millis(100));
-        assert!(d[5] >= Duration::from_millis(200) && d[5] <= Duration::from_millis(400));
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(50));
-    }
 
     #[test]
     fn period_follows_the_check() {
