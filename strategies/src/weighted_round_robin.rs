@@ -7,41 +7,42 @@ use waypost_core::{Endpoint, PickContext, Picker, Strategy};
 
 use crate::rng::Cursor;
 
-/// In turn, in proportion to weight, smoothly interleaved: weights 1, 2, 3 give sequences like
-/// `c b c a c b`, never `c c c b b a`.
+/// In turn, in proportion to weight, smoothly interleaved: nginx's smooth weighted round-robin,
+/// precomputed. Weights 5, 1, 1 give `a a b a c a a`, weights 1, 2, 3 give `c b a c b c`:
+/// exactly `weight` picks of each instance in **every** window of `W` consecutive picks
+/// (`W` = the sum of the weights), never a burst of one instance.
 ///
 /// # How
-/// At build time every instance gets a run of positions on a cycle of `M` positions, as long as
-/// its weight times a scale (`M` = total weight × the smallest scale that makes `M ≥`
-/// [`MIN_CYCLE`](Self::MIN_CYCLE)). Each pick advances a position by a fixed stride `s`
-/// coprime to `M` and picks the instance owning the position. Because `s` is coprime to `M`, `M`
-/// consecutive picks visit every position exactly once: **exact proportions over every `M`
-/// consecutive picks**. Because `s / M` is close to the golden ratio's fractional part, and
-/// chosen among nearby candidates for the smallest continued-fraction partial quotients, the
-/// positions form a low-discrepancy (Kronecker) sequence: any window of consecutive picks
-/// gives each instance close to its share (the three-distance theorem keeps the positions evenly
-/// spread at every length), which is what makes the interleaving smooth. The scale exists because
-/// a small cycle has no good stride (with weights 1, 2, 3 the only strides coprime to 6 are ±1,
-/// which would walk the runs in order).
+/// At build time the picker computes one cycle of nginx's smooth weighted round-robin (SWRR: each
+/// step every instance gains its weight, the one with the most wins and pays `W`) and stores it
+/// as a table of `W` instance indices (2 bytes each). SWRR's state is back to zero after `W`
+/// steps, so the cycle repeats: a pick is `table[position]` with the position advanced by one in
+/// `0..W`. Whichever position a thread starts at, `W` consecutive picks cover the table once,
+/// hence exact counts in every window of `W` picks, and the same interleaving nginx gives.
 ///
-/// What the tests hold it to, for weight sets from `1, 2, 3` to a hundred instances: every window
-/// of 6 to 1,000 consecutive picks gives each instance within 3 picks of its share (the naive
-/// "each instance `weight` times in a row" is off by up to `weight`), and no instance runs more
-/// than twice as long as a perfectly smooth schedule needs. These hold per thread: each thread
-/// follows the sequence on its own stripe of the position (see `RoundRobin`).
+/// Building the cycle naively costs `W × n`; instances of equal weight are picked by SWRR in
+/// index order (they tie until each had its turn), so the build tracks one candidate per distinct
+/// weight `d`, at `W × d` steps (weights 1..10 over 10,000 instances: 550,000 steps).
 ///
-/// Finding the owner is O(1) on average: a guide table of `n` buckets over the cycle points to
-/// the first instance of each bucket, and a binary search inside the bucket's (usually one or
-/// two) candidates finishes, so the worst case is O(log n). Nothing is rebuilt per pick, there is
-/// no lock and no division on the common path: one compare-and-swap on the thread's stripe of the
-/// position (see `RoundRobin` for the striping), one 128-bit multiplication, two table reads.
+/// The table is used when `W ≤` [`MAX_TABLE`](Self::MAX_TABLE) and `W × d ≤`
+/// [`MAX_BUILD_STEPS`](Self::MAX_BUILD_STEPS). Otherwise (large or very diverse weights) the
+/// picker falls back to a low-discrepancy stride over a cycle of the same `W` positions: every
+/// instance owns a run of `weight` positions, each pick advances the position by a stride
+/// coprime to `W` near `W / φ` (so the positions form a Kronecker sequence). It is still exact
+/// over every window of `W` picks (the stride visits each position once per `W` picks) and close
+/// to its share in every shorter window, but its interleaving is not SWRR's; finding the owner
+/// of a position is O(1) on average, O(log n) at worst. [`schedule`](Self::schedule) says which
+/// one a set of weights gets.
 ///
-/// Compared with nginx's smooth weighted round-robin (O(n) per pick, a lock when shared) and
-/// Envoy's EDF scheduler (O(log n), a mutable heap behind a lock), this keeps picks lock-free;
-/// compared with gRPC's static-stride scheduler it needs no retry loop, whose length grows with
-/// the spread of the weights.
+/// Exactness holds per thread: the position lives in 16 stripes, each thread advancing its own
+/// (see `RoundRobin`), so two threads picking at once never contend on one cache line and each
+/// sees whole windows. The position lives in the strategy, so it survives rebuilds; a position
+/// beyond a cycle that shrank is taken modulo the new one, never out of range.
 ///
-/// The position lives in the strategy and survives updates. Memory: 12 bytes per instance.
+/// Pick cost: one uncontended compare-and-swap and one table read; no lock, no allocation, no
+/// division on the common path. Memory: `2 × W` bytes for the table (at most 128 KiB), or 12
+/// bytes per instance for the fallback. Compared with nginx (O(n) per pick under a lock) and
+/// Envoy's EDF scheduler (O(log n), a mutable heap behind a lock), the work moves to the build.
 ///
 /// ```
 /// use waypost_core::{Endpoint, PickContext, ServiceInstance, Strategy};
@@ -57,8 +58,10 @@ use crate::rng::Cursor;
 /// for _ in 0..600 {
 ///     counts[picker.pick(&endpoints, &PickContext::new()).unwrap()] += 1;
 /// }
-/// // About 100, 200, 300 (exactly so over every full cycle).
-/// assert!(counts.iter().zip([100, 200, 300]).all(|(&c, w)| c.abs_diff(w) <= 3), "{counts:?}");
+/// assert_eq!(counts, [100, 200, 300]); // 100 whole cycles of 6, wherever they started
+///
+/// // One cycle, as nginx would pick it (the picker starts at a random point of it).
+/// assert_eq!(WeightedRoundRobin::schedule([5, 1, 1]), Some(vec![0, 0, 1, 0, 2, 0, 0]));
 /// ```
 #[derive(Debug, Clone)]
 pub struct WeightedRoundRobin {
@@ -66,10 +69,15 @@ pub struct WeightedRoundRobin {
 }
 
 impl WeightedRoundRobin {
-    /// The smallest cycle: a cycle is `total weight × scale` positions, with the smallest scale
-    /// that makes it at least this long. Proportions are exact over every cycle of consecutive
-    /// picks (and within a few picks of exact over any window).
-    pub const MIN_CYCLE: u64 = 1 << 16;
+    /// The longest cycle kept as a table of picks: `W` (the sum of the weights) above this uses
+    /// the stride fallback. One table entry is 2 bytes, so a table is at most 128 KiB; and since
+    /// every weight is at least 1, a set with a table has at most this many instances, whose
+    /// indices fit the 2 bytes.
+    pub const MAX_TABLE: u64 = 1 << 16;
+
+    /// The most build steps (`W` × the number of distinct weights) spent on a table, a few
+    /// milliseconds at most; beyond it the stride fallback is used (it builds in O(n)).
+    pub const MAX_BUILD_STEPS: u64 = 1 << 22;
 
     /// A weighted round-robin strategy starting at a random position.
     pub fn new() -> Self {
@@ -78,21 +86,31 @@ impl WeightedRoundRobin {
         }
     }
 
-    /// The cycle length for `weights`: over every this many consecutive picks (on one thread,
-    /// between two updates) each instance is picked exactly `weight × cycle / total` times.
+    /// The cycle length for `weights`: their sum `W`. Over every `W` consecutive picks (on one
+    /// thread, between two updates) each instance is picked exactly `weight` times.
     ///
     /// ```
     /// use waypost_strategies::WeightedRoundRobin;
-    /// let m = WeightedRoundRobin::cycle_len([1, 2, 3]);
-    /// assert_eq!(m % 6, 0);
-    /// assert!(m >= WeightedRoundRobin::MIN_CYCLE);
+    /// assert_eq!(WeightedRoundRobin::cycle_len([1, 2, 3]), 6);
+    /// assert_eq!(WeightedRoundRobin::cycle_len([1_000_000, 1]), 1_000_001);
     /// ```
     pub fn cycle_len(weights: impl IntoIterator<Item = u32>) -> u64 {
-        let total: u64 = weights.into_iter().map(u64::from).sum();
-        if total == 0 {
-            return 0;
-        }
-        total * Self::MIN_CYCLE.div_ceil(total)
+        weights.into_iter().map(u64::from).sum()
+    }
+
+    /// One cycle of picks for `weights` (instance indices), in the order a picker built for them
+    /// follows (starting from a random point of it): nginx's smooth weighted round-robin, ties
+    /// to the lower index. `None` when the weights get the stride fallback instead (see the type's
+    /// docs), or when there are none.
+    ///
+    /// ```
+    /// use waypost_strategies::WeightedRoundRobin;
+    /// assert_eq!(WeightedRoundRobin::schedule([1, 2, 3]), Some(vec![2, 1, 0, 2, 1, 2]));
+    /// assert_eq!(WeightedRoundRobin::schedule([100_000, 1]), None); // W above MAX_TABLE
+    /// ```
+    pub fn schedule(weights: impl IntoIterator<Item = u32>) -> Option<Vec<usize>> {
+        let weights: Vec<u32> = weights.into_iter().collect();
+        smooth_cycle(&weights).map(|t| t.iter().map(|&i| usize::from(i)).collect())
     }
 }
 
@@ -108,14 +126,139 @@ impl Strategy for WeightedRoundRobin {
     }
 
     fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Picker> {
-        Box::new(Table::new(endpoints, self.cursor.clone()))
+        let weights: Vec<u32> = endpoints.iter().map(Endpoint::weight).collect();
+        match smooth_cycle(&weights) {
+            Some(table) => Box::new(Schedule {
+                cursor: self.cursor.clone(),
+                n: endpoints.len(),
+                table: table.into_boxed_slice(),
+            }),
+            None => Box::new(Stride::new(&weights, self.cursor.clone())),
+        }
     }
 }
 
-/// The picker: the runs of positions of every instance on the cycle, and a guide into them.
-struct Table {
+/// One cycle of nginx's smooth weighted round-robin over `weights`, or `None` when it would be
+/// too long or too costly to build (or there are no weights).
+///
+/// nginx, per pick: every instance's `current += weight`; the largest `current` (first in order on
+/// a tie) is picked and pays `current -= W`. After `W` picks every `current` is 0 again.
+///
+/// Instances of equal weight start equal and gain equally, so among them SWRR picks in index
+/// order, one round after another: within a group of equal weight, the candidate is the member
+/// at the group's rotation point, and its `current` is `t × weight − W × rounds` (`t` steps so
+/// far, `rounds` completed rotations). Tracking one candidate per group gives nginx's exact
+/// sequence in `W × groups` steps instead of `W × n`.
+fn smooth_cycle(weights: &[u32]) -> Option<Vec<u16>> {
+    const _: () = assert!(
+        WeightedRoundRobin::MAX_TABLE <= 1 << 16,
+        "indices must fit u16"
+    );
+    let total = WeightedRoundRobin::cycle_len(weights.iter().copied());
+    if total == 0 || total > WeightedRoundRobin::MAX_TABLE {
+        return None;
+    }
+    // Members of each weight, in index order (the sort is stable).
+    let mut order: Vec<u16> = (0..weights.len() as u16).collect();
+    order.sort_by_key(|&i| weights[usize::from(i)]);
+    let mut groups: Vec<Group> = Vec::new();
+    for (at, &i) in order.iter().enumerate() {
+        let w = weights[usize::from(i)];
+        match groups.last_mut() {
+            Some(g) if g.weight == w => g.len += 1,
+            _ => groups.push(Group {
+                weight: w,
+                start: at,
+                len: 1,
+                turn: 0,
+            }),
+        }
+    }
+    if total * groups.len() as u64 > WeightedRoundRobin::MAX_BUILD_STEPS {
+        return None;
+    }
+
+    // A group's key packs its candidate's `current` (high bits) above `TIE − index` (low bits):
+    // the largest key is the largest `current`, the lower index on a tie, in one comparison.
+    // `current` stays within ±n × W ≤ 2^32, so the key fits an i64 with room to spare.
+    const SHIFT: u32 = 17;
+    const TIE: i64 = (1 << 16) - 1;
+    let gains: Vec<i64> = groups
+        .iter()
+        .map(|g| i64::from(g.weight) << SHIFT)
+        .collect();
+    let mut keys: Vec<i64> = groups
+        .iter()
+        .map(|g| TIE - i64::from(order[g.start]))
+        .collect();
+    let pay = (total as i64) << SHIFT;
+    let mut table = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        for (key, gain) in keys.iter_mut().zip(&gains) {
+            *key += gain;
+        }
+        // Keys are distinct (distinct candidates), so the maximum is unique.
+        let (best, _) = keys
+            .iter()
+            .enumerate()
+            .max_by_key(|&(_, &k)| k)
+            .unwrap_or((0, &0));
+        let g = &mut groups[best];
+        let picked = order[g.start + g.turn];
+        table.push(picked);
+        // The next member's `current` is the picked one's before it paid, unless the rotation
+        // wraps: then every member has paid once more.
+        g.turn += 1;
+        if g.turn == g.len {
+            g.turn = 0;
+            keys[best] -= pay;
+        }
+        keys[best] += i64::from(picked) - i64::from(order[g.start + g.turn]);
+    }
+    Some(table)
+}
+
+/// Instances of one weight, `order[start..start + len]`, and whose turn it is among them.
+struct Group {
+    weight: u32,
+    start: usize,
+    len: usize,
+    turn: usize,
+}
+
+/// The picker when the cycle is a table: the position walks the table.
+struct Schedule {
     cursor: Arc<Cursor>,
-    /// `ends[i]`: the first position after instance `i`'s run (cumulative scaled weights).
+    n: usize,
+    table: Box<[u16]>,
+}
+
+impl fmt::Debug for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Schedule")
+            .field("instances", &self.n)
+            .field("cycle", &self.table.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Picker for Schedule {
+    #[inline]
+    fn pick(&self, endpoints: &[Endpoint], _ctx: &PickContext<'_>) -> Option<usize> {
+        if self.n <= 1 || endpoints.len() != self.n {
+            // Trivial, or (against the Picker contract) a different slice: stay in range.
+            return (!endpoints.is_empty()).then_some(0);
+        }
+        let x = self.cursor.advance(1, self.table.len() as u64);
+        self.table.get(x as usize).map(|&i| usize::from(i))
+    }
+}
+
+/// The fallback picker: the runs of positions of every instance on a cycle of `W` positions,
+/// a stride through them, and a guide into them.
+struct Stride {
+    cursor: Arc<Cursor>,
+    /// `ends[i]`: the first position after instance `i`'s run (cumulative weights).
     ends: Box<[u64]>,
     /// `guide[b]`: the instance owning the first position of bucket `b`; two extra entries
     /// (the last instance) so that `guide[b + 2]` is always valid.
@@ -126,9 +269,9 @@ struct Table {
     stride: u64,
 }
 
-impl fmt::Debug for Table {
+impl fmt::Debug for Stride {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Table")
+        f.debug_struct("Stride")
             .field("instances", &self.ends.len())
             .field("cycle", &self.cycle)
             .field("stride", &self.stride)
@@ -136,23 +279,17 @@ impl fmt::Debug for Table {
     }
 }
 
-impl Table {
-    fn new(endpoints: &[Endpoint], cursor: Arc<Cursor>) -> Self {
-        let n = endpoints.len();
-        let cycle = WeightedRoundRobin::cycle_len(endpoints.iter().map(Endpoint::weight));
-        let scale = if cycle == 0 {
-            0
-        } else {
-            cycle / endpoints.iter().map(|e| u64::from(e.weight())).sum::<u64>()
-        };
-        let ends: Box<[u64]> = endpoints
+impl Stride {
+    fn new(weights: &[u32], cursor: Arc<Cursor>) -> Self {
+        let n = weights.len();
+        let cycle = WeightedRoundRobin::cycle_len(weights.iter().copied());
+        let ends: Box<[u64]> = weights
             .iter()
-            .scan(0u64, |end, e| {
-                *end += u64::from(e.weight()) * scale;
+            .scan(0u64, |end, &w| {
+                *end += u64::from(w);
                 Some(*end)
             })
             .collect();
-
         // Bucket b covers positions [ceil(b·M/n), ceil((b+1)·M/n)); its guide entry is the owner
         // of its first position. The computed bucket of x is never above the exact one and at
         // most one below it (mul rounds down, by less than 2^-64 per position), so the owner of
@@ -184,7 +321,7 @@ impl Table {
             (mul, guide.into_boxed_slice())
         };
 
-        Table {
+        Stride {
             cursor,
             ends,
             guide,
@@ -204,7 +341,7 @@ impl Table {
     }
 }
 
-impl Picker for Table {
+impl Picker for Stride {
     #[inline]
     fn pick(&self, endpoints: &[Endpoint], _ctx: &PickContext<'_>) -> Option<usize> {
         let n = self.ends.len();
@@ -273,24 +410,6 @@ fn largest_partial_quotient(s: u64, m: u64, bound: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use waypost_core::ServiceInstance;
-
-    fn endpoints(weights: &[u32]) -> Vec<Endpoint> {
-        weights
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| {
-                Endpoint::fresh(
-                    ServiceInstance::builder("s", format!("i{i:05}"))
-                        .host("h")
-                        .port(1)
-                        .weight(w)
-                        .build()
-                        .unwrap(),
-                )
-            })
-            .collect()
-    }
 
     #[test]
     fn owner_matches_a_linear_search_at_every_position() {
@@ -300,8 +419,7 @@ mod tests {
             vec![1, 1, 1, 1, 1, 1, 1, 1, 1_000_000],
             (1..=300).map(|i| (i * 7919) % 10 + 1).collect(),
         ] {
-            let eps = endpoints(&weights);
-            let t = Table::new(&eps, Arc::new(Cursor::new()));
+            let t = Stride::new(&weights, Arc::new(Cursor::new()));
             let linear = |x: u64| t.ends.iter().position(|&e| e > x).unwrap();
             // Every run boundary, its neighbours, and a spread of positions.
             let mut xs: Vec<u64> = t
@@ -316,6 +434,23 @@ mod tests {
                 assert_eq!(t.owner(x), linear(x), "x = {x}, weights {weights:?}");
             }
         }
+    }
+
+    #[test]
+    fn cost_limits_choose_the_fallback() {
+        // W above the table's cap.
+        assert!(smooth_cycle(&[1 << 16, 1]).is_none());
+        assert_eq!(
+            smooth_cycle(&[(1 << 16) - 1, 1]).map(|t| t.len()),
+            Some(1 << 16)
+        );
+        // W within the cap, but W × distinct weights above the build budget: 1..=300 sums to
+        // 45,150, times 300 groups is 13.5 million steps.
+        let diverse: Vec<u32> = (1..=300).collect();
+        assert!(smooth_cycle(&diverse).is_none());
+        // The same W with few distinct weights is cheap enough.
+        assert!(smooth_cycle(&[150; 301]).is_some());
+        assert!(smooth_cycle(&[]).is_none());
     }
 
     #[test]
