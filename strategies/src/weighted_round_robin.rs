@@ -20,11 +20,14 @@ use crate::rng::Cursor;
 /// `0..W`. Whichever position a thread starts at, `W` consecutive picks cover the table once,
 /// hence exact counts in every window of `W` picks, and the same interleaving nginx gives.
 ///
-/// Building the cycle naively costs `W × n`; instances of equal weight are picked by SWRR in
+/// Building the cycle naively costs `W × n`. Instances of equal weight are picked by SWRR in
 /// index order (they tie until each had its turn), so the build tracks one candidate per distinct
-/// weight `d`, at `W × d` steps (weights 1..10 over 10,000 instances: 550,000 steps).
+/// weight, and it advances by whole runs: a group keeps winning until its rotation wraps or a
+/// heavier group catches up, which one pass over the `d` groups computes. The cost is `d` per
+/// run, at most `W × d`, and far less when many instances share a weight (weights 1..10 over
+/// 10,000 instances: tens of microseconds).
 ///
-/// The table is used when `W ≤` [`MAX_TABLE`](Self::MAX_TABLE) and `W × d ≤`
+/// The table is used when `W ≤` [`MAX_TABLE`](Self::MAX_TABLE) and building it takes at most
 /// [`MAX_BUILD_STEPS`](Self::MAX_BUILD_STEPS). Otherwise (large or very diverse weights) the
 /// picker falls back to a low-discrepancy stride over a cycle of the same `W` positions: every
 /// instance owns a run of `weight` positions, each pick advances the position by a stride
@@ -75,9 +78,10 @@ impl WeightedRoundRobin {
     /// indices fit the 2 bytes.
     pub const MAX_TABLE: u64 = 1 << 16;
 
-    /// The most build steps (`W` × the number of distinct weights) spent on a table, a few
-    /// milliseconds at most; beyond it the stride fallback is used (it builds in O(n)).
-    pub const MAX_BUILD_STEPS: u64 = 1 << 22;
+    /// The most work spent building a table, in groups visited (see the type's docs): about a
+    /// millisecond at most. Weights whose table would take more (many distinct weights, each
+    /// on few instances) get the stride fallback, which builds in O(n).
+    pub const MAX_BUILD_STEPS: u64 = 1 << 18;
 
     /// A weighted round-robin strategy starting at a random position.
     pub fn new() -> Self {
@@ -147,8 +151,8 @@ impl Strategy for WeightedRoundRobin {
 /// Instances of equal weight start equal and gain equally, so among them SWRR picks in index
 /// order, one round after another: within a group of equal weight, the candidate is the member
 /// at the group's rotation point, and its `current` is `t × weight − W × rounds` (`t` steps so
-/// far, `rounds` completed rotations). Tracking one candidate per group gives nginx's exact
-/// sequence in `W × groups` steps instead of `W × n`.
+/// far, `rounds` completed rotations). Tracking one candidate per group, a run of picks at a
+/// time, gives nginx's exact sequence for `groups` per run instead of `n` per pick.
 fn smooth_cycle(weights: &[u32]) -> Option<Vec<u16>> {
     const _: () = assert!(
         WeightedRoundRobin::MAX_TABLE <= 1 << 16,
@@ -159,7 +163,8 @@ fn smooth_cycle(weights: &[u32]) -> Option<Vec<u16>> {
         return None;
     }
     // Members of each weight, in index order (the sort is stable).
-    let mut order: Vec<u16> = (0..weights.len() as u16).collect();
+    // (`n ≤ W ≤ 2^16`, so every index fits a u16; `n` itself may not.)
+    let mut order: Vec<u16> = (0..weights.len()).map(|i| i as u16).collect();
     order.sort_by_key(|&i| weights[usize::from(i)]);
     let mut groups: Vec<Group> = Vec::new();
     for (at, &i) in order.iter().enumerate() {
@@ -174,46 +179,65 @@ fn smooth_cycle(weights: &[u32]) -> Option<Vec<u16>> {
             }),
         }
     }
-    if total * groups.len() as u64 > WeightedRoundRobin::MAX_BUILD_STEPS {
-        return None;
-    }
 
-    // A group's key packs its candidate's `current` (high bits) above `TIE − index` (low bits):
-    // the largest key is the largest `current`, the lower index on a tie, in one comparison.
-    // `current` stays within ±n × W ≤ 2^32, so the key fits an i64 with room to spare.
-    const SHIFT: u32 = 17;
-    const TIE: i64 = (1 << 16) - 1;
-    let gains: Vec<i64> = groups
-        .iter()
-        .map(|g| i64::from(g.weight) << SHIFT)
-        .collect();
-    let mut keys: Vec<i64> = groups
-        .iter()
-        .map(|g| TIE - i64::from(order[g.start]))
-        .collect();
-    let pay = (total as i64) << SHIFT;
-    let mut table = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        for (key, gain) in keys.iter_mut().zip(&gains) {
-            *key += gain;
+    // `next[g]`: the value of group g's candidate at the coming step (its `current` plus its
+    // weight), which is what nginx compares. It stays within ±n × W ≤ 2^32 (the values sum to
+    // W and none drops below −W): no overflow in an i64.
+    let total_i = total as i64;
+    let mut next: Vec<i64> = groups.iter().map(|g| i64::from(g.weight)).collect();
+    let leader = |g: &Group| order[g.start + g.turn];
+    let mut table: Vec<u16> = Vec::with_capacity(total as usize);
+    let mut work = 0u64;
+    while table.len() < total as usize {
+        // Each run costs a pass over the groups; past the budget, the fallback is cheaper.
+        work += groups.len() as u64;
+        if work > WeightedRoundRobin::MAX_BUILD_STEPS {
+            return None;
         }
-        // Keys are distinct (distinct candidates), so the maximum is unique.
-        let (best, _) = keys
-            .iter()
-            .enumerate()
-            .max_by_key(|&(_, &k)| k)
-            .unwrap_or((0, &0));
-        let g = &mut groups[best];
-        let picked = order[g.start + g.turn];
-        table.push(picked);
-        // The next member's `current` is the picked one's before it paid, unless the rotation
-        // wraps: then every member has paid once more.
-        g.turn += 1;
+        // The step's winner: the largest value, the lower index on a tie.
+        let mut top = 0;
+        for h in 1..groups.len() {
+            let better = next[h] > next[top]
+                || (next[h] == next[top] && leader(&groups[h]) < leader(&groups[top]));
+            if better {
+                top = h;
+            }
+        }
+        // The winner's next members have the same value (they have not paid yet), so it keeps
+        // winning until its rotation wraps or a heavier group, gaining `gap` more per step,
+        // catches up: a run of consecutive picks found in one pass over the groups.
+        let g = &groups[top];
+        let w = i64::from(g.weight);
+        let mut run = g.len - g.turn;
+        for (h, other) in groups.iter().enumerate() {
+            let gap = i64::from(other.weight) - w;
+            if gap <= 0 {
+                continue; // a lighter group falls further behind (weights of groups differ)
+            }
+            let lead = next[top] - next[h]; // ≥ 0: `top` won this step
+            let (steps, rest) = (lead / gap, lead % gap);
+            // `top` wins while its lead is positive; on a tie, while its member's index is lower.
+            let mut wins = if rest == 0 { steps } else { steps + 1 };
+            if rest == 0
+                && (steps as usize) < run
+                && order[g.start + g.turn + steps as usize] < leader(other)
+            {
+                wins += 1;
+            }
+            run = run.min(wins as usize);
+        }
+        let run = run.max(1); // the step's winner at least (a lead of 0 means a lower index)
+        table.extend_from_slice(&order[g.start + g.turn..g.start + g.turn + run]);
+        for (value, h) in next.iter_mut().zip(&groups) {
+            *value += run as i64 * i64::from(h.weight);
+        }
+        let g = &mut groups[top];
+        g.turn += run;
         if g.turn == g.len {
+            // Every member paid once more: the next candidate (the first again) is W lower.
             g.turn = 0;
-            keys[best] -= pay;
+            next[top] -= total_i;
         }
-        keys[best] += i64::from(picked) - i64::from(order[g.start + g.turn]);
     }
     Some(table)
 }
@@ -444,13 +468,16 @@ mod tests {
             smooth_cycle(&[(1 << 16) - 1, 1]).map(|t| t.len()),
             Some(1 << 16)
         );
-        // W within the cap, but W × distinct weights above the build budget: 1..=300 sums to
-        // 45,150, times 300 groups is 13.5 million steps.
+        // W within the cap, but too much work: 1..=300 sums to 45,150, with 300 groups of
+        // one instance (a run per pick), about 45,150 × 300 = 13.5 million steps.
         let diverse: Vec<u32> = (1..=300).collect();
         assert!(smooth_cycle(&diverse).is_none());
         // The same W with few distinct weights is cheap enough.
         assert!(smooth_cycle(&[150; 301]).is_some());
         assert!(smooth_cycle(&[]).is_none());
+        // As many instances as the table holds: every index fits.
+        let all = smooth_cycle(&[1; 1 << 16]).unwrap();
+        assert!(all.iter().enumerate().all(|(k, &i)| usize::from(i) == k));
     }
 
     #[test]

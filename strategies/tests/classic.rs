@@ -404,6 +404,22 @@ mod weighted_round_robin {
         );
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any weights (repeats included, so that equal-weight groups and ties between groups
+        /// occur): the table is nginx's cycle.
+        #[test]
+        fn any_small_weights_give_nginx_cycle(
+            weights in prop::collection::vec(
+                prop_oneof![1u32..=4, 1u32..=40, Just(7u32)], 1..40),
+        ) {
+            let w = WeightedRoundRobin::cycle_len(weights.iter().copied()) as usize;
+            let cycle = WeightedRoundRobin::schedule(weights.iter().copied());
+            prop_assert_eq!(cycle, Some(nginx_swrr(&weights, w)));
+        }
+    }
+
     #[test]
     fn large_weights_use_the_fallback_and_stay_exact() {
         for weights in [
