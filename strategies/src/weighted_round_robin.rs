@@ -181,8 +181,8 @@ fn smooth_cycle(weights: &[u32]) -> Option<Vec<u16>> {
     }
 
     // `next[g]`: the value of group g's candidate at the coming step (its `current` plus its
-    // weight), which is what nginx compares. It stays within ±n × W ≤ 2^32 (the values sum to
-    // W and none drops below −W): no overflow in an i64.
+    // weight), which is what nginx compares. It stays within ±n × W ≤ 2^32 (the instances'
+    // `current`s sum to 0 and none drops below −W): no overflow in an i64.
     let total_i = total as i64;
     let mut next: Vec<i64> = groups.iter().map(|g| i64::from(g.weight)).collect();
     let leader = |g: &Group| order[g.start + g.turn];
