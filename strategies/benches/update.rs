@@ -15,10 +15,16 @@
 //! during the updates, and during a quiet period of the same length before them, so a pick that
 //! waited for an update would show as a tail the quiet period lacks.
 //!
+//! The picking thread also counts its own heap allocations and frees: a pick that frees memory
+//! is one that ended up releasing the last reference to a replaced snapshot, i.e. paid for the
+//! update's clean-up on the request path.
+//!
 //! Settings: warm-up 300 ms, measurement 1 s, 10 samples (criterion's minimum).
 
 mod fixture;
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -30,11 +36,37 @@ use fixture::{context, instance, instances, is_hashing};
 
 const N: usize = 10_000;
 
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    static FREES: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts, per thread.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let _ = FREES.try_with(|c| c.set(c.get() + 1));
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
 /// Pick latencies in log-linear buckets: 8 sub-buckets per power of two (≤ 12.5 % error).
 struct Histogram {
     counts: Vec<u64>,
     max: u64,
     total: u64,
+    /// Picks during which the picking thread allocated or freed heap memory.
+    touched_heap: u64,
+    allocations: u64,
+    frees: u64,
 }
 
 impl Histogram {
@@ -43,6 +75,9 @@ impl Histogram {
             counts: vec![0; 64 * 8],
             max: 0,
             total: 0,
+            touched_heap: 0,
+            allocations: 0,
+            frees: 0,
         }
     }
 
@@ -94,7 +129,7 @@ impl Histogram {
     fn summary(&self) -> String {
         format!(
             "{} picks, p50 {} ns, p99 {} ns, p99.9 {} ns, p99.99 {} ns, max {} ns, \
-             {} over 10 µs ({:.1} per million)",
+             {} over 10 µs ({:.1} per million); {} picks touched the heap ({} allocations, {} frees)",
             self.total,
             self.quantile(0.5),
             self.quantile(0.99),
@@ -103,6 +138,9 @@ impl Histogram {
             self.max,
             self.over(10_000),
             self.over(10_000) as f64 * 1e6 / self.total.max(1) as f64,
+            self.touched_heap,
+            self.allocations,
+            self.frees,
         )
     }
 }
@@ -111,10 +149,19 @@ impl Histogram {
 fn pick_loop(balancer: &Balancer, hashing: bool, stop: &AtomicBool) -> Histogram {
     let mut h = Histogram::new();
     let mut i = 0u64;
+    let heap = || (ALLOCATIONS.with(Cell::get), FREES.with(Cell::get));
     while !stop.load(Ordering::Relaxed) {
+        let (a0, f0) = heap();
         let start = Instant::now();
         drop(black_box(balancer.pick_with(&context(hashing, i))));
-        h.record(start.elapsed().as_nanos() as u64);
+        let ns = start.elapsed().as_nanos() as u64;
+        let (a1, f1) = heap();
+        if (a1, f1) != (a0, f0) {
+            h.touched_heap += 1;
+            h.allocations += a1 - a0;
+            h.frees += f1 - f0;
+        }
+        h.record(ns);
         i += 1;
     }
     h
