@@ -135,6 +135,7 @@ impl BalancerBuilder {
                 current: ArcSwap::from_pointee(empty),
                 updater: Mutex::new(Updater {
                     reported: BTreeMap::new(),
+                    retired: None,
                     strategy: self.strategy,
                     fail_static: None,
                     updates: 0,
@@ -241,6 +242,9 @@ impl Drop for Shared {
 struct Updater {
     /// What the backend reported last, as endpoints (state attached).
     reported: BTreeMap<InstanceId, Endpoint>,
+    /// The snapshot replaced by the last update, dropped at the next one: so that the update side,
+    /// not a pick that happened to hold the last reference, pays for freeing it.
+    retired: Option<Arc<Snapshot>>,
     strategy: Arc<dyn Strategy>,
     fail_static: Option<FailStatic>,
     updates: u64,
@@ -452,9 +456,11 @@ impl Balancer {
         up.strategy = Arc::new(strategy);
         let endpoints = self.shared.current.load().endpoints.clone();
         let picker = up.strategy.build(&endpoints);
-        self.shared
+        let old = self
+            .shared
             .current
-            .store(Arc::new(Snapshot { endpoints, picker }));
+            .swap(Arc::new(Snapshot { endpoints, picker }));
+        up.retired = Some(old);
     }
 
     fn publish(&self, up: &mut Updater) {
@@ -474,9 +480,11 @@ impl Balancer {
         let endpoints: Vec<Endpoint> = up.reported.values().cloned().collect();
         let picker = up.strategy.build(&endpoints);
         let n = endpoints.len();
-        self.shared
+        let old = self
+            .shared
             .current
-            .store(Arc::new(Snapshot { endpoints, picker }));
+            .swap(Arc::new(Snapshot { endpoints, picker }));
+        up.retired = Some(old);
         self.shared.ready.send_replace(n);
     }
 

@@ -240,6 +240,19 @@ fn pick_excluding_falls_back_to_an_instance_that_is_not_ejected() {
     assert_eq!(g.instance().id().as_str(), "b");
 }
 
+#[test]
+fn the_update_side_frees_replaced_snapshots() {
+    // A replaced snapshot is kept until the next update drops it, so that a concurrent pick
+    // holding the last reference never has to free 10,000 endpoints on the request path.
+    let b = Balancer::new(Last);
+    b.apply(WatchEvent::Snapshot(vec![inst("a"), inst("b")]));
+    let a_state = Arc::clone(b.endpoints()[0].shared_state());
+    b.apply(WatchEvent::Removed(inst("a")));
+    assert!(Arc::strong_count(&a_state) > 1, "still held by the retired snapshot");
+    b.apply(WatchEvent::Added(inst("c")));
+    assert_eq!(Arc::strong_count(&a_state), 1, "freed by the next update");
+}
+
 #[tokio::test]
 async fn follows_a_watch_reports_errors_and_stops_with_the_balancer() {
     let (tx, rx) = futures::channel::mpsc::unbounded::<Result<WatchEvent, Error>>();
