@@ -58,6 +58,16 @@ const N: usize = 10_000;
 const PICKS: u64 = 100_000;
 const SEED_PICKS: u64 = 1_000;
 
+/// `cargo bench` passes `--bench`; `cargo test --benches` does not and only checks that this
+/// runs, so it counts over fewer picks.
+fn picks(full: u64) -> u64 {
+    if std::env::args().any(|a| a == "--bench") {
+        full
+    } else {
+        full / 100
+    }
+}
+
 /// Allocations per call of `f` over `calls` calls, after one warm-up call (thread-locals, lazy
 /// statics).
 fn per_call(calls: u64, mut f: impl FnMut(u64)) -> f64 {
@@ -70,7 +80,7 @@ fn per_call(calls: u64, mut f: impl FnMut(u64)) -> f64 {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; a filter argument is not supported here.
+    // A filter argument is not supported here.
     let before = live();
     let data = instances(N);
     let instance_bytes = (live() - before) as f64 / N as f64;
@@ -99,12 +109,12 @@ fn main() {
         for n in [10, N] {
             let eps = endpoints(n);
             let picker = strategy.build(&eps);
-            pick_allocs.push(per_call(PICKS, |i| {
+            pick_allocs.push(per_call(picks(PICKS), |i| {
                 black_box(picker.pick(&eps, &context(hashing, i)));
             }));
             let balancer = Balancer::new(strategy.clone());
             balancer.apply(WatchEvent::Snapshot(instances(n)));
-            balancer_allocs.push(per_call(PICKS, |i| {
+            balancer_allocs.push(per_call(picks(PICKS), |i| {
                 drop(black_box(balancer.pick_with(&context(hashing, i))));
             }));
         }
@@ -124,7 +134,7 @@ fn main() {
             let eps = endpoints(n);
             let picker = seed::by_name(name).expect("seed::NAMES lists it");
             // The seed's picks take up to ~0.2 ms at 10,000 instances: fewer of them.
-            row.push(per_call(SEED_PICKS, |_| {
+            row.push(per_call(picks(SEED_PICKS), |_| {
                 black_box(picker.pick(&eps));
             }));
         }
