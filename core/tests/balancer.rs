@@ -248,7 +248,10 @@ fn the_update_side_frees_replaced_snapshots() {
     b.apply(WatchEvent::Snapshot(vec![inst("a"), inst("b")]));
     let a_state = Arc::clone(b.endpoints()[0].shared_state());
     b.apply(WatchEvent::Removed(inst("a")));
-    assert!(Arc::strong_count(&a_state) > 1, "still held by the retired snapshot");
+    assert!(
+        Arc::strong_count(&a_state) > 1,
+        "still held by the retired snapshot"
+    );
     b.apply(WatchEvent::Added(inst("c")));
     assert_eq!(Arc::strong_count(&a_state), 1, "freed by the next update");
 }
