@@ -61,6 +61,8 @@ pub struct ConsistentHash {
 /// What the next build needs from the last one.
 struct Built {
     ids: Vec<InstanceId>,
+    /// Whether `ids` is strictly ascending (as balancers pass endpoints).
+    sorted: bool,
     counts: Vec<u64>,
     points: Arc<Vec<u64>>,
 }
@@ -179,32 +181,17 @@ impl ConsistentHash {
             .collect()
     }
 
-    /// The points for `endpoints`, sorted by hash then owner, reusing `last`'s points of every
-    /// instance that kept its id and point count: O(P) for P points, plus hashing and sorting
-    /// only the changed instances' points.
-    fn points(&self, endpoints: &[Endpoint], counts: &[u64], last: Option<&Built>) -> Vec<u64> {
-        // Old index -> new index of each instance whose points carry over.
-        let mut remap = Vec::new();
-        let mut kept = vec![false; endpoints.len()];
-        if let Some(last) = last {
-            let index: HashMap<&str, usize> = endpoints
-                .iter()
-                .enumerate()
-                .map(|(i, e)| (e.id().as_str(), i))
-                .collect();
-            remap = last
-                .ids
-                .iter()
-                .zip(&last.counts)
-                .map(|(id, &count)| match index.get(id.as_str()) {
-                    Some(&i) if counts[i] == count => {
-                        kept[i] = true;
-                        i as u64
-                    }
-                    _ => u64::MAX,
-                })
-                .collect();
-        }
+    /// The ring for `endpoints`, its points sorted by hash then owner, reusing `last`'s points of
+    /// every instance that kept its id and point count: one pass over the P points (which also
+    /// fills the bucket index), plus hashing and sorting only the changed instances' points.
+    fn ring(
+        &self,
+        endpoints: &[Endpoint],
+        sorted: bool,
+        counts: &[u64],
+        last: Option<&Built>,
+    ) -> Ring {
+        let (remap, kept) = carry_over(endpoints, sorted, counts, last);
         let mut fresh = Vec::new();
         let mut name = Vec::new();
         for (i, ep) in endpoints.iter().enumerate().filter(|&(i, _)| !kept[i]) {
@@ -219,28 +206,72 @@ impl ConsistentHash {
         }
         fresh.sort_unstable();
 
-        let carried = last
-            .into_iter()
-            .flat_map(|l| l.points.iter())
-            .filter_map(|&p| {
-                let owner = *remap.get((p & 0xffff_ffff) as usize)?;
-                (owner != u64::MAX).then_some(p & !0xffff_ffff | owner)
-            });
-        let mut points = Vec::with_capacity(counts.iter().sum::<u64>() as usize);
+        let mut ring = RingBuilder::new(counts.iter().sum::<u64>() as usize);
         let mut fresh = fresh.into_iter().peekable();
-        for p in carried {
-            while let Some(&f) = fresh.peek() {
-                if f > p {
-                    break;
-                }
-                points.push(f);
-                fresh.next();
+        let carried = last.map_or(&[][..], |l| &l.points[..]);
+        for &p in carried {
+            let owner = remap.get(p as u32 as usize).copied().unwrap_or(u64::MAX);
+            if owner == u64::MAX {
+                continue;
             }
-            points.push(p);
+            let p = p & !0xffff_ffff | owner;
+            while let Some(f) = fresh.next_if(|&f| f <= p) {
+                ring.push(f);
+            }
+            ring.push(p);
         }
-        fresh.for_each(|f| points.push(f));
-        points
+        fresh.for_each(|f| ring.push(f));
+        ring.finish(Arc::clone(&self.rng))
     }
+}
+
+/// For each of `last`'s instances, its index in `endpoints` if its points carry over (same id,
+/// same point count), else `u64::MAX`; and for each endpoint, whether its points carry over.
+/// Balancers pass endpoints sorted by id, so this is usually a merge of two sorted lists; a
+/// hash map handles any other order.
+fn carry_over(
+    endpoints: &[Endpoint],
+    sorted: bool,
+    counts: &[u64],
+    last: Option<&Built>,
+) -> (Vec<u64>, Vec<bool>) {
+    let mut kept = vec![false; endpoints.len()];
+    let Some(last) = last else {
+        return (Vec::new(), kept);
+    };
+    let mut remap = vec![u64::MAX; last.ids.len()];
+    let mut carry = |old: usize, new: usize| {
+        if counts[new] == last.counts[old] {
+            kept[new] = true;
+            remap[old] = new as u64;
+        }
+    };
+    if sorted && last.sorted {
+        let (mut old, mut new) = (0, 0);
+        while old < last.ids.len() && new < endpoints.len() {
+            match last.ids[old].as_str().cmp(endpoints[new].id().as_str()) {
+                std::cmp::Ordering::Less => old += 1,
+                std::cmp::Ordering::Greater => new += 1,
+                std::cmp::Ordering::Equal => {
+                    carry(old, new);
+                    old += 1;
+                    new += 1;
+                }
+            }
+        }
+    } else {
+        let index: HashMap<&str, usize> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id().as_str(), i))
+            .collect();
+        for (old, id) in last.ids.iter().enumerate() {
+            if let Some(&new) = index.get(id.as_str()) {
+                carry(old, new);
+            }
+        }
+    }
+    (remap, kept)
 }
 
 /// `n` in decimal, as `format!` would write it, without formatting machinery (a build hashes up
@@ -268,13 +299,17 @@ impl Strategy for ConsistentHash {
         let counts = self.counts(endpoints);
         // A poisoned lock only means a build panicked; the cache is then simply not reused.
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let points = Arc::new(self.points(endpoints, &counts, last.as_ref()));
+        let sorted = endpoints
+            .windows(2)
+            .all(|w| w[0].id().as_str() < w[1].id().as_str());
+        let ring = self.ring(endpoints, sorted, &counts, last.as_ref());
         *last = Some(Built {
             ids: endpoints.iter().map(|e| e.id().clone()).collect(),
+            sorted,
             counts,
-            points: Arc::clone(&points),
+            points: Arc::clone(&ring.points),
         });
-        Box::new(Ring::new(points, Arc::clone(&self.rng)))
+        Box::new(ring)
     }
 }
 
@@ -294,30 +329,52 @@ struct Ring {
     rng: Arc<Rng>,
 }
 
-impl Ring {
-    fn new(points: Arc<Vec<u64>>, rng: Arc<Rng>) -> Ring {
+/// Collects a ring's sorted points and fills the bucket index on the way, so that a build
+/// passes over the points only once.
+struct RingBuilder {
+    points: Vec<u64>,
+    buckets: Vec<u32>,
+    shift: u32,
+}
+
+impl RingBuilder {
+    fn new(len: usize) -> RingBuilder {
         // About eight points (one cache line) per bucket, at most 2^17 buckets (512 KiB).
-        let bits = (usize::BITS - points.len().leading_zeros())
+        let bits = (usize::BITS - len.leading_zeros())
             .saturating_sub(3)
             .clamp(1, 17);
-        let shift = 32 - bits;
-        let mut buckets = Vec::with_capacity((1 << bits) + 1);
-        let mut pos = 0usize;
-        for b in 0..(1u64 << bits) {
-            while pos < points.len() && (points[pos] >> 32) >> shift < b {
-                pos += 1;
-            }
-            buckets.push(pos as u32);
-        }
-        buckets.push(points.len() as u32);
-        Ring {
-            points,
-            buckets,
-            shift,
-            rng,
+        RingBuilder {
+            points: Vec::with_capacity(len),
+            buckets: Vec::with_capacity((1 << bits) + 1),
+            shift: 32 - bits,
         }
     }
 
+    /// Appends `point`, which must not sort before the last one.
+    #[inline]
+    fn push(&mut self, point: u64) {
+        // Every bucket up to this point's that has no start yet starts here.
+        let bucket = ((point >> 32) >> self.shift) as usize;
+        while self.buckets.len() <= bucket {
+            self.buckets.push(self.points.len() as u32);
+        }
+        self.points.push(point);
+    }
+
+    fn finish(mut self, rng: Arc<Rng>) -> Ring {
+        // Buckets past the last point, and the closing entry, start at the end.
+        let end = self.points.len() as u32;
+        self.buckets.resize((1 << (32 - self.shift)) + 1, end);
+        Ring {
+            points: Arc::new(self.points),
+            buckets: self.buckets,
+            shift: self.shift,
+            rng,
+        }
+    }
+}
+
+impl Ring {
     #[inline]
     fn owner_of(&self, hash: u64) -> Option<usize> {
         let hash = hash >> 32;

@@ -145,14 +145,20 @@ impl Strategy for Maglev {
 
 /// Fills the table as Envoy's weighted Maglev does: in round `r`, an instance of weight `w`
 /// claims its next preferred free entry when `r × w` has caught up with the `max_weight` it has
-/// paid per entry so far, so that heavier instances claim proportionally more often. A heap
-/// replays the rounds in order without visiting every instance every round (which would cost
-/// O(M × N) with one heavy instance among many light ones).
+/// paid per entry so far, so that heavier instances claim proportionally more often; within a
+/// round, instances claim in slice order.
+///
+/// An instance's rounds depend only on its weight, so instances are scheduled in groups of
+/// equal weight: a small heap of groups replays the rounds in order (instead of a heap of all
+/// instances, or visiting every instance every round, which would cost O(M × N) with one heavy
+/// instance among many light ones). Free entries are tracked in a bitmap (M bits, 8 KiB at the
+/// default size) so that the ~M ln M probes stay in L1.
 fn populate(endpoints: &[Endpoint], size: u32) -> Vec<u32> {
     if endpoints.is_empty() {
         return Vec::new();
     }
     let m = u64::from(size);
+    let n = endpoints.len();
     let max_weight = endpoints
         .iter()
         .map(|e| u64::from(e.weight()))
@@ -168,30 +174,93 @@ fn populate(endpoints: &[Endpoint], size: u32) -> Vec<u32> {
             (offset, skip)
         })
         .collect();
-    // (round of the next claim, index): after k claims, an instance of weight w claims again in
-    // round ceil(k × max_weight / w), but at most once per round; ties go to the lower index, as
-    // in Envoy's loop.
-    let mut claims = vec![0u64; endpoints.len()];
+    // Instances sorted by (weight, index): each group of equal weight is a run, in index order.
+    let mut members: Vec<(u32, u32)> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.weight(), i as u32))
+        .collect();
+    members.sort_unstable();
+    // Per group: its weight, its run in `members`, and how many claims each member has made.
+    let mut groups: Vec<(u64, usize, usize, u64)> = Vec::new();
+    let mut start = 0;
+    for end in 1..=n {
+        if end == n || members[end].0 != members[start].0 {
+            groups.push((u64::from(members[start].0), start, end, 0));
+            start = end;
+        }
+    }
+    // (round of the next claim, group): after k claims, an instance of weight w claims again in
+    // round ceil(k × max_weight / w), but at most once per round.
     let mut heap: BinaryHeap<Reverse<(u64, usize)>> =
-        (0..endpoints.len()).map(|i| Reverse((1, i))).collect();
+        (0..groups.len()).map(|g| Reverse((1, g))).collect();
     let mut table = vec![u32::MAX; size as usize];
+    let mut used = vec![0u64; (size as usize).div_ceil(64)];
+    // Scratch space for rounds where several groups are due: their members in index order.
+    let mut due_groups: Vec<usize> = Vec::new();
+    let mut due: Vec<u32> = Vec::new();
+    let mut marks = vec![0u64; n.div_ceil(64)];
     let mut filled = 0u64;
-    while filled < m {
-        let Some(Reverse((round, i))) = heap.pop() else {
+    'fill: while filled < m {
+        let Some(&Reverse((round, _))) = heap.peek() else {
             break;
         };
-        let (mut c, skip) = cursor[i];
-        while table[c as usize] != u32::MAX {
-            c = step(c, skip, m);
+        due_groups.clear();
+        while let Some(&Reverse((r, g))) = heap.peek() {
+            if r != round {
+                break;
+            }
+            heap.pop();
+            due_groups.push(g);
         }
-        table[c as usize] = i as u32;
-        cursor[i].0 = step(c, skip, m);
-        filled += 1;
-        claims[i] += 1;
-        let w = u64::from(endpoints[i].weight());
-        // At most one claim per round, as in Envoy's loop over the instances.
-        let next = (claims[i] * max_weight).div_ceil(w).max(round + 1);
-        heap.push(Reverse((next, i)));
+        // Ties within a round go to the lower index, as in Envoy's loop over the instances.
+        due.clear();
+        if let [g] = due_groups[..] {
+            let (_, lo, hi, _) = groups[g];
+            due.extend(members[lo..hi].iter().map(|&(_, i)| i));
+        } else {
+            let count: usize = due_groups.iter().map(|&g| groups[g].2 - groups[g].1).sum();
+            if count * 16 < n {
+                // Few: sorting them is cheaper than scanning a bitmap of all instances.
+                for &g in &due_groups {
+                    let (_, lo, hi, _) = groups[g];
+                    due.extend(members[lo..hi].iter().map(|&(_, i)| i));
+                }
+                due.sort_unstable();
+            } else {
+                for &g in &due_groups {
+                    let (_, lo, hi, _) = groups[g];
+                    for &(_, i) in &members[lo..hi] {
+                        marks[i as usize / 64] |= 1 << (i % 64);
+                    }
+                }
+                for (w, word) in marks.iter_mut().enumerate() {
+                    while *word != 0 {
+                        due.push((w * 64) as u32 + word.trailing_zeros());
+                        *word &= *word - 1;
+                    }
+                }
+            }
+        }
+        for &i in &due {
+            let (mut c, skip) = cursor[i as usize];
+            while used[(c / 64) as usize] & (1 << (c % 64)) != 0 {
+                c = step(c, skip, m);
+            }
+            used[(c / 64) as usize] |= 1 << (c % 64);
+            table[c as usize] = i;
+            cursor[i as usize].0 = step(c, skip, m);
+            filled += 1;
+            if filled == m {
+                break 'fill;
+            }
+        }
+        for &g in &due_groups {
+            let group = &mut groups[g];
+            group.3 += 1;
+            let next = (group.3 * max_weight).div_ceil(group.0).max(round + 1);
+            heap.push(Reverse((next, g)));
+        }
     }
     table
 }
@@ -244,5 +313,111 @@ mod tests {
         assert!(is_prime(65_537));
         assert_eq!(next_prime(65_536), 65_537);
         assert_eq!(next_prime(1 << 26), 67_108_879);
+    }
+
+    /// The straightforward fill: a heap of every instance keyed by (round of its next claim,
+    /// index). `populate` must build exactly this table, or keys would move between versions.
+    fn reference(endpoints: &[Endpoint], size: u32) -> Vec<u32> {
+        if endpoints.is_empty() {
+            return Vec::new();
+        }
+        let m = u64::from(size);
+        let max_weight = endpoints
+            .iter()
+            .map(|e| u64::from(e.weight()))
+            .max()
+            .unwrap();
+        let mut cursor: Vec<(u64, u64)> = endpoints
+            .iter()
+            .map(|e| {
+                let id = e.id().as_str().as_bytes();
+                let offset = xxhash_rust::xxh3::xxh3_64_with_seed(id, 0x6d61_676c) % m;
+                let skip = xxhash_rust::xxh3::xxh3_64_with_seed(id, 0x736b_6970) % (m - 1) + 1;
+                (offset, skip)
+            })
+            .collect();
+        let mut claims = vec![0u64; endpoints.len()];
+        let mut heap: BinaryHeap<Reverse<(u64, usize)>> =
+            (0..endpoints.len()).map(|i| Reverse((1, i))).collect();
+        let mut table = vec![u32::MAX; size as usize];
+        let mut filled = 0u64;
+        while filled < m {
+            let Reverse((round, i)) = heap.pop().unwrap();
+            let (mut c, skip) = cursor[i];
+            while table[c as usize] != u32::MAX {
+                c = (c + skip) % m;
+            }
+            table[c as usize] = i as u32;
+            cursor[i].0 = (c + skip) % m;
+            filled += 1;
+            claims[i] += 1;
+            let w = u64::from(endpoints[i].weight());
+            heap.push(Reverse((
+                (claims[i] * max_weight).div_ceil(w).max(round + 1),
+                i,
+            )));
+        }
+        table
+    }
+
+    fn endpoints(weights: &[u32]) -> Vec<Endpoint> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let instance = waypost_core::ServiceInstance::builder("s", format!("i{i:05}"))
+                    .host("10.0.0.1")
+                    .port(80)
+                    .weight(w)
+                    .build()
+                    .unwrap();
+                Endpoint::new(instance, Arc::new(waypost_core::EndpointState::new()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn grouped_fill_builds_the_same_table_as_a_heap_of_instances() {
+        let mut rng = fastrand::Rng::with_seed(6);
+        let cases: Vec<(Vec<u32>, u32)> = vec![
+            ((1..=10).cycle().take(1_000).collect(), 10_007),
+            ((0..300).map(|_| rng.u32(1..=40)).collect(), 10_007),
+            ((0..50).map(|_| rng.u32(1..=3)).collect(), 65_537),
+            // One heavy instance among many light ones.
+            (
+                (0..400).map(|i| if i == 7 { 1_000 } else { 1 }).collect(),
+                4_001,
+            ),
+            // Few distinct weights, several due in the same rounds (the bitmap path).
+            (
+                (0..2_000)
+                    .map(|i| if i % 100 == 0 { 9 } else { 1 })
+                    .collect(),
+                5_003,
+            ),
+            // A few heavy instances of two weights due together (the sorting path).
+            (
+                (0..2_000)
+                    .map(|i| match i % 200 {
+                        0 => 10,
+                        100 => 9,
+                        _ => 1,
+                    })
+                    .collect(),
+                10_007,
+            ),
+            // More instances than entries.
+            (vec![1, 2, 3, 4, 5, 6, 7, 8], 5),
+            (vec![3], 2),
+        ];
+        for (weights, size) in cases {
+            let eps = endpoints(&weights);
+            assert_eq!(
+                populate(&eps, size),
+                reference(&eps, size),
+                "{} instances, size {size}",
+                weights.len()
+            );
+        }
     }
 }

@@ -312,3 +312,45 @@ fn ring_built_step_by_step_equals_ring_built_at_once() {
     let at_once = balancer(ConsistentHash::new(), end);
     assert_eq!(assignment(&stepwise, 20_000), assignment(&at_once, 20_000));
 }
+
+#[test]
+fn ring_built_from_unsorted_endpoints_equals_ring_built_from_sorted_ones() {
+    // Balancers pass endpoints sorted by id; a direct caller may not. Reusing the last ring must
+    // work either way (it matches instances by id, not by position).
+    use std::sync::Arc;
+    use waypost_core::{Endpoint, EndpointState};
+    let endpoints = |set: &[ServiceInstance]| -> Vec<Endpoint> {
+        set.iter()
+            .map(|i| Endpoint::new(i.clone(), Arc::new(EndpointState::new())))
+            .collect()
+    };
+    let owners = |picker: &dyn waypost_core::Picker, eps: &[Endpoint]| -> Vec<String> {
+        (0..5_000u64)
+            .map(|k| {
+                let ctx = PickContext::new().with_hash(k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                eps[picker.pick(eps, &ctx).unwrap()].id().to_string()
+            })
+            .collect()
+    };
+    let set: Vec<_> = (0..40)
+        .map(|i| inst(&format!("i{i:02}"), 1 + i % 3))
+        .collect();
+    let mut shuffled = set.clone();
+    shuffled.reverse();
+    shuffled.swap(3, 17);
+
+    let strategy = ConsistentHash::new();
+    let _ = strategy.build(&endpoints(&shuffled[5..]));
+    let _ = strategy.build(&endpoints(&shuffled[..30]));
+    let eps = endpoints(&shuffled[2..]);
+    let stepwise = strategy.build(&eps);
+
+    let mut sorted = shuffled[2..].to_vec();
+    sorted.sort_by(|a, b| a.id().cmp(b.id()));
+    let sorted_eps = endpoints(&sorted);
+    let at_once = ConsistentHash::new().build(&sorted_eps);
+    assert_eq!(
+        owners(stepwise.as_ref(), &eps),
+        owners(at_once.as_ref(), &sorted_eps)
+    );
+}
