@@ -207,16 +207,22 @@ impl ConsistentHash {
         fresh.sort_unstable();
 
         let mut ring = RingBuilder::new(counts.iter().sum::<u64>() as usize);
-        let mut fresh = fresh.into_iter().peekable();
         let carried = last.map_or(&[][..], |l| &l.points[..]);
+        // The loop runs once per point (a million at 10,000 instances): keep it to a lookup, a
+        // compare against the next fresh point (rarely true) and the push.
+        let mut fresh = fresh.into_iter().peekable();
+        let mut next_fresh = fresh.peek().copied().unwrap_or(u64::MAX);
         for &p in carried {
-            let owner = remap.get(p as u32 as usize).copied().unwrap_or(u64::MAX);
-            if owner == u64::MAX {
+            let owner = remap.get(p as u32 as usize).copied().unwrap_or(u32::MAX);
+            if owner == u32::MAX {
                 continue;
             }
-            let p = p & !0xffff_ffff | owner;
-            while let Some(f) = fresh.next_if(|&f| f <= p) {
-                ring.push(f);
+            let p = p & !0xffff_ffff | u64::from(owner);
+            if next_fresh <= p {
+                while let Some(f) = fresh.next_if(|&f| f <= p) {
+                    ring.push(f);
+                }
+                next_fresh = fresh.peek().copied().unwrap_or(u64::MAX);
             }
             ring.push(p);
         }
@@ -226,7 +232,7 @@ impl ConsistentHash {
 }
 
 /// For each of `last`'s instances, its index in `endpoints` if its points carry over (same id,
-/// same point count), else `u64::MAX`; and for each endpoint, whether its points carry over.
+/// same point count), else `u32::MAX`; and for each endpoint, whether its points carry over.
 /// Balancers pass endpoints sorted by id, so this is usually a merge of two sorted lists; a
 /// hash map handles any other order.
 fn carry_over(
@@ -234,16 +240,16 @@ fn carry_over(
     sorted: bool,
     counts: &[u64],
     last: Option<&Built>,
-) -> (Vec<u64>, Vec<bool>) {
+) -> (Vec<u32>, Vec<bool>) {
     let mut kept = vec![false; endpoints.len()];
     let Some(last) = last else {
         return (Vec::new(), kept);
     };
-    let mut remap = vec![u64::MAX; last.ids.len()];
+    let mut remap = vec![u32::MAX; last.ids.len()];
     let mut carry = |old: usize, new: usize| {
         if counts[new] == last.counts[old] {
             kept[new] = true;
-            remap[old] = new as u64;
+            remap[old] = new as u32;
         }
     };
     if sorted && last.sorted {

@@ -175,18 +175,19 @@ fn populate(endpoints: &[Endpoint], size: u32) -> Vec<u32> {
         })
         .collect();
     // Instances sorted by (weight, index): each group of equal weight is a run, in index order.
-    let mut members: Vec<(u32, u32)> = endpoints
+    // (Packed as weight << 32 | index: one integer compare per step of the sort.)
+    let mut members: Vec<u64> = endpoints
         .iter()
         .enumerate()
-        .map(|(i, e)| (e.weight(), i as u32))
+        .map(|(i, e)| u64::from(e.weight()) << 32 | i as u64)
         .collect();
     members.sort_unstable();
     // Per group: its weight, its run in `members`, and how many claims each member has made.
     let mut groups: Vec<(u64, usize, usize, u64)> = Vec::new();
     let mut start = 0;
     for end in 1..=n {
-        if end == n || members[end].0 != members[start].0 {
-            groups.push((u64::from(members[start].0), start, end, 0));
+        if end == n || members[end] >> 32 != members[start] >> 32 {
+            groups.push((members[start] >> 32, start, end, 0));
             start = end;
         }
     }
@@ -200,6 +201,9 @@ fn populate(endpoints: &[Endpoint], size: u32) -> Vec<u32> {
     let mut due_groups: Vec<usize> = Vec::new();
     let mut due: Vec<u32> = Vec::new();
     let mut marks = vec![0u64; n.div_ceil(64)];
+    // For the endgame: the free entries, and each instance's skip⁻¹ mod M (0: not computed yet).
+    let mut free: Vec<u64> = Vec::new();
+    let mut inverse = vec![0u64; n];
     let mut filled = 0u64;
     'fill: while filled < m {
         let Some(&Reverse((round, _))) = heap.peek() else {
@@ -217,20 +221,21 @@ fn populate(endpoints: &[Endpoint], size: u32) -> Vec<u32> {
         due.clear();
         if let [g] = due_groups[..] {
             let (_, lo, hi, _) = groups[g];
-            due.extend(members[lo..hi].iter().map(|&(_, i)| i));
+            due.extend(members[lo..hi].iter().map(|&x| x as u32));
         } else {
             let count: usize = due_groups.iter().map(|&g| groups[g].2 - groups[g].1).sum();
             if count * 16 < n {
                 // Few: sorting them is cheaper than scanning a bitmap of all instances.
                 for &g in &due_groups {
                     let (_, lo, hi, _) = groups[g];
-                    due.extend(members[lo..hi].iter().map(|&(_, i)| i));
+                    due.extend(members[lo..hi].iter().map(|&x| x as u32));
                 }
                 due.sort_unstable();
             } else {
                 for &g in &due_groups {
                     let (_, lo, hi, _) = groups[g];
-                    for &(_, i) in &members[lo..hi] {
+                    for &i in &members[lo..hi] {
+                        let i = i as u32;
                         marks[i as usize / 64] |= 1 << (i % 64);
                     }
                 }
@@ -244,8 +249,26 @@ fn populate(endpoints: &[Endpoint], size: u32) -> Vec<u32> {
         }
         for &i in &due {
             let (mut c, skip) = cursor[i as usize];
-            while used[(c / 64) as usize] & (1 << (c % 64)) != 0 {
-                c = step(c, skip, m);
+            if m - filled > ENDGAME {
+                while used[(c / 64) as usize] & (1 << (c % 64)) != 0 {
+                    c = step(c, skip, m);
+                }
+            } else {
+                // The last few entries: probing would take about M / free steps per claim (half
+                // of all probes happen here), so find the free entry that comes first in this
+                // instance's permutation directly. Entry e is at position (e - c) / skip mod M.
+                if free.is_empty() {
+                    free = free_entries(&used, m);
+                }
+                let inv = match inverse[i as usize] {
+                    0 => pow_mod(skip, m - 2, m),
+                    inv => inv,
+                };
+                inverse[i as usize] = inv;
+                let first = (0..free.len())
+                    .min_by_key(|&k| step(free[k], m - c, m) * inv % m)
+                    .unwrap_or(0);
+                c = free.swap_remove(first);
             }
             used[(c / 64) as usize] |= 1 << (c % 64);
             table[c as usize] = i;
@@ -263,6 +286,42 @@ fn populate(endpoints: &[Endpoint], size: u32) -> Vec<u32> {
         }
     }
     table
+}
+
+/// How many free entries are left when a build stops probing and searches the free entries
+/// instead: each search costs one multiplication and division per free entry, a probe a few
+/// cycles, and probing costs about M / free probes per claim.
+const ENDGAME: u64 = 64;
+
+/// The entries not yet taken, in order.
+fn free_entries(used: &[u64], m: u64) -> Vec<u64> {
+    let mut free = Vec::new();
+    for (w, &word) in used.iter().enumerate() {
+        let mut bits = !word;
+        while bits != 0 {
+            let e = (w * 64) as u64 + u64::from(bits.trailing_zeros());
+            if e >= m {
+                break;
+            }
+            free.push(e);
+            bits &= bits - 1;
+        }
+    }
+    free
+}
+
+/// `base^exp mod m` for `m < 2³²` (here `skip^(M-2)`: the inverse of `skip` mod the prime M).
+fn pow_mod(mut base: u64, mut exp: u64, m: u64) -> u64 {
+    let mut result = 1 % m;
+    base %= m;
+    while exp > 0 {
+        if exp & 1 == 1 {
+            result = result * base % m;
+        }
+        base = base * base % m;
+        exp >>= 1;
+    }
+    result
 }
 
 /// The next entry of a permutation: `(c + skip) mod m` for `c, skip < m`, without the division
