@@ -70,6 +70,9 @@ pub mod resilience;
 mod rng;
 pub use rng::Rng;
 
+#[cfg(any(feature = "p2c", feature = "p2c-ewma"))]
+mod two_choices;
+
 /// The names of the strategies compiled in, as [`by_name`] accepts them.
 ///
 /// ```

@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
-use waypost_core::{Endpoint, EndpointState, PickContext, Picker, Strategy};
+use waypost_core::{Endpoint, PickContext, Picker, Strategy};
 
-use crate::rng::{Alias, Rng};
+use crate::rng::Rng;
+use crate::two_choices::TwoChoices;
 
 /// Power of two choices: draw two distinct instances at random and take the one with fewer
 /// calls in flight per unit of weight.
@@ -73,39 +74,23 @@ impl Strategy for P2c {
     }
 
     fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Picker> {
-        Box::new(P2cPicker {
-            rng: self.rng.clone(),
-            alias: Alias::new(endpoints.iter().map(Endpoint::weight)),
-            members: endpoints
-                .iter()
-                .map(|e| (e.shared_state().clone(), e.weight()))
-                .collect(),
-        })
+        Box::new(P2cPicker(TwoChoices::new(self.rng.clone(), endpoints)))
     }
 }
 
 #[derive(Debug)]
-struct P2cPicker {
-    rng: Arc<Rng>,
-    alias: Alias,
-    /// Each endpoint's state and weight side by side: one pointer to follow per candidate
-    /// instead of two through the endpoint.
-    members: Box<[(Arc<EndpointState>, u32)]>,
-}
+struct P2cPicker(TwoChoices);
 
 impl Picker for P2cPicker {
     #[inline]
     fn pick(&self, endpoints: &[Endpoint], _ctx: &PickContext<'_>) -> Option<usize> {
-        let n = self.members.len();
-        if n <= 1 || endpoints.len() != n {
-            // Empty, trivial, or (against the Picker contract) another slice: stay in range.
-            return (!endpoints.is_empty()).then_some(0);
-        }
-        let (a, b) = self.alias.draw_two(&self.rng, n);
-        let ((sa, wa), (sb, wb)) = (&self.members[a], &self.members[b]);
+        let ((a, sa, wa), (b, sb, wb)) = match self.0.draw(endpoints) {
+            Ok(pair) => pair,
+            Err(answer) => return answer,
+        };
         let (la, lb) = (sa.in_flight(), sb.in_flight());
         // lb / wb < la / wa, cross-multiplied; a tie keeps the first draw.
-        if u128::from(lb) * u128::from(*wa) < u128::from(la) * u128::from(*wb) {
+        if u128::from(lb) * u128::from(wa) < u128::from(la) * u128::from(wb) {
             Some(b)
         } else {
             Some(a)

@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
-use waypost_core::{Endpoint, EndpointState, PickContext, Picker, Strategy};
+use waypost_core::{Endpoint, PickContext, Picker, Strategy};
 
-use crate::rng::{Alias, Rng};
+use crate::rng::Rng;
+use crate::two_choices::TwoChoices;
 
 /// Power of two choices on expected cost: draw two distinct instances at random and take the one
 /// with the lower `latency × (in_flight + 1)`, where `latency` is the instance's peak-EWMA
@@ -90,36 +91,20 @@ impl Strategy for P2cEwma {
     }
 
     fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Picker> {
-        Box::new(P2cEwmaPicker {
-            rng: self.rng.clone(),
-            alias: Alias::new(endpoints.iter().map(Endpoint::weight)),
-            members: endpoints
-                .iter()
-                .map(|e| (e.shared_state().clone(), e.weight()))
-                .collect(),
-        })
+        Box::new(P2cEwmaPicker(TwoChoices::new(self.rng.clone(), endpoints)))
     }
 }
 
 #[derive(Debug)]
-struct P2cEwmaPicker {
-    rng: Arc<Rng>,
-    alias: Alias,
-    /// Each endpoint's state and weight side by side: one pointer to follow per candidate
-    /// instead of two through the endpoint.
-    members: Box<[(Arc<EndpointState>, u32)]>,
-}
+struct P2cEwmaPicker(TwoChoices);
 
 impl Picker for P2cEwmaPicker {
     #[inline]
     fn pick(&self, endpoints: &[Endpoint], _ctx: &PickContext<'_>) -> Option<usize> {
-        let n = self.members.len();
-        if n <= 1 || endpoints.len() != n {
-            // Empty, trivial, or (against the Picker contract) another slice: stay in range.
-            return (!endpoints.is_empty()).then_some(0);
-        }
-        let (a, b) = self.alias.draw_two(&self.rng, n);
-        let ((sa, wa), (sb, wb)) = (&self.members[a], &self.members[b]);
+        let ((a, sa, wa), (b, sb, wb)) = match self.0.draw(endpoints) {
+            Ok(pair) => pair,
+            Err(answer) => return answer,
+        };
         // 0.0 means "no sample yet": borrow the rival's estimate (see the type's docs).
         let (lat_a, lat_b) = match (sa.ewma_nanos(), sb.ewma_nanos()) {
             (0.0, 0.0) => (1.0, 1.0),
@@ -127,7 +112,7 @@ impl Picker for P2cEwmaPicker {
             (a, 0.0) => (a, a),
             (a, b) => (a, b),
         };
-        let (wa, wb) = (f64::from(*wa), f64::from(*wb));
+        let (wa, wb) = (f64::from(wa), f64::from(wb));
         // latency × (1 + in_flight / weight), both sides multiplied by wa × wb.
         let cost_a = lat_a * (wa + sa.in_flight() as f64) * wb;
         let cost_b = lat_b * (wb + sb.in_flight() as f64) * wa;
