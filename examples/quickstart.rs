@@ -123,8 +123,12 @@ async fn run() -> Result<Summary, Error> {
     // 2. A watch of our own, to show what the balancer is told, and a balancer on the service.
     let service: ServiceName = SERVICE.parse()?;
     let mut watch = memory.watch(&service);
-    if let Some(event) = watch.next().await {
-        println!("\nwatch: {}", describe(&event?));
+    println!();
+    // The snapshot, then word that the watch is in sync with the backend.
+    for _ in 0..2 {
+        if let Some(event) = watch.next().await {
+            println!("watch: {}", describe(&event?));
+        }
     }
     let balancer = Balancer::watch(&memory, &service, waypost::strategies::RoundRobin::new());
     wait_for(
@@ -325,6 +329,7 @@ fn describe(event: &WatchEvent) -> String {
         WatchEvent::Added(i) => format!("added {} ({})", i.id(), i.authority()),
         WatchEvent::Updated(i) => format!("updated {} ({})", i.id(), i.authority()),
         WatchEvent::Removed(i) => format!("removed {} ({})", i.id(), i.authority()),
+        WatchEvent::Synced => "in sync with the backend".to_owned(),
     }
 }
 

@@ -62,8 +62,14 @@ pub struct BalancerStatus {
     pub serving: usize,
     /// Instances the backend reported last.
     pub reported: usize,
-    /// Set when the served set differs from the reported one, and why.
+    /// Set when the served set differs from the reported one, and why. A
+    /// [`BackendError`](FailStatic::BackendError) lasts from a watch error until the watch
+    /// says [`WatchEvent::Synced`] again.
     pub fail_static: Option<FailStatic>,
+    /// Whether the watch has said it is in sync with the backend ([`WatchEvent::Synced`]) and
+    /// reported no error since. `false` before the first `Synced`, and for a balancer fed by
+    /// hand until it is given one.
+    pub in_sync: bool,
     /// Updates applied so far.
     pub updates: u64,
 }
@@ -138,6 +144,7 @@ impl BalancerBuilder {
                     retired: None,
                     strategy: self.strategy,
                     fail_static: None,
+                    in_sync: false,
                     updates: 0,
                 }),
                 keep_last_on_empty: self.keep_last_on_empty,
@@ -247,6 +254,8 @@ struct Updater {
     retired: Option<Arc<Snapshot>>,
     strategy: Arc<dyn Strategy>,
     fail_static: Option<FailStatic>,
+    /// A `Synced` came after the last error.
+    in_sync: bool,
     updates: u64,
 }
 
@@ -406,6 +415,7 @@ impl Balancer {
                 .unwrap_or_else(|| Arc::new(EndpointState::new()))
         };
         let mut changed = false;
+        let mut synced = false;
         for event in events {
             match event {
                 WatchEvent::Snapshot(all) => {
@@ -430,24 +440,31 @@ impl Balancer {
                 WatchEvent::Removed(inst) => {
                     changed |= up.reported.remove(inst.id()).is_some();
                 }
+                WatchEvent::Synced => synced = true,
             }
         }
         drop(current);
-        // A successful event means the watch works again.
-        if matches!(up.fail_static, Some(FailStatic::BackendError(_))) {
-            up.fail_static = None;
-            changed = true;
-        }
         if changed {
             self.publish(&mut up);
         }
+        // Only the watch's own word ends an error: a change that arrives during a resync does
+        // not prove that the rest of the set has been caught up with.
+        if synced {
+            up.in_sync = true;
+            if matches!(up.fail_static, Some(FailStatic::BackendError(_))) {
+                up.fail_static = None;
+                tracing::info!(service = ?self.shared.service, "watch in sync again");
+            }
+        }
     }
 
-    /// Records a watch error: the served set stays as it is, and the status says why.
+    /// Records a watch error: the served set stays as it is, and the status says why until a
+    /// [`WatchEvent::Synced`] arrives.
     pub fn report_error(&self, error: &Error) {
         let mut up = lock(&self.shared.updater);
         tracing::warn!(service = ?self.shared.service, %error, "watch error; serving the last known instances");
         up.fail_static = Some(FailStatic::BackendError(error.to_string()));
+        up.in_sync = false;
     }
 
     /// Replaces the strategy; per-instance state is kept. Picks in progress finish on the old one.
@@ -513,6 +530,7 @@ impl Balancer {
             serving: self.shared.current.load().endpoints.len(),
             reported: up.reported.len(),
             fail_static: up.fail_static.clone(),
+            in_sync: up.in_sync,
             updates: up.updates,
         }
     }

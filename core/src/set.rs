@@ -8,23 +8,36 @@ use crate::instance::{InstanceId, ServiceInstance};
 /// The instances of one service, keyed by id: what a watch has delivered so far.
 ///
 /// Backends use it to turn "here is the whole set now" (a Consul answer, an etcd re-list after a
-/// reconnect or compaction) into the events that describe only the real difference.
+/// reconnect or compaction) into the events that describe only the real difference, and to say
+/// [`WatchEvent::Synced`] when the watch has caught up: after the first snapshot, and after
+/// every error the watch reported (see [`interrupted`](Self::interrupted)).
 ///
 /// ```
 /// use waypost_core::{InstanceSet, ServiceInstance, WatchEvent};
 /// let a = ServiceInstance::builder("s", "a").host("h").port(1).build()?;
 /// let b = ServiceInstance::builder("s", "b").host("h").port(2).build()?;
 /// let mut delivered = InstanceSet::new();
-/// assert_eq!(delivered.sync(vec![a.clone()]), vec![WatchEvent::Snapshot(vec![a.clone()])]);
+/// assert_eq!(
+///     delivered.sync(vec![a.clone()]),
+///     vec![WatchEvent::Snapshot(vec![a.clone()]), WatchEvent::Synced]
+/// );
 /// assert_eq!(delivered.sync(vec![a.clone(), b.clone()]), vec![WatchEvent::Added(b)]);
 /// assert_eq!(delivered.sync(vec![a.clone()]).len(), 1); // b removed
-/// assert!(delivered.sync(vec![a]).is_empty()); // nothing changed, nothing to say
+/// assert!(delivered.sync(vec![a.clone()]).is_empty()); // nothing changed, nothing to say
+///
+/// // An outage: the watch yields its error and notes it; the first good answer after it says
+/// // that the watch is in sync again, even though the set did not change.
+/// delivered.interrupted();
+/// assert!(!delivered.is_in_sync());
+/// assert_eq!(delivered.sync(vec![a]), vec![WatchEvent::Synced]);
+/// assert!(delivered.is_in_sync());
 /// # Ok::<(), waypost_core::ValidationError>(())
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InstanceSet {
     by_id: BTreeMap<InstanceId, ServiceInstance>,
     snapshot_sent: bool,
+    in_sync: bool,
 }
 
 impl InstanceSet {
@@ -33,9 +46,10 @@ impl InstanceSet {
         Self::default()
     }
 
-    /// Replaces the set with `current` and returns what a watcher must be told: a
-    /// [`WatchEvent::Snapshot`] the first time, afterwards the adds, updates and removals (in id
-    /// order; nothing when nothing changed).
+    /// Replaces the set with `current` (the backend's whole answer) and returns what a watcher
+    /// must be told: a [`WatchEvent::Snapshot`] and [`WatchEvent::Synced`] the first time,
+    /// afterwards the adds, updates and removals (in id order; nothing when nothing changed),
+    /// followed by `Synced` when the watch had been [`interrupted`](Self::interrupted).
     pub fn sync(&mut self, current: impl IntoIterator<Item = ServiceInstance>) -> Vec<WatchEvent> {
         let mut next: BTreeMap<InstanceId, ServiceInstance> = BTreeMap::new();
         for inst in current {
@@ -43,8 +57,9 @@ impl InstanceSet {
         }
         if !self.snapshot_sent {
             self.snapshot_sent = true;
+            self.in_sync = true;
             self.by_id = next;
-            return vec![WatchEvent::Snapshot(self.instances())];
+            return vec![WatchEvent::Snapshot(self.instances()), WatchEvent::Synced];
         }
         let mut events = Vec::new();
         for (id, old) in &self.by_id {
@@ -60,11 +75,28 @@ impl InstanceSet {
             }
         }
         self.by_id = next;
+        if !self.in_sync {
+            self.in_sync = true;
+            events.push(WatchEvent::Synced);
+        }
         events
     }
 
+    /// Notes that the watch reported an error to its consumer (call it when yielding the
+    /// `Err`): the next [`sync`](Self::sync) ends with [`WatchEvent::Synced`], so that the
+    /// consumer learns the outage is over even if the set did not change.
+    pub fn interrupted(&mut self) {
+        self.in_sync = false;
+    }
+
+    /// Whether the last [`sync`](Self::sync) came after the last
+    /// [`interrupted`](Self::interrupted) (false before the first sync).
+    pub fn is_in_sync(&self) -> bool {
+        self.in_sync
+    }
+
     /// Applies one event to the set (what a consumer of a watch does). Returns whether the set
-    /// changed.
+    /// changed (`Synced` changes none; it marks the set [in sync](Self::is_in_sync)).
     pub fn apply(&mut self, event: &WatchEvent) -> bool {
         match event {
             WatchEvent::Snapshot(all) => {
@@ -79,6 +111,10 @@ impl InstanceSet {
                 self.by_id.insert(i.id().clone(), i.clone()).as_ref() != Some(i)
             }
             WatchEvent::Removed(i) => self.by_id.remove(i.id()).is_some(),
+            WatchEvent::Synced => {
+                self.in_sync = true;
+                false
+            }
         }
     }
 
@@ -134,6 +170,36 @@ mod tests {
             ]
         );
         assert!(s.sync(vec![inst("c", 1), inst("b", 2)]).is_empty());
+    }
+
+    #[test]
+    fn synced_follows_the_first_snapshot_and_every_recovery() {
+        let mut s = InstanceSet::new();
+        assert!(!s.is_in_sync());
+        assert_eq!(
+            s.sync(vec![inst("a", 1)]),
+            vec![WatchEvent::Snapshot(vec![inst("a", 1)]), WatchEvent::Synced]
+        );
+        // No error: an unchanged answer says nothing, a change says only the change.
+        assert!(s.sync(vec![inst("a", 1)]).is_empty());
+        assert_eq!(
+            s.sync(vec![inst("a", 2)]),
+            vec![WatchEvent::Updated(inst("a", 2))]
+        );
+        // After an error the difference comes first, then Synced; then silence again.
+        s.interrupted();
+        assert_eq!(
+            s.sync(vec![inst("a", 2), inst("b", 1)]),
+            vec![WatchEvent::Added(inst("b", 1)), WatchEvent::Synced]
+        );
+        assert!(s.sync(vec![inst("a", 2), inst("b", 1)]).is_empty());
+        // Errors before the first answer: still one Snapshot, then Synced.
+        let mut fresh = InstanceSet::new();
+        fresh.interrupted();
+        assert_eq!(
+            fresh.sync(vec![]),
+            vec![WatchEvent::Snapshot(vec![]), WatchEvent::Synced]
+        );
     }
 
     #[test]

@@ -112,9 +112,35 @@ fn errors_keep_the_set_until_the_watch_recovers() {
         b.status().fail_static,
         Some(FailStatic::BackendError(ref m)) if m.contains("connection refused")
     ));
+    assert!(!b.status().in_sync);
+    // A change during the resync is applied, but is no proof that the watch caught up.
     b.apply(WatchEvent::Added(inst("b")));
-    assert_eq!(b.status().fail_static, None);
     assert_eq!(ids(&b), ["a", "b"]);
+    assert!(matches!(
+        b.status().fail_static,
+        Some(FailStatic::BackendError(_))
+    ));
+    b.apply(WatchEvent::Synced);
+    assert_eq!(b.status().fail_static, None);
+    assert!(b.status().in_sync);
+}
+
+#[test]
+fn an_outage_without_a_change_ends_with_synced() {
+    // The status bug: the set was the same before and after the outage, so no change event
+    // came; the watch's Synced alone must clear the error.
+    let b = Balancer::new(Rotate::default());
+    b.apply_all([WatchEvent::Snapshot(vec![inst("a")]), WatchEvent::Synced]);
+    assert!(b.status().in_sync);
+    let updates = b.status().updates;
+    b.report_error(&Error::unavailable("test", "watch", "connection refused"));
+    assert!(!b.status().in_sync);
+    b.apply(WatchEvent::Synced);
+    let st = b.status();
+    assert_eq!(st.fail_static, None);
+    assert!(st.in_sync);
+    assert_eq!(st.updates, updates, "Synced rebuilds nothing");
+    assert_eq!(ids(&b), ["a"]);
 }
 
 #[test]
@@ -275,6 +301,16 @@ async fn follows_a_watch_reports_errors_and_stops_with_the_balancer() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(ids(&b), ["a"]);
+    tx.unbounded_send(Ok(WatchEvent::Synced)).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while b.status().fail_static.is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Synced never cleared the error"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(b.status().in_sync);
     drop(b);
     // The task holds only a weak reference: once the balancer is gone, it ends and drops the
     // receiver, so sending fails.

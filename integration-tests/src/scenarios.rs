@@ -153,7 +153,7 @@ where
 /// one against the watch contract as it arrives:
 ///
 /// - a [`WatchEvent::Snapshot`] comes first (errors may precede it), and only once, sorted by
-///   id without duplicates;
+///   id without duplicates; [`WatchEvent::Synced`] never before it;
 /// - `Added` never names an id already present, `Updated` and `Removed` never an absent one,
 ///   and `Updated` always carries a real change;
 /// - the stream never ends. Errors are counted and otherwise allowed.
@@ -182,6 +182,8 @@ pub struct Mirror {
     watch: Watch,
     set: InstanceSet,
     snapshot_seen: bool,
+    in_sync: bool,
+    synced: usize,
     errors: usize,
     last_error: Option<String>,
     log: Vec<WatchEvent>,
@@ -207,6 +209,8 @@ impl Mirror {
             watch: rx.boxed(),
             set: InstanceSet::new(),
             snapshot_seen: false,
+            in_sync: false,
+            synced: 0,
             errors: 0,
             last_error: None,
             log: Vec::new(),
@@ -218,7 +222,7 @@ impl Mirror {
         &self.set
     }
 
-    /// Every event received so far, in order (errors excluded).
+    /// Every change received so far, in order (errors and [`WatchEvent::Synced`] excluded).
     pub fn log(&self) -> &[WatchEvent] {
         &self.log
     }
@@ -231,6 +235,17 @@ impl Mirror {
     /// Whether the snapshot has arrived.
     pub fn has_snapshot(&self) -> bool {
         self.snapshot_seen
+    }
+
+    /// Whether the last word of the watch about its health was [`WatchEvent::Synced`] (not an
+    /// error since).
+    pub fn is_in_sync(&self) -> bool {
+        self.in_sync
+    }
+
+    /// How many [`WatchEvent::Synced`] the watch has said so far.
+    pub fn synced(&self) -> usize {
+        self.synced
     }
 
     /// The ids in the set, for messages.
@@ -250,6 +265,7 @@ impl Mirror {
             ),
             Ok(Some(Err(e))) => {
                 self.errors += 1;
+                self.in_sync = false;
                 self.last_error = Some(e.to_string());
                 Ok(None)
             }
@@ -262,6 +278,16 @@ impl Mirror {
 
     fn check_and_apply(&mut self, ev: &WatchEvent) {
         let label = &self.label;
+        if let WatchEvent::Synced = ev {
+            assert!(
+                self.snapshot_seen,
+                "{label}: Synced arrived before the Snapshot; a watch is in sync only once it \
+                 has delivered the whole set"
+            );
+            self.in_sync = true;
+            self.synced += 1;
+            return;
+        }
         match ev {
             WatchEvent::Snapshot(all) => {
                 assert!(
@@ -280,6 +306,7 @@ impl Mirror {
                 );
                 self.snapshot_seen = true;
             }
+            WatchEvent::Synced => {}
             WatchEvent::Added(i) | WatchEvent::Updated(i) | WatchEvent::Removed(i) => {
                 assert!(
                     self.snapshot_seen,

@@ -115,6 +115,8 @@ impl State {
                     let delay = self.backoff.next_delay();
                     warn!(service = %self.service, retry_in = ?delay, "consul watch failed: {e}; keeping the last known instances");
                     self.failing = true;
+                    // The next good answer then ends with Synced, changed or not.
+                    self.delivered.interrupted();
                     // The server may have restarted with a lower index, and some servers block
                     // on an index they have not reached yet: start over with a fresh read (the
                     // diff keeps the events to the real difference).

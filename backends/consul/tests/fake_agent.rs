@@ -126,11 +126,22 @@ fn ids(ev: &WatchEvent) -> Vec<String> {
     }
 }
 
-async fn next(watch: &mut waypost_core::Watch) -> Result<WatchEvent, Error> {
+/// The next item as it comes, `Synced` included.
+async fn next_item(watch: &mut waypost_core::Watch) -> Result<WatchEvent, Error> {
     tokio::time::timeout(Duration::from_secs(10), watch.next())
         .await
         .expect("the watch yields within 10 s")
         .expect("the watch never ends")
+}
+
+/// The next change or error (`Synced` skipped).
+async fn next(watch: &mut waypost_core::Watch) -> Result<WatchEvent, Error> {
+    loop {
+        match next_item(watch).await {
+            Ok(WatchEvent::Synced) => continue,
+            other => return other,
+        }
+    }
 }
 
 #[tokio::test]
@@ -153,17 +164,20 @@ async fn http_500_is_a_protocol_error_and_the_watch_keeps_going() {
     assert!(err.to_string().contains("500") && err.to_string().contains("No cluster leader"));
 
     let mut watch = consul.watch(&users());
-    assert_eq!(ids(&next(&mut watch).await.unwrap()), ["a"]);
-    // Three failures: reported, nothing removed (fail-static), then only the real difference.
+    assert_eq!(ids(&next_item(&mut watch).await.unwrap()), ["a"]);
+    assert_eq!(next_item(&mut watch).await.unwrap(), WatchEvent::Synced);
+    // Three failures: reported, nothing removed (fail-static), then only the real difference,
+    // then word that the watch is in sync again.
     for _ in 0..3 {
-        let err = next(&mut watch).await.unwrap_err();
+        let err = next_item(&mut watch).await.unwrap_err();
         assert!(matches!(err, Error::Protocol { .. }), "{err}");
     }
-    let ev = next(&mut watch).await.unwrap();
+    let ev = next_item(&mut watch).await.unwrap();
     assert!(
         matches!(&ev, WatchEvent::Added(i) if i.id().as_str() == "b"),
         "{ev:?}"
     );
+    assert_eq!(next_item(&mut watch).await.unwrap(), WatchEvent::Synced);
     // After the outage the watch reads afresh (the agent may have restarted with a lower
     // index), then blocks again on the index it got.
     let seen = seen.lock().unwrap().clone();
@@ -349,6 +363,7 @@ async fn index_zero_is_never_sent_and_churn_is_rate_limited() {
         .unwrap();
     let mut watch = consul.watch(&users());
     assert_eq!(ids(&next(&mut watch).await.unwrap()), ["a"]);
+    assert_eq!(next_item(&mut watch).await.unwrap(), WatchEvent::Synced);
     // Nothing changes, so nothing is emitted; meanwhile the watch keeps querying.
     let quiet = tokio::time::timeout(Duration::from_secs(2), watch.next()).await;
     assert!(quiet.is_err(), "no event without a change: {quiet:?}");
@@ -387,6 +402,7 @@ async fn blocking_request_timeout_covers_the_servers_wait_jitter() {
         .unwrap();
     let mut watch = consul.watch(&users());
     assert_eq!(ids(&next(&mut watch).await.unwrap()), ["a"]);
+    assert_eq!(next_item(&mut watch).await.unwrap(), WatchEvent::Synced);
     let quiet = tokio::time::timeout(wait + Duration::from_millis(900), watch.next()).await;
     assert!(
         quiet.is_err(),

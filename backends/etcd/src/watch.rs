@@ -113,7 +113,7 @@ struct Watcher {
     delivered: InstanceSet,
     /// Every change up to this revision is in `current`.
     last_revision: i64,
-    /// The next step must re-list (at the start, and after compaction).
+    /// The next step must re-list (at the start, after compaction, and after an error).
     need_list: bool,
     stream: Option<Open>,
     backoff: Backoff,
@@ -304,9 +304,18 @@ impl Watcher {
         self.pending.extend(events.into_iter().map(Ok));
     }
 
-    /// Reports `err` (the watch goes on) and schedules the next attempt after a backoff.
+    /// Reports `err` (the watch goes on) and schedules the next attempt after a backoff, which
+    /// starts with a re-list.
+    ///
+    /// The re-list is what proves the watch in sync again: its answer is the whole set as of a
+    /// revision, so the difference to what was delivered, then `Synced`, can be said at once,
+    /// whether or not anything changed. (Resuming from the last revision alone would stay silent
+    /// when nothing changed, and asking for progress while a watch catches up is unsafe on etcd
+    /// before 3.4.25.) The watch then resumes from that revision + 1, so nothing is skipped.
     fn fail(&mut self, err: Error) {
         tracing::warn!(service = %self.service, error = %err, "etcd watch interrupted; retrying");
+        self.delivered.interrupted();
+        self.need_list = true;
         self.pending.push_back(Err(err));
         self.pause();
     }

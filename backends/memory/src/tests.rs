@@ -27,12 +27,13 @@ fn ttl_reg(service: &str, id: &str, ttl_secs: u64) -> Registration {
         .unwrap()
 }
 
-/// The next event, skipping errors; panics if none comes within `bound` (virtual time in
-/// paused tests).
+/// The next change, skipping errors and `Synced`; panics if none comes within `bound` (virtual
+/// time in paused tests).
 async fn next_event(watch: &mut Watch, bound: Duration) -> WatchEvent {
     let deadline = tokio::time::Instant::now() + bound;
     loop {
         match tokio::time::timeout_at(deadline, watch.next()).await {
+            Ok(Some(Ok(WatchEvent::Synced))) => continue,
             Ok(Some(Ok(ev))) => return ev,
             Ok(Some(Err(_))) => continue,
             Ok(None) => panic!("the watch ended"),
@@ -65,6 +66,7 @@ async fn follow_until(watch: &mut Watch, mirror: &mut InstanceSet, ids: &[&str],
                 )
             }
             WatchEvent::Snapshot(_) => assert!(mirror.is_empty(), "a second snapshot"),
+            WatchEvent::Synced => {}
         }
         mirror.apply(&ev);
     }

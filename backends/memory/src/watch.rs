@@ -41,6 +41,7 @@ impl Watcher {
             Err(e) => {
                 if !self.failing {
                     self.failing = true;
+                    self.delivered.interrupted();
                     self.queue.push_back(Err(e));
                 }
             }
