@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::error::Error;
 use crate::instance::ServiceInstance;
@@ -29,7 +30,7 @@ use crate::registration::Registration;
 /// impl Registry for Nowhere {
 ///     async fn register(&self, registration: Registration) -> Result<RegistrationHandle, Error> {
 ///         let instance = registration.instance_or_host("127.0.0.1")?;
-///         Ok(RegistrationHandle::spawn(instance, |mut keep_alive| async move {
+///         Ok(RegistrationHandle::spawn("nowhere", instance, |mut keep_alive| async move {
 ///             keep_alive.set_live();
 ///             keep_alive.stopped().await; // no heartbeat needed
 ///             Ok(())
@@ -179,6 +180,7 @@ impl KeepAlive {
 #[derive(Debug)]
 #[must_use = "dropping the handle deregisters the instance"]
 pub struct RegistrationHandle {
+    backend: &'static str,
     instance: ServiceInstance,
     live: watch::Receiver<Liveness>,
     stop: Option<oneshot::Sender<StopMode>>,
@@ -186,14 +188,14 @@ pub struct RegistrationHandle {
 }
 
 impl RegistrationHandle {
-    /// Spawns the backend's keep-alive task for `instance` on the current Tokio runtime and
-    /// returns its handle. The task runs `keep_alive` until it returns; it should report
-    /// liveness through the [`KeepAlive`] and stop (deregistering if asked) when
-    /// [`KeepAlive::stopped`] resolves.
+    /// Spawns the keep-alive task of backend `backend` (a short name such as `consul`, used in
+    /// logs and metrics) for `instance` on the current Tokio runtime and returns its handle. The
+    /// task runs `keep_alive` until it returns; it should report liveness through the
+    /// [`KeepAlive`] and stop (deregistering if asked) when [`KeepAlive::stopped`] resolves.
     ///
     /// # Panics
     /// Outside a Tokio runtime.
-    pub fn spawn<F, Fut>(instance: ServiceInstance, keep_alive: F) -> Self
+    pub fn spawn<F, Fut>(backend: &'static str, instance: ServiceInstance, keep_alive: F) -> Self
     where
         F: FnOnce(KeepAlive) -> Fut,
         Fut: Future<Output = Result<(), Error>> + Send + 'static,
@@ -205,18 +207,34 @@ impl RegistrationHandle {
             stop: stop_rx,
             stopped: None,
         };
+        // Everything the keep-alive logs (heartbeats, re-registrations) carries these fields.
+        let span = tracing::info_span!(
+            "registration",
+            service = %instance.service(),
+            instance = %instance.id(),
+            backend,
+        );
         let fut = keep_alive(ctx);
-        let task = tokio::spawn(async move {
-            let result = fut.await;
-            let _ = live_tx.send(Liveness::Stopped);
-            result
-        });
+        let task = tokio::spawn(
+            async move {
+                let result = fut.await;
+                let _ = live_tx.send(Liveness::Stopped);
+                result
+            }
+            .instrument(span),
+        );
         RegistrationHandle {
+            backend,
             instance,
             live: live_rx,
             stop: Some(stop_tx),
             task: Some(task),
         }
+    }
+
+    /// The backend's short name, as given to [`spawn`](Self::spawn).
+    pub fn backend(&self) -> &'static str {
+        self.backend
     }
 
     /// The instance as registered (with the host the backend filled in).
@@ -320,12 +338,12 @@ mod tests {
     #[tokio::test]
     async fn shutdown_deregisters_and_abandon_does_not() {
         let n = Arc::new(AtomicUsize::new(0));
-        let h = RegistrationHandle::spawn(inst(), counting_task(n.clone()));
+        let h = RegistrationHandle::spawn("test", inst(), counting_task(n.clone()));
         assert_eq!(h.wait_live().await, Liveness::Live);
         h.shutdown().await.unwrap();
         assert_eq!(n.load(Ordering::SeqCst), 1);
 
-        let h = RegistrationHandle::spawn(inst(), counting_task(n.clone()));
+        let h = RegistrationHandle::spawn("test", inst(), counting_task(n.clone()));
         h.wait_live().await;
         let rx = h.subscribe();
         h.abandon().await.unwrap();
@@ -336,7 +354,7 @@ mod tests {
     #[tokio::test]
     async fn drop_deregisters_in_background() {
         let n = Arc::new(AtomicUsize::new(0));
-        let h = RegistrationHandle::spawn(inst(), counting_task(n.clone()));
+        let h = RegistrationHandle::spawn("test", inst(), counting_task(n.clone()));
         h.wait_live().await;
         let mut rx = h.subscribe();
         drop(h);

@@ -71,6 +71,7 @@ mod flawed {
             let inner = self.memory.register(registration).await?;
             let flaw = self.flaw;
             Ok(RegistrationHandle::spawn(
+                "flawed-memory",
                 inner.instance().clone(),
                 move |mut keep_alive| async move {
                     keep_alive.set_live();

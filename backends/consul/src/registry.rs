@@ -32,9 +32,11 @@ pub(crate) async fn register(
     }
     info!(id = %payload.id, service = %payload.name, address = %payload.address, port = payload.port, "registered with consul");
     let check = reg.check().clone();
-    Ok(RegistrationHandle::spawn(instance, move |ka| {
-        keep_alive(api, payload, check, ka)
-    }))
+    Ok(RegistrationHandle::spawn(
+        crate::BACKEND,
+        instance,
+        move |ka| keep_alive(api, payload, check, ka),
+    ))
 }
 
 /// Registers, and passes a TTL check at once: the agent restores a TTL check's last saved

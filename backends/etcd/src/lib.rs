@@ -253,9 +253,11 @@ impl Registry for Etcd {
         };
         let lease = registry::establish(&ctx, &entry).await?;
         tracing::debug!(key = %entry.key, lease, ttl = entry.ttl_secs, "registered in etcd");
-        Ok(RegistrationHandle::spawn(instance, move |ka| {
-            registry::keep(ctx, entry, lease, ka)
-        }))
+        Ok(RegistrationHandle::spawn(
+            error::BACKEND,
+            instance,
+            move |ka| registry::keep(ctx, entry, lease, ka),
+        ))
     }
 }
 

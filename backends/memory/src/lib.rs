@@ -220,9 +220,11 @@ impl Registry for Memory {
         keepalive::install(&self.inner, &instance, &check)?;
         let inner = Arc::downgrade(&self.inner);
         let task_instance = instance.clone();
-        Ok(RegistrationHandle::spawn(instance, move |keep_alive| {
-            keepalive::run(inner, task_instance, check, keep_alive)
-        }))
+        Ok(RegistrationHandle::spawn(
+            BACKEND,
+            instance,
+            move |keep_alive| keepalive::run(inner, task_instance, check, keep_alive),
+        ))
     }
 }
 
