@@ -14,6 +14,7 @@ use crate::endpoint::{clock_nanos, Endpoint, EndpointState, Outcome};
 use crate::error::Error;
 use crate::event::{Watch, WatchEvent};
 use crate::instance::{InstanceId, ServiceInstance, ServiceName};
+use crate::metrics::{BalancerMetrics, RequestMetrics};
 use crate::strategy::{PickContext, Picker, Strategy};
 
 /// What picks read: replaced whole on every update, never changed in place.
@@ -106,6 +107,7 @@ pub struct BalancerBuilder {
     strategy: Arc<dyn Strategy>,
     keep_last_on_empty: bool,
     service: Option<ServiceName>,
+    instance_labels: bool,
 }
 
 impl fmt::Debug for dyn Strategy {
@@ -123,6 +125,24 @@ impl BalancerBuilder {
         self
     }
 
+    /// Whether the per-instance metric series (`waypost_requests_total`,
+    /// `waypost_requests_active`, `waypost_request_duration_seconds`) carry an `instance` label
+    /// (default `true`). Turn it off for very large sets: the series are then per service only.
+    /// Has no effect without the `metrics` feature.
+    ///
+    /// ```
+    /// # use waypost_core::*;
+    /// # struct First; struct P;
+    /// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(P) } }
+    /// # impl Picker for P { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+    /// let balancer = Balancer::builder(First).metric_instance_labels(false).build();
+    /// assert_eq!(balancer.status().serving, 0);
+    /// ```
+    pub fn metric_instance_labels(mut self, on: bool) -> Self {
+        self.instance_labels = on;
+        self
+    }
+
     /// Names the service (for status and errors) without following a watch.
     pub fn service(mut self, service: ServiceName) -> Self {
         self.service = Some(service);
@@ -136,8 +156,11 @@ impl BalancerBuilder {
             endpoints: Vec::new(),
         };
         let (ready, _) = watch::channel(0usize);
+        let metrics = BalancerMetrics::new(self.service.as_ref().map(ServiceName::as_str));
         Balancer {
             shared: Arc::new(Shared {
+                metrics,
+                instance_labels: self.instance_labels,
                 current: ArcSwap::from_pointee(empty),
                 updater: Mutex::new(Updater {
                     reported: BTreeMap::new(),
@@ -229,6 +252,8 @@ impl<S: StreamExt + Unpin + ?Sized> NowOrNever for S {}
 
 struct Shared {
     current: ArcSwap<Snapshot>,
+    metrics: BalancerMetrics,
+    instance_labels: bool,
     updater: Mutex<Updater>,
     keep_last_on_empty: bool,
     service: Option<ServiceName>,
@@ -306,6 +331,7 @@ impl Balancer {
             strategy: Arc::new(strategy),
             keep_last_on_empty: true,
             service: None,
+            instance_labels: true,
         }
     }
 
@@ -416,14 +442,20 @@ impl Balancer {
         };
         let mut changed = false;
         let mut synced = false;
+        let endpoint = |inst: ServiceInstance, state: Arc<EndpointState>| {
+            let id = self.shared.instance_labels.then(|| inst.id().as_str());
+            let metrics = RequestMetrics::new(inst.service().as_str(), id);
+            Endpoint::with_metrics(inst, state, metrics)
+        };
         for event in events {
+            self.shared.metrics.event(&event);
             match event {
                 WatchEvent::Snapshot(all) => {
                     let mut next = BTreeMap::new();
                     for inst in all {
                         let ep = match up.reported.get(inst.id()) {
                             Some(old) if old.instance() == &inst => old.clone(),
-                            _ => Endpoint::new(inst.clone(), state_for(inst.id(), &up.reported)),
+                            _ => endpoint(inst.clone(), state_for(inst.id(), &up.reported)),
                         };
                         next.insert(inst.id().clone(), ep);
                     }
@@ -432,7 +464,7 @@ impl Balancer {
                 }
                 WatchEvent::Added(inst) | WatchEvent::Updated(inst) => {
                     if up.reported.get(inst.id()).map(Endpoint::instance) != Some(&inst) {
-                        let ep = Endpoint::new(inst.clone(), state_for(inst.id(), &up.reported));
+                        let ep = endpoint(inst.clone(), state_for(inst.id(), &up.reported));
                         up.reported.insert(inst.id().clone(), ep);
                         changed = true;
                     }
@@ -456,6 +488,7 @@ impl Balancer {
                 tracing::info!(service = ?self.shared.service, "watch in sync again");
             }
         }
+        self.observe(&up);
     }
 
     /// Records a watch error: the served set stays as it is, and the status says why until a
@@ -465,6 +498,19 @@ impl Balancer {
         tracing::warn!(service = ?self.shared.service, %error, "watch error; serving the last known instances");
         up.fail_static = Some(FailStatic::BackendError(error.to_string()));
         up.in_sync = false;
+        self.shared
+            .metrics
+            .error(error.backend().unwrap_or("unknown"));
+        self.observe(&up);
+    }
+
+    /// Sets the membership gauges from the update side's state.
+    fn observe(&self, up: &Updater) {
+        let current = self.shared.current.load();
+        let served = current.picker.serving(&current.endpoints);
+        self.shared
+            .metrics
+            .membership(up.reported.len(), served, up.fail_static.is_some());
     }
 
     /// Replaces the strategy; per-instance state is kept. Picks in progress finish on the old one.
@@ -478,6 +524,7 @@ impl Balancer {
             .current
             .swap(Arc::new(Snapshot { endpoints, picker }));
         up.retired = Some(old);
+        self.observe(&up);
     }
 
     fn publish(&self, up: &mut Updater) {
@@ -578,6 +625,7 @@ pub struct PickGuard {
 impl PickGuard {
     fn new(endpoint: Endpoint) -> Self {
         endpoint.state().begin();
+        endpoint.metrics().begin();
         PickGuard {
             endpoint,
             started: Instant::now(),
@@ -613,9 +661,9 @@ impl PickGuard {
     /// Records `outcome` with the time since the pick as latency.
     pub fn record(mut self, outcome: Outcome) {
         self.done = true;
-        self.endpoint
-            .state()
-            .end(Some((outcome, self.started.elapsed())));
+        let sample = Some((outcome, self.started.elapsed()));
+        self.endpoint.state().end(sample);
+        self.endpoint.metrics().end(sample);
     }
 }
 
@@ -623,6 +671,7 @@ impl Drop for PickGuard {
     fn drop(&mut self) {
         if !self.done {
             self.endpoint.state().end(None);
+            self.endpoint.metrics().end(None);
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::instance::{InstanceId, ServiceInstance, Weight};
+use crate::metrics::RequestMetrics;
 
 /// How long a latency sample takes to lose most of its influence on the peak-EWMA estimate.
 pub const EWMA_DECAY: Duration = Duration::from_secs(10);
@@ -233,17 +234,32 @@ struct EndpointInner {
     instance: ServiceInstance,
     state: Arc<EndpointState>,
     weight: u32,
+    /// The request series; registered by the balancer, no-ops for an endpoint made by hand.
+    metrics: RequestMetrics,
 }
 
 impl Endpoint {
     /// Pairs `instance` with `state`.
     pub fn new(instance: ServiceInstance, state: Arc<EndpointState>) -> Self {
+        Self::with_metrics(instance, state, RequestMetrics::none())
+    }
+
+    pub(crate) fn with_metrics(
+        instance: ServiceInstance,
+        state: Arc<EndpointState>,
+        metrics: RequestMetrics,
+    ) -> Self {
         let weight = instance.weight().get();
         Endpoint(Arc::new(EndpointInner {
             instance,
             state,
             weight,
+            metrics,
         }))
+    }
+
+    pub(crate) fn metrics(&self) -> &RequestMetrics {
+        &self.0.metrics
     }
 
     /// An endpoint with fresh state (for tests and benchmarks).

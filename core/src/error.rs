@@ -296,6 +296,23 @@ impl Error {
         }
     }
 
+    /// The backend the error comes from, when it names one.
+    ///
+    /// ```
+    /// let e = waypost_core::Error::unavailable("consul", "watch", "connection refused");
+    /// assert_eq!(e.backend(), Some("consul"));
+    /// ```
+    pub fn backend(&self) -> Option<&'static str> {
+        match self {
+            Error::Unavailable { backend, .. }
+            | Error::PermissionDenied { backend, .. }
+            | Error::Protocol { backend, .. }
+            | Error::NotFound { backend, .. }
+            | Error::Config { backend, .. } => Some(backend),
+            _ => None,
+        }
+    }
+
     /// Whether trying again later can succeed (an outage or a bad answer), as opposed to a
     /// mistake that needs a change (bad input, no permission, bad configuration).
     pub fn is_retryable(&self) -> bool {

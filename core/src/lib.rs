@@ -17,6 +17,7 @@ mod endpoint;
 mod error;
 mod event;
 mod instance;
+mod metrics;
 mod registration;
 mod registry;
 mod set;

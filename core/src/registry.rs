@@ -11,6 +11,7 @@ use tracing::Instrument;
 
 use crate::error::Error;
 use crate::instance::ServiceInstance;
+use crate::metrics::RegistrationMetrics;
 use crate::registration::Registration;
 
 /// Announces instances to a backend.
@@ -126,11 +127,13 @@ pub struct KeepAlive {
     live: watch::Sender<Liveness>,
     stop: oneshot::Receiver<StopMode>,
     stopped: Option<StopMode>,
+    metrics: Arc<RegistrationMetrics>,
 }
 
 impl KeepAlive {
     /// Reports that the backend lists the instance.
     pub fn set_live(&self) {
+        self.metrics.live(true);
         self.live.send_if_modified(|l| {
             let changed = !l.is_live();
             *l = Liveness::Live;
@@ -138,9 +141,12 @@ impl KeepAlive {
         });
     }
 
-    /// Reports that the registration is lost and being re-established.
+    /// Reports that the registration is lost and being re-established: call it for every failed
+    /// heartbeat or re-registration (each counts in `waypost_heartbeat_failures_total`).
     pub fn set_recovering(&self, reason: impl Into<String>) {
         let reason = reason.into();
+        self.metrics.live(false);
+        self.metrics.failure();
         self.live.send_if_modified(|l| {
             let next = Liveness::Recovering { reason };
             let changed = *l != next;
@@ -202,10 +208,16 @@ impl RegistrationHandle {
     {
         let (live_tx, live_rx) = watch::channel(Liveness::Pending);
         let (stop_tx, stop_rx) = oneshot::channel();
+        let metrics = Arc::new(RegistrationMetrics::new(
+            instance.service().as_str(),
+            instance.id().as_str(),
+            backend,
+        ));
         let ctx = KeepAlive {
             live: live_tx.clone(),
             stop: stop_rx,
             stopped: None,
+            metrics: metrics.clone(),
         };
         // Everything the keep-alive logs (heartbeats, re-registrations) carries these fields.
         let span = tracing::info_span!(
@@ -218,6 +230,7 @@ impl RegistrationHandle {
         let task = tokio::spawn(
             async move {
                 let result = fut.await;
+                metrics.live(false);
                 let _ = live_tx.send(Liveness::Stopped);
                 result
             }

@@ -60,6 +60,13 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
 pub trait Picker: Send + Sync + 'static {
     /// The index into `endpoints` to use, or `None` if none fits the context.
     fn pick(&self, endpoints: &[Endpoint], ctx: &PickContext<'_>) -> Option<usize>;
+
+    /// How many of `endpoints` picks choose from now (the `waypost_membership_served` gauge):
+    /// all of them, unless the picker leaves some out (filtered, ejected; all again in panic
+    /// mode). Read on the update side, never per pick.
+    fn serving(&self, endpoints: &[Endpoint]) -> usize {
+        endpoints.len()
+    }
 }
 
 /// What a request tells the strategy: a hash key for consistent hashing, the caller's zone.

@@ -71,6 +71,7 @@ use waypost_core::{Discovery, Registry};
 
 pub mod consul_server;
 pub mod etcd_server;
+pub mod gate;
 pub mod scenarios;
 
 /// A backend under test: a running server (or in-process state) and clients for it.
@@ -130,6 +131,36 @@ pub trait Backend: Send + Sync + 'static {
     /// `-dev` agent forgets everything; etcd keeps its data). Returns when it serves again.
     async fn restart(&self) -> Result<(), String>;
 
+    /// Cuts the clients from [`registry`](Self::registry) and [`discovery`](Self::discovery)
+    /// off from the backend without losing any of its data, as a network partition does: calls
+    /// fail and watches yield errors until [`heal`](Self::heal). For a server, put a
+    /// [`Gate`](crate::gate::Gate) between the clients and it.
+    ///
+    /// The default fails, naming the method: a backend's test harness that cannot do this fails
+    /// the `outage_without_change` scenario rather than pass it unchecked.
+    async fn partition(&self) -> Result<(), String> {
+        Err(format!(
+            "the {} test harness does not implement Backend::partition",
+            self.name()
+        ))
+    }
+
+    /// Ends a [`partition`](Self::partition).
+    async fn heal(&self) -> Result<(), String> {
+        Err(format!(
+            "the {} test harness does not implement Backend::heal",
+            self.name()
+        ))
+    }
+
+    /// The longest a watch or a registration waits between two attempts while the backend is
+    /// unreachable (its backoff cap). After a [`heal`](Self::heal), a watch must say it is in
+    /// sync again within this period (plus two seconds of slack for a loaded machine).
+    /// Default 5 s.
+    fn retry_period(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+
     /// How long a change (a registration, a deregistration) may take to show in
     /// [`Discovery::instances`] and in a watch. Default 10 s.
     fn settle_bound(&self) -> Duration {
@@ -167,6 +198,15 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     async fn restart(&self) -> Result<(), String> {
         (**self).restart().await
+    }
+    async fn partition(&self) -> Result<(), String> {
+        (**self).partition().await
+    }
+    async fn heal(&self) -> Result<(), String> {
+        (**self).heal().await
+    }
+    fn retry_period(&self) -> Duration {
+        (**self).retry_period()
     }
     fn settle_bound(&self) -> Duration {
         (**self).settle_bound()
@@ -274,6 +314,7 @@ macro_rules! conformance_tests {
             drop_deregisters,
             liveness_is_reported,
             reconnect_resync,
+            outage_without_change,
             several_watchers_same_service,
             many_instances,
             bad_input,

@@ -36,8 +36,9 @@ use futures::future::join_all;
 use futures::StreamExt;
 use tokio::time::Instant;
 use waypost_core::{
-    Field, HealthCheck, InstanceSet, Liveness, Registration, RegistrationBuilder,
-    RegistrationHandle, ServiceInstance, ServiceName, Watch, WatchEvent, Weight,
+    Balancer, Endpoint, FailStatic, Field, HealthCheck, InstanceSet, Liveness, PickContext, Picker,
+    Registration, RegistrationBuilder, RegistrationHandle, ServiceInstance, ServiceName, Strategy,
+    Watch, WatchEvent, Weight,
 };
 
 use crate::Backend;
@@ -57,6 +58,7 @@ pub const ALL: &[&str] = &[
     "drop_deregisters",
     "liveness_is_reported",
     "reconnect_resync",
+    "outage_without_change",
     "several_watchers_same_service",
     "many_instances",
     "bad_input",
@@ -358,6 +360,22 @@ impl Mirror {
                     self.snapshot_seen,
                     self.errors,
                     self.last_error
+                );
+            }
+        }
+    }
+
+    /// Receives items until the watch has said [`WatchEvent::Synced`] with no error after it,
+    /// for at most `bound`; panics naming `what` otherwise.
+    pub async fn wait_in_sync(&mut self, bound: Duration, what: &str) {
+        let until = Instant::now() + bound;
+        while !self.in_sync {
+            if self.next_until(until).await.is_err() {
+                panic!(
+                    "{}: {what}: no Synced within {bound:?} (Synced so far: {}, errors: {}, last \
+                     error: {:?}); a watch must say Synced after its snapshot and after every \
+                     recovery, even when nothing changed",
+                    self.label, self.synced, self.errors, self.last_error
                 );
             }
         }
@@ -964,6 +982,154 @@ pub async fn liveness_is_reported<B: Backend + ?Sized>(backend: &B) {
         "[{}] after abandon the liveness is Stopped",
         backend.name()
     );
+}
+
+/// The status bug's scenario: an outage in which the set does not change.
+///
+/// With an instance registered (a TTL long enough to outlast the outage), a watch and a
+/// [`Balancer`] on the service, the backend is cut off ([`Backend::partition`]). The watch must
+/// yield an error and the balancer report it; once the backend is reachable again
+/// ([`Backend::heal`]), within one [`retry_period`](Backend::retry_period) the watch must say
+/// [`WatchEvent::Synced`] without any change event, and the balancer's status must be healthy
+/// again (no fail-static, in sync, serving the instance). The registration is live again too.
+pub async fn outage_without_change<B: Backend + ?Sized>(backend: &B) {
+    let service = unique_service("outage");
+    let settle = backend.settle_bound();
+    let handle = register(
+        backend,
+        registration(backend, &service, "a", 1).check(HealthCheck::ttl(long_ttl(backend))),
+    )
+    .await;
+    let discovery = backend.discovery();
+    let mut mirror = Mirror::new(label(backend, "outage watch"), discovery.watch(&service));
+    mirror
+        .wait_until(settle, "a is listed", set_is(&["a"]))
+        .await;
+    mirror
+        .wait_in_sync(settle, "in sync after the first snapshot")
+        .await;
+    let balancer = Balancer::watch(&*discovery, &service, First);
+    let healthy = |what: &'static str| {
+        let balancer = balancer.clone();
+        move || {
+            let st = balancer.status();
+            async move {
+                if st.serving == 1 && st.in_sync && st.fail_static.is_none() {
+                    Ok(())
+                } else {
+                    Err(format!("{what}: {st:?}"))
+                }
+            }
+        }
+    };
+    eventually(
+        settle,
+        label(backend, "the balancer serves a and is in sync"),
+        healthy("before the outage"),
+    )
+    .await;
+    let changes_before = mirror.log().len();
+
+    if let Err(e) = backend.partition().await {
+        panic!("[{}] partition failed: {e}", backend.name());
+    }
+    let errors_before = mirror.errors();
+    eventually(
+        backend.heal_bound(),
+        label(backend, "the balancer reports the outage"),
+        || {
+            let st = balancer.status();
+            async move {
+                match st.fail_static {
+                    Some(FailStatic::BackendError(_)) if !st.in_sync => Ok(()),
+                    _ => Err(format!("{st:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    let until = Instant::now() + backend.heal_bound();
+    while mirror.errors() == errors_before {
+        if mirror.next_until(until).await.is_err() {
+            panic!(
+                "[{}] the watch yielded no error during the outage; a watch must report an \
+                 outage as an Err item",
+                backend.name()
+            );
+        }
+    }
+    assert!(!mirror.is_in_sync());
+    assert_eq!(
+        balancer.instances().len(),
+        1,
+        "[{}] fail-static: the balancer keeps serving a during the outage",
+        backend.name()
+    );
+
+    if let Err(e) = backend.heal().await {
+        panic!("[{}] heal failed: {e}", backend.name());
+    }
+    let one_retry = backend.retry_period() + Duration::from_secs(2);
+    mirror
+        .wait_in_sync(
+            one_retry,
+            "Synced after the outage (nothing changed, so only Synced can say it is over)",
+        )
+        .await;
+    eventually(
+        one_retry,
+        label(
+            backend,
+            "the balancer's status is healthy again after the outage",
+        ),
+        healthy("after the outage"),
+    )
+    .await;
+    assert_eq!(
+        &mirror.log()[changes_before..],
+        &[] as &[WatchEvent],
+        "[{}] the set did not change, so the watch must tell no change",
+        backend.name()
+    );
+    eventually(
+        backend.heal_bound(),
+        label(backend, "a's registration is live again"),
+        || {
+            let l = handle.liveness();
+            async move {
+                if l.is_live() {
+                    Ok(())
+                } else {
+                    Err(format!("{l:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    if let Err(e) = handle.shutdown().await {
+        panic!("[{}] shutdown after the outage failed: {e}", backend.name());
+    }
+}
+
+/// Picks the first instance: the smallest strategy, for scenarios that only watch a balancer's
+/// status.
+struct First;
+
+struct FirstPicker;
+
+impl Strategy for First {
+    fn name(&self) -> &str {
+        "first"
+    }
+    fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> {
+        Box::new(FirstPicker)
+    }
+}
+
+impl Picker for FirstPicker {
+    fn pick(&self, endpoints: &[Endpoint], _: &PickContext<'_>) -> Option<usize> {
+        (!endpoints.is_empty()).then_some(0)
+    }
 }
 
 /// With a watch open and instances registered, the backend restarts. The registrations heal by

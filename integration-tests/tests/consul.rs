@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::time::Instant;
 use waypost_conformance::consul_server::ConsulServer;
+use waypost_conformance::gate::Gate;
 use waypost_conformance::scenarios::{eventually, Mirror};
 use waypost_conformance::{async_trait, Backend};
 use waypost_consul::{Consul, ConsulBuilder};
@@ -31,8 +32,19 @@ fn client(server: &ConsulServer) -> Consul {
     builder(server).build().unwrap()
 }
 
+/// A real agent, reached through a [`Gate`] so that scenarios can cut the clients off.
 struct ConsulBackend {
     server: ConsulServer,
+    gate: Gate,
+}
+
+impl ConsulBackend {
+    fn client(&self) -> Consul {
+        builder(&self.server)
+            .address(self.gate.addr().to_string())
+            .build()
+            .unwrap()
+    }
 }
 
 #[async_trait]
@@ -41,10 +53,22 @@ impl Backend for ConsulBackend {
         "consul"
     }
     fn registry(&self) -> Arc<dyn Registry> {
-        Arc::new(client(&self.server))
+        Arc::new(self.client())
     }
     fn discovery(&self) -> Arc<dyn Discovery> {
-        Arc::new(client(&self.server))
+        Arc::new(self.client())
+    }
+    async fn partition(&self) -> Result<(), String> {
+        self.gate.cut();
+        Ok(())
+    }
+    async fn heal(&self) -> Result<(), String> {
+        self.gate.mend();
+        Ok(())
+    }
+    fn retry_period(&self) -> Duration {
+        // The backoff cap of `builder`.
+        Duration::from_secs(1)
     }
     fn expiry_bound(&self) -> Duration {
         // Consul marks the TTL check critical ttl after the last pass; the rest is CI slack.
@@ -57,9 +81,15 @@ impl Backend for ConsulBackend {
 }
 
 async fn start() -> ConsulBackend {
-    ConsulBackend {
-        server: ConsulServer::start().await,
-    }
+    let server = ConsulServer::start().await;
+    let agent = server
+        .addr()
+        .parse()
+        .expect("the harness's address is host:port");
+    let gate = Gate::start(agent)
+        .await
+        .expect("a free loopback port for the gate");
+    ConsulBackend { server, gate }
 }
 
 waypost_conformance::conformance_tests!(start);

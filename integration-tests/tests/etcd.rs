@@ -11,6 +11,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 use waypost_conformance::etcd_server::{EtcdCluster, EtcdServer};
+use waypost_conformance::gate::Gate;
 use waypost_conformance::{async_trait, Backend};
 use waypost_core::{
     Discovery, Error, HealthCheck, InstanceSet, Liveness, Registration, RegistrationHandle,
@@ -22,8 +23,10 @@ use waypost_etcd::{encode_record, Etcd};
 // ---------------------------------------------------------------------------------------------
 // The conformance suite.
 
+/// A real etcd, reached through a [`Gate`] so that scenarios can cut the clients off.
 struct EtcdBackend {
     server: EtcdServer,
+    gate: Gate,
     etcd: Etcd,
 }
 
@@ -42,12 +45,28 @@ impl Backend for EtcdBackend {
         self.server.restart().await;
         Ok(())
     }
+    async fn partition(&self) -> Result<(), String> {
+        self.gate.cut();
+        Ok(())
+    }
+    async fn heal(&self) -> Result<(), String> {
+        self.gate.mend();
+        Ok(())
+    }
 }
 
 async fn start() -> EtcdBackend {
     let server = EtcdServer::start().await;
-    let etcd = client(&server.endpoints()).await;
-    EtcdBackend { server, etcd }
+    let member = server.endpoint();
+    let addr = member
+        .strip_prefix("http://")
+        .and_then(|a| a.parse().ok())
+        .expect("the harness's endpoint is http://host:port");
+    let gate = Gate::start(addr)
+        .await
+        .expect("a free loopback port for the gate");
+    let etcd = client(&[format!("http://{}", gate.addr())]).await;
+    EtcdBackend { server, gate, etcd }
 }
 
 waypost_conformance::conformance_tests!(start);

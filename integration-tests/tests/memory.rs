@@ -35,6 +35,21 @@ impl Backend for InProcess {
         self.memory.restart(Duration::from_millis(300)).await;
         Ok(())
     }
+
+    async fn partition(&self) -> Result<(), String> {
+        self.memory.set_available(false);
+        Ok(())
+    }
+
+    async fn heal(&self) -> Result<(), String> {
+        self.memory.set_available(true);
+        Ok(())
+    }
+
+    fn retry_period(&self) -> Duration {
+        // Watches re-read on the availability signal itself; handles retry within a second.
+        Duration::from_secs(1)
+    }
 }
 
 async fn start() -> InProcess {
@@ -49,8 +64,9 @@ conformance_tests!(start);
 /// one flaw each and check that the matching scenario catches it.
 mod flawed {
     use super::*;
+    use futures::StreamExt;
     use waypost_conformance::{run, scenarios};
-    use waypost_core::{Error, Registration, RegistrationHandle, StopMode};
+    use waypost_core::{Error, Registration, RegistrationHandle, StopMode, WatchEvent};
 
     #[derive(Clone, Copy)]
     enum Flaw {
@@ -58,6 +74,8 @@ mod flawed {
         KeepsOnShutdown,
         /// An abandoned registration keeps heart-beating: nothing ever expires.
         NeverExpires,
+        /// The watch says `Synced` after its snapshot only, never after an outage.
+        NeverResyncs,
     }
 
     struct Flawed {
@@ -101,7 +119,7 @@ mod flawed {
             self.0.clone()
         }
         fn discovery(&self) -> Arc<dyn Discovery> {
-            Arc::new(self.0.memory.clone())
+            self.0.clone()
         }
         fn ttl(&self) -> Duration {
             Duration::from_secs(1)
@@ -112,6 +130,43 @@ mod flawed {
         async fn restart(&self) -> Result<(), String> {
             self.0.memory.restart(Duration::from_millis(100)).await;
             Ok(())
+        }
+        async fn partition(&self) -> Result<(), String> {
+            self.0.memory.set_available(false);
+            Ok(())
+        }
+        async fn heal(&self) -> Result<(), String> {
+            self.0.memory.set_available(true);
+            Ok(())
+        }
+        fn retry_period(&self) -> Duration {
+            Duration::from_secs(1)
+        }
+    }
+
+    #[async_trait]
+    impl Discovery for Flawed {
+        async fn instances(
+            &self,
+            service: &waypost_core::ServiceName,
+        ) -> Result<Vec<waypost_core::ServiceInstance>, Error> {
+            self.memory.instances(service).await
+        }
+        fn watch(&self, service: &waypost_core::ServiceName) -> waypost_core::Watch {
+            let watch = self.memory.watch(service);
+            if !matches!(self.flaw, Flaw::NeverResyncs) {
+                return watch;
+            }
+            let mut first = true;
+            watch
+                .filter(move |item| {
+                    let keep = !matches!(item, Ok(WatchEvent::Synced)) || first;
+                    if matches!(item, Ok(WatchEvent::Synced)) {
+                        first = false;
+                    }
+                    std::future::ready(keep)
+                })
+                .boxed()
         }
     }
 
@@ -137,6 +192,14 @@ mod flawed {
     fn ttl_expiry_catches_a_backend_that_never_expires() {
         run("ttl_expiry", with(Flaw::NeverExpires), |b| {
             Box::pin(scenarios::ttl_expiry(b))
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "no Synced within")]
+    fn outage_without_change_catches_a_watch_that_never_says_it_is_in_sync_again() {
+        run("outage_without_change", with(Flaw::NeverResyncs), |b| {
+            Box::pin(scenarios::outage_without_change(b))
         });
     }
 
