@@ -34,6 +34,7 @@
 //! (or the layer's own next ejection or end of one).
 mod clock;
 mod filter;
+mod metrics;
 mod picker;
 mod policy;
 
@@ -276,6 +277,10 @@ impl<S: Strategy> Strategy for Resilient<S> {
             // Instances present at the first real build are not slow-started. created_at is on
             // the clock_nanos base whatever clock the layer reads, so compare on that base.
             let _ = self.shared.started.set(clock_nanos());
+            let service = endpoints[0].instance().service().as_str();
+            self.shared
+                .metrics
+                .get_or_init(|| metrics::ResilienceMetrics::new(service));
         }
         let started = self.shared.started.get().copied().unwrap_or(0);
         let settings = self.settings();
@@ -318,6 +323,8 @@ impl<S: Strategy> Strategy for Resilient<S> {
         };
         if settings.ejection.is_some() {
             picker.recount(endpoints, self.clock.now(), self.shared.epoch());
+        } else {
+            picker.observe();
         }
         Box::new(picker)
     }

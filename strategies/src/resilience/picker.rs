@@ -25,6 +25,8 @@ pub(super) struct Shared {
     /// When the first non-empty set was built ([`waypost_core::clock_nanos`], the base of
     /// `created_at`): instances created before are exempt from slow start.
     pub(super) started: OnceLock<u64>,
+    /// The layer's series, for the service of the first non-empty build.
+    pub(super) metrics: OnceLock<super::metrics::ResilienceMetrics>,
 }
 
 impl Shared {
@@ -165,6 +167,19 @@ impl ResilientPicker {
         }
         self.counts_until.store(until, Ordering::Relaxed);
         self.counts_epoch.store(epoch, Ordering::Relaxed);
+        self.observe();
+    }
+
+    /// Whether `group` is in panic mode: fewer healthy members than the threshold allows.
+    fn in_panic(&self, group: &Group) -> bool {
+        (self.healthy(group) as f64) < self.settings.panic * group.len as f64
+    }
+
+    /// Sets the layer's gauges from the whole set's counts.
+    pub(super) fn observe(&self) {
+        if let (Some(m), Some(all)) = (self.shared.metrics.get(), &self.all) {
+            m.counts(all.len, self.healthy(all), self.in_panic(all));
+        }
     }
 
     fn refresh(&self, endpoints: &[Endpoint], now: u64) {
@@ -282,6 +297,10 @@ impl ResilientPicker {
         // Other pickers (older snapshots) recount; this one is already up to date.
         let next = self.shared.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         self.counts_epoch.store(next, Ordering::Relaxed);
+        if let Some(m) = self.shared.metrics.get() {
+            m.ejected();
+        }
+        self.observe();
         true
     }
 
@@ -325,6 +344,14 @@ impl ResilientPicker {
 }
 
 impl Picker for ResilientPicker {
+    fn serving(&self, _: &[Endpoint]) -> usize {
+        match &self.all {
+            None => 0,
+            Some(all) if self.in_panic(all) => all.len,
+            Some(all) => self.healthy(all),
+        }
+    }
+
     fn pick(&self, endpoints: &[Endpoint], ctx: &PickContext<'_>) -> Option<usize> {
         let all = self.all.as_ref()?;
         let settings = &self.settings;
@@ -338,7 +365,7 @@ impl Picker for ResilientPicker {
             self.refresh(endpoints, now);
         }
         let group = self.choose(all, ctx);
-        let panic = (self.healthy(group) as f64) < settings.panic * group.len as f64;
+        let panic = self.in_panic(group);
         let mut warming = None;
         for attempt in 0..TRIES {
             let retry;
