@@ -56,6 +56,7 @@ use waypost_core::Balancer;
 
 mod budget;
 mod error;
+mod metrics;
 mod request;
 mod response;
 #[cfg(test)]
@@ -128,6 +129,7 @@ struct Inner {
     budget: RetryBudget,
     hash_key: Option<HashKey>,
     zone: Option<String>,
+    retry_metrics: metrics::RetryMetrics,
 }
 
 impl fmt::Debug for HttpClient {
@@ -336,6 +338,9 @@ impl HttpClientBuilder {
             .map_err(|source| HttpError::Build { source })?;
         Ok(HttpClient {
             inner: Arc::new(Inner {
+                retry_metrics: metrics::RetryMetrics::new(
+                    self.balancer.status().service.as_ref().map(|s| s.as_str()),
+                ),
                 balancer: self.balancer,
                 http,
                 request_timeout: self.request_timeout,

@@ -270,11 +270,13 @@ impl RequestBuilder {
             } else if deadline.is_some_and(|d| Instant::now() >= d) {
                 Some(GaveUp::Deadline)
             } else if !inner.budget.try_withdraw() {
+                inner.retry_metrics.budget_exhausted();
                 Some(GaveUp::BudgetExhausted)
             } else {
                 None
             };
             let Some(gave_up) = stop else {
+                inner.retry_metrics.retry();
                 tracing::debug!(method = %self.method, path = %self.path, instance = %instance.id(),
                     attempt = attempts, "retrying on another instance");
                 tried.push(instance.id().clone());

@@ -410,3 +410,56 @@ async fn bad_input_fails_before_sending() {
         .unwrap_err();
     assert!(matches!(err, HttpError::NoInstance { .. }), "{err}");
 }
+
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn retries_and_an_exhausted_budget_are_counted_per_service() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let a = server(Behavior::Fail).await;
+    let c = server(Behavior::Fail).await;
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    let client = ::metrics::with_local_recorder(&recorder, || {
+        let b = Balancer::builder(First)
+            .service("svc".parse().unwrap())
+            .build();
+        b.apply(WatchEvent::Snapshot(vec![
+            instance("a", a.addr),
+            instance("c", c.addr),
+        ]));
+        HttpClient::builder(b)
+            .max_attempts(3)
+            .retry_budget(RetryBudget::new(0.2, 0).unwrap())
+            .build()
+            .unwrap()
+    });
+    let (mut calls, mut retried) = (0u64, 0u64);
+    for _ in 0..20 {
+        let r = client.get("/").send().await.unwrap();
+        calls += 1;
+        retried += u64::from(r.attempts() - 1);
+    }
+    // One snapshot: the debugging recorder drains what it hands out.
+    let rows = snap.snapshot().into_vec();
+    let count = |name: &str| {
+        rows.iter()
+            .find(|(k, ..)| {
+                k.key().name() == name
+                    && k.key()
+                        .labels()
+                        .any(|l| l.key() == "service" && l.value() == "svc")
+            })
+            .map(|(.., v)| match v {
+                DebugValue::Counter(c) => *c,
+                other => panic!("{name} is not a counter: {other:?}"),
+            })
+    };
+    assert!(retried > 0, "the budget allows some retries");
+    assert_eq!(count("waypost_retries_total"), Some(retried));
+    // Every call that failed with attempts left but was not retried was stopped by the budget.
+    let exhausted = count("waypost_retry_budget_exhausted_total");
+    assert!(
+        exhausted.is_some_and(|n| n > 0 && n <= calls),
+        "{exhausted:?}"
+    );
+}
