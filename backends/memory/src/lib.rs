@@ -39,6 +39,7 @@
 //! let memory = Memory::new();
 //! let mut watch = memory.watch(&"users".parse()?);
 //! assert_eq!(watch.next().await.transpose()?, Some(WatchEvent::Snapshot(vec![])));
+//! assert_eq!(watch.next().await.transpose()?, Some(WatchEvent::Synced));
 //!
 //! let handle = memory
 //!     .register(Registration::builder("users", "users-1").port(8080).weight(2).build()?)

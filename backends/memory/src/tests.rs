@@ -86,6 +86,15 @@ fn eager(mut watch: Watch) -> Watch {
     rx.boxed()
 }
 
+/// The next item must be `Synced`, within a second.
+async fn expect_synced(watch: &mut Watch) {
+    let item = tokio::time::timeout(Duration::from_secs(1), watch.next()).await;
+    assert!(
+        matches!(item, Ok(Some(Ok(WatchEvent::Synced)))),
+        "expected Synced, got {item:?}"
+    );
+}
+
 async fn no_event_for(watch: &mut Watch, period: Duration) {
     if let Ok(item) = tokio::time::timeout(period, watch.next()).await {
         panic!("expected silence, got {item:?}");
@@ -136,6 +145,7 @@ async fn outage_fails_calls_reports_recovering_and_heals() {
     assert!(
         matches!(next_event(&mut watch, Duration::from_secs(1)).await, WatchEvent::Snapshot(v) if v.len() == 1)
     );
+    expect_synced(&mut watch).await;
 
     memory.set_available(false);
     assert!(matches!(
@@ -161,9 +171,11 @@ async fn outage_fails_calls_reports_recovering_and_heals() {
         .await
         .unwrap();
 
-    // Back within the TTL: the entry never expired, so the watch has nothing to say.
+    // Back within the TTL: the entry never expired, so the watch has nothing to say but that
+    // it is in sync again.
     memory.set_available(true);
     live.wait_for(Liveness::is_live).await.unwrap();
+    expect_synced(&mut watch).await;
     no_event_for(&mut watch, Duration::from_secs(5)).await;
     assert_eq!(ids(&memory, "s").await, ["a"]);
     h.shutdown().await.unwrap();
@@ -301,6 +313,7 @@ async fn dropping_the_last_clone_ends_watches_and_keep_alives() {
     let h: RegistrationHandle = memory.register(ttl_reg("s", "a", 3)).await.unwrap();
     let mut watch = memory.clone().watch(&name("s"));
     next_event(&mut watch, Duration::from_secs(1)).await;
+    expect_synced(&mut watch).await;
     let mut live = h.subscribe();
     drop(memory);
     let end = tokio::time::timeout(Duration::from_secs(5), watch.next())
@@ -347,6 +360,7 @@ async fn tcp_check_lists_the_instance_while_it_accepts_connections() {
     wait_ids(&memory, "tcp", &["t1"]).await;
     let mut watch = memory.watch(&name("tcp"));
     assert!(matches!(watch.next().await, Some(Ok(WatchEvent::Snapshot(v))) if v.len() == 1));
+    expect_synced(&mut watch).await;
 
     drop(listener);
     let ev = tokio::time::timeout(Duration::from_secs(10), watch.next())
