@@ -1,5 +1,6 @@
 //! The client configuration: address, token, TLS, query options, and the `CONSUL_*` variables.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -84,7 +85,7 @@ impl Default for ConsulBuilder {
 impl fmt::Debug for ConsulBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConsulBuilder")
-            .field("address", &self.address)
+            .field("address", &self.address.as_deref().map(redact_userinfo))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("datacenter", &self.datacenter)
             .field("passing_only", &self.passing_only)
@@ -360,6 +361,8 @@ fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, Error> {
 /// `host:port`, `http://host:port` or `https://host:port[/prefix]` → the base URL.
 fn parse_address(address: &str, ssl: bool) -> Result<Url, Error> {
     let address = address.trim();
+    // Credentials in the URL (`http://user:password@host`) stay out of error messages.
+    let shown = redact_userinfo(address);
     if address.is_empty() {
         return Err(config(
             "the agent address is empty; give host:port or an http(s) URL",
@@ -374,24 +377,36 @@ fn parse_address(address: &str, ssl: bool) -> Result<Url, Error> {
     };
     let url = Url::parse(&with_scheme).map_err(|e| {
         config(format!(
-            "agent address {address:?} is not host:port or an http(s) URL: {e}"
+            "agent address {shown:?} is not host:port or an http(s) URL: {e}"
         ))
     })?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(config(format!(
-            "agent address {address:?}: scheme {:?} is not supported (use http or https)",
+            "agent address {shown:?}: scheme {:?} is not supported (use http or https)",
             url.scheme()
         )));
     }
     if url.host_str().map_or(true, str::is_empty) {
-        return Err(config(format!("agent address {address:?} names no host")));
+        return Err(config(format!("agent address {shown:?} names no host")));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(config(format!(
-            "agent address {address:?} must not have a query or fragment"
+            "agent address {shown:?} must not have a query or fragment"
         )));
     }
     Ok(url)
+}
+
+/// `address` with the user information of its authority (`user:password@`, which reqwest sends
+/// as basic auth) replaced by `<redacted>`, for `Debug` output and error messages.
+pub(crate) fn redact_userinfo(address: &str) -> Cow<'_, str> {
+    let start = address.find("://").map_or(0, |i| i + 3);
+    let rest = &address[start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => Cow::Owned(format!("{}<redacted>{}", &address[..start], &rest[at..])),
+        None => Cow::Borrowed(address),
+    }
 }
 
 #[cfg(test)]
@@ -462,6 +477,36 @@ mod tests {
         assert!(matches!(zero_wait, Err(Error::Config { .. })));
         let bad_dc = ConsulBuilder::default().datacenter("d c").build();
         assert!(matches!(bad_dc, Err(Error::Config { .. })));
+    }
+
+    #[test]
+    fn credentials_in_the_address_are_redacted() {
+        assert_eq!(
+            redact_userinfo("https://ops:pa55w0rd@consul:8501/x@y"),
+            "https://<redacted>@consul:8501/x@y"
+        );
+        assert_eq!(
+            redact_userinfo("tok3n@consul:8500"),
+            "<redacted>@consul:8500"
+        );
+        assert_eq!(redact_userinfo("http://consul:8500"), "http://consul:8500");
+        let b = ConsulBuilder::default().address("http://ops:pa55w0rd@127.0.0.1:8500");
+        assert!(!format!("{b:?}").contains("pa55w0rd"), "{b:?}");
+        let consul = b.build().unwrap();
+        let shown = format!("{consul:?}");
+        assert!(
+            !shown.contains("pa55w0rd") && shown.contains("127.0.0.1:8500"),
+            "{shown}"
+        );
+        let err = ConsulBuilder::default()
+            .address("ftp://ops:pa55w0rd@127.0.0.1:8500")
+            .build()
+            .unwrap_err();
+        assert!(!err.to_string().contains("pa55w0rd"), "{err}");
+        assert!(
+            err.to_string().contains("<redacted>@127.0.0.1:8500"),
+            "{err}"
+        );
     }
 
     #[test]

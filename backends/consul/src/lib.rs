@@ -77,7 +77,7 @@ pub struct Consul {
 impl fmt::Debug for Consul {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Consul")
-            .field("address", &self.api.base.as_str())
+            .field("address", &config::redact_userinfo(self.api.base.as_str()))
             .field("token", &self.api.token.as_ref().map(|_| "<redacted>"))
             .field("datacenter", &self.api.datacenter)
             .field("query", &self.query)
