@@ -4,11 +4,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 use waypost_core::{Error, HealthCheck, KeepAlive, Registration, RegistrationHandle, StopMode};
 
 use crate::api::Api;
 use crate::wire::{check_id, ServiceRegistration};
+use waypost_core::Backoff;
 
 /// How often the handle of a registration with an HTTP or TCP check (run by Consul, no
 /// heartbeat) asks the agent whether it still knows the service.
@@ -21,22 +22,45 @@ pub(crate) async fn register(
 ) -> Result<RegistrationHandle, Error> {
     let instance = reg.instance_or_host(api.default_host())?;
     let payload = Arc::new(ServiceRegistration::new(&instance, &reg));
-    // The first attempt's error goes to the caller: a 403 or an unreachable agent is theirs to
-    // decide about, not a reason to retry silently.
-    api.register(&payload).await?;
-    if reg.check().heartbeat_interval().is_some() {
-        // See `register_and_pass`; a failure here is the keep-alive loop's to heal.
-        if let Err(e) = api.pass(&check_id(&payload.id)).await {
-            warn!(id = %payload.id, "first heartbeat failed: {e}");
-        }
-    }
-    info!(id = %payload.id, service = %payload.name, address = %payload.address, port = payload.port, "registered with consul");
+    // The first registration in its own span. The keep-alive task is spawned outside it: core
+    // runs that task in a "registration" span with the same fields, which would otherwise nest
+    // under this one.
+    let span = tracing::info_span!(
+        "register",
+        service = %instance.service(),
+        instance = %instance.id(),
+        backend = crate::BACKEND,
+    );
+    first_registration(&api, &payload, reg.check())
+        .instrument(span)
+        .await?;
     let check = reg.check().clone();
     Ok(RegistrationHandle::spawn(
         crate::BACKEND,
         instance,
         move |ka| keep_alive(api, payload, check, ka),
     ))
+}
+
+async fn first_registration(
+    api: &Api,
+    payload: &ServiceRegistration,
+    check: &HealthCheck,
+) -> Result<(), Error> {
+    // The first attempt's error goes to the caller: a 403 or an unreachable agent is theirs to
+    // decide about, not a reason to retry silently.
+    if let Err(e) = api.register(payload).await {
+        debug!("registering with consul failed: {e}");
+        return Err(e);
+    }
+    if check.heartbeat_interval().is_some() {
+        // See `register_and_pass`; a failure here is the keep-alive loop's to heal.
+        if let Err(e) = api.pass(&check_id(&payload.id)).await {
+            warn!(id = %payload.id, "first heartbeat failed: {e}");
+        }
+    }
+    info!(id = %payload.id, service = %payload.name, address = %payload.address, port = payload.port, "registered with consul");
+    Ok(())
 }
 
 /// Registers, and passes a TTL check at once: the agent restores a TTL check's last saved
@@ -79,14 +103,48 @@ async fn keep_alive(
     let check_id = check_id(&reg.id);
     let mut backoff = api.backoff();
     let mut delay = period;
+    let round = Round {
+        api: &api,
+        reg: &reg,
+        check: &check,
+        check_id: &check_id,
+        ttl: ttl.is_some(),
+        period,
+    };
     loop {
         if let Some(mode) = ka.sleep(delay).await {
             return finish(&api, &reg.id, mode).await;
         }
-        let beat = if ttl.is_some() {
-            or_stop(&mut ka, api.pass(&check_id)).await
+        // The task runs in core's "registration" span (service, instance, backend): each round
+        // adds only its own span.
+        let span = tracing::debug_span!("heartbeat", check = %check_id);
+        match round.run(&mut ka, &mut backoff).instrument(span).await {
+            Ok(next) => delay = next,
+            Err(mode) => return finish(&api, &reg.id, mode).await,
+        }
+    }
+}
+
+/// One heartbeat round: the beat (a TTL pass, or asking the agent whether it still knows the
+/// service), and re-registering when it failed.
+struct Round<'a> {
+    api: &'a Api,
+    reg: &'a ServiceRegistration,
+    check: &'a HealthCheck,
+    check_id: &'a str,
+    ttl: bool,
+    period: Duration,
+}
+
+impl Round<'_> {
+    /// How long to wait before the next round (the period when live, a backoff when
+    /// re-registering failed), or the stop mode when the handle asked to stop.
+    async fn run(&self, ka: &mut KeepAlive, backoff: &mut Backoff) -> Result<Duration, StopMode> {
+        let (api, reg) = (self.api, self.reg);
+        let beat = if self.ttl {
+            or_stop(ka, api.pass(self.check_id)).await?
         } else {
-            or_stop(&mut ka, async {
+            or_stop(ka, async {
                 match api.has_service(&reg.id).await {
                     Ok(true) => Ok(()),
                     Ok(false) => Err(Error::NotFound {
@@ -96,18 +154,14 @@ async fn keep_alive(
                     Err(e) => Err(e),
                 }
             })
-            .await
-        };
-        let beat = match beat {
-            Ok(beat) => beat,
-            Err(mode) => return finish(&api, &reg.id, mode).await,
+            .await?
         };
         let err = match beat {
             Ok(()) => {
+                tracing::trace!("consul heartbeat passed");
                 ka.set_live();
                 backoff.reset();
-                delay = period;
-                continue;
+                return Ok(self.period);
             }
             Err(e) => e,
         };
@@ -115,17 +169,17 @@ async fn keep_alive(
         // idempotent, so do it in both cases and resume heart-beating.
         ka.set_recovering(err.to_string());
         warn!(id = %reg.id, "consul registration lost: {err}; registering again");
-        match or_stop(&mut ka, register_and_pass(&api, &reg, &check)).await {
-            Err(mode) => return finish(&api, &reg.id, mode).await,
-            Ok(Ok(())) => {
+        match or_stop(ka, register_and_pass(api, reg, self.check)).await? {
+            Ok(()) => {
                 info!(id = %reg.id, "registered with consul again");
                 ka.set_live();
                 backoff.reset();
-                delay = period;
+                Ok(self.period)
             }
-            Ok(Err(e)) => {
-                delay = backoff.next_delay();
+            Err(e) => {
+                let delay = backoff.next_delay();
                 warn!(id = %reg.id, retry_in = ?delay, "registering again failed: {e}");
+                Ok(delay)
             }
         }
     }

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument, Span};
 use waypost_core::{Error, InstanceSet, ServiceName, Watch, WatchEvent};
 
-use crate::api::{Api, HealthQuery};
+use crate::api::{Api, HealthAnswer, HealthQuery};
 use crate::backoff::TokenBucket;
 use waypost_core::Backoff;
 
@@ -46,12 +46,18 @@ struct State {
     delay: Option<Duration>,
     /// Whether the last return brought no real change, so the next query must take a token.
     throttle: bool,
-    failing: bool,
+    /// Failed queries in a row (0 while healthy).
+    failures: u32,
+    /// When the current run of failures began.
+    failing_since: Option<tokio::time::Instant>,
+    /// `watch` {service, backend}: every item is produced inside it.
+    span: Span,
 }
 
 /// The watch owns a handle on the connection: it runs for as long as its stream is held, even
 /// after the `Consul` that made it is dropped.
 pub(crate) fn watch(api: Arc<Api>, service: ServiceName, cfg: WatchConfig) -> Watch {
+    let span = tracing::info_span!("watch", service = %service, backend = crate::BACKEND);
     let state = State {
         backoff: api.backoff(),
         api,
@@ -68,10 +74,13 @@ pub(crate) fn watch(api: Arc<Api>, service: ServiceName, cfg: WatchConfig) -> Wa
         ),
         delay: None,
         throttle: false,
-        failing: false,
+        failures: 0,
+        failing_since: None,
+        span,
     };
     futures::stream::unfold(state, |mut st| async move {
-        let item = st.next_item().await?;
+        let span = st.span.clone();
+        let item = st.next_item().instrument(span).await?;
         Some((item, st))
     })
     .boxed()
@@ -91,40 +100,56 @@ impl State {
                 self.bucket.take().await;
             }
             let sent = self.index;
+            // A query after an error reconnects and resyncs: its own span, so that the error,
+            // the retries and the recovery read as one story.
+            let span = if self.failures > 0 {
+                tracing::info_span!("resync", attempt = self.failures)
+            } else {
+                Span::none()
+            };
             let answer = self
                 .api
                 .health(&self.service, &self.query, sent, self.wait)
+                .instrument(span.clone())
                 .await;
-            match answer {
-                Ok(answer) => {
-                    if self.failing {
-                        self.failing = false;
-                        info!(service = %self.service, "consul watch recovered");
-                    }
-                    self.backoff.reset();
-                    self.index = next_index(sent, answer.index);
-                    if self.index == 0 {
-                        warn!(service = %self.service, sent, returned = ?answer.index, "consul index went backwards; reading afresh");
-                    }
-                    // A return is not a change: tell only the real difference.
-                    let events = self.delivered.sync(answer.instances);
-                    self.throttle = events.is_empty();
-                    self.pending.extend(events.into_iter().map(Ok));
+            span.in_scope(|| self.handle(sent, answer));
+        }
+    }
+
+    /// Takes in the answer to the query sent with index `sent`.
+    fn handle(&mut self, sent: u64, answer: Result<HealthAnswer, Error>) {
+        match answer {
+            Ok(answer) => {
+                if self.failures > 0 {
+                    let down_for = self.failing_since.take().map(|t| t.elapsed());
+                    info!(service = %self.service, failures = self.failures, ?down_for, "consul watch recovered");
+                    self.failures = 0;
                 }
-                Err(e) => {
-                    let delay = self.backoff.next_delay();
-                    warn!(service = %self.service, retry_in = ?delay, "consul watch failed: {e}; keeping the last known instances");
-                    self.failing = true;
-                    // The next good answer then ends with Synced, changed or not.
-                    self.delivered.interrupted();
-                    // The server may have restarted with a lower index, and some servers block
-                    // on an index they have not reached yet: start over with a fresh read (the
-                    // diff keeps the events to the real difference).
-                    self.index = 0;
-                    self.delay = Some(delay);
-                    self.throttle = false;
-                    self.pending.push_back(Err(e));
+                self.backoff.reset();
+                self.index = next_index(sent, answer.index);
+                if self.index == 0 {
+                    warn!(service = %self.service, sent, returned = ?answer.index, "consul index went backwards; reading afresh");
                 }
+                // A return is not a change: tell only the real difference.
+                let events = self.delivered.sync(answer.instances);
+                self.throttle = events.is_empty();
+                self.pending.extend(events.into_iter().map(Ok));
+            }
+            Err(e) => {
+                let delay = self.backoff.next_delay();
+                warn!(service = %self.service, retry_in = ?delay, "consul watch failed: {e}; keeping the last known instances");
+                self.failures = self.failures.saturating_add(1);
+                self.failing_since
+                    .get_or_insert_with(tokio::time::Instant::now);
+                // The next good answer then ends with Synced, changed or not.
+                self.delivered.interrupted();
+                // The server may have restarted with a lower index, and some servers block on
+                // an index they have not reached yet: start over with a fresh read (the diff
+                // keeps the events to the real difference).
+                self.index = 0;
+                self.delay = Some(delay);
+                self.throttle = false;
+                self.pending.push_back(Err(e));
             }
         }
     }
