@@ -98,6 +98,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tracing::Instrument;
 use waypost_core::{
     Discovery, Error, HealthCheck, InstanceId, Registration, RegistrationHandle, Registry,
     ServiceInstance, ServiceName, Watch,
@@ -251,8 +252,29 @@ impl Registry for Etcd {
             value: encode_record(&instance),
             ttl_secs: lease_ttl_secs(ctx.lease_ttl, registration.check()),
         };
-        let lease = registry::establish(&ctx, &entry).await?;
-        tracing::debug!(key = %entry.key, lease, ttl = entry.ttl_secs, "registered in etcd");
+        // The first registration in its own span. The keep-alive task is spawned outside it:
+        // core runs that task in a "registration" span with the same fields, which would
+        // otherwise nest under this one.
+        let span = tracing::info_span!(
+            "register",
+            service = %instance.service(),
+            instance = %instance.id(),
+            backend = error::BACKEND,
+        );
+        let lease = async {
+            match registry::establish(&ctx, &entry).await {
+                Ok(lease) => {
+                    tracing::info!(key = %entry.key, lease, ttl = entry.ttl_secs, "registered in etcd");
+                    Ok(lease)
+                }
+                Err(e) => {
+                    tracing::debug!(key = %entry.key, error = %e, "registering in etcd failed");
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await?;
         Ok(RegistrationHandle::spawn(
             error::BACKEND,
             instance,

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::timeout;
+use tracing::Instrument;
 use waypost_core::{Error, KeepAlive, StopMode};
 
 use crate::retry;
@@ -111,7 +112,11 @@ pub(crate) async fn keep(
         };
         tracing::warn!(key = %entry.key, lease, %reason, "etcd registration lost; registering again");
         ka.set_recovering(reason.clone());
+        let mut attempts: u32 = 0;
         loop {
+            attempts = attempts.saturating_add(1);
+            // Inside core's "registration" span (service, instance, backend).
+            let span = tracing::debug_span!("reregister", attempt = attempts);
             let attempt = tokio::select! {
                 mode = ka.stopped() => {
                     // The old lease may still hold the key (a silent stream, not an expiry).
@@ -120,7 +125,7 @@ pub(crate) async fn keep(
                         StopMode::Abandon => Ok(()),
                     };
                 }
-                r = establish(&ctx, &entry) => r,
+                r = establish(&ctx, &entry).instrument(span) => r,
             };
             match attempt {
                 Ok(new_lease) => {
@@ -167,6 +172,8 @@ async fn hold(ctx: &Ctx, entry: &Entry, lease: i64, ka: &mut KeepAlive) -> Held 
             )),
         }
     };
+    // Inside core's "registration" span (service, instance, backend): only the lease here.
+    let open = open.instrument(tracing::debug_span!("open_keep_alive", lease));
     let (mut keeper, mut stream) = tokio::select! {
         mode = ka.stopped() => return Held::Stop(mode),
         r = open => match r {
@@ -179,23 +186,33 @@ async fn hold(ctx: &Ctx, entry: &Entry, lease: i64, ka: &mut KeepAlive) -> Held 
         if let Some(mode) = ka.sleep(interval).await {
             return Held::Stop(mode);
         }
-        if let Err(e) = keeper.keep_alive().await {
-            return Held::Lost(format!("sending a keep-alive failed: {e}"));
-        }
-        let answer = tokio::select! {
-            mode = ka.stopped() => return Held::Stop(mode),
-            r = timeout(deadline, stream.message()) => r,
-        };
-        match answer {
-            Err(_) => return Held::Lost(format!("no keep-alive answer within {deadline:?}")),
-            Ok(Err(e)) => return Held::Lost(format!("keep-alive stream failed: {e}")),
-            Ok(Ok(None)) => return Held::Lost("keep-alive stream closed".into()),
-            Ok(Ok(Some(resp))) if resp.ttl() <= 0 => {
-                return Held::Lost(format!(
-                    "lease {lease:x} expired or is unknown to the server"
-                ))
+        let span = tracing::debug_span!("keep_alive", lease);
+        let round = async {
+            if let Err(e) = keeper.keep_alive().await {
+                return Err(Held::Lost(format!("sending a keep-alive failed: {e}")));
             }
-            Ok(Ok(Some(_))) => ka.set_live(),
+            let answer = tokio::select! {
+                mode = ka.stopped() => return Err(Held::Stop(mode)),
+                r = timeout(deadline, stream.message()) => r,
+            };
+            match answer {
+                Err(_) => Err(Held::Lost(format!(
+                    "no keep-alive answer within {deadline:?}"
+                ))),
+                Ok(Err(e)) => Err(Held::Lost(format!("keep-alive stream failed: {e}"))),
+                Ok(Ok(None)) => Err(Held::Lost("keep-alive stream closed".into())),
+                Ok(Ok(Some(resp))) if resp.ttl() <= 0 => Err(Held::Lost(format!(
+                    "lease {lease:x} expired or is unknown to the server"
+                ))),
+                Ok(Ok(Some(resp))) => {
+                    tracing::trace!(ttl = resp.ttl(), "etcd lease kept alive");
+                    ka.set_live();
+                    Ok(())
+                }
+            }
+        };
+        if let Err(held) = round.instrument(span).await {
+            return held;
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions, WatchResponse, WatchStream};
 use futures::stream::{self, StreamExt};
 use tokio::time::{timeout, Instant};
+use tracing::{Instrument, Span};
 use waypost_core::{Error, InstanceSet, ServiceInstance, ServiceName, Watch, WatchEvent};
 
 use crate::error::{self, BACKEND};
@@ -72,7 +73,12 @@ pub(crate) fn watch(
     closed: tokio::sync::watch::Receiver<()>,
     service: ServiceName,
 ) -> Watch {
+    let span = tracing::info_span!("watch", service = %service, backend = BACKEND);
     let w = Watcher {
+        span,
+        failures: 0,
+        failing_since: None,
+        list_reason: "start",
         prefix: ctx.layout.service_prefix(&service),
         ctx,
         service,
@@ -86,10 +92,11 @@ pub(crate) fn watch(
         retry_at: None,
         pending: VecDeque::new(),
     };
-    stream::unfold(
-        w,
-        |mut w| async move { w.next().await.map(|item| (item, w)) },
-    )
+    stream::unfold(w, |mut w| async move {
+        // Every log line of the watch carries its service and backend.
+        let span = w.span.clone();
+        w.next().instrument(span).await.map(|item| (item, w))
+    })
     .boxed()
 }
 
@@ -115,11 +122,19 @@ struct Watcher {
     last_revision: i64,
     /// The next step must re-list (at the start, after compaction, and after an error).
     need_list: bool,
+    /// Why: "start", "compaction" or "error" (a field of the re-list's span).
+    list_reason: &'static str,
     stream: Option<Open>,
     backoff: Backoff,
     /// When the next attempt may start, after a failure.
     retry_at: Option<Instant>,
     pending: VecDeque<Result<WatchEvent, Error>>,
+    /// Failures since the watch was last in sync (0 while healthy).
+    failures: u32,
+    /// When the current run of failures began.
+    failing_since: Option<Instant>,
+    /// `watch` {service, backend}: every item is produced inside it.
+    span: Span,
 }
 
 impl Watcher {
@@ -193,8 +208,41 @@ impl Watcher {
     }
 
     async fn relist(&mut self) {
-        match list(&self.ctx, &self.service).await {
+        let span = tracing::info_span!(
+            "relist",
+            reason = self.list_reason,
+            attempt = tracing::field::Empty,
+        );
+        if self.failures > 0 {
+            // The how-many-th attempt to resync after an error.
+            span.record("attempt", self.failures);
+        }
+        let listed = list(&self.ctx, &self.service)
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| self.listed(listed));
+    }
+
+    /// Takes in the answer of a re-list.
+    fn listed(&mut self, listed: Result<(i64, BTreeMap<Vec<u8>, ServiceInstance>), Error>) {
+        match listed {
             Ok((revision, instances)) => {
+                if self.failures > 0 {
+                    let down_for = self.failing_since.take().map(|t| t.elapsed());
+                    tracing::info!(
+                        service = %self.service,
+                        failures = self.failures,
+                        ?down_for,
+                        revision,
+                        "etcd watch recovered"
+                    );
+                    self.failures = 0;
+                }
+                tracing::debug!(
+                    revision,
+                    instances = instances.len(),
+                    "etcd watch listed the service"
+                );
                 self.current = instances;
                 self.last_revision = revision;
                 self.need_list = false;
@@ -206,6 +254,11 @@ impl Watcher {
     }
 
     async fn open(&mut self) {
+        let span = tracing::info_span!("open_watch", from_revision = self.last_revision + 1);
+        self.open_inner().instrument(span).await;
+    }
+
+    async fn open_inner(&mut self) {
         let options = WatchOptions::new()
             .with_prefix()
             .with_prev_key()
@@ -243,6 +296,7 @@ impl Watcher {
                     "etcd watch hit a compacted revision; re-listing"
                 );
                 self.need_list = true;
+                self.list_reason = "compaction";
                 return;
             }
             let reason = resp.cancel_reason().to_owned();
@@ -314,8 +368,11 @@ impl Watcher {
     /// before 3.4.25.) The watch then resumes from that revision + 1, so nothing is skipped.
     fn fail(&mut self, err: Error) {
         tracing::warn!(service = %self.service, error = %err, "etcd watch interrupted; retrying");
+        self.failures = self.failures.saturating_add(1);
+        self.failing_since.get_or_insert_with(Instant::now);
         self.delivered.interrupted();
         self.need_list = true;
+        self.list_reason = "error";
         self.pending.push_back(Err(err));
         self.pause();
     }
