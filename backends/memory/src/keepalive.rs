@@ -66,30 +66,39 @@ pub(crate) async fn run(
         let Some(backend) = inner.upgrade() else {
             return Err(closed());
         };
-        let outcome = match backend.beat(instance.service(), instance.id(), ttl) {
-            Err(Error::NotFound { .. }) => {
-                // Expired, or a restart forgot it: register again, as a client of a restarted
-                // Consul agent must.
-                keep_alive.set_recovering(format!(
-                    "the memory backend no longer holds {}; registering again",
-                    instance.id()
-                ));
-                install(&backend, &instance, &check)
+        // Inside core's "registration" span (service, instance, backend).
+        let span = tracing::debug_span!("heartbeat");
+        delay = span.in_scope(|| {
+            let outcome = match backend.beat(instance.service(), instance.id(), ttl) {
+                Err(Error::NotFound { .. }) => {
+                    // Expired, or a restart forgot it: register again, as a client of a
+                    // restarted Consul agent must.
+                    keep_alive.set_recovering(format!(
+                        "the memory backend no longer holds {}; registering again",
+                        instance.id()
+                    ));
+                    let again = install(&backend, &instance, &check);
+                    if again.is_ok() {
+                        tracing::info!(id = %instance.id(), "registered in memory again");
+                    }
+                    again
+                }
+                other => other,
+            };
+            match outcome {
+                Ok(()) => {
+                    tracing::trace!("memory heartbeat passed");
+                    keep_alive.set_live();
+                    backoff.reset();
+                    every
+                }
+                Err(e) => {
+                    tracing::debug!(id = %instance.id(), error = %e, "memory keep-alive failed; retrying");
+                    keep_alive.set_recovering(e.to_string());
+                    backoff.next_delay()
+                }
             }
-            other => other,
-        };
-        match outcome {
-            Ok(()) => {
-                keep_alive.set_live();
-                backoff.reset();
-                delay = every;
-            }
-            Err(e) => {
-                tracing::debug!(id = %instance.id(), error = %e, "memory keep-alive failed; retrying");
-                keep_alive.set_recovering(e.to_string());
-                delay = backoff.next_delay();
-            }
-        }
+        });
     }
 }
 

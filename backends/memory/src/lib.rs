@@ -218,7 +218,27 @@ impl Registry for Memory {
     async fn register(&self, registration: Registration) -> Result<RegistrationHandle, Error> {
         let instance = registration.instance_or_host(DEFAULT_HOST)?;
         let check: HealthCheck = registration.check().clone();
-        keepalive::install(&self.inner, &instance, &check)?;
+        // The first registration in its own span. The keep-alive task is spawned outside it:
+        // core runs that task in a "registration" span with the same fields, which would
+        // otherwise nest under this one.
+        tracing::info_span!(
+            "register",
+            service = %instance.service(),
+            instance = %instance.id(),
+            backend = BACKEND,
+        )
+        .in_scope(
+            || match keepalive::install(&self.inner, &instance, &check) {
+                Ok(()) => {
+                    tracing::debug!(address = %instance.authority(), "registered in memory");
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "registering in memory failed");
+                    Err(e)
+                }
+            },
+        )?;
         let inner = Arc::downgrade(&self.inner);
         let task_instance = instance.clone();
         Ok(RegistrationHandle::spawn(

@@ -6,6 +6,7 @@ use std::sync::Weak;
 
 use futures::stream::{self, StreamExt};
 use tokio::sync::watch;
+use tracing::{Instrument, Span};
 use waypost_core::{Error, InstanceSet, ServiceName, Watch, WatchEvent};
 
 use crate::state::Inner;
@@ -19,6 +20,8 @@ struct Watcher {
     /// Whether the last read failed, so that an outage is reported once, not on every signal.
     failing: bool,
     started: bool,
+    /// `watch` {service, backend}: every item is produced inside it.
+    span: Span,
 }
 
 impl Watcher {
@@ -32,20 +35,30 @@ impl Watcher {
         let Some(inner) = self.inner.upgrade() else {
             return false;
         };
-        match inner.list(&self.service) {
+        // The re-read after an outage is the resync: its own span.
+        let span = if self.failing {
+            tracing::info_span!("resync")
+        } else {
+            Span::none()
+        };
+        span.in_scope(|| match inner.list(&self.service) {
             Ok(current) => {
-                self.failing = false;
+                if self.failing {
+                    self.failing = false;
+                    tracing::info!(service = %self.service, "memory watch recovered");
+                }
                 self.queue
                     .extend(self.delivered.sync(current).into_iter().map(Ok));
             }
             Err(e) => {
                 if !self.failing {
+                    tracing::warn!(service = %self.service, error = %e, "memory watch failed; keeping the last known instances");
                     self.failing = true;
                     self.delivered.interrupted();
                     self.queue.push_back(Err(e));
                 }
             }
-        }
+        });
         true
     }
 }
@@ -61,16 +74,22 @@ pub(crate) fn watch(inner: &std::sync::Arc<Inner>, service: &ServiceName) -> Wat
         queue: VecDeque::new(),
         failing: false,
         started: false,
+        span: tracing::info_span!("watch", service = %service, backend = crate::BACKEND),
     };
-    stream::unfold(watcher, |mut w| async move {
-        loop {
-            if let Some(item) = w.queue.pop_front() {
-                return Some((item, w));
-            }
-            if !w.read().await {
-                return None;
+    stream::unfold(watcher, |mut w| {
+        // Every log line of the watch carries its service and backend.
+        let span = w.span.clone();
+        async move {
+            loop {
+                if let Some(item) = w.queue.pop_front() {
+                    return Some((item, w));
+                }
+                if !w.read().await {
+                    return None;
+                }
             }
         }
+        .instrument(span)
     })
     .boxed()
 }
