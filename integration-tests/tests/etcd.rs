@@ -127,11 +127,13 @@ fn collect(etcd: &Etcd, service: &str) -> mpsc::UnboundedReceiver<Result<WatchEv
     rx
 }
 
-/// What a watch consumer saw: the events (errors counted apart) and the resulting set.
+/// What a watch consumer saw: the changes (errors and `Synced` counted apart) and the
+/// resulting set.
 #[derive(Default)]
 struct Seen {
     events: Vec<WatchEvent>,
     errors: usize,
+    synced: usize,
     set: InstanceSet,
 }
 
@@ -147,6 +149,7 @@ impl Seen {
         let deadline = Instant::now() + bound;
         while !done(self) {
             match timeout(deadline - Instant::now(), rx.recv()).await {
+                Ok(Some(Ok(WatchEvent::Synced))) => self.synced += 1,
                 Ok(Some(Ok(ev))) => {
                     self.set.apply(&ev);
                     self.events.push(ev);
@@ -384,7 +387,7 @@ async fn silent_server_is_noticed_by_keep_alive_and_watch() {
     let mut rx = collect(&etcd, "frozen");
     let mut seen = Seen::default();
     seen.until(&mut rx, Duration::from_secs(10), "snapshot", |s| {
-        s.set.len() == 1
+        s.set.len() == 1 && s.synced == 1
     })
     .await;
 
@@ -421,9 +424,13 @@ async fn silent_server_is_noticed_by_keep_alive_and_watch() {
         handle.liveness()
     );
     assert_eq!(etcd.instances(&name("frozen")).await.unwrap().len(), 1);
-    seen.until(&mut rx, Duration::from_secs(2), "still listed", |s| {
-        s.set.len() == 1
-    })
+    // Nothing changed: the watch says only that it is in sync again.
+    seen.until(
+        &mut rx,
+        Duration::from_secs(10),
+        "in sync again, still listed",
+        |s| s.set.len() == 1 && s.synced >= 2,
+    )
     .await;
     assert!(
         seen.events.len() == 1,

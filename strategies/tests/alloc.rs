@@ -3,55 +3,14 @@
 //! guard dropped. Counted per thread by a global allocator, so tests running in parallel do not
 //! disturb the count.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
-use waypost_core::{
-    clock_nanos, Balancer, Endpoint, EndpointState, PickContext, ServiceInstance, WatchEvent,
-};
+use waypost_core::{clock_nanos, Balancer, Endpoint, EndpointState, WatchEvent};
 
-struct Counting;
-
-thread_local! {
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // `try_with`: the allocator also runs while thread-locals are being torn down.
-        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn allocations() -> u64 {
-    ALLOCATIONS.with(Cell::get)
-}
-
-const SIZES: [usize; 2] = [10, 10_000];
-const PICKS: u64 = 20_000;
-
-fn instances(n: usize) -> Vec<ServiceInstance> {
-    (0..n)
-        .map(|i| {
-            ServiceInstance::builder("users", format!("users-{i:05}"))
-                .host("10.0.0.1")
-                .port(8080)
-                .weight(1 + (i % 10) as u32)
-                .build()
-                .unwrap()
-        })
-        .collect()
-}
+#[path = "support/alloc.rs"]
+mod support;
+use support::{allocations, context, count, instances, PICKS, SIZES};
 
 /// Endpoints under some load, so load-aware strategies take their real branches.
 fn endpoints(n: usize) -> Vec<Endpoint> {
@@ -68,27 +27,6 @@ fn endpoints(n: usize) -> Vec<Endpoint> {
             Endpoint::new(inst, Arc::new(state))
         })
         .collect()
-}
-
-/// Request `i`'s context: every other one has a hash key, so hashing strategies run both their
-/// keyed path and their documented no-key fallback, and the others see keys they ignore.
-fn context(i: u64) -> PickContext<'static> {
-    if i % 2 == 0 {
-        PickContext::new().with_hash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-    } else {
-        PickContext::new()
-    }
-}
-
-/// Allocations made by `PICKS` calls of `f`, after a warm-up call (thread-local RNG state,
-/// arc-swap's per-thread slots).
-fn count(mut f: impl FnMut(u64)) -> u64 {
-    f(0);
-    let before = allocations();
-    for i in 1..=PICKS {
-        f(i);
-    }
-    allocations() - before
 }
 
 #[test]
