@@ -18,6 +18,11 @@
 //! 0.0.0.0), `--ttl 10s` (TTL heartbeat check), `--zone`, and the backend options
 //! `--consul-addr` (or `CONSUL_HTTP_ADDR`), `--etcd-endpoints` (or `ETCD_ENDPOINTS`).
 //! `--backend memory` registers in-process: useful only to try the output contract.
+//!
+//! `--metrics-addr 127.0.0.1:9100` serves Waypost's metrics (the registration's liveness and
+//! heartbeat failures) in Prometheus' text format at `GET /metrics`; port 0 picks a free port.
+//! The bound address is logged, not printed: stdout has only the two JSON lines. Logs go to
+//! stderr, filtered by `RUST_LOG` (default `info`).
 
 mod common;
 
@@ -66,6 +71,9 @@ struct Args {
     /// TTL of the heartbeat check, e.g. 10s, 1500ms, 1m.
     #[arg(long, default_value = "10s", value_parser = common::parse_duration)]
     ttl: Duration,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free one).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
 }
 
 fn parse_meta(s: &str) -> Result<(String, String), String> {
@@ -77,6 +85,7 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    common::init_tracing();
     let args = Args::parse();
     match run(args, shutdown_signal(), |line| println!("{line}")).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -100,7 +109,7 @@ async fn shutdown_signal() {
                 }
             }
             Err(e) => {
-                eprintln!("user-service: cannot listen for SIGTERM ({e}); stop with Ctrl-C");
+                tracing::warn!("cannot listen for SIGTERM ({e}); stop with Ctrl-C");
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
@@ -131,80 +140,134 @@ fn line(event: &Event<'_>) -> String {
 async fn run(
     args: Args,
     shutdown: impl Future<Output = ()>,
-    mut emit: impl FnMut(String),
+    emit: impl FnMut(String),
 ) -> Result<(), String> {
-    // Bad input fails before anything listens or connects.
-    waypost::ServiceName::new(&args.name).map_err(|e| e.to_string())?;
-    let backend = args.backend.connect().await?;
-    if args.backend.backend == common::BackendKind::Memory {
-        eprintln!(
-            "user-service: memory backend: the registration is visible only inside this process"
-        );
-    }
-    let id = args
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("{}-{:08x}", args.name, fastrand::u32(..)));
+    Service::start(args).await?.serve(shutdown, emit).await
+}
 
-    let bind = args
-        .bind
-        .or_else(|| args.host.as_deref().and_then(|h| h.parse().ok()))
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind, args.port))
-        .await
-        .map_err(|e| format!("cannot listen on {bind}:{}: {e}", args.port))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the bound address: {e}"))?
-        .port();
-    let server = UserService::start(listener, &id).map_err(|e| format!("cannot serve: {e}"))?;
+/// A registered, serving user service.
+struct Service {
+    name: String,
+    id: String,
+    handle: waypost::RegistrationHandle,
+    server: UserService,
+    metrics: Option<common::MetricsServer>,
+    /// Kept until the end: the in-process registry lives only while it is held.
+    _backend: common::Backend,
+}
 
-    let mut registration = Registration::builder(&args.name, &id)
-        .port(port)
-        .weight(args.weight)
-        .check(HealthCheck::ttl(args.ttl));
-    if let Some(host) = &args.host {
-        registration = registration.host(host);
-    }
-    for tag in &args.tags {
-        registration = registration.tag(tag);
-    }
-    for (k, v) in &args.meta {
-        registration = registration.meta(k, v);
-    }
-    if let Some(zone) = &args.zone {
-        registration = registration.zone(zone);
-    }
-    let registration = registration.build().map_err(|e| e.to_string())?;
-    let handle = backend
-        .registry
-        .register(registration)
-        .await
-        .map_err(|e| format!("registration failed: {e}"))?;
-    emit(line(&Event {
-        event: "registered",
-        id: &id,
-        service: Some(&args.name),
-        addr: Some(&handle.instance().authority()),
-    }));
+impl Service {
+    /// Starts the metrics endpoint (if asked for), serves, and registers.
+    async fn start(args: Args) -> Result<Service, String> {
+        // Bad input fails before anything listens or connects.
+        waypost::ServiceName::new(&args.name).map_err(|e| e.to_string())?;
+        let metrics = match &args.metrics_addr {
+            Some(addr) => Some(common::MetricsServer::start(addr).await?),
+            None => None,
+        };
+        let backend = args.backend.connect().await?;
+        if args.backend.backend == common::BackendKind::Memory {
+            tracing::info!("memory backend: the registration is visible only inside this process");
+        }
+        let id = args
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{:08x}", args.name, fastrand::u32(..)));
 
-    shutdown.await;
-    let deregistered = handle.shutdown().await;
-    // Requests in progress finish before the server stops.
-    let stopped = server.stop().await;
-    deregistered.map_err(|e| format!("deregistration of {id} failed: {e}"))?;
-    emit(line(&Event {
-        event: "deregistered",
-        id: &id,
-        service: None,
-        addr: None,
-    }));
-    stopped.map_err(|e| format!("the HTTP server failed: {e}"))
+        let bind = args
+            .bind
+            .or_else(|| args.host.as_deref().and_then(|h| h.parse().ok()))
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind, args.port))
+            .await
+            .map_err(|e| format!("cannot listen on {bind}:{}: {e}", args.port))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| format!("cannot read the bound address: {e}"))?
+            .port();
+        let server = UserService::start(listener, &id).map_err(|e| format!("cannot serve: {e}"))?;
+
+        let mut registration = Registration::builder(&args.name, &id)
+            .port(port)
+            .weight(args.weight)
+            .check(HealthCheck::ttl(args.ttl));
+        if let Some(host) = &args.host {
+            registration = registration.host(host);
+        }
+        for tag in &args.tags {
+            registration = registration.tag(tag);
+        }
+        for (k, v) in &args.meta {
+            registration = registration.meta(k, v);
+        }
+        if let Some(zone) = &args.zone {
+            registration = registration.zone(zone);
+        }
+        let registration = registration.build().map_err(|e| e.to_string())?;
+        let handle = backend
+            .registry
+            .register(registration)
+            .await
+            .map_err(|e| format!("registration failed: {e}"))?;
+        Ok(Service {
+            name: args.name,
+            id,
+            handle,
+            server,
+            metrics,
+            _backend: backend,
+        })
+    }
+
+    /// Emits the registered line, waits for `shutdown`, deregisters and stops, and emits the
+    /// deregistered line.
+    async fn serve(
+        self,
+        shutdown: impl Future<Output = ()>,
+        mut emit: impl FnMut(String),
+    ) -> Result<(), String> {
+        emit(line(&Event {
+            event: "registered",
+            id: &self.id,
+            service: Some(&self.name),
+            addr: Some(&self.handle.instance().authority()),
+        }));
+        shutdown.await;
+        let id = self.id.clone();
+        self.stop().await?;
+        emit(line(&Event {
+            event: "deregistered",
+            id: &id,
+            service: None,
+            addr: None,
+        }));
+        Ok(())
+    }
+
+    /// Where the metrics endpoint listens, when `--metrics-addr` was given.
+    #[cfg(test)]
+    fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(common::MetricsServer::addr)
+    }
+
+    /// Deregisters, lets requests in progress finish, stops serving (metrics last).
+    async fn stop(self) -> Result<(), String> {
+        let deregistered = self.handle.shutdown().await;
+        let stopped = self.server.stop().await;
+        if let Some(metrics) = self.metrics {
+            if let Err(e) = metrics.stop().await {
+                tracing::warn!("the metrics endpoint failed: {e}");
+            }
+        }
+        deregistered.map_err(|e| format!("deregistration of {} failed: {e}", self.id))?;
+        stopped.map_err(|e| format!("the HTTP server failed: {e}"))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::scrape::{self, Scrape};
     use serde_json::json;
     use waypost_conformance::scenarios::eventually;
 
@@ -256,16 +319,19 @@ mod tests {
         stop: tokio::sync::oneshot::Sender<()>,
         lines: tokio::sync::mpsc::UnboundedReceiver<String>,
         task: tokio::task::JoinHandle<Result<(), String>>,
+        metrics: Option<SocketAddr>,
     }
 
-    fn spawn(args: &[&str]) -> Running {
+    /// Starts a user service as `run` does (`Service::start`, then `serve` in a task).
+    async fn spawn(args: &[&str]) -> Running {
         let args =
             Args::try_parse_from(std::iter::once("user-service").chain(args.iter().copied()))
                 .unwrap();
+        let service = Service::start(args).await.unwrap();
+        let metrics = service.metrics_addr();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (lines_tx, lines) = tokio::sync::mpsc::unbounded_channel();
-        let task = tokio::spawn(run(
-            args,
+        let task = tokio::spawn(service.serve(
             async move {
                 let _ = stopped.await;
             },
@@ -273,17 +339,30 @@ mod tests {
                 let _ = lines_tx.send(line);
             },
         ));
-        Running { stop, lines, task }
+        Running {
+            stop,
+            lines,
+            task,
+            metrics,
+        }
     }
 
-    /// Runs the issue's command line against `backend` and checks the output contract, the
-    /// HTTP service, and (given a discovery of the same backend) what the backend lists.
-    async fn exercise(backend: &[&str], discovery: Option<std::sync::Arc<dyn waypost::Discovery>>) {
+    /// Runs the issue's command line (plus `--metrics-addr 127.0.0.1:0`) as service `name`
+    /// against `backend` (whose short name is `backend_name`) and checks the output contract,
+    /// the HTTP service, the registration's metrics, and (given a discovery of the same
+    /// backend) what the backend lists.
+    async fn exercise(
+        name: &str,
+        backend_name: &str,
+        backend: &[&str],
+        discovery: Option<std::sync::Arc<dyn waypost::Discovery>>,
+    ) {
+        let id = format!("{name}-1");
         let mut args = vec![
             "--name",
-            "users",
+            name,
             "--id",
-            "users-1",
+            &id,
             "--host",
             "127.0.0.1",
             "--port",
@@ -296,18 +375,17 @@ mod tests {
             "zone=a",
             "--ttl",
             "10s",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ];
         args.extend_from_slice(backend);
-        let mut running = spawn(&args);
+        let mut running = spawn(&args).await;
 
         let raw = running.lines.recv().await.unwrap();
         // Fields in the documented order, for readers that do not parse JSON.
-        assert!(
-            raw.starts_with(
-                r#"{"event":"registered","id":"users-1","service":"users","addr":"127.0.0.1:"#
-            ),
-            "{raw}"
-        );
+        let prefix =
+            format!(r#"{{"event":"registered","id":"{id}","service":"{name}","addr":"127.0.0.1:"#);
+        assert!(raw.starts_with(&prefix), "{raw}");
         let registered: serde_json::Value = serde_json::from_str(&raw).unwrap();
         assert_eq!(registered.as_object().unwrap().len(), 4);
         let addr = registered["addr"].as_str().unwrap().to_owned();
@@ -320,7 +398,7 @@ mod tests {
         let r = reqwest::get(format!("http://{addr}/users/7"))
             .await
             .unwrap();
-        assert_eq!(r.headers()[common::INSTANCE_HEADER], "users-1");
+        assert_eq!(r.headers()[common::INSTANCE_HEADER], id.as_str());
         let user: serde_json::Value = r.json().await.unwrap();
         assert_eq!(user["id"], 7);
         for path in ["/health", "/users"] {
@@ -328,10 +406,33 @@ mod tests {
             assert!(r.status().is_success(), "{path}");
         }
 
-        let users: waypost::ServiceName = "users".parse().unwrap();
+        // While registered, the registration is live; no heartbeat has failed.
+        let metrics = running.metrics.unwrap();
+        assert_ne!(metrics.port(), 0, "the bound port, not the one asked for");
+        let labels = [
+            ("service", name),
+            ("instance", id.as_str()),
+            ("backend", backend_name),
+        ];
+        let scrape = eventually(Duration::from_secs(10), "registration live", || async {
+            let scrape = scrape::get(metrics).await;
+            match scrape.value("waypost_registration_live", &labels) {
+                Some(1.0) => Ok(scrape),
+                other => Err(format!("{other:?} in\n{}", scrape.text)),
+            }
+        })
+        .await;
+        assert_eq!(
+            scrape.sum("waypost_heartbeat_failures_total", &labels),
+            0.0,
+            "{}",
+            scrape.text
+        );
+
+        let service: waypost::ServiceName = name.parse().unwrap();
         if let Some(d) = &discovery {
-            let listed = eventually(Duration::from_secs(10), "users-1 listed", || async {
-                match d.instances(&users).await {
+            let listed = eventually(Duration::from_secs(10), "listed", || async {
+                match d.instances(&service).await {
                     Ok(v) if !v.is_empty() => Ok(v),
                     other => Err(format!("{other:?}")),
                 }
@@ -339,7 +440,10 @@ mod tests {
             .await;
             assert_eq!(listed.len(), 1, "{listed:?}");
             let i = &listed[0];
-            assert_eq!((i.id().as_str(), i.authority()), ("users-1", addr.clone()));
+            assert_eq!(
+                (i.id().as_str(), i.authority()),
+                (id.as_str(), addr.clone())
+            );
             assert_eq!(i.weight().get(), 2);
             assert!(i.has_tag("v1"), "{i:?}");
             // Consul keeps the zone in `Meta.zone`, so there `zone=a` reads back as the zone.
@@ -350,25 +454,35 @@ mod tests {
         running.stop.send(()).unwrap();
         let deregistered: serde_json::Value =
             serde_json::from_str(&running.lines.recv().await.unwrap()).unwrap();
-        assert_eq!(
-            deregistered,
-            json!({"event": "deregistered", "id": "users-1"})
-        );
+        assert_eq!(deregistered, json!({"event": "deregistered", "id": id}));
         running.task.await.unwrap().unwrap();
         if let Some(d) = &discovery {
-            eventually(Duration::from_secs(10), "users-1 deregistered", || async {
-                match d.instances(&users).await {
+            eventually(Duration::from_secs(10), "deregistered", || async {
+                match d.instances(&service).await {
                     Ok(v) if v.is_empty() => Ok(()),
                     other => Err(format!("{other:?}")),
                 }
             })
             .await;
         }
+
+        // The endpoint stopped with the service; the recorder (read directly now) says the
+        // registration is no longer live.
+        assert!(reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .is_err());
+        let after = Scrape::parse(&common::prometheus().unwrap().render());
+        assert_eq!(
+            after.value("waypost_registration_live", &labels),
+            Some(0.0),
+            "{}",
+            after.text
+        );
     }
 
     #[tokio::test]
     async fn the_json_contract_with_the_memory_backend() {
-        exercise(&["--backend", "memory"], None).await;
+        exercise("users-memory", "memory", &["--backend", "memory"], None).await;
     }
 
     #[cfg(feature = "consul")]
@@ -381,6 +495,8 @@ mod tests {
             .build()
             .unwrap();
         exercise(
+            "users-consul",
+            "consul",
             &["--backend", "consul", "--consul-addr", &addr],
             Some(std::sync::Arc::new(discovery)),
         )
@@ -398,10 +514,22 @@ mod tests {
             .await
             .unwrap();
         exercise(
+            "users-etcd",
+            "etcd",
             &["--backend", "etcd", "--etcd-endpoints", &endpoint],
             Some(std::sync::Arc::new(discovery)),
         )
         .await;
+    }
+
+    #[test]
+    fn metrics_addr_is_an_option() {
+        let args = Args::try_parse_from(["user-service", "--metrics-addr", "127.0.0.1:0"]).unwrap();
+        assert_eq!(args.metrics_addr.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(
+            Args::try_parse_from(["user-service"]).unwrap().metrics_addr,
+            None
+        );
     }
 
     #[tokio::test]

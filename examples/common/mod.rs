@@ -1,19 +1,20 @@
-//! What the examples share: the small user service they serve, and the choice of backend from
-//! command-line arguments.
+//! What the examples share: the small user service they serve, the choice of backend from
+//! command-line arguments, their logging, and their Prometheus metrics endpoint.
 //!
 //! Each example uses a different part of this module.
 #![allow(dead_code)]
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -212,5 +213,257 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" | "" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
         _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    }
+}
+
+/// Installs the examples' log output: `RUST_LOG` filters (default `info`), and everything goes to
+/// stderr, since stdout carries the examples' JSON lines. Colours only on a terminal. A second
+/// call (or a subscriber installed by someone else first) leaves the first in place.
+pub fn init_tracing() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+
+    let builder = EnvFilter::builder().with_default_directive(LevelFilter::INFO.into());
+    let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(directives) => builder.parse(&directives).unwrap_or_else(|e| {
+            eprintln!("ignoring RUST_LOG={directives:?} ({e}); logging at info");
+            EnvFilter::new("info")
+        }),
+        Err(_) => builder.parse_lossy(""),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .try_init();
+}
+
+/// Upper bounds (seconds) of the `waypost_request_duration_seconds` histogram's buckets: from
+/// 100 µs (a loopback call) to 10 s. Without them the exporter would render the histogram as a
+/// summary, and the dashboard's `histogram_quantile` needs the `_bucket` series.
+pub const REQUEST_DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// The media type of Prometheus' text exposition format.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4";
+
+/// The process's Prometheus recorder, installed on first use (a `metrics` recorder is global to
+/// the process, so there is at most one), with a thread that runs its upkeep every 5 s.
+pub fn prometheus() -> Result<PrometheusHandle, String> {
+    static RECORDER: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    RECORDER
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("waypost_request_duration_seconds".into()),
+                    REQUEST_DURATION_BUCKETS,
+                )
+                .map_err(|e| format!("bad histogram buckets: {e}"))?
+                .install_recorder()
+                .map_err(|e| format!("cannot install the Prometheus recorder: {e}"))?;
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                })
+                .map_err(|e| format!("cannot start the metrics upkeep thread: {e}"))?;
+            Ok(handle)
+        })
+        .clone()
+}
+
+/// A running `GET /metrics` endpoint (Prometheus text format) over the process's recorder.
+pub struct MetricsServer {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<io::Result<()>>,
+}
+
+impl MetricsServer {
+    /// Installs the recorder (once per process), listens on `addr` (`host:port`; port 0 picks a
+    /// free one) and serves `GET /metrics`. Logs the bound address at info.
+    pub async fn start(addr: &str) -> Result<MetricsServer, String> {
+        let handle = prometheus()?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("cannot read the metrics address: {e}"))?;
+        let app = Router::new().route(
+            "/metrics",
+            get(move || {
+                let handle = handle.clone();
+                async move { ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], handle.render()) }
+            }),
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
+        Ok(MetricsServer { addr, stop, task })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving (scrapes in progress finish) and waits for that.
+    pub async fn stop(self) -> io::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.map_err(io::Error::other)?
+    }
+}
+
+/// For tests: scrape a metrics endpoint and read the text format.
+#[cfg(test)]
+pub mod scrape {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::net::SocketAddr;
+
+    /// One sample line: `name{labels} value`.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct Sample {
+        pub name: String,
+        pub labels: BTreeMap<String, String>,
+        pub value: f64,
+    }
+
+    /// Every sample of one scrape.
+    #[derive(Clone, Debug)]
+    pub struct Scrape {
+        pub text: String,
+        pub samples: Vec<Sample>,
+    }
+
+    /// `GET http://{addr}/metrics`: checks the status and the media type, and parses the body.
+    pub async fn get(addr: SocketAddr) -> Scrape {
+        let r = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .expect("the metrics endpoint answers");
+        assert_eq!(r.status(), 200);
+        let media_type = r.headers()["content-type"].to_str().unwrap().to_owned();
+        assert_eq!(media_type, super::PROMETHEUS_TEXT);
+        Scrape::parse(&r.text().await.unwrap())
+    }
+
+    impl Scrape {
+        /// Parses the text exposition format (enough of it for what the exporter writes:
+        /// comments, `name value` and `name{k="v",...} value`, label values with `\"`, `\\`
+        /// and `\n` escapes).
+        pub fn parse(text: &str) -> Scrape {
+            let mut samples = Vec::new();
+            for line in text.lines().map(str::trim) {
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                samples.push(parse_line(line).unwrap_or_else(|| panic!("bad line {line:?}")));
+            }
+            Scrape {
+                text: text.to_owned(),
+                samples,
+            }
+        }
+
+        /// The samples of metric `name` whose labels include all of `labels`.
+        pub fn select<'a>(
+            &'a self,
+            name: &'a str,
+            labels: &'a [(&'a str, &'a str)],
+        ) -> impl Iterator<Item = &'a Sample> + 'a {
+            self.samples.iter().filter(move |s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+        }
+
+        /// The sum over the matching samples (0 when there are none).
+        pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+            self.select(name, labels).map(|s| s.value).sum()
+        }
+
+        /// The value of the one matching sample; `None` when there is none. Panics when
+        /// several match.
+        pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+            let found: Vec<_> = self.select(name, labels).collect();
+            assert!(found.len() <= 1, "{name} {labels:?} matches {found:?}");
+            found.first().map(|s| s.value)
+        }
+
+        /// The metric names that have at least one sample.
+        pub fn names(&self) -> BTreeSet<&str> {
+            self.samples.iter().map(|s| s.name.as_str()).collect()
+        }
+    }
+
+    fn parse_line(line: &str) -> Option<Sample> {
+        let name_end = line.find(['{', ' '])?;
+        let name = line[..name_end].to_owned();
+        let mut labels = BTreeMap::new();
+        let mut rest = &line[name_end..];
+        if let Some(mut inner) = rest.strip_prefix('{') {
+            loop {
+                inner = inner.trim_start_matches([',', ' ']);
+                if let Some(after) = inner.strip_prefix('}') {
+                    rest = after;
+                    break;
+                }
+                let (key, after) = inner.split_once("=\"")?;
+                let mut value = String::new();
+                let mut chars = after.char_indices();
+                let end = loop {
+                    match chars.next()? {
+                        (i, '"') => break i,
+                        (_, '\\') => match chars.next()?.1 {
+                            'n' => value.push('\n'),
+                            c => value.push(c),
+                        },
+                        (_, c) => value.push(c),
+                    }
+                };
+                labels.insert(key.trim().to_owned(), value);
+                inner = &after[end + 1..];
+            }
+        }
+        // A sample may end with a timestamp; the exporter writes none, but skip it if present.
+        let value = rest.split_whitespace().next()?;
+        let value = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().ok()?,
+        };
+        Some(Sample {
+            name,
+            labels,
+            value,
+        })
+    }
+
+    #[test]
+    fn the_text_format_parses() {
+        let s = Scrape::parse(
+            "# TYPE a counter\na 3\nb{x=\"1\",y=\"q\\\"uo\\\\te\"} 2.5\nc_bucket{le=\"+Inf\"} 7\n\n",
+        );
+        assert_eq!(s.value("a", &[]), Some(3.0));
+        assert_eq!(s.value("b", &[("x", "1")]), Some(2.5));
+        assert_eq!(s.select("b", &[]).next().unwrap().labels["y"], "q\"uo\\te");
+        assert_eq!(s.sum("c_bucket", &[("le", "+Inf")]), 7.0);
+        assert_eq!(s.value("b", &[("x", "2")]), None);
+        assert_eq!(
+            s.names().into_iter().collect::<Vec<_>>(),
+            ["a", "b", "c_bucket"]
+        );
     }
 }
