@@ -22,6 +22,12 @@
 //!
 //! `--backend memory` starts three in-process instances (weights 1, 2, 3) to talk to, so the
 //! client can be tried without any server.
+//!
+//! `--duration 30s` sends until that much time has passed instead of `--requests N` (the two
+//! exclude each other; `requests` in the report then says how many were sent).
+//! `--metrics-addr 127.0.0.1:9100` serves Waypost's metrics in Prometheus' text format at
+//! `GET /metrics` while the client runs (port 0 picks a free port; the address is logged).
+//! Logs go to stderr, filtered by `RUST_LOG` (default `info`).
 
 mod common;
 
@@ -52,6 +58,9 @@ struct Args {
     /// Requests to send.
     #[arg(long, default_value_t = 600)]
     requests: usize,
+    /// Send requests until this much time has passed (e.g. 10s, 500ms), instead of --requests.
+    #[arg(long, value_parser = common::parse_duration, conflicts_with = "requests")]
+    duration: Option<Duration>,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
@@ -64,6 +73,9 @@ struct Args {
     /// Time limit per request, retries included.
     #[arg(long, default_value = "5s", value_parser = common::parse_duration)]
     timeout: Duration,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics while running (port 0: a free one).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
 }
 
 /// The report; fields in the documented order.
@@ -85,6 +97,7 @@ struct Latency {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    common::init_tracing();
     let args = Args::parse();
     let report = match run(args).await {
         Ok(report) => report,
@@ -105,60 +118,124 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Starts, sends, stops.
 async fn run(args: Args) -> Result<Report, String> {
-    let service = ServiceName::new(&args.service).map_err(|e| e.to_string())?;
-    let hash_key = match args.key.as_deref() {
-        None => None,
-        Some("path") => Some(HashKey::Path),
-        Some(header) => Some(HashKey::header(header).map_err(|e| e.to_string())?),
-    };
-    let strategy = waypost::strategies::by_name(&args.strategy)
-        .ok_or_else(|| format!("strategy {:?} is not compiled in", args.strategy))?;
+    let session = Session::start(args).await?;
+    let report = session.send().await;
+    session.stop().await;
+    report
+}
 
-    let backend = args.backend.connect().await?;
-    let demo = demo_instances(&args, &backend).await?;
+/// A client ready to send: its metrics endpoint up (if asked for), its balancer ready, and with
+/// the memory backend its own three instances serving.
+struct Session {
+    args: Args,
+    client: HttpClient,
+    hash_key: Option<HashKey>,
+    demo: Demo,
+    metrics: Option<common::MetricsServer>,
+    /// Kept for as long as the session: the in-process registry lives only while it is held.
+    _backend: common::Backend,
+}
 
-    let balancer = Balancer::watch(&*backend.discovery, &service, strategy);
-    if !balancer.wait_ready(args.wait).await {
-        return Err(format!(
-            "no instance of {service} appeared within {:?}; start one, e.g. \
-             cargo run --example user-service --features consul -- --backend consul --name {service} --port 0",
-            args.wait
-        ));
-    }
-    let mut builder = HttpClient::builder(balancer).request_timeout(args.timeout);
-    if let Some(key) = hash_key.clone() {
-        builder = builder.hash_key(key);
-    }
-    let client = builder.build().map_err(|e| e.to_string())?;
+impl Session {
+    async fn start(args: Args) -> Result<Session, String> {
+        // Bad input fails before anything listens or connects.
+        let service = ServiceName::new(&args.service).map_err(|e| e.to_string())?;
+        let hash_key = match args.key.as_deref() {
+            None => None,
+            Some("path") => Some(HashKey::Path),
+            Some(header) => Some(HashKey::header(header).map_err(|e| e.to_string())?),
+        };
+        let strategy = waypost::strategies::by_name(&args.strategy)
+            .ok_or_else(|| format!("strategy {:?} is not compiled in", args.strategy))?;
 
-    let next = Arc::new(AtomicUsize::new(0));
-    let workers: Vec<_> = (0..args.concurrency)
-        .map(|_| {
-            let (client, next, hash_key) = (client.clone(), next.clone(), hash_key.clone());
-            let total = args.requests;
-            tokio::spawn(async move {
-                let mut results = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= total {
-                        return results;
-                    }
-                    results.push(one(&client, i, hash_key.as_ref()).await);
-                }
-            })
+        let metrics = match &args.metrics_addr {
+            Some(addr) => Some(common::MetricsServer::start(addr).await?),
+            None => None,
+        };
+        let backend = args.backend.connect().await?;
+        let demo = demo_instances(&args, &backend).await?;
+
+        let balancer = Balancer::watch(&*backend.discovery, &service, strategy);
+        if !balancer.wait_ready(args.wait).await {
+            stop_demo(demo).await;
+            return Err(format!(
+                "no instance of {service} appeared within {:?}; start one, e.g. \
+                 cargo run --example user-service --features consul -- --backend consul --name {service} --port 0",
+                args.wait
+            ));
+        }
+        let mut builder = HttpClient::builder(balancer).request_timeout(args.timeout);
+        if let Some(key) = hash_key.clone() {
+            builder = builder.hash_key(key);
+        }
+        let client = builder.build().map_err(|e| e.to_string())?;
+        Ok(Session {
+            args,
+            client,
+            hash_key,
+            demo,
+            metrics,
+            _backend: backend,
         })
-        .collect();
-    let mut results = Vec::with_capacity(args.requests);
-    for w in workers {
-        results.extend(w.await.map_err(|e| format!("a request task failed: {e}"))?);
     }
 
+    /// Where the metrics endpoint listens, when `--metrics-addr` was given.
+    #[cfg(test)]
+    fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(common::MetricsServer::addr)
+    }
+
+    /// Sends `--requests` requests, or for `--duration`, `--concurrency` at a time.
+    async fn send(&self) -> Result<Report, String> {
+        let next = Arc::new(AtomicUsize::new(0));
+        let (total, until) = match self.args.duration {
+            Some(d) => (usize::MAX, Some(Instant::now() + d)),
+            None => (self.args.requests, None),
+        };
+        let workers: Vec<_> = (0..self.args.concurrency)
+            .map(|_| {
+                let (client, next) = (self.client.clone(), next.clone());
+                let hash_key = self.hash_key.clone();
+                tokio::spawn(async move {
+                    let mut results = Vec::new();
+                    loop {
+                        if until.is_some_and(|until| Instant::now() >= until) {
+                            return results;
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= total {
+                            return results;
+                        }
+                        results.push(one(&client, i, hash_key.as_ref()).await);
+                    }
+                })
+            })
+            .collect();
+        let mut results = Vec::with_capacity(self.args.duration.map_or(self.args.requests, |_| 0));
+        for w in workers {
+            results.extend(w.await.map_err(|e| format!("a request task failed: {e}"))?);
+        }
+        Ok(report(self.args.strategy.clone(), results))
+    }
+
+    /// Deregisters and stops the demo instances, then the metrics endpoint.
+    async fn stop(self) {
+        stop_demo(self.demo).await;
+        if let Some(metrics) = self.metrics {
+            if let Err(e) = metrics.stop().await {
+                tracing::warn!("the metrics endpoint failed: {e}");
+            }
+        }
+    }
+}
+
+async fn stop_demo(demo: Demo) {
     for (registration, server) in demo {
         let _ = registration.shutdown().await;
         let _ = server.stop().await;
     }
-    Ok(report(args.strategy, args.requests, results))
 }
 
 /// One request: the instance that answered with 2xx (`None` otherwise), and its latency.
@@ -174,17 +251,18 @@ async fn one(client: &HttpClient, i: usize, key: Option<&HashKey>) -> (Option<St
     match outcome {
         Ok(r) if r.status().is_success() => (Some(r.instance().id().to_string()), latency),
         Ok(r) => {
-            eprintln!("client: {} from {}", r.status(), r.instance().id());
+            tracing::warn!(status = %r.status(), instance = %r.instance().id(), "error status");
             (None, latency)
         }
         Err(e) => {
-            eprintln!("client: {e}");
+            tracing::warn!("request failed: {e}");
             (None, latency)
         }
     }
 }
 
-fn report(strategy: String, requests: usize, results: Vec<(Option<String>, Duration)>) -> Report {
+fn report(strategy: String, results: Vec<(Option<String>, Duration)>) -> Report {
+    let requests = results.len();
     let mut by_instance = BTreeMap::new();
     let mut latencies: Vec<Duration> = Vec::with_capacity(results.len());
     for (answered_by, latency) in results {
@@ -226,8 +304,8 @@ async fn demo_instances(args: &Args, backend: &common::Backend) -> Result<Demo, 
     if backend.memory.is_none() {
         return Ok(Vec::new());
     }
-    eprintln!(
-        "client: memory backend: serving three in-process instances of {} (weights 1, 2, 3)",
+    tracing::info!(
+        "memory backend: serving three in-process instances of {} (weights 1, 2, 3)",
         args.service
     );
     let mut demo = Vec::new();
@@ -261,6 +339,8 @@ async fn demo_instances(_: &Args, _: &common::Backend) -> Result<Demo, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::scrape::{self, Scrape};
+    use waypost_conformance::scenarios::eventually;
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("client").chain(args.iter().copied()))
@@ -367,25 +447,197 @@ mod tests {
         }
     }
 
-    /// Serves two instances registered through `backend`, then checks the client's report.
+    /// Checks a scrape taken after `report`'s requests (none of them retried) and before the
+    /// client stopped: per-outcome and per-instance counts, nothing left in flight, one
+    /// duration sample per request in real histogram buckets, and the membership.
+    fn check_metrics(scrape: &Scrape, service: &str, report: &Report, instances: usize) {
+        let s = [("service", service)];
+        let n = report.requests as f64;
+        assert!(report.requests > 0, "{report:?}");
+        assert_eq!(scrape.sum("waypost_requests_total", &s), n, "{report:?}");
+        let ok = [("service", service), ("outcome", "success")];
+        assert_eq!(
+            scrape.sum("waypost_requests_total", &ok),
+            report.ok as f64,
+            "{report:?}"
+        );
+        for (id, count) in &report.by_instance {
+            let labels = [
+                ("service", service),
+                ("instance", id.as_str()),
+                ("outcome", "success"),
+            ];
+            assert_eq!(
+                scrape.value("waypost_requests_total", &labels),
+                Some(*count as f64),
+                "{id}: {report:?}"
+            );
+        }
+        assert_eq!(scrape.sum("waypost_requests_active", &s), 0.0);
+        assert_eq!(
+            scrape.sum("waypost_request_duration_seconds_count", &s),
+            n,
+            "one duration per request"
+        );
+        let inf = [("service", service), ("le", "+Inf")];
+        assert_eq!(
+            scrape.sum("waypost_request_duration_seconds_bucket", &inf),
+            n,
+            "rendered as a histogram with buckets"
+        );
+        assert_eq!(
+            scrape.value("waypost_membership_total", &s),
+            Some(instances as f64)
+        );
+        assert_eq!(
+            scrape.value("waypost_membership_served", &s),
+            Some(instances as f64)
+        );
+        assert_eq!(scrape.value("waypost_fail_static", &s), Some(0.0));
+        let snapshots = [("service", service), ("kind", "snapshot")];
+        assert!(
+            scrape.sum("waypost_watch_events_total", &snapshots) >= 1.0,
+            "the watch's first snapshot is counted"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_metrics_endpoint_counts_what_the_report_says() {
+        let service = "metrics-memory";
+        let args = parse(&[
+            "--backend",
+            "memory",
+            "--service",
+            service,
+            "--strategy",
+            "weighted-round-robin",
+            "--requests",
+            "60",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        let mut session = Session::start(args).await.unwrap();
+        let addr = session.metrics_addr().unwrap();
+        assert_ne!(addr.port(), 0, "the bound port, not the one asked for");
+        let report = session.send().await.unwrap();
+        assert_eq!((report.requests, report.ok), (60, 60), "{report:?}");
+        // Weights 1, 2, 3 over 60 requests.
+        let by: Vec<_> = report.by_instance.values().copied().collect();
+        assert_eq!(by, [10, 20, 30], "{report:?}");
+        let scrape = scrape::get(addr).await;
+        check_metrics(&scrape, service, &report, 3);
+
+        // The balancer still follows the registry: one instance leaves, and the membership
+        // and the watch's removals say so.
+        let (registration, server) = session.demo.remove(0);
+        registration.shutdown().await.unwrap();
+        server.stop().await.unwrap();
+        let s = [("service", service)];
+        let removed = [("service", service), ("kind", "removed")];
+        eventually(Duration::from_secs(5), "one instance removed", || async {
+            let scrape = scrape::get(addr).await;
+            let seen = (
+                scrape.value("waypost_membership_total", &s),
+                scrape.sum("waypost_watch_events_total", &removed),
+            );
+            match seen {
+                (Some(2.0), 1.0) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        session.stop().await;
+        // The endpoint stopped with the client.
+        assert!(reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn duration_sends_until_the_time_is_up_and_the_report_counts_what_was_sent() {
+        let service = "metrics-duration";
+        let args = parse(&[
+            "--service",
+            service,
+            "--duration",
+            "400ms",
+            "--concurrency",
+            "2",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        assert_eq!(args.duration, Some(Duration::from_millis(400)));
+        let session = Session::start(args).await.unwrap();
+        let started = Instant::now();
+        let report = session.send().await.unwrap();
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(400), "{took:?}");
+        assert!(took < Duration::from_secs(6), "{took:?}");
+        assert!(report.requests > 2, "{report:?}");
+        assert_eq!(report.ok + report.errors, report.requests, "{report:?}");
+        assert_eq!(
+            report.by_instance.values().sum::<usize>(),
+            report.ok,
+            "{report:?}"
+        );
+        let scrape = scrape::get(session.metrics_addr().unwrap()).await;
+        check_metrics(&scrape, service, &report, 3);
+        session.stop().await;
+    }
+
+    #[test]
+    fn duration_and_requests_exclude_each_other() {
+        let err = parse(&["--duration", "10s", "--requests", "5"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--requests"), "{err}");
+        assert_eq!(
+            parse(&["--duration", "500ms"]).unwrap().duration,
+            Some(Duration::from_millis(500))
+        );
+        assert!(parse(&["--duration", "soon"]).is_err());
+        assert_eq!(parse(&[]).unwrap().duration, None);
+    }
+
+    #[tokio::test]
+    async fn a_metrics_address_that_cannot_be_bound_is_a_clear_error() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let err = run(parse(&["--metrics-addr", &addr]).unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.contains("cannot listen for metrics on"), "{err}");
+        let err = run(parse(&["--metrics-addr", "no-port"]).unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.contains("no-port"), "{err}");
+    }
+
+    /// Serves two instances of `service` registered through `backend`, then checks the client's
+    /// report and its metrics.
     #[cfg(any(feature = "consul", feature = "etcd"))]
-    async fn exercise(backend: &[&str]) {
+    async fn exercise(service: &str, backend: &[&str]) {
         let mut args = vec![
             "--service",
-            "users",
+            service,
             "--strategy",
             "round-robin",
             "--requests",
             "40",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ];
         args.extend_from_slice(backend);
         let args = parse(&args).unwrap();
         let connected = args.backend.connect().await.unwrap();
         let mut running = Vec::new();
-        for id in ["users-a", "users-b"] {
+        let ids = [format!("{service}-a"), format!("{service}-b")];
+        for id in &ids {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let server = common::UserService::start(listener, id).unwrap();
-            let reg = waypost::Registration::builder("users", id)
+            let reg = waypost::Registration::builder(service, id)
                 .host("127.0.0.1")
                 .port(server.addr().port())
                 .build()
@@ -393,23 +645,23 @@ mod tests {
             running.push((connected.registry.register(reg).await.unwrap(), server));
         }
         // Both are listed before the client starts, so round robin splits evenly.
-        let users: ServiceName = "users".parse().unwrap();
-        waypost_conformance::scenarios::eventually(
-            Duration::from_secs(10),
-            "both listed",
-            || async {
-                match connected.discovery.instances(&users).await {
-                    Ok(v) if v.len() == 2 => Ok(()),
-                    other => Err(format!("{other:?}")),
-                }
-            },
-        )
+        let name: ServiceName = service.parse().unwrap();
+        eventually(Duration::from_secs(10), "both listed", || async {
+            match connected.discovery.instances(&name).await {
+                Ok(v) if v.len() == 2 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
         .await;
 
-        let report = run(args).await.unwrap();
+        let session = Session::start(args).await.unwrap();
+        let report = session.send().await.unwrap();
         assert_eq!((report.ok, report.errors), (40, 0), "{report:?}");
-        assert_eq!(report.by_instance["users-a"], 20, "{report:?}");
-        assert_eq!(report.by_instance["users-b"], 20, "{report:?}");
+        assert_eq!(report.by_instance[&ids[0]], 20, "{report:?}");
+        assert_eq!(report.by_instance[&ids[1]], 20, "{report:?}");
+        let scrape = scrape::get(session.metrics_addr().unwrap()).await;
+        check_metrics(&scrape, service, &report, 2);
+        session.stop().await;
         for (handle, server) in running {
             handle.shutdown().await.unwrap();
             server.stop().await.unwrap();
@@ -420,13 +672,21 @@ mod tests {
     #[tokio::test]
     async fn reports_on_a_service_in_a_real_consul_agent() {
         let consul = waypost_conformance::consul_server::ConsulServer::start().await;
-        exercise(&["--backend", "consul", "--consul-addr", &consul.addr()]).await;
+        exercise(
+            "users-consul",
+            &["--backend", "consul", "--consul-addr", &consul.addr()],
+        )
+        .await;
     }
 
     #[cfg(feature = "etcd")]
     #[tokio::test]
     async fn reports_on_a_service_in_a_real_etcd() {
         let etcd = waypost_conformance::etcd_server::EtcdServer::start().await;
-        exercise(&["--backend", "etcd", "--etcd-endpoints", &etcd.endpoint()]).await;
+        exercise(
+            "users-etcd",
+            &["--backend", "etcd", "--etcd-endpoints", &etcd.endpoint()],
+        )
+        .await;
     }
 }
