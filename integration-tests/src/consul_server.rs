@@ -30,19 +30,30 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 #[derive(Clone, Copy, Debug)]
 struct Ports {
     http: u16,
+    /// DNS, TCP and UDP (Consul answers SRV queries for `<service>.service.consul`).
+    dns: u16,
     serf_lan: u16,
     serf_wan: u16,
     server: u16,
 }
 
 /// A running single-node Consul agent in dev mode (in-memory state, nothing on disk).
-#[derive(Debug)]
 pub struct ConsulServer {
     bin: PathBuf,
     ports: Ports,
     acl_token: Option<String>,
     log: PathBuf,
     child: Mutex<Option<Child>>,
+}
+
+impl std::fmt::Debug for ConsulServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulServer")
+            .field("ports", &self.ports)
+            .field("acl_token", &self.acl_token.as_ref().map(|_| "<redacted>"))
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConsulServer {
@@ -91,6 +102,12 @@ impl ConsulServer {
     /// The HTTP address, `127.0.0.1:<port>`.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.ports.http)
+    }
+
+    /// The agent's DNS interface (TCP and UDP on the same port), answering for the `consul.`
+    /// domain: `<service>.service.consul` SRV queries list the passing instances.
+    pub fn dns_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.ports.dns))
     }
 
     /// The HTTP base URL, `http://127.0.0.1:<port>`.
@@ -147,11 +164,10 @@ impl ConsulServer {
         .args([
             "-client",
             "127.0.0.1",
-            "-dns-port",
-            "-1",
             "-grpc-port",
             "-1",
         ])
+        .args(["-dns-port", &p.dns.to_string()])
         .args(["-http-port", &p.http.to_string()])
         .args(["-serf-lan-port", &p.serf_lan.to_string()])
         .args(["-serf-wan-port", &p.serf_wan.to_string()])
@@ -254,7 +270,7 @@ fn consul_bin() -> PathBuf {
     );
 }
 
-/// Four distinct free ports (TCP and, for Serf, UDP too).
+/// Five distinct free ports (TCP and, for DNS and Serf, UDP too).
 fn free_ports() -> Ports {
     let mut held = Vec::new();
     let mut pick = |udp_too: bool| loop {
@@ -272,6 +288,7 @@ fn free_ports() -> Ports {
     };
     let ports = Ports {
         http: pick(false),
+        dns: pick(true),
         serf_lan: pick(true),
         serf_wan: pick(true),
         server: pick(false),
