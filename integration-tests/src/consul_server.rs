@@ -161,12 +161,7 @@ impl ConsulServer {
             "-bind",
             "127.0.0.1",
         ])
-        .args([
-            "-client",
-            "127.0.0.1",
-            "-grpc-port",
-            "-1",
-        ])
+        .args(["-client", "127.0.0.1", "-grpc-port", "-1"])
         .args(["-dns-port", &p.dns.to_string()])
         .args(["-http-port", &p.http.to_string()])
         .args(["-serf-lan-port", &p.serf_lan.to_string()])
