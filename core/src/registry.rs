@@ -1,6 +1,7 @@
 //! Registering an instance and keeping the registration alive.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -128,6 +129,7 @@ pub struct KeepAlive {
     stop: oneshot::Receiver<StopMode>,
     stopped: Option<StopMode>,
     metrics: Arc<RegistrationMetrics>,
+    failures: Arc<AtomicU64>,
 }
 
 impl KeepAlive {
@@ -147,6 +149,7 @@ impl KeepAlive {
         let reason = reason.into();
         self.metrics.live(false);
         self.metrics.failure();
+        self.failures.fetch_add(1, Ordering::Relaxed);
         self.live.send_if_modified(|l| {
             let next = Liveness::Recovering { reason };
             let changed = *l != next;
@@ -187,6 +190,7 @@ impl KeepAlive {
 #[must_use = "dropping the handle deregisters the instance"]
 pub struct RegistrationHandle {
     backend: &'static str,
+    failures: Arc<AtomicU64>,
     instance: ServiceInstance,
     live: watch::Receiver<Liveness>,
     stop: Option<oneshot::Sender<StopMode>>,
@@ -208,6 +212,7 @@ impl RegistrationHandle {
     {
         let (live_tx, live_rx) = watch::channel(Liveness::Pending);
         let (stop_tx, stop_rx) = oneshot::channel();
+        let failures = Arc::new(AtomicU64::new(0));
         let metrics = Arc::new(RegistrationMetrics::new(
             instance.service().as_str(),
             instance.id().as_str(),
@@ -218,6 +223,7 @@ impl RegistrationHandle {
             stop: stop_rx,
             stopped: None,
             metrics: metrics.clone(),
+            failures: failures.clone(),
         };
         // Everything the keep-alive logs (heartbeats, re-registrations) carries these fields.
         let span = tracing::info_span!(
@@ -238,6 +244,7 @@ impl RegistrationHandle {
         );
         RegistrationHandle {
             backend,
+            failures,
             instance,
             live: live_rx,
             stop: Some(stop_tx),
@@ -258,6 +265,30 @@ impl RegistrationHandle {
     /// Whether the backend currently lists the instance.
     pub fn is_live(&self) -> bool {
         self.live.borrow().is_live()
+    }
+
+    /// How many heartbeats or re-registrations have failed so far (every
+    /// [`KeepAlive::set_recovering`]): a lost registration shows here even when it was
+    /// re-established before anyone looked at [`liveness`](Self::liveness).
+    ///
+    /// ```
+    /// # use waypost_core::*;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Error> {
+    /// let inst = ServiceInstance::builder("users", "u1").host("h").port(1).build()?;
+    /// let handle = RegistrationHandle::spawn("example", inst, |mut ka| async move {
+    ///     ka.set_recovering("the server forgot us");
+    ///     ka.set_live(); // registered again at once
+    ///     ka.stopped().await;
+    ///     Ok(())
+    /// });
+    /// handle.wait_live().await;
+    /// assert_eq!(handle.failures(), 1);
+    /// handle.shutdown().await
+    /// # }
+    /// ```
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 
     /// The current liveness.

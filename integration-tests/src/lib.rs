@@ -177,6 +177,38 @@ pub trait Backend: Send + Sync + 'static {
     fn host(&self) -> String {
         "127.0.0.1".to_owned()
     }
+
+    /// `Some(reason)` for a backend that only discovers (DNS, say): the scenarios whose subject
+    /// is the registry ([`scenarios::REGISTRATION`]) are skipped, printing `reason`, and
+    /// [`registry`](Self::registry) must return the test's *fixture*: a registry that puts
+    /// instances where this backend's discovery finds them. Default `None`.
+    fn discovery_only(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// What the discovery reports of an instance, so that scenarios compare only that.
+    /// Default [`Describes::Everything`].
+    fn describes(&self) -> Describes {
+        Describes::Everything
+    }
+}
+
+/// What a backend's discovery reports of a registered instance; see [`Backend::describes`].
+///
+/// ```
+/// use waypost_conformance::Describes;
+/// assert_ne!(Describes::Everything, Describes::Address);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Describes {
+    /// The id, address, tags, metadata, weight and zone, as registered.
+    Everything,
+    /// The address only (DNS SRV records): an instance's id is its `host:port` (as
+    /// [`ServiceInstance::authority`](waypost_core::ServiceInstance::authority) writes it), and
+    /// tags, metadata, weight and zone are not compared. A change of anything but the address
+    /// is invisible, and a change of address is a removal and an addition.
+    Address,
 }
 
 #[async_trait]
@@ -217,6 +249,12 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     fn host(&self) -> String {
         (**self).host()
     }
+    fn discovery_only(&self) -> Option<&'static str> {
+        (**self).discovery_only()
+    }
+    fn describes(&self) -> Describes {
+        (**self).describes()
+    }
 }
 
 /// Runs one scenario the way [`conformance_tests!`] does: on a fresh multi-threaded Tokio
@@ -254,6 +292,44 @@ where
     S: for<'a> FnOnce(&'a B) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>,
     B: Backend,
 {
+    run_skipping(name, &[], factory, scenario)
+}
+
+/// [`run`], unless `skip` names the scenario (with the reason) or the backend is
+/// [discovery-only](Backend::discovery_only) and the scenario is one of
+/// [`scenarios::REGISTRATION`]: then it prints `conformance: <scenario> skipped for <backend>:
+/// <reason>` to the terminal (past the test harness's output capture, so that `cargo test`
+/// shows it) and returns. What [`conformance_tests!`]'s `skip` list calls.
+///
+/// ```
+/// use std::sync::Arc;
+/// use waypost_conformance::{async_trait, run_skipping, scenarios, Backend};
+/// use waypost_core::{Discovery, Registry};
+///
+/// struct InProcess(waypost_memory::Memory);
+/// #[async_trait]
+/// impl Backend for InProcess {
+///     fn name(&self) -> &'static str { "memory" }
+///     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+///     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+///     async fn restart(&self) -> Result<(), String> { Ok(()) }
+/// }
+///
+/// // Skipped: the scenario does not run (it would fail: restart() above does nothing).
+/// run_skipping(
+///     "reconnect_resync",
+///     &[("reconnect_resync", "this example's restart() does nothing")],
+///     || async { InProcess(waypost_memory::Memory::new()) },
+///     |backend| Box::pin(scenarios::reconnect_resync(backend)),
+/// );
+/// ```
+pub fn run_skipping<B, F, Fut, S>(name: &str, skip: &[(&str, &str)], factory: F, scenario: S)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = B>,
+    S: for<'a> FnOnce(&'a B) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>,
+    B: Backend,
+{
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -264,6 +340,25 @@ where
     };
     rt.block_on(async {
         let backend = factory().await;
+        let reason = skip
+            .iter()
+            .find(|(s, _)| *s == name)
+            .map(|(_, why)| *why)
+            .or_else(|| {
+                backend
+                    .discovery_only()
+                    .filter(|_| scenarios::REGISTRATION.contains(&name))
+            });
+        if let Some(reason) = reason {
+            use std::io::Write;
+            // Straight to the terminal: `cargo test` captures print! output of passing tests.
+            let _ = writeln!(
+                std::io::stderr(),
+                "conformance: {name} skipped for {}: {reason}",
+                backend.name()
+            );
+            return;
+        }
         let limit = scenarios::scenario_time_limit(&backend);
         if tokio::time::timeout(limit, scenario(&backend))
             .await
@@ -283,6 +378,19 @@ where
 /// Each test is named like its scenario (see [`scenarios`]) and runs on its own
 /// multi-threaded Tokio runtime with two worker threads, so the scenarios run in parallel
 /// and report individually. See the [crate docs](crate) for a full example.
+///
+/// A scenario the backend cannot meet for a reason of its own is skipped by name, with the
+/// reason, which `cargo test` prints (see [`run_skipping`]); a test checks that every name in
+/// the list is a scenario:
+///
+/// ```text
+/// waypost_conformance::conformance_tests!(start, skip = [
+///     ttl_expiry => "the registry keeps entries until told otherwise; it has no TTL",
+/// ]);
+/// ```
+///
+/// A [discovery-only](Backend::discovery_only) backend needs no list for the registration
+/// scenarios: they are skipped with the reason the backend gives.
 ///
 /// ```no_run
 /// # use std::sync::Arc;
@@ -305,6 +413,23 @@ where
 #[macro_export]
 macro_rules! conformance_tests {
     ($factory:path) => {
+        $crate::conformance_tests!($factory, skip = []);
+    };
+    ($factory:path, skip = [$($skip:ident => $reason:literal),* $(,)?]) => {
+        const CONFORMANCE_SKIPS: &[(&str, &str)] = &[$((::core::stringify!($skip), $reason)),*];
+
+        /// Every scenario the skip list names exists (a misspelt name would skip nothing).
+        #[test]
+        fn conformance_skips_name_real_scenarios() {
+            for (name, reason) in CONFORMANCE_SKIPS {
+                assert!(
+                    $crate::scenarios::ALL.contains(name),
+                    "the skip list names {name:?}, which is no scenario (reason given: {reason})"
+                );
+                assert!(!reason.trim().is_empty(), "skipping {name} needs a reason");
+            }
+        }
+
         $crate::conformance_tests!(@each $factory;
             register_then_discover,
             watch_starts_with_snapshot,
@@ -317,6 +442,9 @@ macro_rules! conformance_tests {
             outage_without_change,
             several_watchers_same_service,
             many_instances,
+            unknown_service,
+            duplicate_ids,
+            bulk_churn,
             bad_input,
         );
     };
@@ -324,8 +452,9 @@ macro_rules! conformance_tests {
         $(
             #[test]
             fn $scenario() {
-                $crate::run(
+                $crate::run_skipping(
                     ::core::stringify!($scenario),
+                    CONFORMANCE_SKIPS,
                     $factory,
                     |backend| ::std::boxed::Box::pin($crate::scenarios::$scenario(backend)),
                 );

@@ -76,6 +76,14 @@ mod flawed {
         NeverExpires,
         /// The watch says `Synced` after its snapshot only, never after an outage.
         NeverResyncs,
+        /// The test harness's `restart()` does nothing at all.
+        RestartDoesNothing,
+        /// The watch turns a backend error into removals (an empty set) instead of an `Err`.
+        ErrorsAsEmptySets,
+        /// `instances()` of a service with no instances is an error.
+        UnknownIsAnError,
+        /// The watch loses one event in every eight.
+        DropsEvents,
     }
 
     struct Flawed {
@@ -127,8 +135,13 @@ mod flawed {
         fn settle_bound(&self) -> Duration {
             Duration::from_secs(2)
         }
+        fn heal_bound(&self) -> Duration {
+            Duration::from_secs(4)
+        }
         async fn restart(&self) -> Result<(), String> {
-            self.0.memory.restart(Duration::from_millis(100)).await;
+            if !matches!(self.0.flaw, Flaw::RestartDoesNothing) {
+                self.0.memory.restart(Duration::from_millis(100)).await;
+            }
             Ok(())
         }
         async fn partition(&self) -> Result<(), String> {
@@ -150,23 +163,66 @@ mod flawed {
             &self,
             service: &waypost_core::ServiceName,
         ) -> Result<Vec<waypost_core::ServiceInstance>, Error> {
-            self.memory.instances(service).await
+            let list = self.memory.instances(service).await?;
+            if list.is_empty() && matches!(self.flaw, Flaw::UnknownIsAnError) {
+                return Err(Error::NotFound {
+                    backend: "flawed memory",
+                    what: format!("service {service}"),
+                });
+            }
+            Ok(list)
         }
         fn watch(&self, service: &waypost_core::ServiceName) -> waypost_core::Watch {
             let watch = self.memory.watch(service);
-            if !matches!(self.flaw, Flaw::NeverResyncs) {
-                return watch;
+            match self.flaw {
+                Flaw::NeverResyncs => {
+                    let mut first = true;
+                    watch
+                        .filter(move |item| {
+                            let keep = !matches!(item, Ok(WatchEvent::Synced)) || first;
+                            if matches!(item, Ok(WatchEvent::Synced)) {
+                                first = false;
+                            }
+                            std::future::ready(keep)
+                        })
+                        .boxed()
+                }
+                Flaw::ErrorsAsEmptySets => {
+                    let mut seen = waypost_core::InstanceSet::new();
+                    watch
+                        .flat_map(move |item| {
+                            let out: Vec<Result<WatchEvent, Error>> = match item {
+                                Ok(ev) => {
+                                    seen.apply(&ev);
+                                    vec![Ok(ev)]
+                                }
+                                // "Nothing is there": every instance removed, no error.
+                                Err(_) => {
+                                    let gone = seen.instances();
+                                    seen = waypost_core::InstanceSet::new();
+                                    seen.apply(&WatchEvent::Snapshot(vec![]));
+                                    gone.into_iter()
+                                        .map(|i| Ok(WatchEvent::Removed(i)))
+                                        .collect()
+                                }
+                            };
+                            futures::stream::iter(out)
+                        })
+                        .boxed()
+                }
+                Flaw::DropsEvents => {
+                    let mut n = 0u32;
+                    watch
+                        .filter(move |item| {
+                            let change =
+                                matches!(item, Ok(WatchEvent::Added(_) | WatchEvent::Removed(_)));
+                            n += u32::from(change);
+                            std::future::ready(!(change && n % 8 == 0))
+                        })
+                        .boxed()
+                }
+                _ => watch,
             }
-            let mut first = true;
-            watch
-                .filter(move |item| {
-                    let keep = !matches!(item, Ok(WatchEvent::Synced)) || first;
-                    if matches!(item, Ok(WatchEvent::Synced)) {
-                        first = false;
-                    }
-                    std::future::ready(keep)
-                })
-                .boxed()
         }
     }
 
@@ -200,6 +256,40 @@ mod flawed {
     fn outage_without_change_catches_a_watch_that_never_says_it_is_in_sync_again() {
         run("outage_without_change", with(Flaw::NeverResyncs), |b| {
             Box::pin(scenarios::outage_without_change(b))
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "the watch yielded no error across the restart")]
+    fn reconnect_resync_catches_a_restart_that_does_nothing() {
+        run("reconnect_resync", with(Flaw::RestartDoesNothing), |b| {
+            Box::pin(scenarios::reconnect_resync(b))
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "the balancer reports the outage")]
+    fn outage_without_change_catches_a_watch_that_turns_errors_into_an_empty_set() {
+        run(
+            "outage_without_change",
+            with(Flaw::ErrorsAsEmptySets),
+            |b| Box::pin(scenarios::outage_without_change(b)),
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "must be Ok(empty), not an error")]
+    fn unknown_service_catches_an_error_for_a_service_without_instances() {
+        run("unknown_service", with(Flaw::UnknownIsAnError), |b| {
+            Box::pin(scenarios::unknown_service(b))
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "churn watch")]
+    fn bulk_churn_catches_a_watch_that_loses_events() {
+        run("bulk_churn", with(Flaw::DropsEvents), |b| {
+            Box::pin(scenarios::bulk_churn(b))
         });
     }
 
