@@ -15,12 +15,13 @@
 //! ```
 
 use std::fs::File;
-use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::harness::{self, ProcessGuard};
 
 /// How long an agent may take to elect itself leader (about 0.1 s when idle; CI is loaded).
 const READY_BOUND: Duration = Duration::from_secs(30);
@@ -43,7 +44,7 @@ pub struct ConsulServer {
     ports: Ports,
     acl_token: Option<String>,
     log: PathBuf,
-    child: Mutex<Option<Child>>,
+    child: Mutex<Option<ProcessGuard>>,
 }
 
 impl std::fmt::Debug for ConsulServer {
@@ -144,9 +145,8 @@ impl ConsulServer {
     /// Kills the agent and waits for it to exit. Idempotent.
     pub fn kill(&self) {
         let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(mut child) = guard.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = guard.take() {
+            child.kill();
         }
     }
 
@@ -185,12 +185,9 @@ impl ConsulServer {
         let log =
             File::create(&self.log).map_err(|e| format!("log {}: {e}", self.log.display()))?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let child = self
-            .command()
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+        let child = ProcessGuard::spawn(&mut cmd)
             .map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
         *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
         let http = reqwest::Client::new();
@@ -224,7 +221,7 @@ impl ConsulServer {
 
     fn exited(&self) -> Option<std::process::ExitStatus> {
         let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        let status = guard.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        let status = guard.as_ref().and_then(ProcessGuard::exited);
         if status.is_some() {
             *guard = None;
         }
@@ -267,29 +264,14 @@ fn consul_bin() -> PathBuf {
 
 /// Five distinct free ports (TCP and, for DNS and Serf, UDP too).
 fn free_ports() -> Ports {
-    let mut held = Vec::new();
-    let mut pick = |udp_too: bool| loop {
-        let Ok(l) = TcpListener::bind("127.0.0.1:0") else {
-            continue;
-        };
-        let Ok(port) = l.local_addr().map(|a| a.port()) else {
-            continue;
-        };
-        if udp_too && UdpSocket::bind(("127.0.0.1", port)).is_err() {
-            continue;
-        }
-        held.push(l);
-        return port;
-    };
-    let ports = Ports {
-        http: pick(false),
-        dns: pick(true),
-        serf_lan: pick(true),
-        serf_wan: pick(true),
-        server: pick(false),
-    };
-    drop(held);
-    ports
+    let p = harness::free_ports(5, true);
+    Ports {
+        http: p[0],
+        dns: p[1],
+        serf_lan: p[2],
+        serf_wan: p[3],
+        server: p[4],
+    }
 }
 
 fn tail(path: &Path) -> String {

@@ -15,12 +15,13 @@
 //! # }
 //! ```
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::harness;
 
 /// How long a member may take to report healthy (a cluster elects a leader in ~3 s).
 const READY_LIMIT: Duration = Duration::from_secs(30);
@@ -52,19 +53,11 @@ pub fn etcd_binary() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    free_ports(1)[0]
+    harness::free_port()
 }
 
-/// `n` distinct free loopback ports: all listeners are held until all are chosen, so that the
-/// system cannot hand out the same port twice.
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding a free loopback port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("a bound address").port())
-        .collect()
+    harness::free_ports(n, false)
 }
 
 /// A private directory under the system temp dir, removed by [`Members`]' drop.

@@ -69,9 +69,12 @@ use std::time::Duration;
 pub use async_trait::async_trait;
 use waypost_core::{Discovery, Registry};
 
+#[cfg(feature = "servers")]
 pub mod consul_server;
+#[cfg(feature = "servers")]
 pub mod etcd_server;
 pub mod gate;
+pub mod harness;
 pub mod scenarios;
 
 /// A backend under test: a running server (or in-process state) and clients for it.
