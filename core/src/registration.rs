@@ -42,7 +42,8 @@ pub enum HealthCheck {
 }
 
 impl HealthCheck {
-    /// A TTL heartbeat check.
+    /// A TTL heartbeat check. Any positive TTL up to 24 hours is valid here; a backend that
+    /// counts whole seconds (etcd leases) rounds a shorter one up, never down.
     pub fn ttl(ttl: Duration) -> Self {
         HealthCheck::Ttl { ttl }
     }
@@ -88,16 +89,9 @@ impl HealthCheck {
             }
         };
         match self {
-            HealthCheck::Ttl { ttl } => {
-                positive(Field::CheckTtl, *ttl)?;
-                if *ttl < Duration::from_secs(1) {
-                    return Err(ValidationError::new(
-                        Field::CheckTtl,
-                        Problem::Invalid("below 1 s; backends count TTLs in whole seconds".into()),
-                    ));
-                }
-                Ok(())
-            }
+            // Precision is the backend's: one that counts whole seconds (etcd leases) rounds a
+            // shorter TTL up, never down (see BACKENDS.md).
+            HealthCheck::Ttl { ttl } => positive(Field::CheckTtl, *ttl),
             HealthCheck::Http {
                 url,
                 interval,
@@ -323,12 +317,8 @@ mod tests {
             reg(HealthCheck::ttl(Duration::ZERO)).unwrap_err().field(),
             &Field::CheckTtl
         );
-        assert_eq!(
-            reg(HealthCheck::ttl(Duration::from_millis(200)))
-                .unwrap_err()
-                .field(),
-            &Field::CheckTtl
-        );
+        // Under a second is the backend's business (etcd rounds up to whole seconds).
+        assert!(reg(HealthCheck::ttl(Duration::from_millis(200))).is_ok());
         assert_eq!(
             reg(HealthCheck::http("ftp://x", Duration::from_secs(1)))
                 .unwrap_err()

@@ -500,3 +500,39 @@ async fn unreachable_agent_is_unavailable_and_watch_keeps_trying() {
     assert!(mirror.set().get("d-1").is_some());
     h.abandon().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_under_a_second_is_honoured() {
+    // Core leaves TTL precision to the backend; Consul parses "700ms" and the handle beats
+    // every third of it.
+    let server = ConsulServer::start().await;
+    let consul = client(&server);
+    let reg = Registration::builder("short-ttl", "s-1")
+        .host("127.0.0.1")
+        .port(9)
+        .check(HealthCheck::ttl(Duration::from_millis(700)))
+        .build()
+        .unwrap();
+    let handle = consul.register(reg).await.unwrap();
+    eventually(SETTLE, "s-1 is listed", || {
+        ids_are(&consul, "short-ttl", &["s-1"])
+    })
+    .await;
+    // Several TTLs long: still listed, so the beats keep it passing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ids(&consul, "short-ttl").await.unwrap(), ["s-1"]);
+    assert!(handle.is_live());
+    handle.abandon().await.unwrap();
+    // Without beats it goes critical within about a TTL (Consul's reaper aside, `?passing`
+    // hides it).
+    eventually(SETTLE, "s-1 expires", || ids_are(&consul, "short-ttl", &[])).await;
+}
+
+async fn ids_are(consul: &Consul, service: &str, want: &[&str]) -> Result<(), String> {
+    let got = ids(consul, service).await?;
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("{got:?}"))
+    }
+}

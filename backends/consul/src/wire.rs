@@ -339,5 +339,7 @@ mod tests {
     fn go_durations() {
         assert_eq!(go_duration(Duration::from_secs(10)), "10s");
         assert_eq!(go_duration(Duration::from_millis(3333)), "3333ms");
+        // Consul parses Go durations: a TTL under a second keeps its precision.
+        assert_eq!(go_duration(Duration::from_millis(500)), "500ms");
     }
 }

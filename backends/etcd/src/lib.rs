@@ -313,5 +313,8 @@ mod tests {
         assert_eq!(lease_ttl_secs(Some(Duration::from_secs(7)), &ttl(4)), 7);
         assert_eq!(lease_ttl_secs(None, &http), 10);
         assert_eq!(lease_ttl_secs(Some(Duration::from_millis(2500)), &http), 3);
+        // Leases count whole seconds: a TTL under one (valid in core) becomes one, not zero.
+        let short = HealthCheck::ttl(Duration::from_millis(300));
+        assert_eq!(lease_ttl_secs(None, &short), 1);
     }
 }
