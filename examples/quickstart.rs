@@ -73,6 +73,8 @@ struct Instance {
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
+    // Waypost's own log lines (watch errors, fail-static) to stderr; RUST_LOG, default info.
+    common::init_tracing();
     let summary = run().await?;
     // The run checks itself, so that a regression cannot hide in a table.
     let failed: usize = summary
