@@ -127,6 +127,14 @@ pub mod etcd {
     pub use waypost_etcd::*;
 }
 
+/// The DNS backend (feature `dns`): discovery only, from SRV records (a Consul agent's DNS
+/// interface, or any `_service._proto.domain` zone), with polling watches. A server and domain
+/// from a builder, or the system resolver configuration.
+#[cfg(feature = "dns")]
+pub mod dns {
+    pub use waypost_dns::*;
+}
+
 #[cfg(feature = "http")]
 pub mod http;
 
