@@ -5,15 +5,16 @@
 //!   [name template](DnsBuilder::name_template) is configurable) and turns each into a
 //!   [`ServiceInstance`]: id `host:port` (IPv6 in brackets), host the target's IP address, port
 //!   the SRV port, weight the SRV weight (0 counts as 1). The target's address comes from the
-//!   answer's additional section when it is there (Consul puts it there, for `<node>.node.<dc>.consul.`
-//!   and `<hex>.addr.<dc>.consul.` targets alike), else from an A/AAAA question for the target;
-//!   a target with several addresses gives its lowest IPv4 address, else its lowest IPv6 address.
-//!   A target without an address, or one the server refuses to resolve (Consul without
-//!   recursors refuses the host name a service was registered with), is left out.
-//!   Only the records of the lowest priority value are used (RFC 2782: the others are backups),
-//!   a `.` target or port 0 means no server, and records naming the same address and port are
-//!   one instance with their weights added. The list is sorted by id. DNS carries no tags,
-//!   metadata or zone: instances have none.
+//!   answer's additional section when it is there (Consul puts it there, for
+//!   `<node>.node.<dc>.consul.` and `<hex>.addr.<dc>.consul.` targets alike), else from an
+//!   A/AAAA question for the target; a target with several addresses gives its lowest IPv4
+//!   address, else its lowest IPv6 address. A target without an address, or one the server
+//!   refuses to resolve (Consul without recursors refuses the host name a service was
+//!   registered with), is left out. Only the records of the lowest priority value that has a
+//!   target with an address are used (RFC 2782: the others are backups); a `.` target or port 0
+//!   means no server; records naming the same address and port are one instance with their
+//!   weights added. The list is sorted by id. DNS carries no tags, metadata or zone: instances
+//!   have none.
 //! - An unknown service (NXDOMAIN, or no SRV records) has no instances: `Ok(vec![])`. A server
 //!   that cannot be reached, does not answer within the [query
 //!   timeout](DnsBuilder::query_timeout), or answers SERVFAIL / REFUSED is

@@ -52,7 +52,6 @@ pub(crate) async fn instances(
             _ => None,
         })
         .collect();
-    let records = usable(records);
     // Addresses the answer carries (Consul: the additional section), by target.
     let mut addresses: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     for record in answer.answers().iter().chain(answer.additionals()) {
@@ -60,25 +59,32 @@ pub(crate) async fn instances(
             addresses.entry(key(record.name())).or_default().push(ip);
         }
     }
-    // The other targets are asked for, a few at a time.
-    let mut missing: BTreeMap<String, Name> = BTreeMap::new();
-    for r in &records {
-        let k = key(&r.target);
-        if !addresses.contains_key(&k) {
-            missing.entry(k).or_insert_with(|| r.target.clone());
+    // The lowest priority value whose targets have an address wins (RFC 2782: use the lowest
+    // priority you can reach; the others are backups).
+    for group in by_priority(records) {
+        // The group's other targets are asked for, a few at a time.
+        let mut missing: BTreeMap<String, Name> = BTreeMap::new();
+        for r in &group {
+            let k = key(&r.target);
+            if !addresses.contains_key(&k) {
+                missing.entry(k).or_insert_with(|| r.target.clone());
+            }
         }
-    }
-    let name = &name;
-    let resolved: Vec<(String, Vec<IpAddr>)> =
-        stream::iter(missing)
+        let name = &name;
+        let resolved: Vec<(String, Vec<IpAddr>)> = stream::iter(missing)
             .map(|(k, target)| async move {
                 Ok::<_, Error>((k, addresses_of(inner, name, target).await?))
             })
             .buffered(TARGET_LOOKUPS_IN_FLIGHT)
             .try_collect()
             .await?;
-    addresses.extend(resolved);
-    Ok(build(service, &records, &addresses))
+        addresses.extend(resolved);
+        let instances = build(service, &group, &addresses);
+        if !instances.is_empty() {
+            return Ok(instances);
+        }
+    }
+    Ok(Vec::new())
 }
 
 /// The addresses of an SRV target: its A records, else its AAAA records (none when it has
@@ -115,24 +121,18 @@ fn ip_of(record: &Record) -> Option<IpAddr> {
     }
 }
 
-/// Drops what RFC 2782 says is no server ("." as the target; here also port 0, which no client
-/// can connect to) and keeps the records of the lowest priority value: a client must use those
-/// while they exist, the others are backups.
-pub(crate) fn usable(records: Vec<Srv>) -> Vec<Srv> {
-    let records: Vec<Srv> = records
-        .into_iter()
-        .filter(|r| {
-            let ok = !r.target.is_root() && r.port != 0;
-            if !ok {
-                tracing::debug!(target = %r.target, port = r.port, "SRV record names no server; skipped");
-            }
-            ok
-        })
-        .collect();
-    let Some(best) = records.iter().map(|r| r.priority).min() else {
-        return records;
-    };
-    records.into_iter().filter(|r| r.priority == best).collect()
+/// The records grouped by priority value, lowest first, without those RFC 2782 says name no
+/// server ("." as the target; here also port 0, which no client can connect to).
+pub(crate) fn by_priority(records: Vec<Srv>) -> Vec<Vec<Srv>> {
+    let mut groups: BTreeMap<u16, Vec<Srv>> = BTreeMap::new();
+    for r in records {
+        if r.target.is_root() || r.port == 0 {
+            tracing::debug!(target = %r.target, port = r.port, "SRV record names no server; skipped");
+            continue;
+        }
+        groups.entry(r.priority).or_default().push(r);
+    }
+    groups.into_values().collect()
 }
 
 /// The instances the records describe, given their targets' addresses: one per record, at the
@@ -413,16 +413,25 @@ mod tests {
     }
 
     #[test]
-    fn only_the_lowest_priority_and_real_servers_are_usable() {
-        let got = usable(vec![
+    fn records_are_grouped_by_priority_without_the_no_server_ones() {
+        let groups = by_priority(vec![
             srv(20, 1, 80, "backup.example."),
             srv(10, 1, 80, "a.example."),
             srv(10, 1, 81, "b.example."),
             srv(5, 1, 80, "."),
             srv(5, 1, 0, "zero.example."),
         ]);
-        let targets: Vec<String> = got.iter().map(|r| r.target.to_ascii()).collect();
-        assert_eq!(targets, vec!["a.example.", "b.example."]);
-        assert!(usable(vec![srv(1, 1, 80, ".")]).is_empty());
+        let targets: Vec<Vec<String>> = groups
+            .iter()
+            .map(|g| g.iter().map(|r| r.target.to_ascii()).collect())
+            .collect();
+        assert_eq!(
+            targets,
+            vec![
+                vec!["a.example.".to_owned(), "b.example.".to_owned()],
+                vec!["backup.example.".to_owned()],
+            ]
+        );
+        assert!(by_priority(vec![srv(1, 1, 80, ".")]).is_empty());
     }
 }

@@ -197,7 +197,7 @@ async fn an_unknown_service_has_no_instances() {
 }
 
 #[tokio::test]
-async fn only_the_lowest_priority_is_used() {
+async fn the_lowest_priority_with_an_address_is_used() {
     let server = FakeDns::start().await;
     server.set_srv(
         USERS,
@@ -219,6 +219,19 @@ async fn only_the_lowest_priority_is_used() {
     server.set_srv(
         USERS,
         vec![srv(USERS, 20, 1, 80, "backup.example")],
+        vec![addr("backup.example", v4(10, 0, 0, 20))],
+    );
+    assert_eq!(
+        ids(&d.instances(&users()).await.expect("answer")),
+        vec!["10.0.0.20:80"]
+    );
+    // So they do while the primaries have no address (NXDOMAIN for gone.example).
+    server.set_srv(
+        USERS,
+        vec![
+            srv(USERS, 20, 1, 80, "backup.example"),
+            srv(USERS, 10, 1, 80, "gone.example"),
+        ],
         vec![addr("backup.example", v4(10, 0, 0, 20))],
     );
     assert_eq!(
