@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! eval "$(scripts/fetch-servers)"
-//! cargo run --release -p waypost-conformance --example propagation [-- <tries>]
+//! cargo run --release -p waypost-conformance --features servers --example propagation [-- <tries>]
 //! ```
 //!
 //! Starts a real Consul agent (`-dev`) and a real etcd on free loopback ports through the test
