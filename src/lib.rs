@@ -60,10 +60,13 @@
 //! | `memory` | yes | [`memory`]: the in-process backend |
 //! | `consul` | no | `consul`: the Consul backend |
 //! | `etcd` | no | `etcd`: the etcd backend (needs `protoc` to build) |
+//! | `dns` | no | `dns`: discovery from DNS SRV records |
 //! | `classic` | yes | `round-robin`, `random`, `weighted-round-robin`, `least-connections` |
 //! | `weighted-random`, `p2c`, `p2c-ewma`, `consistent-hash`, `maglev` | no | one strategy each |
 //! | `resilience` | no | outlier ejection, slow start, panic threshold, zone preference, filters |
 //! | `http` | yes | `http`: the HTTP client |
+//! | `metrics` | yes | metrics through the `metrics` facade (nothing is recorded without a recorder) |
+//! | `tower` | no | `tower`: a watch as a tower `Discover` |
 //! | `full` | no | everything |
 #![warn(missing_docs)]
 
@@ -142,3 +145,6 @@ pub mod http;
 #[cfg(all(doctest, feature = "memory", feature = "http", feature = "classic"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+#[cfg(feature = "tower")]
+pub mod tower;

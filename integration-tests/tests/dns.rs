@@ -4,8 +4,6 @@
 //! client of the same agent, and the registration scenarios are skipped.
 //!
 //! Needs a `consul` binary: `eval "$(scripts/fetch-servers)"`.
-#![cfg(feature = "servers")]
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,7 +70,11 @@ impl Backend for ConsulDns {
     }
 
     async fn restart(&self) -> Result<(), String> {
-        // -dev forgets every registration; the fixture's handles register again by themselves.
+        // A polling watch sees only the outages that a poll falls into: keep the agent down for
+        // several poll intervals (150 ms), as a real restart takes, before it comes back. -dev
+        // forgets every registration; the fixture's handles register again by themselves.
+        self.server.kill();
+        tokio::time::sleep(Duration::from_millis(750)).await;
         self.server.restart().await;
         Ok(())
     }
