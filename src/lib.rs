@@ -148,3 +148,6 @@ pub struct ReadmeDoctests;
 
 #[cfg(feature = "tower")]
 pub mod tower;
+
+#[cfg(any(feature = "http", feature = "tower"))]
+pub mod retry;

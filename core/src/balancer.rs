@@ -159,6 +159,7 @@ impl BalancerBuilder {
         let metrics = BalancerMetrics::new(self.service.as_ref().map(ServiceName::as_str));
         Balancer {
             shared: Arc::new(Shared {
+                generation: std::sync::atomic::AtomicU64::new(0),
                 metrics,
                 instance_labels: self.instance_labels,
                 current: ArcSwap::from_pointee(empty),
@@ -252,6 +253,8 @@ impl<S: StreamExt + Unpin + ?Sized> NowOrNever for S {}
 
 struct Shared {
     current: ArcSwap<Snapshot>,
+    /// Counts the snapshots published, for [`Balancer::generation`].
+    generation: std::sync::atomic::AtomicU64,
     metrics: BalancerMetrics,
     instance_labels: bool,
     updater: Mutex<Updater>,
@@ -549,6 +552,9 @@ impl Balancer {
             .current
             .swap(Arc::new(Snapshot { endpoints, picker }));
         up.retired = Some(old);
+        self.shared
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         self.shared.ready.send_replace(n);
     }
 
@@ -561,6 +567,30 @@ impl Balancer {
             .iter()
             .map(|e| e.instance().clone())
             .collect()
+    }
+
+    /// How many instance sets the balancer has served so far: it changes exactly when the set
+    /// picks choose from changes. One atomic load; for code that keeps something per instance
+    /// (a connection, a client) and must let go of instances that left.
+    ///
+    /// ```
+    /// # use waypost_core::*;
+    /// # struct First; struct P;
+    /// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(P) } }
+    /// # impl Picker for P { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+    /// let balancer = Balancer::new(First);
+    /// let before = balancer.generation();
+    /// balancer.apply(WatchEvent::Snapshot(vec![ServiceInstance::builder("s", "a").host("h").port(1).build()?]));
+    /// assert_ne!(balancer.generation(), before);
+    /// let now = balancer.generation();
+    /// balancer.apply(WatchEvent::Synced); // no change to the set
+    /// assert_eq!(balancer.generation(), now);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn generation(&self) -> u64 {
+        self.shared
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The endpoints picks choose from now, with their load and health.

@@ -1,44 +1,11 @@
 //! What can go wrong with a request, and why it was not retried.
 
-use std::fmt;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use waypost_core::{InstanceId, PickError};
 
-/// Why the client stopped trying: part of every error that followed an attempt.
-///
-/// ```
-/// use waypost::http::GaveUp;
-/// assert!(GaveUp::BudgetExhausted.to_string().contains("budget"));
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum GaveUp {
-    /// The request was sent and is not idempotent: repeating it could apply it twice.
-    NotIdempotent,
-    /// Every allowed attempt was made.
-    AttemptsExhausted,
-    /// The retry budget is spent: many requests needed retries recently.
-    BudgetExhausted,
-    /// The overall request timeout ran out.
-    Deadline,
-}
-
-impl fmt::Display for GaveUp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            GaveUp::NotIdempotent => {
-                "not retried: the request was sent and is not idempotent (mark it .idempotent(true) if repeating it is safe)"
-            }
-            GaveUp::AttemptsExhausted => "every allowed attempt failed (raise max_attempts, or check the service's instances)",
-            GaveUp::BudgetExhausted => {
-                "not retried: the retry budget is spent because many requests failed recently (the service looks unhealthy; check its instances)"
-            }
-            GaveUp::Deadline => "the request timeout ran out (raise request_timeout, or find out why the instances are slow)",
-        })
-    }
-}
+pub use crate::retry::GaveUp;
 
 /// Every failure of an [`HttpClient`](super::HttpClient) call. Each message says what happened
 /// and what to do.
@@ -216,6 +183,14 @@ impl HttpError {
             | HttpError::Timeout { gave_up, .. }
             | HttpError::Transport { gave_up, .. } => Some(gave_up),
             _ => None,
+        }
+    }
+}
+
+impl From<crate::retry::InvalidRetry> for HttpError {
+    fn from(e: crate::retry::InvalidRetry) -> Self {
+        HttpError::Config {
+            message: e.to_string(),
         }
     }
 }

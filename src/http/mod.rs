@@ -54,15 +54,14 @@ use std::time::Duration;
 
 use waypost_core::Balancer;
 
-mod budget;
 mod error;
-mod metrics;
 mod request;
 mod response;
 #[cfg(test)]
 mod tests;
 
-pub use budget::RetryBudget;
+pub use crate::retry::RetryBudget;
+use crate::retry::RetryPolicy;
 pub use error::{GaveUp, HttpError};
 pub use request::RequestBuilder;
 pub use response::Response;
@@ -125,11 +124,9 @@ struct Inner {
     http: reqwest::Client,
     request_timeout: Option<Duration>,
     per_try_timeout: Option<Duration>,
-    max_attempts: u32,
-    budget: RetryBudget,
+    retry: RetryPolicy,
     hash_key: Option<HashKey>,
     zone: Option<String>,
-    retry_metrics: metrics::RetryMetrics,
 }
 
 impl fmt::Debug for HttpClient {
@@ -139,8 +136,8 @@ impl fmt::Debug for HttpClient {
             .field("balancer", &i.balancer)
             .field("request_timeout", &i.request_timeout)
             .field("per_try_timeout", &i.per_try_timeout)
-            .field("max_attempts", &i.max_attempts)
-            .field("budget", &i.budget)
+            .field("max_attempts", &i.retry.max_attempts)
+            .field("budget", &i.retry.budget)
             .field("hash_key", &i.hash_key)
             .field("zone", &i.zone)
             .finish()
@@ -211,7 +208,7 @@ impl HttpClient {
 
     /// The retry budget shared by this client's requests.
     pub fn retry_budget(&self) -> &RetryBudget {
-        &self.inner.budget
+        &self.inner.retry.budget
     }
 }
 
@@ -338,15 +335,15 @@ impl HttpClientBuilder {
             .map_err(|source| HttpError::Build { source })?;
         Ok(HttpClient {
             inner: Arc::new(Inner {
-                retry_metrics: metrics::RetryMetrics::new(
+                retry: RetryPolicy::new(
+                    self.max_attempts,
+                    self.budget.unwrap_or_default(),
                     self.balancer.status().service.as_ref().map(|s| s.as_str()),
                 ),
                 balancer: self.balancer,
                 http,
                 request_timeout: self.request_timeout,
                 per_try_timeout: self.per_try_timeout,
-                max_attempts: self.max_attempts,
-                budget: self.budget.unwrap_or_default(),
                 hash_key: self.hash_key,
                 zone: self.zone,
             }),

@@ -8,7 +8,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::Method;
 use waypost_core::{InstanceId, PickContext, ServiceInstance};
 
-use super::error::{GaveUp, HttpError};
+use super::error::HttpError;
 use super::response::Response;
 use super::{HashKey, HttpClient};
 
@@ -209,7 +209,7 @@ impl RequestBuilder {
             .timeout
             .or(inner.request_timeout)
             .map(|t| Instant::now() + t);
-        inner.budget.deposit();
+        inner.retry.request();
 
         let mut tried: Vec<InstanceId> = Vec::new();
         let mut attempts: u32 = 0;
@@ -263,20 +263,9 @@ impl RequestBuilder {
 
             // Only a connect error proves that the request never left this process.
             let sent = !matches!(failure, Failure::Connect(_));
-            let stop = if sent && !idempotent {
-                Some(GaveUp::NotIdempotent)
-            } else if attempts >= inner.max_attempts {
-                Some(GaveUp::AttemptsExhausted)
-            } else if deadline.is_some_and(|d| Instant::now() >= d) {
-                Some(GaveUp::Deadline)
-            } else if !inner.budget.try_withdraw() {
-                inner.retry_metrics.budget_exhausted();
-                Some(GaveUp::BudgetExhausted)
-            } else {
-                None
-            };
+            let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+            let stop = inner.retry.decide(attempts, sent, idempotent, out_of_time);
             let Some(gave_up) = stop else {
-                inner.retry_metrics.retry();
                 tracing::debug!(method = %self.method, path = %self.path, instance = %instance.id(),
                     attempt = attempts, "retrying on another instance");
                 tried.push(instance.id().clone());

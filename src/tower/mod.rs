@@ -1,5 +1,13 @@
 //! Waypost inside tower stacks (feature `tower`).
 //!
+//! Two ways in:
+//! - [`Balanced`] (or [`BalanceLayer`]): a `Service` that picks through a Waypost
+//!   [`Balancer`](waypost_core::Balancer), with any strategy and the resilience layer, for each
+//!   request, records outcomes and latency through a [`Classify`] (HTTP and gRPC classifiers
+//!   included), routes by a key from the request, and retries on another instance within the
+//!   same budget as the HTTP client.
+//! - [`discover`]: a watch as a tower `Discover`, for tower's own balancer.
+//!
 //! [`discover`] turns any backend's [`Watch`](waypost_core::Watch) into a tower
 //! [`Discover`](::tower::discover::Discover), so that tower's own balancer (or anything else
 //! that consumes one) follows Consul, etcd or the in-process registry: watch errors never
@@ -36,6 +44,13 @@
 //! # }
 //! ```
 
+mod classify;
 mod discover;
+mod service;
 
+pub use classify::{Class, Classify, ErrIsFailure, GrpcStatus, HttpStatus, Retry};
 pub use discover::{discover, Discover};
+pub use service::{BalanceError, BalanceLayer, Balanced, BalancedBuilder, Route};
+
+#[cfg(test)]
+mod tests;

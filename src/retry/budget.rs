@@ -5,12 +5,22 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::error::HttpError;
-
 /// The window is kept as this many slots; deposits and withdrawals expire slot by slot.
 const SLOTS: usize = 10;
 /// Token amounts are kept in thousandths so that a ratio like 0.2 stays exact.
 const UNIT: i64 = 1000;
+
+/// A retry setting that cannot be used; the message says what is wrong and what fits.
+///
+/// ```
+/// let e = waypost::retry::RetryBudget::new(-1.0, 0).unwrap_err();
+/// assert!(e.to_string().contains("ratio"));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid retry setting: {message}")]
+pub struct InvalidRetry {
+    message: String,
+}
 
 /// Bounds retries to a share of recent requests plus a small floor.
 ///
@@ -23,14 +33,14 @@ const UNIT: i64 = 1000;
 /// Clones share one budget.
 ///
 /// ```
-/// use waypost::http::RetryBudget;
+/// use waypost::retry::RetryBudget;
 /// let budget = RetryBudget::new(0.5, 0)?; // half a retry per request, no floor
 /// assert!(!budget.try_withdraw()); // nothing deposited yet
 /// budget.deposit();
 /// budget.deposit();
 /// assert!(budget.try_withdraw()); // two requests pay for one retry
 /// assert!(!budget.try_withdraw());
-/// # Ok::<(), waypost::http::HttpError>(())
+/// # Ok::<(), waypost::retry::InvalidRetry>(())
 /// ```
 #[derive(Clone)]
 pub struct RetryBudget {
@@ -73,21 +83,25 @@ impl fmt::Debug for RetryBudget {
 impl RetryBudget {
     /// A budget allowing `ratio` retries per request (0 to 1000, e.g. 0.2) plus `min_per_sec`
     /// retries per second, over a 10 s window.
-    pub fn new(ratio: f64, min_per_sec: u32) -> Result<Self, HttpError> {
+    pub fn new(ratio: f64, min_per_sec: u32) -> Result<Self, InvalidRetry> {
         Self::with_window(ratio, min_per_sec, Duration::from_secs(10))
     }
 
     /// As [`new`](Self::new) with a window of `window` (1 s to 1 h) instead of 10 s.
-    pub fn with_window(ratio: f64, min_per_sec: u32, window: Duration) -> Result<Self, HttpError> {
+    pub fn with_window(
+        ratio: f64,
+        min_per_sec: u32,
+        window: Duration,
+    ) -> Result<Self, InvalidRetry> {
         if !(0.0..=1000.0).contains(&ratio) {
-            return Err(HttpError::Config {
+            return Err(InvalidRetry {
                 message: format!(
                     "retry budget ratio {ratio} is outside 0..=1000 (0.2 means one retry per five requests)"
                 ),
             });
         }
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&window) {
-            return Err(HttpError::Config {
+            return Err(InvalidRetry {
                 message: format!("retry budget window {window:?} is outside 1 s..=1 h"),
             });
         }

@@ -1,0 +1,553 @@
+//! A tower `Service` that picks an instance through a [`Balancer`] for every request.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ::tower::{Layer, Service, ServiceExt};
+use futures::FutureExt;
+use waypost_core::{Balancer, InstanceId, PickContext, PickError, PickGuard, ServiceInstance};
+
+use super::classify::{Classify, ErrIsFailure, Retry};
+use crate::retry::{GaveUp, RetryBudget, RetryPolicy};
+
+/// How many instances a call tries when the ones it picks are not ready, before it waits for
+/// the last one (for at most the ready timeout).
+const NOT_READY_TRIES: usize = 3;
+
+/// Why a [`Balanced`] call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BalanceError<E> {
+    /// No instance could be picked.
+    #[error(transparent)]
+    NoInstance(#[from] PickError),
+    /// The picked instances were not ready, and the last one did not become ready in time.
+    #[error("instance {instance} was not ready within {waited:?} (and {tried} others before it were not ready either); the service looks overloaded")]
+    NotReady {
+        /// The instance waited for.
+        instance: InstanceId,
+        /// How long.
+        waited: Duration,
+        /// How many other instances were not ready before it.
+        tried: usize,
+    },
+    /// The instance's service failed; `gave_up` says why it was not retried.
+    #[error("instance {instance} failed ({gave_up}): {source}")]
+    Inner {
+        /// The instance that failed last.
+        instance: InstanceId,
+        /// Why no other instance was tried.
+        gave_up: GaveUp,
+        /// Its error.
+        #[source]
+        source: E,
+    },
+}
+
+/// Routes a request: the hash key (for consistent-hash and maglev) and the caller's zone,
+/// borrowed from the request. Implemented for `Fn(&Req) -> PickContext<'_>`; `()` routes
+/// nothing.
+pub trait Route<Req>: Send + Sync + 'static {
+    /// The pick context of `request`.
+    fn route<'r>(&self, request: &'r Req) -> PickContext<'r>;
+}
+
+impl<Req> Route<Req> for () {
+    fn route<'r>(&self, _: &'r Req) -> PickContext<'r> {
+        PickContext::new()
+    }
+}
+
+impl<Req, F> Route<Req> for F
+where
+    F: for<'r> Fn(&'r Req) -> PickContext<'r> + Send + Sync + 'static,
+{
+    fn route<'r>(&self, request: &'r Req) -> PickContext<'r> {
+        self(request)
+    }
+}
+
+/// Copies a request for another attempt (`None`: it cannot be copied).
+type CloneRequest<Req> = Box<dyn Fn(&Req) -> Option<Req> + Send + Sync>;
+
+/// Retries: the shared policy, how to copy a request, and which requests are idempotent.
+struct Retries<Req> {
+    policy: RetryPolicy,
+    clone: CloneRequest<Req>,
+    idempotent: Box<dyn Fn(&Req) -> bool + Send + Sync>,
+}
+
+/// The services made for instances, dropped when their instance leaves the balancer.
+struct Cache<S> {
+    generation: u64,
+    by_id: HashMap<InstanceId, (String, S)>,
+}
+
+struct Inner<M, S, C, X, Req> {
+    balancer: Balancer,
+    make: M,
+    cache: Mutex<Cache<S>>,
+    classify: C,
+    route: X,
+    retries: Option<Retries<Req>>,
+    ready_timeout: Duration,
+}
+
+/// A tower [`Service`] that sends each request to an instance a [`Balancer`] picks (any
+/// strategy, any backend), through a service `make` builds for that instance.
+///
+/// - **Per-instance services** are built lazily, on the first request an instance gets, cached
+///   by id and dropped once the instance leaves the balancer (or is replaced by one at another
+///   address). Each call uses a clone, so `S` should be cheap to clone (a tonic `Channel`, a
+///   hyper client handle, a `BoxCloneService`).
+/// - **Outcomes**: when the response future completes, the [`Classify`] decides success or
+///   failure and the latency is recorded, for load-aware strategies and outlier ejection. A
+///   future dropped before it completes (a timeout around the call, a client that went away)
+///   counts as cancelled.
+/// - **Routing**: the hash key and the zone come from the request, through a [`Route`].
+/// - **Retries** (off unless [`retries`](BalancedBuilder::retries) is set): a failure the
+///   classifier allows is repeated on another instance, within the attempts and the shared
+///   [`RetryBudget`] (the same policy as the HTTP client's), and only for idempotent requests
+///   once one was sent.
+///
+/// **`poll_ready` and the pick.** `poll_ready` is always ready: the instance is picked in
+/// `call`, per request, so a ready signal from one instance would say nothing about the next
+/// pick, and holding one would pin every request to it. Readiness is checked on the instance
+/// picked: if its service is not ready at once, another instance is picked (up to three), and
+/// only then does the call wait for the last one, for at most the ready timeout (default 1 s),
+/// failing with [`BalanceError::NotReady`] rather than hang. No `Buffer` is needed: the service
+/// is cheap to clone and clones share everything.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower::{service_fn, ServiceExt};
+/// use waypost::strategies::RoundRobin;
+/// use waypost::tower::Balanced;
+/// use waypost::{Balancer, ServiceInstance, WatchEvent};
+///
+/// let balancer = Balancer::new(RoundRobin::new());
+/// let inst = |id: &str| ServiceInstance::builder("users", id).host("10.0.0.1").port(80).build();
+/// balancer.apply(WatchEvent::Snapshot(vec![inst("a")?, inst("b")?]));
+///
+/// // Each instance's "client" answers with the instance id.
+/// let make = |i: &ServiceInstance| {
+///     let id = i.id().to_string();
+///     service_fn(move |_req: &'static str| {
+///         let id = id.clone();
+///         async move { Ok::<_, std::io::Error>(id) }
+///     })
+/// };
+/// let svc = Balanced::builder(balancer.clone(), make).build();
+/// let mut answers = Vec::new();
+/// for _ in 0..4 {
+///     answers.push(svc.clone().oneshot("GET /users").await?);
+/// }
+/// answers.sort();
+/// assert_eq!(answers, ["a", "a", "b", "b"]);
+/// // Outcomes were recorded on the instances.
+/// assert_eq!(balancer.endpoints().iter().map(|e| e.state().successes()).sum::<u64>(), 4);
+/// # Ok(())
+/// # }
+/// ```
+pub struct Balanced<M, S, Req, C = ErrIsFailure, X = ()> {
+    inner: Arc<Inner<M, S, C, X, Req>>,
+    _request: PhantomData<fn(Req)>,
+}
+
+impl<M, S, Req, C, X> Clone for Balanced<M, S, Req, C, X> {
+    fn clone(&self) -> Self {
+        Balanced {
+            inner: self.inner.clone(),
+            _request: PhantomData,
+        }
+    }
+}
+
+impl<M, S, Req, C, X> fmt::Debug for Balanced<M, S, Req, C, X> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balanced")
+            .field("balancer", &self.inner.balancer)
+            .field("retries", &self.inner.retries.as_ref().map(|r| &r.policy))
+            .field("ready_timeout", &self.inner.ready_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options of a [`Balanced`] service; see [`Balanced::builder`].
+#[must_use]
+pub struct BalancedBuilder<M, S, Req, C = ErrIsFailure, X = ()> {
+    balancer: Balancer,
+    make: M,
+    classify: C,
+    route: X,
+    retries: Option<Retries<Req>>,
+    ready_timeout: Duration,
+    _service: PhantomData<fn() -> S>,
+}
+
+impl<M, S, Req> Balanced<M, S, Req>
+where
+    M: Fn(&ServiceInstance) -> S,
+{
+    /// A service over `balancer`, `make` building each instance's service.
+    pub fn builder(balancer: Balancer, make: M) -> BalancedBuilder<M, S, Req> {
+        BalancedBuilder {
+            balancer,
+            make,
+            classify: ErrIsFailure,
+            route: (),
+            retries: None,
+            ready_timeout: Duration::from_secs(1),
+            _service: PhantomData,
+        }
+    }
+}
+
+impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
+    /// How results are classified (default [`ErrIsFailure`]; see also
+    /// [`HttpStatus`](super::HttpStatus) and [`GrpcStatus`](super::GrpcStatus)).
+    pub fn classify<C2>(self, classify: C2) -> BalancedBuilder<M, S, Req, C2, X> {
+        BalancedBuilder {
+            balancer: self.balancer,
+            make: self.make,
+            classify,
+            route: self.route,
+            retries: self.retries,
+            ready_timeout: self.ready_timeout,
+            _service: PhantomData,
+        }
+    }
+
+    /// Where the hash key and the zone of a request come from.
+    pub fn route<X2>(self, route: X2) -> BalancedBuilder<M, S, Req, C, X2> {
+        BalancedBuilder {
+            balancer: self.balancer,
+            make: self.make,
+            classify: self.classify,
+            route,
+            retries: self.retries,
+            ready_timeout: self.ready_timeout,
+            _service: PhantomData,
+        }
+    }
+
+    /// Retries on another instance: at most `max_attempts` attempts in all (1 turns retries
+    /// off), within `budget` (shared by its clones, as with the HTTP client). `clone` copies
+    /// a request for the next attempt (`None`: this one cannot be repeated, as with a
+    /// streaming body); `idempotent` says whether repeating it is safe once it was sent.
+    pub fn retries(
+        mut self,
+        max_attempts: u32,
+        budget: RetryBudget,
+        clone: impl Fn(&Req) -> Option<Req> + Send + Sync + 'static,
+        idempotent: impl Fn(&Req) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        let service = self.balancer.status().service;
+        self.retries = Some(Retries {
+            policy: RetryPolicy::new(
+                max_attempts.max(1),
+                budget,
+                service.as_ref().map(|s| s.as_str()),
+            ),
+            clone: Box::new(clone),
+            idempotent: Box::new(idempotent),
+        });
+        self
+    }
+
+    /// How long a call waits for a picked instance's service to become ready when the
+    /// instances it tried first were not (default 1 s).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// The service.
+    pub fn build(self) -> Balanced<M, S, Req, C, X> {
+        Balanced {
+            inner: Arc::new(Inner {
+                balancer: self.balancer,
+                make: self.make,
+                cache: Mutex::new(Cache {
+                    generation: u64::MAX,
+                    by_id: HashMap::new(),
+                }),
+                classify: self.classify,
+                route: self.route,
+                retries: self.retries,
+                ready_timeout: self.ready_timeout,
+            }),
+            _request: PhantomData,
+        }
+    }
+}
+
+impl<M, S, C, X, Req> Inner<M, S, C, X, Req>
+where
+    M: Fn(&ServiceInstance) -> S,
+    S: Clone,
+{
+    fn cache(&self) -> MutexGuard<'_, Cache<S>> {
+        // Every write leaves the map consistent; a panic elsewhere is no reason to stop.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The service of `instance`: cached, or made now. Drops the services of instances that
+    /// left whenever the balancer's set changed.
+    fn service_for(&self, instance: &ServiceInstance) -> S {
+        let generation = self.balancer.generation();
+        let mut cache = self.cache();
+        if cache.generation != generation {
+            let current: HashMap<InstanceId, String> = self
+                .balancer
+                .endpoints()
+                .iter()
+                .map(|e| (e.id().clone(), e.instance().authority()))
+                .collect();
+            cache
+                .by_id
+                .retain(|id, (addr, _)| current.get(id) == Some(addr));
+            cache.generation = generation;
+        }
+        let address = instance.authority();
+        if let Some((addr, svc)) = cache.by_id.get(instance.id()) {
+            if *addr == address {
+                return svc.clone();
+            }
+        }
+        let svc = (self.make)(instance);
+        cache
+            .by_id
+            .insert(instance.id().clone(), (address, svc.clone()));
+        svc
+    }
+}
+
+type Boxed<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// An instance picked for one call: ready, or to be waited for (after `usize` others that
+/// were not ready).
+enum Picked<S> {
+    Ready(PickGuard, S),
+    Wait(PickGuard, S, usize),
+}
+
+impl<M, S, Req, C, X> Service<Req> for Balanced<M, S, Req, C, X>
+where
+    M: Fn(&ServiceInstance) -> S + Send + Sync + 'static,
+    S: Service<Req> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+    Req: Send + 'static,
+    C: Classify<S::Response, S::Error>,
+    X: Route<Req>,
+{
+    type Response = S::Response;
+    type Error = BalanceError<S::Error>;
+    type Future = Boxed<S::Response, BalanceError<S::Error>>;
+
+    /// Always ready: the instance is picked in `call` (see the type's docs).
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.send(request).await })
+    }
+}
+
+impl<M, S, C, X, Req> Inner<M, S, C, X, Req>
+where
+    M: Fn(&ServiceInstance) -> S,
+    S: Service<Req> + Clone,
+    C: Classify<S::Response, S::Error>,
+    X: Route<Req>,
+{
+    /// Picks an instance whose service is ready at once, trying up to [`NOT_READY_TRIES`];
+    /// if none is, the last one picked, to be waited for. Synchronous: the request is only
+    /// borrowed here, never across an await.
+    fn pick(
+        &self,
+        request: &Req,
+        tried: &[InstanceId],
+    ) -> Result<Picked<S>, BalanceError<S::Error>> {
+        let ctx = self.route.route(request);
+        let mut not_ready: Vec<InstanceId> = Vec::new();
+        loop {
+            let exclude: Vec<InstanceId> = tried.iter().chain(&not_ready).cloned().collect();
+            let guard = if exclude.is_empty() {
+                self.balancer.pick_with(&ctx)?
+            } else {
+                self.balancer.pick_excluding(&ctx, &exclude)?
+            };
+            let mut svc = self.service_for(guard.instance());
+            // One look without waiting: a ready service is used at once.
+            match svc.ready().now_or_never() {
+                Some(Ok(_)) => return Ok(Picked::Ready(guard, svc)),
+                Some(Err(e)) => {
+                    // The instance's service is broken: a failure of the instance.
+                    let instance = guard.instance().id().clone();
+                    guard.failure();
+                    return Err(BalanceError::Inner {
+                        instance,
+                        gave_up: GaveUp::AttemptsExhausted,
+                        source: e,
+                    });
+                }
+                None => {}
+            }
+            let id = guard.instance().id().clone();
+            if not_ready.len() + 1 < NOT_READY_TRIES && !not_ready.contains(&id) {
+                // Not ready: try another instance rather than queue behind this one. The guard
+                // ends as cancelled: nothing was sent.
+                not_ready.push(id);
+                drop(guard);
+                continue;
+            }
+            return Ok(Picked::Wait(guard, svc, not_ready.len()));
+        }
+    }
+
+    /// [`pick`](Self::pick), then the bounded wait if every instance tried was busy.
+    async fn ready_instance(
+        &self,
+        picked: Picked<S>,
+    ) -> Result<(PickGuard, S), BalanceError<S::Error>> {
+        let (guard, mut svc, tried) = match picked {
+            Picked::Ready(guard, svc) => return Ok((guard, svc)),
+            Picked::Wait(guard, svc, tried) => (guard, svc, tried),
+        };
+        let instance = guard.instance().id().clone();
+        match tokio::time::timeout(self.ready_timeout, svc.ready()).await {
+            Ok(Ok(_)) => Ok((guard, svc)),
+            Ok(Err(e)) => {
+                guard.failure();
+                Err(BalanceError::Inner {
+                    instance,
+                    gave_up: GaveUp::AttemptsExhausted,
+                    source: e,
+                })
+            }
+            Err(_) => {
+                // Not ready in time counts against the instance: it is overloaded.
+                guard.failure();
+                Err(BalanceError::NotReady {
+                    instance,
+                    waited: self.ready_timeout,
+                    tried,
+                })
+            }
+        }
+    }
+
+    async fn send(&self, request: Req) -> Result<S::Response, BalanceError<S::Error>> {
+        if let Some(r) = &self.retries {
+            r.policy.request();
+        }
+        let mut tried: Vec<InstanceId> = Vec::new();
+        let mut attempts: u32 = 0;
+        let mut current = request;
+        loop {
+            attempts += 1;
+            // A copy for the next attempt, made only when retries are on.
+            let spare = self.retries.as_ref().and_then(|r| (r.clone)(&current));
+            let idempotent = self
+                .retries
+                .as_ref()
+                .is_some_and(|r| (r.idempotent)(&current));
+            let picked = self.pick(&current, &tried)?;
+            let (guard, mut svc) = self.ready_instance(picked).await?;
+            let instance = guard.instance().id().clone();
+            // Dropped before it completes, the guard records a cancelled call.
+            let result = svc.call(current).await;
+            let class = self.classify.classify(result.as_ref());
+            guard.record(class.outcome);
+            if class.outcome == waypost_core::Outcome::Success {
+                return result.map_err(|source| BalanceError::Inner {
+                    instance,
+                    gave_up: GaveUp::AttemptsExhausted,
+                    source,
+                });
+            }
+            let next = match (&self.retries, class.retry, spare) {
+                (None, ..) => Err(GaveUp::AttemptsExhausted),
+                (Some(_), Retry::Never, _) => Err(GaveUp::NotRetryable),
+                (Some(_), _, None) => Err(GaveUp::NotCopyable),
+                (Some(r), retry, Some(copy)) => {
+                    let sent = retry != Retry::NotSent;
+                    match r.policy.decide(attempts, sent, idempotent, false) {
+                        None => Ok(copy),
+                        Some(gave_up) => Err(gave_up),
+                    }
+                }
+            };
+            match next {
+                Ok(copy) => {
+                    tracing::debug!(%instance, attempt = attempts, "retrying on another instance");
+                    tried.push(instance);
+                    current = copy;
+                }
+                Err(gave_up) => {
+                    return match result {
+                        // A failed answer (a 5xx, say) is still the answer.
+                        Ok(response) => Ok(response),
+                        Err(source) => Err(BalanceError::Inner {
+                            instance,
+                            gave_up,
+                            source,
+                        }),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// A tower [`Layer`] that turns a `Fn(&ServiceInstance) -> S` (the per-instance service
+/// maker) into a [`Balanced`] service over a balancer, with default options.
+///
+/// ```
+/// use tower::{service_fn, Layer};
+/// use waypost::strategies::RoundRobin;
+/// use waypost::tower::BalanceLayer;
+/// use waypost::{Balancer, ServiceInstance};
+///
+/// let make = |_: &ServiceInstance| service_fn(|req: u32| async move { Ok::<_, std::io::Error>(req) });
+/// let svc = BalanceLayer::<u32>::new(Balancer::new(RoundRobin::new())).layer(make);
+/// assert!(format!("{svc:?}").contains("Balanced"));
+/// ```
+#[derive(Clone, Debug)]
+pub struct BalanceLayer<Req> {
+    balancer: Balancer,
+    _request: PhantomData<fn(Req)>,
+}
+
+impl<Req> BalanceLayer<Req> {
+    /// A layer over `balancer`.
+    pub fn new(balancer: Balancer) -> Self {
+        BalanceLayer {
+            balancer,
+            _request: PhantomData,
+        }
+    }
+}
+
+impl<M, S, Req> Layer<M> for BalanceLayer<Req>
+where
+    M: Fn(&ServiceInstance) -> S,
+{
+    type Service = Balanced<M, S, Req>;
+
+    fn layer(&self, make: M) -> Self::Service {
+        Balanced::builder(self.balancer.clone(), make).build()
+    }
+}

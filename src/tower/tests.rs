@@ -1,0 +1,324 @@
+//! The tower service over hand-fed balancers and in-process services.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ::tower::{Service, ServiceExt};
+use waypost_core::{
+    Balancer, Endpoint, PickContext, Picker, ServiceInstance, Strategy, WatchEvent,
+};
+
+use super::*;
+use crate::retry::{GaveUp, RetryBudget};
+
+/// Always the first instance by id (so "the failing one is tried first" is deterministic),
+/// or, with a hash, the instance `hash % n`.
+struct First;
+struct FirstPicker;
+impl Strategy for First {
+    fn name(&self) -> &str {
+        "first"
+    }
+    fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> {
+        Box::new(FirstPicker)
+    }
+}
+impl Picker for FirstPicker {
+    fn pick(&self, e: &[Endpoint], ctx: &PickContext<'_>) -> Option<usize> {
+        if e.is_empty() {
+            return None;
+        }
+        Some(ctx.hash().map_or(0, |h| (h % e.len() as u64) as usize))
+    }
+}
+
+fn inst(id: &str) -> ServiceInstance {
+    ServiceInstance::builder("users", id)
+        .host("10.0.0.1")
+        .port(80)
+        .build()
+        .unwrap()
+}
+
+fn balancer(ids: &[&str]) -> Balancer {
+    let b = Balancer::builder(First)
+        .service("users".parse().unwrap())
+        .build();
+    b.apply(WatchEvent::Snapshot(ids.iter().map(|i| inst(i)).collect()));
+    b
+}
+
+fn state(b: &Balancer, id: &str) -> Endpoint {
+    b.endpoints()
+        .into_iter()
+        .find(|e| e.id().as_str() == id)
+        .unwrap()
+}
+
+/// How an instance's fake service behaves.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Act {
+    Answer,
+    Fail,
+    /// Fails as if it never connected.
+    Refuse,
+    Hang,
+    NeverReady,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum FakeError {
+    #[error("failed")]
+    Failed,
+    #[error("refused")]
+    Refused,
+}
+
+/// A fake per-instance service: answers with its id, fails, hangs, or is never ready; counts
+/// calls per id and live clones.
+#[derive(Clone)]
+struct Fake {
+    id: String,
+    act: Act,
+    calls: Arc<Mutex<BTreeMap<String, usize>>>,
+    _alive: Arc<()>,
+}
+
+impl Service<String> for Fake {
+    type Response = String;
+    type Error = FakeError;
+    type Future = Pin<Box<dyn Future<Output = Result<String, FakeError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), FakeError>> {
+        match self.act {
+            Act::NeverReady => Poll::Pending,
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, _req: String) -> Self::Future {
+        *self
+            .calls
+            .lock()
+            .unwrap()
+            .entry(self.id.clone())
+            .or_default() += 1;
+        let (id, act) = (self.id.clone(), self.act);
+        Box::pin(async move {
+            match act {
+                Act::Answer => Ok(id),
+                Act::Fail => Err(FakeError::Failed),
+                Act::Refuse => Err(FakeError::Refused),
+                Act::Hang => std::future::pending().await,
+                // Never ready, so never called; were it called, that would be a failure.
+                Act::NeverReady => Err(FakeError::Failed),
+            }
+        })
+    }
+}
+
+struct World {
+    acts: BTreeMap<&'static str, Act>,
+    calls: Arc<Mutex<BTreeMap<String, usize>>>,
+    alive: Arc<()>,
+    made: Arc<AtomicUsize>,
+}
+
+impl World {
+    fn new(acts: &[(&'static str, Act)]) -> World {
+        World {
+            acts: acts.iter().copied().collect(),
+            calls: Arc::default(),
+            alive: Arc::new(()),
+            made: Arc::default(),
+        }
+    }
+
+    fn make(&self) -> impl Fn(&ServiceInstance) -> Fake + Send + Sync + 'static {
+        let (acts, calls, alive, made) = (
+            self.acts.clone(),
+            self.calls.clone(),
+            self.alive.clone(),
+            self.made.clone(),
+        );
+        move |i: &ServiceInstance| {
+            made.fetch_add(1, Ordering::SeqCst);
+            Fake {
+                id: i.id().to_string(),
+                act: acts.get(i.id().as_str()).copied().unwrap_or(Act::Answer),
+                calls: calls.clone(),
+                _alive: alive.clone(),
+            }
+        }
+    }
+
+    fn calls(&self) -> BTreeMap<String, usize> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test]
+async fn outcomes_and_cancellation_reach_the_endpoint_state() {
+    let w = World::new(&[("a", Act::Fail), ("b", Act::Hang)]);
+    let b = balancer(&["a", "b"]);
+    let svc = Balanced::builder(b.clone(), w.make()).build();
+    let err = svc.clone().oneshot("x".into()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BalanceError::Inner {
+                source: FakeError::Failed,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(state(&b, "a").state().failures(), 1);
+
+    // b hangs: a timeout around the call drops the future, which counts as cancelled.
+    b.apply(WatchEvent::Removed(inst("a")));
+    let r = tokio::time::timeout(Duration::from_millis(50), svc.clone().oneshot("x".into())).await;
+    assert!(r.is_err(), "b hangs");
+    let s = state(&b, "b");
+    assert_eq!(
+        (
+            s.state().in_flight(),
+            s.state().successes(),
+            s.state().failures()
+        ),
+        (0, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_failure_is_retried_on_another_instance_within_the_budget() {
+    let w = World::new(&[("a", Act::Fail)]);
+    let b = balancer(&["a", "b"]);
+    let svc = Balanced::builder(b.clone(), w.make())
+        .retries(
+            3,
+            RetryBudget::new(1.0, 0).unwrap(),
+            |r: &String| Some(r.clone()),
+            |_| true,
+        )
+        .build();
+    assert_eq!(svc.clone().oneshot("x".into()).await.unwrap(), "b");
+    assert_eq!(
+        w.calls(),
+        BTreeMap::from([("a".into(), 1), ("b".into(), 1)])
+    );
+    assert_eq!(state(&b, "a").state().failures(), 1);
+    assert_eq!(state(&b, "b").state().successes(), 1);
+}
+
+#[tokio::test]
+async fn a_sent_request_that_is_not_idempotent_is_not_retried_but_a_refused_one_is() {
+    let w = World::new(&[("a", Act::Fail), ("c", Act::Refuse)]);
+    let b = balancer(&["a", "b"]);
+    // A connect error is the one failure that proves nothing was sent.
+    let refused_is_not_sent = |r: Result<&String, &FakeError>| match r {
+        Ok(_) => Class::SUCCESS,
+        Err(FakeError::Refused) => Class::failure(Retry::NotSent),
+        Err(FakeError::Failed) => Class::failure(Retry::IfIdempotent),
+    };
+    let svc = Balanced::builder(b.clone(), w.make())
+        .classify(refused_is_not_sent)
+        .retries(
+            3,
+            RetryBudget::new(10.0, 0).unwrap(),
+            |r: &String| Some(r.clone()),
+            |_| false,
+        )
+        .build();
+    let err = svc.clone().oneshot("POST".into()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BalanceError::Inner {
+                gave_up: GaveUp::NotIdempotent,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(w.calls().get("b"), None);
+
+    let b = balancer(&["c", "d"]);
+    let svc = Balanced::builder(b, w.make())
+        .classify(refused_is_not_sent)
+        .retries(
+            3,
+            RetryBudget::new(10.0, 0).unwrap(),
+            |r: &String| Some(r.clone()),
+            |_| false,
+        )
+        .build();
+    assert_eq!(svc.oneshot("POST".into()).await.unwrap(), "d");
+}
+
+#[tokio::test]
+async fn an_instance_that_is_not_ready_leads_to_another_and_never_to_a_hang() {
+    let w = World::new(&[("a", Act::NeverReady)]);
+    let svc = Balanced::builder(balancer(&["a", "b"]), w.make()).build();
+    assert_eq!(svc.oneshot("x".into()).await.unwrap(), "b");
+
+    // Nobody is ready: the call fails after the ready timeout, it does not wait forever.
+    let w = World::new(&[("a", Act::NeverReady), ("b", Act::NeverReady)]);
+    let b = balancer(&["a", "b"]);
+    let svc = Balanced::builder(b.clone(), w.make())
+        .ready_timeout(Duration::from_millis(100))
+        .build();
+    let r = tokio::time::timeout(Duration::from_secs(5), svc.oneshot("x".into()))
+        .await
+        .expect("bounded by the ready timeout");
+    assert!(matches!(r, Err(BalanceError::NotReady { .. })), "{r:?}");
+    let in_flight: u64 = b.endpoints().iter().map(|e| e.state().in_flight()).sum();
+    assert_eq!(in_flight, 0);
+}
+
+#[tokio::test]
+async fn the_hash_key_comes_from_the_request() {
+    fn route(r: &String) -> PickContext<'_> {
+        PickContext::new().with_key(r.as_bytes())
+    }
+    let w = World::new(&[]);
+    let svc = Balanced::builder(balancer(&["a", "b", "c", "d"]), w.make())
+        .route(route)
+        .build();
+    for key in ["user-1", "user-2", "user-3"] {
+        let first = svc.clone().oneshot(key.to_string()).await.unwrap();
+        for _ in 0..5 {
+            assert_eq!(svc.clone().oneshot(key.to_string()).await.unwrap(), first);
+        }
+    }
+}
+
+#[tokio::test]
+async fn services_are_made_once_per_instance_and_dropped_when_it_leaves() {
+    let w = World::new(&[]);
+    let b = balancer(&["a"]);
+    let svc = Balanced::builder(b.clone(), w.make()).build();
+    for _ in 0..5 {
+        svc.clone().oneshot("x".into()).await.unwrap();
+    }
+    assert_eq!(w.made.load(Ordering::SeqCst), 1, "made lazily, once");
+    // Alive: the world's reference, the maker's, and the one cached service.
+    assert_eq!(Arc::strong_count(&w.alive), 3);
+    b.apply(WatchEvent::Added(inst("b")));
+    b.apply(WatchEvent::Removed(inst("a")));
+    assert_eq!(svc.clone().oneshot("x".into()).await.unwrap(), "b");
+    assert_eq!(
+        Arc::strong_count(&w.alive),
+        3,
+        "a's service was dropped when b's was made"
+    );
+    // Readiness is never the pick: the service is always ready itself.
+    let mut s = svc.clone();
+    let ready = std::future::poll_fn(|cx| s.poll_ready(cx)).await;
+    assert!(ready.is_ok());
+}
