@@ -174,3 +174,86 @@ async fn tower_balance_follows_a_real_consul_watch() {
     .await;
     reg_b.shutdown().await.unwrap();
 }
+
+/// An HTTP server that answers every request with 500.
+async fn failing_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .fallback(|| async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down") });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypost_balanced_over_a_real_consul_balancer_retries_around_a_failing_instance() {
+    use waypost::tower::{Balanced, Class, Retry};
+    let server = ConsulServer::start().await;
+    let consul = Consul::builder().address(server.addr()).build().unwrap();
+    let (good, bad) = (named_server("good").await, failing_server().await);
+    let _g = consul.register(registration("good", good)).await.unwrap();
+    let _b = consul.register(registration("bad", bad)).await.unwrap();
+    let balancer = waypost::Balancer::watch(
+        &consul,
+        &"tower-users".parse().unwrap(),
+        waypost::strategies::RoundRobin::new(),
+    );
+    eventually_two(&balancer).await;
+
+    let http = reqwest::Client::new();
+    let make = move |i: &ServiceInstance| {
+        let url = format!("http://{}/", i.authority());
+        let http = http.clone();
+        tower::util::BoxCloneSyncService::new(service_fn(move |()| -> Call {
+            let (http, url) = (http.clone(), url.clone());
+            Box::pin(async move {
+                let r = http.get(url).send().await?.error_for_status()?;
+                r.text().await
+            })
+        }))
+    };
+    let classify = |r: Result<&String, &reqwest::Error>| match r {
+        Ok(_) => Class::SUCCESS,
+        Err(e) if e.is_connect() => Class::failure(Retry::NotSent),
+        Err(_) => Class::failure(Retry::IfIdempotent),
+    };
+    let svc = Balanced::builder(balancer.clone(), make)
+        .classify(classify)
+        .retries(
+            2,
+            waypost::retry::RetryBudget::new(1.0, 10).unwrap(),
+            |_| Some(()),
+            |_| true,
+        )
+        .build();
+    for _ in 0..20 {
+        let answer = svc.clone().oneshot(()).await.unwrap();
+        assert_eq!(answer, "good");
+    }
+    let failures = |id: &str| {
+        balancer
+            .endpoints()
+            .iter()
+            .find(|e| e.id().as_str() == id)
+            .map(|e| (e.state().successes(), e.state().failures()))
+    };
+    let (bad_ok, bad_failed) = failures("bad").unwrap();
+    assert_eq!(bad_ok, 0);
+    assert!(
+        bad_failed > 0,
+        "round-robin sent some requests to bad first"
+    );
+    assert_eq!(failures("good").unwrap().0, 20);
+}
+
+async fn eventually_two(balancer: &waypost::Balancer) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while balancer.instances().len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            balancer.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
