@@ -66,7 +66,8 @@
 //! | `resilience` | no | outlier ejection, slow start, panic threshold, zone preference, filters |
 //! | `http` | yes | `http`: the HTTP client |
 //! | `metrics` | yes | metrics through the `metrics` facade (nothing is recorded without a recorder) |
-//! | `tower` | no | `tower`: a watch as a tower `Discover` |
+//! | `tower` | no | `tower`: a balancing tower `Service`, and a watch as a tower `Discover` |
+//! | `grpc` | no | `grpc`: a channel for tonic clients, balanced by a `Balancer` |
 //! | `full` | no | everything |
 #![warn(missing_docs)]
 
@@ -151,3 +152,6 @@ pub mod tower;
 
 #[cfg(any(feature = "http", feature = "tower"))]
 pub mod retry;
+
+#[cfg(feature = "grpc")]
+pub mod grpc;

@@ -1,0 +1,524 @@
+//! Waypost as the channel of any tonic client (feature `grpc`).
+//!
+//! [`GrpcChannel`] is a `Clone` tower service that tonic-generated clients accept in place of
+//! tonic's `Channel` (`UsersClient::new(channel)`). It is a [`Balanced`](crate::tower::Balanced)
+//! service over a Waypost [`Balancer`]: every call picks an instance with the balancer's
+//! strategy (any of them, consistent hashing by a metadata key included, the resilience layer
+//! too) and goes out on that instance's own lazily connecting tonic channel, so load-aware
+//! strategies see real in-flight counts and latency, and an instance that left is never used
+//! again, whether or not the channel was idle.
+//!
+//! - **Per instance**: one `tonic::transport::Channel` (`connect_lazy`), with the connect
+//!   timeout and HTTP/2 keep-alive of the builder; `https` (rustls) when the instance's metadata
+//!   says `scheme=https` or the builder says so for all, trusting the builder's CA.
+//! - **Outcomes**: [`GrpcStatus`](crate::tower::GrpcStatus) reads the status of each call:
+//!   UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL and RESOURCE_EXHAUSTED, or a transport error, are
+//!   failures of the instance.
+//! - **Retries**, on another instance, within the attempts and the [`RetryBudget`]: after a
+//!   connect error (the call never left) for any method, and after any failure for the methods
+//!   marked [`idempotent`](GrpcChannelBuilder::idempotent). A request is repeatable when its
+//!   body is complete when the call starts (every unary and server-streaming call); a streaming
+//!   request body is never held back, and such a call is not retried.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ::tower::Service;
+use bytes::Bytes;
+use futures::FutureExt;
+use http_body_util::BodyExt;
+use tonic::body::Body;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use waypost_core::{Balancer, PickContext, ServiceInstance};
+
+use crate::retry::RetryBudget;
+use crate::tower::{BalanceError, Balanced, Class, Classify, GrpcStatus, Retry, Route};
+
+/// The metadata key whose value `https` makes the channel use TLS to an instance.
+pub const SCHEME_METADATA: &str = "scheme";
+
+/// Why a channel could not be built, or a call failed before or outside the instance.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrpcError {
+    /// A builder setting is unusable.
+    #[error("invalid gRPC channel setting: {message}")]
+    Config {
+        /// What is wrong and what fits.
+        message: String,
+    },
+    /// The call failed; see the balancer's error for which instance and why it was not retried.
+    #[error(transparent)]
+    Call(#[from] BalanceError<tonic::transport::Error>),
+}
+
+/// The request of a call, as tonic's generated clients send it.
+type Request = http::Request<Body>;
+
+/// A request body that was complete when the call started, kept for another attempt.
+#[derive(Clone)]
+struct Buffered(Bytes);
+
+/// Hashes the value of one metadata key.
+struct MetadataKey(Option<http::HeaderName>);
+
+impl Route<Request> for MetadataKey {
+    fn route<'r>(&self, request: &'r Request) -> PickContext<'r> {
+        match self.0.as_ref().and_then(|k| request.headers().get(k)) {
+            Some(value) => PickContext::new().with_key(value.as_bytes()),
+            None => PickContext::new(),
+        }
+    }
+}
+
+/// [`GrpcStatus`], and transport errors that prove the call never left (a refused or timed-out
+/// connection) as retryable for every method.
+struct Classifier;
+
+impl<B: 'static> Classify<http::Response<B>, tonic::transport::Error> for Classifier {
+    fn classify(&self, result: Result<&http::Response<B>, &tonic::transport::Error>) -> Class {
+        match result {
+            Err(e) if never_connected(e) => Class::failure(Retry::NotSent),
+            other => GrpcStatus.classify(other),
+        }
+    }
+}
+
+/// Whether `error` is a failure to connect (so nothing was sent), judged by its sources.
+fn never_connected(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                ConnectionRefused | TimedOut | NotFound | AddrNotAvailable
+            ) {
+                return true;
+            }
+        }
+        if e.to_string().contains("tcp connect error") {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// Makes each instance's lazily connecting channel.
+struct Maker {
+    connect_timeout: Duration,
+    keep_alive: Duration,
+    https: bool,
+    tls: Option<ClientTlsConfig>,
+}
+
+impl Maker {
+    fn channel(&self, instance: &ServiceInstance) -> Channel {
+        let https = self.https
+            || instance
+                .metadata()
+                .get(SCHEME_METADATA)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https"));
+        let scheme = if https { "https" } else { "http" };
+        let uri = format!("{scheme}://{}", instance.authority());
+        let endpoint = match Endpoint::from_shared(uri.clone()) {
+            Ok(e) => e,
+            // An instance's host and port always make a valid authority; should one not, the
+            // channel to a closed port fails its calls as connect errors.
+            Err(e) => {
+                tracing::warn!(%uri, error = %e, "an instance address that is no URI");
+                Endpoint::from_static("http://127.0.0.1:9")
+            }
+        };
+        let mut endpoint = endpoint
+            .connect_timeout(self.connect_timeout)
+            .http2_keep_alive_interval(self.keep_alive)
+            .keep_alive_timeout(self.keep_alive)
+            .keep_alive_while_idle(true);
+        if https {
+            let tls = self.tls.clone().unwrap_or_default();
+            endpoint = match endpoint.tls_config(tls) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(%uri, error = %e, "TLS setup failed; calls to this instance will fail");
+                    Endpoint::from_static("http://127.0.0.1:9")
+                }
+            };
+        }
+        endpoint.connect_lazy()
+    }
+}
+
+type Inner = Balanced<
+    Box<dyn Fn(&ServiceInstance) -> Channel + Send + Sync>,
+    Channel,
+    Request,
+    Classifier,
+    MetadataKey,
+>;
+
+/// A channel for tonic clients that balances every call over a Waypost [`Balancer`]; see the
+/// [module docs](self). Cheap to clone; clones share everything.
+///
+/// ```no_run
+/// # async fn f(balancer: waypost::Balancer) -> Result<(), waypost::grpc::GrpcError> {
+/// use std::time::Duration;
+/// use waypost::grpc::GrpcChannel;
+///
+/// let channel = GrpcChannel::builder(balancer)
+///     .connect_timeout(Duration::from_secs(1))
+///     .hash_key("x-user-id")
+///     .idempotent("/users.Users/GetUser")
+///     .build()?;
+/// // let mut client = UsersClient::new(channel.clone());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct GrpcChannel {
+    inner: Inner,
+}
+
+impl fmt::Debug for GrpcChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcChannel")
+            .field("balanced", &self.inner)
+            .finish()
+    }
+}
+
+/// Options of a [`GrpcChannel`]; see [`GrpcChannel::builder`].
+#[must_use]
+pub struct GrpcChannelBuilder {
+    balancer: Balancer,
+    connect_timeout: Duration,
+    keep_alive: Duration,
+    https: bool,
+    ca: Vec<Vec<u8>>,
+    tls_domain: Option<String>,
+    hash_key: Option<String>,
+    idempotent: HashSet<String>,
+    max_attempts: u32,
+    budget: RetryBudget,
+}
+
+impl fmt::Debug for GrpcChannelBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcChannelBuilder")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("https", &self.https)
+            .field("ca_certificates", &self.ca.len())
+            .field("hash_key", &self.hash_key)
+            .field("idempotent", &self.idempotent)
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcChannel {
+    /// A channel over `balancer`, with defaults: 1 s connect timeout, 20 s HTTP/2 keep-alive,
+    /// plain HTTP/2 unless an instance says `scheme=https`, 3 attempts, the default budget.
+    ///
+    /// ```
+    /// use waypost::grpc::GrpcChannel;
+    /// use waypost::strategies::RoundRobin;
+    /// let balancer = waypost::Balancer::new(RoundRobin::new());
+    /// let bad = GrpcChannel::builder(balancer).hash_key("not a header name").build();
+    /// assert!(bad.unwrap_err().to_string().contains("hash_key"));
+    /// ```
+    pub fn builder(balancer: Balancer) -> GrpcChannelBuilder {
+        GrpcChannelBuilder {
+            balancer,
+            connect_timeout: Duration::from_secs(1),
+            keep_alive: Duration::from_secs(20),
+            https: false,
+            ca: Vec::new(),
+            tls_domain: None,
+            hash_key: None,
+            idempotent: HashSet::new(),
+            max_attempts: 3,
+            budget: RetryBudget::default(),
+        }
+    }
+}
+
+impl GrpcChannelBuilder {
+    /// The time limit for connecting to an instance (default 1 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// HTTP/2 keep-alive: a ping this often, and a connection whose ping goes unanswered as
+    /// long is closed (default 20 s).
+    pub fn keep_alive(mut self, interval: Duration) -> Self {
+        self.keep_alive = interval;
+        self
+    }
+
+    /// Use TLS to every instance, not only to those whose metadata says `scheme=https`.
+    pub fn https(mut self, on: bool) -> Self {
+        self.https = on;
+        self
+    }
+
+    /// Trusts `pem` (one or more PEM certificates) for TLS instances, besides nothing else: a
+    /// TLS channel without a CA trusts no server.
+    pub fn ca_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca.push(pem.into());
+        self
+    }
+
+    /// The name the instances' TLS certificates must carry, when it is not their host.
+    pub fn tls_domain(mut self, name: impl Into<String>) -> Self {
+        self.tls_domain = Some(name.into());
+        self
+    }
+
+    /// Consistent-hash and Maglev route by the value of this request metadata key (calls
+    /// without it pick as unkeyed).
+    pub fn hash_key(mut self, key: impl Into<String>) -> Self {
+        self.hash_key = Some(key.into());
+        self
+    }
+
+    /// Marks a method (`/package.Service/Method`) safe to repeat after it was sent: it is
+    /// retried on another instance after any retryable failure, not only a connect error.
+    pub fn idempotent(mut self, path: impl Into<String>) -> Self {
+        self.idempotent.insert(path.into());
+        self
+    }
+
+    /// Attempts per call, in all (default 3; 1 turns retries off).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// The retry budget (default [`RetryBudget::default`]; clones share one).
+    pub fn retry_budget(mut self, budget: RetryBudget) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// The channel.
+    pub fn build(self) -> Result<GrpcChannel, GrpcError> {
+        let hash_key =
+            match &self.hash_key {
+                None => None,
+                Some(k) => Some(http::HeaderName::try_from(k.to_ascii_lowercase()).map_err(
+                    |e| GrpcError::Config {
+                        message: format!("hash_key {k:?} is not a metadata key: {e}"),
+                    },
+                )?),
+            };
+        if self.max_attempts == 0 {
+            return Err(GrpcError::Config {
+                message: "max_attempts is 0: give at least 1 (1 disables retries)".into(),
+            });
+        }
+        let tls = (!self.ca.is_empty() || self.tls_domain.is_some()).then(|| {
+            let mut tls =
+                ClientTlsConfig::new().ca_certificates(self.ca.iter().map(Certificate::from_pem));
+            if let Some(d) = &self.tls_domain {
+                tls = tls.domain_name(d.clone());
+            }
+            tls
+        });
+        let maker = Maker {
+            connect_timeout: self.connect_timeout,
+            keep_alive: self.keep_alive,
+            https: self.https,
+            tls,
+        };
+        let make: Box<dyn Fn(&ServiceInstance) -> Channel + Send + Sync> =
+            Box::new(move |i: &ServiceInstance| maker.channel(i));
+        let idempotent = Arc::new(self.idempotent);
+        let inner = Balanced::builder(self.balancer, make)
+            .classify(Classifier)
+            .route(MetadataKey(hash_key))
+            .retries(
+                self.max_attempts,
+                self.budget,
+                copy_request,
+                move |r: &Request| idempotent.contains(r.uri().path()),
+            )
+            .build();
+        Ok(GrpcChannel { inner })
+    }
+}
+
+/// A copy of a request whose body was kept ([`Buffered`]); `None` for a streaming one.
+fn copy_request(request: &Request) -> Option<Request> {
+    let kept = request.extensions().get::<Buffered>()?.clone();
+    let mut copy = http::Request::new(Body::new(http_body_util::Full::new(kept.0.clone())));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy.extensions_mut().insert(kept);
+    Some(copy)
+}
+
+/// Takes the body's frames that are there already; if it ended, the request is repeatable
+/// and keeps a copy of its bytes. A body still being produced (a client stream) is passed on
+/// as it is, the frames taken put back in front.
+fn keep_if_complete(request: Request) -> Request {
+    let (parts, mut body) = request.into_parts();
+    let mut data: Vec<Bytes> = Vec::new();
+    let mut rest: Vec<http_body::Frame<Bytes>> = Vec::new();
+    loop {
+        match body.frame().now_or_never() {
+            // Ended: every frame is here.
+            Some(None) => {
+                let mut all = bytes::BytesMut::new();
+                for d in &data {
+                    all.extend_from_slice(d);
+                }
+                let bytes = all.freeze();
+                let mut request = http::Request::from_parts(
+                    parts,
+                    Body::new(http_body_util::Full::new(bytes.clone())),
+                );
+                if rest.is_empty() {
+                    request.extensions_mut().insert(Buffered(bytes));
+                }
+                return request;
+            }
+            Some(Some(Ok(frame))) => match frame.into_data() {
+                Ok(d) => data.push(d),
+                Err(trailers) => rest.push(trailers),
+            },
+            // An error, or not complete yet: stream it as it comes.
+            Some(Some(Err(_))) | None => {
+                let taken = data
+                    .into_iter()
+                    .map(http_body::Frame::data)
+                    .chain(rest)
+                    .map(Ok::<_, tonic::Status>);
+                let head = http_body_util::StreamBody::new(futures::stream::iter(taken));
+                let joined = head.chain_body(body);
+                return http::Request::from_parts(parts, Body::new(joined));
+            }
+        }
+    }
+}
+
+/// `head` then `tail`, as one body.
+trait Chain: Sized {
+    fn chain_body(self, tail: Body) -> Chained<Self>;
+}
+
+impl<B> Chain for B
+where
+    B: http_body::Body<Data = Bytes, Error = tonic::Status> + Unpin,
+{
+    fn chain_body(self, tail: Body) -> Chained<Self> {
+        Chained {
+            head: Some(self),
+            tail,
+        }
+    }
+}
+
+struct Chained<B> {
+    head: Option<B>,
+    tail: Body,
+}
+
+impl<B> http_body::Body for Chained<B>
+where
+    B: http_body::Body<Data = Bytes, Error = tonic::Status> + Unpin,
+{
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        if let Some(head) = self.head.as_mut() {
+            match Pin::new(head).poll_frame(cx) {
+                Poll::Ready(None) => self.head = None,
+                other => return other,
+            }
+        }
+        Pin::new(&mut self.tail).poll_frame(cx)
+    }
+}
+
+type CallFuture = Pin<Box<dyn Future<Output = Result<http::Response<Body>, GrpcError>> + Send>>;
+
+impl Service<Request> for GrpcChannel {
+    type Response = http::Response<Body>;
+    type Error = GrpcError;
+    type Future = CallFuture;
+
+    /// Always ready: each call picks its instance (see [`Balanced`]).
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), GrpcError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> CallFuture {
+        let mut inner = self.inner.clone();
+        let request = keep_if_complete(request);
+        Box::pin(async move { Ok(inner.call(request).await?) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_complete_body_is_kept_and_copied_and_a_stream_is_not() {
+        let req = http::Request::builder()
+            .uri("http://x/users.Users/GetUser")
+            .header("x-user-id", "7")
+            .body(Body::new(http_body_util::Full::new(Bytes::from_static(
+                b"abc",
+            ))))
+            .unwrap();
+        let kept = keep_if_complete(req);
+        let copy = copy_request(&kept).expect("a complete body is repeatable");
+        assert_eq!(copy.uri().path(), "/users.Users/GetUser");
+        assert_eq!(copy.headers()["x-user-id"], "7");
+        let body = futures::executor::block_on(copy.into_body().collect())
+            .unwrap()
+            .to_bytes();
+        assert_eq!(body, Bytes::from_static(b"abc"));
+
+        // A body that is still being produced stays a stream, and cannot be repeated.
+        let (tx, rx) =
+            futures::channel::mpsc::unbounded::<Result<http_body::Frame<Bytes>, tonic::Status>>();
+        tx.unbounded_send(Ok(http_body::Frame::data(Bytes::from_static(b"first"))))
+            .unwrap();
+        let req = http::Request::new(Body::new(http_body_util::StreamBody::new(rx)));
+        let streaming = keep_if_complete(req);
+        assert!(copy_request(&streaming).is_none());
+        tx.unbounded_send(Ok(http_body::Frame::data(Bytes::from_static(b"second"))))
+            .unwrap();
+        drop(tx);
+        let body = futures::executor::block_on(streaming.into_body().collect())
+            .unwrap()
+            .to_bytes();
+        assert_eq!(
+            body,
+            Bytes::from_static(b"firstsecond"),
+            "nothing lost or reordered"
+        );
+    }
+
+    #[test]
+    fn a_refused_connection_is_a_call_that_never_left() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(never_connected(&refused));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!never_connected(&reset));
+    }
+}
