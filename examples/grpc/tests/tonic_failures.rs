@@ -1,0 +1,350 @@
+//! What tonic's own balanced channel gets wrong (read `../shared/reference/ecosystem.md`), each
+//! as a test of `waypost::grpc::GrpcChannel` against real tonic servers on loopback, with
+//! instances found through the in-process registry:
+//!
+//! 1. load-aware strategies see real in-flight counts and latency: a slow instance gets clearly
+//!    less p2c-ewma traffic (tonic's P2C reads a load of 0 for every connection: random);
+//! 2. any Waypost strategy works, consistent-hash and maglev by a metadata key;
+//! 3. TLS to the instances;
+//! 4. an instance removed while the channel is idle is never used afterwards, and changes are
+//!    applied while idle, with no queue that grows;
+//! 5. a dead instance stops getting traffic (outcomes plus the resilience wrapper's ejection)
+//!    and gets it back after it recovers.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use waypost::grpc::GrpcChannel;
+use waypost::memory::Memory;
+use waypost::strategies::resilience::{OutlierEjection, Resilient};
+use waypost::strategies::{ConsistentHash, Maglev, P2cEwma, RoundRobin};
+use waypost::{
+    Balancer, Discovery, HealthCheck, Registration, RegistrationHandle, Registry, ServiceName,
+    Strategy,
+};
+use waypost_grpc_examples::users::users_client::UsersClient;
+use waypost_grpc_examples::users::GetUserRequest;
+use waypost_grpc_examples::{serve, server_tls, Control, Serving, UsersServer};
+
+struct Instance {
+    serving: Serving,
+    control: Control,
+    registration: RegistrationHandle,
+}
+
+async fn instance(
+    memory: &Memory,
+    service: &str,
+    id: &str,
+    delay: Option<Duration>,
+    tls: Option<(&str, &str)>,
+) -> Instance {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = UsersServer::new(id, delay, false).unwrap();
+    let control = server.control();
+    let serving = serve(listener, server, tls.map(|(c, k)| server_tls(c, k)))
+        .await
+        .unwrap();
+    let mut reg = Registration::builder(service, id)
+        .host("127.0.0.1")
+        .port(serving.addr().port())
+        .check(HealthCheck::ttl(Duration::from_secs(30)));
+    if tls.is_some() {
+        reg = reg.meta("scheme", "https");
+    }
+    let registration = memory.register(reg.build().unwrap()).await.unwrap();
+    Instance {
+        serving,
+        control,
+        registration,
+    }
+}
+
+async fn balancer(memory: &Memory, service: &str, strategy: impl Strategy, n: usize) -> Balancer {
+    let name: ServiceName = service.parse().unwrap();
+    let b = Balancer::watch(memory, &name, strategy);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.instances().len() != n {
+        assert!(Instant::now() < deadline, "{:?}", b.status());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    b
+}
+
+/// Sends `n` GetUser calls, `concurrency` at a time; counts the replies by the instance that
+/// served them, and the errors.
+async fn send(
+    channel: &GrpcChannel,
+    n: usize,
+    concurrency: usize,
+) -> (BTreeMap<String, usize>, usize) {
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let mut client = UsersClient::new(channel.clone());
+        let share = n / concurrency + usize::from(t < n % concurrency);
+        tasks.push(tokio::spawn(async move {
+            let mut by = BTreeMap::<String, usize>::new();
+            let mut errors = 0;
+            for i in 0..share {
+                match client
+                    .get_user(GetUserRequest {
+                        id: 1 + (i % 100) as u32,
+                    })
+                    .await
+                {
+                    Ok(r) => *by.entry(r.into_inner().instance).or_default() += 1,
+                    Err(_) => errors += 1,
+                }
+            }
+            (by, errors)
+        }));
+    }
+    let mut by = BTreeMap::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (b, e) = t.await.unwrap();
+        for (k, v) in b {
+            *by.entry(k).or_default() += v;
+        }
+        errors += e;
+    }
+    (by, errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_ewma_sends_clearly_less_to_a_slow_instance() {
+    let memory = Memory::new();
+    let _a = instance(&memory, "load", "fast-a", None, None).await;
+    let _b = instance(&memory, "load", "fast-b", None, None).await;
+    let _s = instance(
+        &memory,
+        "load",
+        "slow",
+        Some(Duration::from_millis(25)),
+        None,
+    )
+    .await;
+    let b = balancer(&memory, "load", P2cEwma::new(), 3).await;
+    let channel = GrpcChannel::builder(b.clone()).build().unwrap();
+    let (by, errors) = send(&channel, 300, 6).await;
+    assert_eq!(errors, 0, "{by:?}");
+    eprintln!("waypost p2c-ewma: {by:?}");
+    let slow = *by.get("slow").unwrap_or(&0);
+    // A fair third would be 100; random-in-effect balancing gives about that.
+    assert!(slow < 45, "the slow instance got {slow} of 300: {by:?}");
+    assert!(
+        by.get("fast-a").is_some() && by.get("fast-b").is_some(),
+        "{by:?}"
+    );
+
+    // The same load through tonic's own balanced channel over the same three servers: its
+    // P2C sees no load, so the slow instance gets about a third. (What the test above would
+    // catch.)
+    let endpoints = b.instances().into_iter().map(|i| {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", i.authority())).unwrap()
+    });
+    let tonic_channel = tonic::transport::Channel::balance_list(endpoints);
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mut client = UsersClient::new(tonic_channel.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut slow = 0;
+            for i in 0..50 {
+                let r = client.get_user(GetUserRequest { id: 1 + i }).await.unwrap();
+                slow += usize::from(r.into_inner().instance == "slow");
+            }
+            slow
+        }));
+    }
+    let mut tonic_slow = 0;
+    for t in tasks {
+        tonic_slow += t.await.unwrap();
+    }
+    eprintln!("tonic balance_list: slow got {tonic_slow} of 300");
+    assert!(
+        tonic_slow > 60,
+        "tonic's channel sent the slow instance only {tonic_slow} of 300"
+    );
+}
+
+async fn same_key_same_instance(strategy: impl Strategy) {
+    let memory = Memory::new();
+    let mut held = Vec::new();
+    for id in ["h-a", "h-b", "h-c", "h-d"] {
+        held.push(instance(&memory, "hash", id, None, None).await);
+    }
+    let b = balancer(&memory, "hash", strategy, 4).await;
+    let channel = GrpcChannel::builder(b)
+        .hash_key("x-user-id")
+        .build()
+        .unwrap();
+    let mut client = UsersClient::new(channel);
+    let mut owners = BTreeMap::new();
+    for key in 1..=20 {
+        for _ in 0..5 {
+            let mut req = tonic::Request::new(GetUserRequest { id: key });
+            req.metadata_mut()
+                .insert("x-user-id", format!("user-{key}").parse().unwrap());
+            let served = client.get_user(req).await.unwrap().into_inner().instance;
+            let first = owners.entry(key).or_insert_with(|| served.clone());
+            assert_eq!(*first, served, "key user-{key} moved between instances");
+        }
+    }
+    let distinct: std::collections::BTreeSet<_> = owners.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "20 keys all on one instance: {owners:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_by_a_metadata_key_keeps_a_key_on_one_instance() {
+    same_key_same_instance(ConsistentHash::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maglev_by_a_metadata_key_keeps_a_key_on_one_instance() {
+    same_key_same_instance(Maglev::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_instances_with_a_custom_ca() {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.key_pair.serialize_pem());
+    let memory = Memory::new();
+    let _a = instance(&memory, "tls", "tls-a", None, Some((&cert_pem, &key_pem))).await;
+    let _b = instance(&memory, "tls", "tls-b", None, Some((&cert_pem, &key_pem))).await;
+    let b = balancer(&memory, "tls", RoundRobin::new(), 2).await;
+
+    let trusting = GrpcChannel::builder(b.clone())
+        .ca_certificate(cert_pem.clone())
+        .build()
+        .unwrap();
+    let (by, errors) = send(&trusting, 20, 2).await;
+    assert_eq!(errors, 0, "{by:?}");
+    assert_eq!(by.values().sum::<usize>(), 20);
+    assert_eq!(by.len(), 2, "both TLS instances served: {by:?}");
+
+    // Without the CA the instances' certificate is not trusted: every call fails.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let untrusting = GrpcChannel::builder(b)
+        .ca_certificate(other.cert.pem())
+        .max_attempts(1)
+        .build()
+        .unwrap();
+    let mut client = UsersClient::new(untrusting);
+    let err = client.get_user(GetUserRequest { id: 1 }).await.unwrap_err();
+    assert!(
+        matches!(err.code(), tonic::Code::Unknown | tonic::Code::Unavailable),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_removed_while_idle_is_never_used_again() {
+    let memory = Memory::new();
+    let a = instance(&memory, "idle", "idle-a", None, None).await;
+    let _b = instance(&memory, "idle", "idle-b", None, None).await;
+    let b = balancer(&memory, "idle", RoundRobin::new(), 2).await;
+    let channel = GrpcChannel::builder(b.clone()).build().unwrap();
+    let (by, _) = send(&channel, 10, 1).await;
+    assert_eq!(by.len(), 2, "{by:?}");
+
+    // While the channel is idle: a leaves (and its server stops), and a third instance comes
+    // and goes a hundred times.
+    a.registration.shutdown().await.unwrap();
+    a.serving.stop().await.unwrap();
+    let name: ServiceName = "idle".parse().unwrap();
+    for i in 0..100 {
+        let reg = Registration::builder("idle", "churn")
+            .host("127.0.0.1")
+            .port(9)
+            .meta("round", i.to_string())
+            .build()
+            .unwrap();
+        let h = memory.register(reg).await.unwrap();
+        h.shutdown().await.unwrap();
+    }
+    // Applied while idle, by the balancer's own task: no call was needed to see them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ids: Vec<String> = b.instances().iter().map(|i| i.id().to_string()).collect();
+        if ids == ["idle-b"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the balancer shows {ids:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        memory.instances(&name).await.unwrap().len(),
+        1,
+        "the registry agrees"
+    );
+    let (by, errors) = send(&channel, 30, 3).await;
+    assert_eq!((errors, by.get("idle-a")), (0, None), "{by:?}");
+    assert_eq!(by.get("idle-b"), Some(&30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_instance_stops_getting_traffic_and_gets_it_back_after_it_recovers() {
+    let memory = Memory::new();
+    let _a = instance(&memory, "dead", "d-a", None, None).await;
+    let _b = instance(&memory, "dead", "d-b", None, None).await;
+    let c = instance(&memory, "dead", "d-c", None, None).await;
+    let strategy = Resilient::new(RoundRobin::new()).outlier_ejection(OutlierEjection {
+        consecutive_failures: 2,
+        base_ejection_time: Duration::from_millis(500),
+        max_ejection_time: Duration::from_secs(1),
+        ..OutlierEjection::default()
+    });
+    let b = balancer(&memory, "dead", strategy, 3).await;
+    // One attempt per call, so that the test sees what the instance did.
+    let channel = GrpcChannel::builder(b.clone())
+        .max_attempts(1)
+        .build()
+        .unwrap();
+
+    c.control.set_unavailable(true);
+    let (_, errors) = send(&channel, 30, 1).await;
+    assert!(
+        errors >= 2,
+        "d-c failed some calls before it was ejected: {errors}"
+    );
+    assert!(
+        errors <= 6,
+        "ejected after its consecutive failures: {errors} errors"
+    );
+    let failures = b
+        .endpoints()
+        .iter()
+        .find(|e| e.id().as_str() == "d-c")
+        .map(|e| e.state().failures());
+    assert_eq!(
+        failures,
+        Some(errors as u64),
+        "every UNAVAILABLE was recorded on d-c"
+    );
+    // Ejected: it gets nothing now.
+    let calls_before = c.control.calls();
+    let (by, errors) = send(&channel, 30, 1).await;
+    assert_eq!((errors, by.get("d-c")), (0, None), "{by:?}");
+    assert_eq!(c.control.calls(), calls_before);
+
+    // It recovers: once its ejection ends it is picked again and, answering, stays in.
+    c.control.set_unavailable(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (by, errors) = send(&channel, 30, 1).await;
+        assert_eq!(errors, 0, "{by:?}");
+        if by.get("d-c").is_some_and(|&n| n >= 5) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "d-c never got traffic back: {by:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
