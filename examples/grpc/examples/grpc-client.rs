@@ -1,0 +1,925 @@
+//! The gRPC twin of `client`: sends `GetUser` calls to a service through a
+//! `waypost::grpc::GrpcChannel` over a Waypost balancer, and reports where they went as one JSON
+//! object.
+//!
+//! ```text
+//! cargo run -p waypost-grpc-examples --example grpc-client -- --backend consul \
+//!     --service user-grpc --strategy weighted-round-robin --requests 600 --concurrency 4
+//! cargo run -p waypost-grpc-examples --example grpc-client -- --backend etcd \
+//!     --etcd-endpoints http://127.0.0.1:2379 --strategy consistent-hash --key path
+//! ```
+//!
+//! Waits up to 10 s (`--wait`) for an instance, sends `GetUser(id = n)` (n cycles through 1 to
+//! 100) and prints:
+//! `{"strategy":...,"requests":600,"ok":...,"errors":...,"by_instance":{"<id>":count,...},"latency_ms":{"p50":...,"p99":...}}`
+//! where `ok` counts the calls answered with status OK, `errors` everything else (error
+//! statuses, failed connections, timeouts), `by_instance` the OK answers per instance id as the
+//! reply's `instance` field says, and latencies are per call, retries included. Diagnostics go
+//! to stderr; the exit status is 0 whenever the report is printed.
+//!
+//! `--strategy` takes every name of `waypost::strategies::names()`. `--key` routes hashing
+//! strategies (`consistent-hash`, `maglev`): `--key path` hashes the requested user id (sent as
+//! metadata `x-user-id: <n>`); `--key <metadata-key>` sends that metadata key with value
+//! `user-<n>` and hashes it. `GetUser` is declared idempotent, so a call may be retried on
+//! another instance. `--ca ca.pem` trusts that CA for instances registered with metadata
+//! `scheme=https` (as `grpc-service --tls-cert ... --tls-key ...` registers them).
+//!
+//! `--backend memory` starts three in-process instances (weights 1, 2, 3) to talk to, so the
+//! client can be tried without any server. `--duration 30s` sends until that much time has
+//! passed instead of `--requests N` (the report's `requests` then says how many were sent).
+//! `--metrics-addr 127.0.0.1:9100` serves Waypost's metrics in Prometheus' text format at
+//! `GET /metrics` while the client runs (port 0 picks a free port; the address is logged). Logs
+//! go to stderr, filtered by `RUST_LOG` (default `info`).
+
+#[path = "../../common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
+use waypost::grpc::GrpcChannel;
+use waypost::{Balancer, ServiceName};
+use waypost_grpc_examples::users::users_client::UsersClient;
+use waypost_grpc_examples::users::GetUserRequest;
+use waypost_grpc_examples::{serve, Serving, UsersServer, GET_USER, USERS};
+
+use common::BackendArgs;
+
+/// The metadata key `--key path` sends the requested user id in (and hashes).
+const USER_ID_METADATA: &str = "x-user-id";
+
+#[derive(Debug, Parser)]
+#[command(about = "Sends gRPC calls to a service through Waypost and reports where they went")]
+struct Args {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Service to call.
+    #[arg(long, default_value = "user-grpc")]
+    service: String,
+    /// Balancing strategy.
+    #[arg(long, default_value = "round-robin",
+          value_parser = clap::builder::PossibleValuesParser::new(waypost::strategies::names()))]
+    strategy: String,
+    /// Calls to send.
+    #[arg(long, default_value_t = 600)]
+    requests: usize,
+    /// Send calls until this much time has passed (e.g. 10s, 500ms), instead of --requests.
+    #[arg(long, value_parser = common::parse_duration, conflicts_with = "requests")]
+    duration: Option<Duration>,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Hash key for hashing strategies: `path` (the user id), or a metadata key.
+    #[arg(long)]
+    key: Option<String>,
+    /// How long to wait for a first instance.
+    #[arg(long, default_value = "10s", value_parser = common::parse_duration)]
+    wait: Duration,
+    /// Time limit per call, retries included.
+    #[arg(long, default_value = "5s", value_parser = common::parse_duration)]
+    timeout: Duration,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics while running (port 0: a free one).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
+    /// Trust this CA (PEM) for instances registered with metadata scheme=https.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+}
+
+/// The report; fields in the documented order.
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    strategy: String,
+    requests: usize,
+    ok: usize,
+    errors: usize,
+    by_instance: BTreeMap<String, usize>,
+    latency_ms: Latency,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+}
+
+/// What a call hashes on.
+#[derive(Clone, Debug)]
+enum Key {
+    /// The user id, as metadata `x-user-id: <n>`.
+    Path,
+    /// This metadata key, with value `user-<n>`.
+    Metadata(AsciiMetadataKey),
+}
+
+impl Key {
+    fn parse(key: &str) -> Result<Key, String> {
+        if key == "path" {
+            return Ok(Key::Path);
+        }
+        // `-bin` keys carry binary values; this one carries text.
+        match key.parse::<AsciiMetadataKey>() {
+            Ok(k) if !k.as_str().ends_with("-bin") => Ok(Key::Metadata(k)),
+            _ => Err(format!(
+                "--key {key:?} is neither `path` nor a valid (ASCII, non -bin) gRPC metadata key"
+            )),
+        }
+    }
+
+    /// The metadata key the channel hashes.
+    fn metadata_key(&self) -> &str {
+        match self {
+            Key::Path => USER_ID_METADATA,
+            Key::Metadata(k) => k.as_str(),
+        }
+    }
+
+    /// The metadata entry a call for user `n` carries.
+    fn entry(&self, n: u32) -> (AsciiMetadataKey, AsciiMetadataValue) {
+        match self {
+            Key::Path => (
+                AsciiMetadataKey::from_static(USER_ID_METADATA),
+                AsciiMetadataValue::from(n),
+            ),
+            Key::Metadata(k) => (k.clone(), user_value(n)),
+        }
+    }
+}
+
+/// `user-<n>` as a metadata value.
+fn user_value(n: u32) -> AsciiMetadataValue {
+    // Digits and a dash are always a valid metadata value.
+    format!("user-{n}")
+        .parse()
+        .unwrap_or_else(|_| AsciiMetadataValue::from(n))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    common::init_tracing();
+    let args = Args::parse();
+    let report = match run(args).await {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("grpc-client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match serde_json::to_string(&report) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("grpc-client: cannot encode the report: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts, sends, stops.
+async fn run(args: Args) -> Result<Report, String> {
+    let session = Session::start(args).await?;
+    let report = session.send().await;
+    session.stop().await;
+    report
+}
+
+/// A client ready to send: its metrics endpoint up (if asked for), its balancer ready, and with
+/// the memory backend its own three instances serving.
+struct Session {
+    args: Args,
+    client: UsersClient<GrpcChannel>,
+    key: Option<Key>,
+    demo: Demo,
+    metrics: Option<common::MetricsServer>,
+    /// Kept for as long as the session: the in-process registry lives only while it is held.
+    _backend: common::Backend,
+}
+
+impl Session {
+    async fn start(args: Args) -> Result<Session, String> {
+        // Bad input fails before anything listens or connects.
+        let service = ServiceName::new(&args.service).map_err(|e| e.to_string())?;
+        let key = args.key.as_deref().map(Key::parse).transpose()?;
+        let strategy = waypost::strategies::by_name(&args.strategy)
+            .ok_or_else(|| format!("strategy {:?} is not compiled in", args.strategy))?;
+        let ca = match &args.ca {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| format!("cannot read the CA {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+
+        let metrics = match &args.metrics_addr {
+            Some(addr) => Some(common::MetricsServer::start(addr).await?),
+            None => None,
+        };
+        let backend = args.backend.connect().await?;
+        let demo = demo_instances(&args, &backend).await?;
+
+        let balancer = Balancer::watch(&*backend.discovery, &service, strategy);
+        if !balancer.wait_ready(args.wait).await {
+            stop_demo(demo).await;
+            return Err(format!(
+                "no instance of {service} appeared within {:?}; start one, e.g. \
+                 cargo run -p waypost-grpc-examples --example grpc-service -- --backend consul \
+                 --name {service} --port 0",
+                args.wait
+            ));
+        }
+        let mut builder = GrpcChannel::builder(balancer)
+            .connect_timeout(args.timeout.min(Duration::from_secs(1)))
+            .idempotent(GET_USER);
+        if let Some(key) = &key {
+            builder = builder.hash_key(key.metadata_key());
+        }
+        if let Some(ca) = ca {
+            builder = builder.ca_certificate(ca);
+        }
+        let channel = match builder.build() {
+            Ok(channel) => channel,
+            Err(e) => {
+                stop_demo(demo).await;
+                return Err(format!("cannot build the gRPC channel: {e}"));
+            }
+        };
+        Ok(Session {
+            args,
+            client: UsersClient::new(channel),
+            key,
+            demo,
+            metrics,
+            _backend: backend,
+        })
+    }
+
+    /// Where the metrics endpoint listens, when `--metrics-addr` was given.
+    #[cfg(test)]
+    fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(common::MetricsServer::addr)
+    }
+
+    /// Sends `--requests` calls, or for `--duration`, `--concurrency` at a time.
+    async fn send(&self) -> Result<Report, String> {
+        let next = Arc::new(AtomicUsize::new(0));
+        let (total, until) = match self.args.duration {
+            Some(d) => (usize::MAX, Some(Instant::now() + d)),
+            None => (self.args.requests, None),
+        };
+        let timeout = self.args.timeout;
+        let workers: Vec<_> = (0..self.args.concurrency)
+            .map(|_| {
+                let (mut client, next) = (self.client.clone(), next.clone());
+                let key = self.key.clone();
+                tokio::spawn(async move {
+                    let mut results = Vec::new();
+                    loop {
+                        if until.is_some_and(|until| Instant::now() >= until) {
+                            return results;
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= total {
+                            return results;
+                        }
+                        results.push(one(&mut client, i, key.as_ref(), timeout).await);
+                    }
+                })
+            })
+            .collect();
+        let mut results = Vec::with_capacity(self.args.duration.map_or(self.args.requests, |_| 0));
+        for w in workers {
+            results.extend(w.await.map_err(|e| format!("a request task failed: {e}"))?);
+        }
+        Ok(report(self.args.strategy.clone(), results))
+    }
+
+    /// Deregisters and stops the demo instances, then the metrics endpoint.
+    async fn stop(self) {
+        stop_demo(self.demo).await;
+        if let Some(metrics) = self.metrics {
+            if let Err(e) = metrics.stop().await {
+                tracing::warn!("the metrics endpoint failed: {e}");
+            }
+        }
+    }
+}
+
+async fn stop_demo(demo: Demo) {
+    for (registration, server) in demo {
+        let _ = registration.shutdown().await;
+        let _ = server.stop().await;
+    }
+}
+
+/// Call `i`: `GetUser(n)`, n cycling through 1 to 100. Returns the instance that answered OK
+/// (`None` otherwise), and the latency.
+async fn one(
+    client: &mut UsersClient<GrpcChannel>,
+    i: usize,
+    key: Option<&Key>,
+    timeout: Duration,
+) -> (Option<String>, Duration) {
+    let n = (i % USERS as usize) as u32 + 1;
+    let mut request = tonic::Request::new(GetUserRequest { id: n });
+    request.set_timeout(timeout);
+    if let Some(key) = key {
+        let (k, v) = key.entry(n);
+        request.metadata_mut().insert(k, v);
+    }
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(timeout, client.get_user(request)).await;
+    let latency = started.elapsed();
+    match outcome {
+        Ok(Ok(r)) => (Some(r.into_inner().instance), latency),
+        Ok(Err(status)) => {
+            tracing::warn!(code = ?status.code(), message = status.message(), "call failed");
+            (None, latency)
+        }
+        Err(_) => {
+            tracing::warn!("call timed out after {timeout:?}");
+            (None, latency)
+        }
+    }
+}
+
+fn report(strategy: String, results: Vec<(Option<String>, Duration)>) -> Report {
+    let requests = results.len();
+    let mut by_instance = BTreeMap::new();
+    let mut latencies: Vec<Duration> = Vec::with_capacity(results.len());
+    for (answered_by, latency) in results {
+        latencies.push(latency);
+        if let Some(id) = answered_by {
+            *by_instance.entry(id).or_insert(0) += 1;
+        }
+    }
+    latencies.sort();
+    let ok: usize = by_instance.values().sum();
+    Report {
+        strategy,
+        requests,
+        ok,
+        errors: requests - ok,
+        by_instance,
+        latency_ms: Latency {
+            p50: percentile_ms(&latencies, 50),
+            p99: percentile_ms(&latencies, 99),
+        },
+    }
+}
+
+/// Nearest-rank percentile of sorted latencies, in milliseconds with 3 decimals.
+fn percentile_ms(sorted: &[Duration], p: usize) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len()).div_ceil(100).clamp(1, sorted.len());
+    let ms = sorted[rank - 1].as_secs_f64() * 1000.0;
+    (ms * 1000.0).round() / 1000.0
+}
+
+type Demo = Vec<(waypost::RegistrationHandle, Serving)>;
+
+/// With the in-process backend there is nobody else to register instances: start three.
+async fn demo_instances(args: &Args, backend: &common::Backend) -> Result<Demo, String> {
+    if backend.memory.is_none() {
+        return Ok(Vec::new());
+    }
+    tracing::info!(
+        "memory backend: serving three in-process gRPC instances of {} (weights 1, 2, 3)",
+        args.service
+    );
+    let mut demo = Vec::new();
+    for weight in 1..=3u32 {
+        let id = format!("{}-{weight}", args.service);
+        let started = async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| format!("cannot listen on loopback: {e}"))?;
+            let users = UsersServer::new(id.as_str(), None, false).map_err(|e| e.to_string())?;
+            let server = serve(listener, users, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let registration = waypost::Registration::builder(&args.service, &id)
+                .host("127.0.0.1")
+                .port(server.addr().port())
+                .weight(weight)
+                .meta("protocol", "grpc")
+                .build()
+                .map_err(|e| e.to_string())?;
+            let handle = backend
+                .registry
+                .register(registration)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((handle, server))
+        };
+        match started.await {
+            Ok(instance) => demo.push(instance),
+            Err(e) => {
+                stop_demo(demo).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(demo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::scrape::{self, Scrape};
+    use waypost_conformance::scenarios::eventually;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("grpc-client").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_client_command_line_parses_and_every_strategy_is_accepted() {
+        let args = parse(&[
+            "--backend",
+            "consul",
+            "--service",
+            "user-grpc",
+            "--strategy",
+            "weighted-round-robin",
+            "--requests",
+            "600",
+            "--concurrency",
+            "4",
+            "--key",
+            "path",
+            "--ca",
+            "ca.pem",
+        ])
+        .unwrap();
+        assert_eq!(args.backend.backend, common::BackendKind::Consul);
+        assert_eq!((args.requests, args.concurrency), (600, 4));
+        assert_eq!(args.ca, Some(PathBuf::from("ca.pem")));
+        let names = waypost::strategies::names();
+        assert!(
+            names.contains(&"maglev") && names.contains(&"p2c-ewma"),
+            "{names:?}"
+        );
+        for name in names {
+            assert_eq!(parse(&["--strategy", name]).unwrap().strategy, name);
+        }
+        let err = parse(&["--strategy", "fastest"]).unwrap_err().to_string();
+        assert!(
+            err.contains("round-robin"),
+            "the error lists the valid names: {err}"
+        );
+        assert!(parse(&["--concurrency", "0"]).is_err());
+    }
+
+    #[test]
+    fn keys_are_path_or_text_metadata_keys() {
+        let path = Key::parse("path").unwrap();
+        assert_eq!(path.metadata_key(), USER_ID_METADATA);
+        let (k, v) = path.entry(42);
+        assert_eq!((k.as_str(), v.to_str().unwrap()), ("x-user-id", "42"));
+
+        let tenant = Key::parse("X-Tenant").unwrap();
+        assert_eq!(tenant.metadata_key(), "x-tenant");
+        let (k, v) = tenant.entry(7);
+        assert_eq!((k.as_str(), v.to_str().unwrap()), ("x-tenant", "user-7"));
+
+        for bad in ["bad key", "x-data-bin", "", "ü"] {
+            let err = Key::parse(bad).unwrap_err();
+            assert!(err.contains("metadata key"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let ms: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile_ms(&ms, 50), 50.0);
+        assert_eq!(percentile_ms(&ms, 99), 99.0);
+        assert_eq!(percentile_ms(&ms[..1], 99), 1.0);
+        assert_eq!(percentile_ms(&[], 50), 0.0);
+    }
+
+    #[tokio::test]
+    async fn the_report_follows_the_contract() {
+        let args = parse(&[
+            "--backend",
+            "memory",
+            "--strategy",
+            "weighted-round-robin",
+            "--requests",
+            "60",
+        ])
+        .unwrap();
+        let report = run(args).await.unwrap();
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(json.starts_with(r#"{"strategy":"weighted-round-robin","requests":60,"ok":60,"errors":0,"by_instance":{"#), "{json}");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            v.as_object().unwrap().keys().collect::<Vec<_>>(),
+            [
+                "by_instance",
+                "errors",
+                "latency_ms",
+                "ok",
+                "requests",
+                "strategy"
+            ]
+        );
+        let by: BTreeMap<String, usize> = serde_json::from_value(v["by_instance"].clone()).unwrap();
+        // Counted by the replies' instance field; weights 1, 2, 3.
+        assert_eq!(
+            by.into_iter().collect::<Vec<_>>(),
+            [
+                ("user-grpc-1".to_owned(), 10),
+                ("user-grpc-2".to_owned(), 20),
+                ("user-grpc-3".to_owned(), 30)
+            ]
+        );
+        let (p50, p99) = (
+            v["latency_ms"]["p50"].as_f64().unwrap(),
+            v["latency_ms"]["p99"].as_f64().unwrap(),
+        );
+        assert!(p50 > 0.0 && p50 <= p99, "{p50} {p99}");
+    }
+
+    #[tokio::test]
+    async fn every_strategy_sends_and_reports() {
+        for name in waypost::strategies::names() {
+            let mut args = vec!["--strategy", name, "--requests", "30", "--concurrency", "3"];
+            if matches!(name, "consistent-hash" | "maglev") {
+                args.extend_from_slice(&["--key", "path"]);
+            }
+            let report = run(parse(&args).unwrap()).await.unwrap();
+            assert_eq!(report.strategy, name);
+            assert_eq!(
+                (report.requests, report.ok, report.errors),
+                (30, 30, 0),
+                "{report:?}"
+            );
+            assert_eq!(report.by_instance.values().sum::<usize>(), 30);
+            for id in report.by_instance.keys() {
+                assert!(
+                    ["user-grpc-1", "user-grpc-2", "user-grpc-3"].contains(&id.as_str()),
+                    "{name}: {report:?}"
+                );
+            }
+        }
+    }
+
+    /// Which instance answers each user id 1 to 100, one call at a time.
+    async fn routes(session: &Session) -> BTreeMap<u32, String> {
+        let mut client = session.client.clone();
+        let mut routes = BTreeMap::new();
+        for i in 0..USERS as usize {
+            let (answered, _) =
+                one(&mut client, i, session.key.as_ref(), Duration::from_secs(5)).await;
+            routes.insert(i as u32 + 1, answered.expect("answered OK"));
+        }
+        routes
+    }
+
+    #[tokio::test]
+    async fn hashing_strategies_send_each_key_to_one_instance() {
+        for strategy in ["consistent-hash", "maglev"] {
+            for key in ["path", "x-tenant"] {
+                let args = parse(&["--strategy", strategy, "--key", key]).unwrap();
+                let session = Session::start(args).await.unwrap();
+                let first = routes(&session).await;
+                let again = routes(&session).await;
+                assert_eq!(first, again, "{strategy} --key {key}: every id sticks");
+                let used: std::collections::BTreeSet<_> = first.values().collect();
+                assert!(
+                    used.len() > 1,
+                    "{strategy} --key {key}: 100 keys spread over the instances: {used:?}"
+                );
+                session.stop().await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_input_and_a_missing_service_are_clear_errors() {
+        let err = run(parse(&["--service", "bad/name"]).unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.contains("service name"), "{err}");
+        let err = run(parse(&["--key", "bad key"]).unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.contains("metadata key"), "{err}");
+        let missing = std::env::temp_dir().join("waypost-grpc-no-such-dir/ca.pem");
+        let err = run(parse(&["--ca", missing.to_str().unwrap()]).unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.contains("cannot read the CA"), "{err}");
+
+        // An agent address where nothing listens: no instance ever appears.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let addr = closed.to_string();
+        let args = parse(&[
+            "--backend",
+            "consul",
+            "--consul-addr",
+            &addr,
+            "--wait",
+            "300ms",
+        ])
+        .unwrap();
+        let err = run(args).await.unwrap_err();
+        assert!(err.contains("no instance of user-grpc appeared"), "{err}");
+    }
+
+    /// Checks a scrape taken after `report`'s calls (none of them retried) and before the
+    /// client stopped: per-outcome and per-instance counts, nothing left in flight, one
+    /// duration sample per call, and the membership.
+    fn check_metrics(scrape: &Scrape, service: &str, report: &Report, instances: usize) {
+        let s = [("service", service)];
+        let n = report.requests as f64;
+        assert!(report.requests > 0, "{report:?}");
+        assert_eq!(scrape.sum("waypost_requests_total", &s), n, "{report:?}");
+        let ok = [("service", service), ("outcome", "success")];
+        assert_eq!(
+            scrape.sum("waypost_requests_total", &ok),
+            report.ok as f64,
+            "{report:?}"
+        );
+        for (id, count) in &report.by_instance {
+            let labels = [
+                ("service", service),
+                ("instance", id.as_str()),
+                ("outcome", "success"),
+            ];
+            assert_eq!(
+                scrape.value("waypost_requests_total", &labels),
+                Some(*count as f64),
+                "{id}: {report:?}"
+            );
+        }
+        assert_eq!(scrape.sum("waypost_requests_active", &s), 0.0);
+        assert_eq!(
+            scrape.sum("waypost_request_duration_seconds_count", &s),
+            n,
+            "one duration per call"
+        );
+        assert_eq!(
+            scrape.value("waypost_membership_total", &s),
+            Some(instances as f64)
+        );
+        assert_eq!(
+            scrape.value("waypost_membership_served", &s),
+            Some(instances as f64)
+        );
+        assert_eq!(scrape.value("waypost_fail_static", &s), Some(0.0));
+    }
+
+    #[tokio::test]
+    async fn the_metrics_endpoint_counts_what_the_report_says() {
+        let service = "grpc-metrics-memory";
+        let args = parse(&[
+            "--backend",
+            "memory",
+            "--service",
+            service,
+            "--strategy",
+            "weighted-round-robin",
+            "--requests",
+            "60",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        let mut session = Session::start(args).await.unwrap();
+        let addr = session.metrics_addr().unwrap();
+        assert_ne!(addr.port(), 0, "the bound port, not the one asked for");
+        let report = session.send().await.unwrap();
+        assert_eq!((report.requests, report.ok), (60, 60), "{report:?}");
+        let by: Vec<_> = report.by_instance.values().copied().collect();
+        assert_eq!(by, [10, 20, 30], "{report:?}");
+        let scrape = scrape::get(addr).await;
+        check_metrics(&scrape, service, &report, 3);
+
+        // One instance leaves; the balancer follows, and the calls go to the two others.
+        let (registration, server) = session.demo.remove(0);
+        registration.shutdown().await.unwrap();
+        server.stop().await.unwrap();
+        let s = [("service", service)];
+        eventually(Duration::from_secs(5), "one instance removed", || async {
+            match scrape::get(addr)
+                .await
+                .value("waypost_membership_total", &s)
+            {
+                Some(2.0) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        let report = session.send().await.unwrap();
+        assert_eq!((report.requests, report.ok), (60, 60), "{report:?}");
+        assert!(
+            !report.by_instance.contains_key("grpc-metrics-memory-1"),
+            "{report:?}"
+        );
+        session.stop().await;
+        // The endpoint stopped with the client.
+        assert!(reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn duration_sends_until_the_time_is_up_and_the_report_counts_what_was_sent() {
+        let args = parse(&[
+            "--service",
+            "grpc-duration",
+            "--duration",
+            "400ms",
+            "--concurrency",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(args.duration, Some(Duration::from_millis(400)));
+        let session = Session::start(args).await.unwrap();
+        let started = Instant::now();
+        let report = session.send().await.unwrap();
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(400), "{took:?}");
+        assert!(took < Duration::from_secs(6), "{took:?}");
+        assert!(report.requests > 2, "{report:?}");
+        assert_eq!(report.ok + report.errors, report.requests, "{report:?}");
+        assert_eq!(
+            report.by_instance.values().sum::<usize>(),
+            report.ok,
+            "{report:?}"
+        );
+        session.stop().await;
+        let err = parse(&["--duration", "10s", "--requests", "5"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--requests"), "{err}");
+    }
+
+    /// Serves instance `id` of `service` (over TLS with `tls`) and registers it through
+    /// `backend` as `grpc-service` would.
+    async fn instance(
+        backend: &common::Backend,
+        service: &str,
+        id: &str,
+        tls: Option<(&str, &str)>,
+    ) -> (waypost::RegistrationHandle, Serving) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = serve(
+            listener,
+            UsersServer::new(id, None, false).unwrap(),
+            tls.map(|(cert, key)| waypost_grpc_examples::server_tls(cert, key)),
+        )
+        .await
+        .unwrap();
+        let mut reg = waypost::Registration::builder(service, id)
+            .host("127.0.0.1")
+            .port(server.addr().port())
+            .meta("protocol", "grpc");
+        if tls.is_some() {
+            reg = reg.meta("scheme", "https");
+        }
+        let handle = backend
+            .registry
+            .register(reg.build().unwrap())
+            .await
+            .unwrap();
+        (handle, server)
+    }
+
+    /// Waits until the backend lists `n` instances of `service`.
+    async fn listed(backend: &common::Backend, service: &str, n: usize) {
+        let name: ServiceName = service.parse().unwrap();
+        eventually(Duration::from_secs(10), "all listed", || async {
+            match backend.discovery.instances(&name).await {
+                Ok(v) if v.len() == n => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+    }
+
+    /// Serves two instances of `service` registered through `backend`, then checks the client's
+    /// report and its metrics.
+    async fn exercise(service: &str, backend: &[&str]) {
+        let mut args = vec![
+            "--service",
+            service,
+            "--strategy",
+            "round-robin",
+            "--requests",
+            "40",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(backend);
+        let args = parse(&args).unwrap();
+        let connected = args.backend.connect().await.unwrap();
+        let ids = [format!("{service}-a"), format!("{service}-b")];
+        let mut running = Vec::new();
+        for id in &ids {
+            running.push(instance(&connected, service, id, None).await);
+        }
+        // Both are listed before the client starts, so round robin splits evenly.
+        listed(&connected, service, 2).await;
+
+        let session = Session::start(args).await.unwrap();
+        let report = session.send().await.unwrap();
+        assert_eq!((report.ok, report.errors), (40, 0), "{report:?}");
+        assert_eq!(report.by_instance[&ids[0]], 20, "{report:?}");
+        assert_eq!(report.by_instance[&ids[1]], 20, "{report:?}");
+        let scrape = scrape::get(session.metrics_addr().unwrap()).await;
+        check_metrics(&scrape, service, &report, 2);
+        session.stop().await;
+        for (handle, server) in running {
+            handle.shutdown().await.unwrap();
+            server.stop().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn reports_on_a_service_in_a_real_consul_agent() {
+        let consul = waypost_conformance::consul_server::ConsulServer::start().await;
+        exercise(
+            "grpc-consul",
+            &["--backend", "consul", "--consul-addr", &consul.addr()],
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn reports_on_a_service_in_a_real_etcd() {
+        let etcd = waypost_conformance::etcd_server::EtcdServer::start().await;
+        exercise(
+            "grpc-etcd",
+            &["--backend", "etcd", "--etcd-endpoints", &etcd.endpoint()],
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn ca_trusts_https_instances_in_a_real_consul_agent() {
+        let consul = waypost_conformance::consul_server::ConsulServer::start().await;
+        let consul_addr = consul.addr();
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        let (cert_pem, key_pem) = (cert.cert.pem(), cert.key_pair.serialize_pem());
+        let dir = std::env::temp_dir().join(format!(
+            "waypost-grpc-ca-{}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, &cert_pem).unwrap();
+
+        let service = "grpc-tls";
+        let base = ["--backend", "consul", "--consul-addr", &consul_addr];
+        let connected = parse(&base).unwrap().backend.connect().await.unwrap();
+        let ids = ["grpc-tls-a", "grpc-tls-b"];
+        let mut running = Vec::new();
+        for id in ids {
+            running.push(instance(&connected, service, id, Some((&cert_pem, &key_pem))).await);
+        }
+        listed(&connected, service, 2).await;
+
+        let mut args = base.to_vec();
+        args.extend_from_slice(&["--service", service, "--requests", "20", "--ca"]);
+        args.push(ca_file.to_str().unwrap());
+        let report = run(parse(&args).unwrap()).await.unwrap();
+        assert_eq!((report.ok, report.errors), (20, 0), "{report:?}");
+        assert_eq!(
+            report
+                .by_instance
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            ids,
+            "{report:?}"
+        );
+
+        // Without the CA the instances' certificate is not trusted: nothing is answered.
+        let mut args = base.to_vec();
+        args.extend_from_slice(&["--service", service, "--requests", "4", "--timeout", "2s"]);
+        let report = run(parse(&args).unwrap()).await.unwrap();
+        assert_eq!((report.ok, report.errors), (0, 4), "{report:?}");
+
+        for (handle, server) in running {
+            handle.shutdown().await.unwrap();
+            server.stop().await.unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

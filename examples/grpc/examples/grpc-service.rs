@@ -1,0 +1,763 @@
+//! The gRPC twin of `user-service`: serves the `users.Users` gRPC service, registers itself, and
+//! deregisters on SIGTERM/SIGINT.
+//!
+//! ```text
+//! cargo run -p waypost-grpc-examples --example grpc-service -- --backend consul \
+//!     --name user-grpc --port 0 --weight 2 --tag v1 --meta zone=a
+//! cargo run -p waypost-grpc-examples --example grpc-service -- --backend etcd \
+//!     --etcd-endpoints http://127.0.0.1:2379 --port 0
+//! ```
+//!
+//! Serves `GetUser` (users 1 to 100; any other id is `NOT_FOUND`), `ListUsers` and the
+//! server-streaming `WatchUsers` of `proto/users.proto`; every reply names the instance that
+//! served it (field `instance`, and response metadata `x-instance-id`). Prints one JSON line
+//! once registered: `{"event":"registered","id":"...","service":"...","addr":"ip:port"}`, and
+//! on SIGTERM or SIGINT deregisters, prints `{"event":"deregistered","id":"..."}` and exits 0.
+//! `--port 0` binds an ephemeral port and registers that port. The registration carries the
+//! metadata `protocol=grpc` (so `--meta protocol=...` is refused, as is `--meta scheme=...`).
+//!
+//! `--tls-cert cert.pem --tls-key key.pem` serves TLS instead of plaintext and registers the
+//! metadata `scheme=https` too, so that clients know to connect with TLS.
+//!
+//! The other options are `user-service`'s: `--id` (default `<name>-<random hex>`), `--host`
+//! (the address registered; default: the backend's choice — Consul and etcd use this machine's
+//! first non-loopback IPv4, memory uses 127.0.0.1), `--bind` (the address listened on; default
+//! `--host` when it is an IP, else 0.0.0.0), `--weight`, `--tag` and `--meta k=v` (repeatable),
+//! `--zone`, `--ttl 10s` (TTL heartbeat check), the backend options `--consul-addr` (or
+//! `CONSUL_HTTP_ADDR`), `--etcd-endpoints` (or `ETCD_ENDPOINTS`), and `--metrics-addr
+//! 127.0.0.1:9100` (the registration's metrics in Prometheus' text format at `GET /metrics`;
+//! port 0 picks a free port; the bound address is logged). `--backend memory` registers
+//! in-process: useful only to try the output contract. Logs go to stderr, filtered by `RUST_LOG`
+//! (default `info`).
+
+#[path = "../../common/mod.rs"]
+mod common;
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use waypost::{HealthCheck, Registration};
+use waypost_grpc_examples::{serve, server_tls, Serving, UsersServer};
+
+use common::BackendArgs;
+
+#[derive(Debug, Parser)]
+#[command(about = "A gRPC user service that registers itself with Waypost")]
+struct Args {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Service name to register under.
+    #[arg(long, default_value = "user-grpc")]
+    name: String,
+    /// Instance id (default: <name>-<8 random hex digits>).
+    #[arg(long)]
+    id: Option<String>,
+    /// Address to register (default: chosen by the backend).
+    #[arg(long)]
+    host: Option<String>,
+    /// Address to listen on (default: --host when it is an IP address, else 0.0.0.0).
+    #[arg(long)]
+    bind: Option<IpAddr>,
+    /// Port to listen on and register; 0 picks a free one.
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Balancing weight.
+    #[arg(long, default_value_t = 1)]
+    weight: u32,
+    /// A tag (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Metadata as key=value (repeatable).
+    #[arg(long = "meta", value_parser = parse_meta)]
+    meta: Vec<(String, String)>,
+    /// Zone.
+    #[arg(long)]
+    zone: Option<String>,
+    /// TTL of the heartbeat check, e.g. 10s, 1500ms, 1m.
+    #[arg(long, default_value = "10s", value_parser = common::parse_duration)]
+    ttl: Duration,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free one).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
+    /// Serve TLS with this certificate (chain), PEM; registers metadata scheme=https.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert, PEM.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+fn parse_meta(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some(("protocol", _)) => Err("the service registers protocol=grpc itself".to_owned()),
+        Some(("scheme", _)) => Err(
+            "the service registers scheme=https itself when it serves TLS (--tls-cert, --tls-key)"
+                .to_owned(),
+        ),
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    common::init_tracing();
+    let args = Args::parse();
+    match run(args, shutdown_signal(), |line| println!("{line}")).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("grpc-service: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed at once, before the future is
+/// polled, so that a signal that comes while the service starts is not lost.
+fn shutdown_signal() -> impl Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let handlers = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        async move {
+            match handlers {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!("cannot listen for SIGTERM/SIGINT ({e}); stop with Ctrl-C");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// One output line; fields in the documented order.
+#[derive(serde::Serialize)]
+struct Event<'a> {
+    event: &'static str,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    addr: Option<&'a str>,
+}
+
+fn line(event: &Event<'_>) -> String {
+    // Serializing borrowed strings into a String cannot fail.
+    serde_json::to_string(event).unwrap_or_default()
+}
+
+/// Serves, registers, waits for `shutdown`, deregisters. Emits the JSON lines through `emit`.
+async fn run(
+    args: Args,
+    shutdown: impl Future<Output = ()>,
+    emit: impl FnMut(String),
+) -> Result<(), String> {
+    Service::start(args).await?.serve(shutdown, emit).await
+}
+
+/// Reads the TLS certificate and key files.
+fn read_tls(cert: &PathBuf, key: &PathBuf) -> Result<tonic::transport::ServerTlsConfig, String> {
+    let read = |path: &PathBuf, what: &str| {
+        std::fs::read(path)
+            .map_err(|e| format!("cannot read the TLS {what} {}: {e}", path.display()))
+    };
+    Ok(server_tls(read(cert, "certificate")?, read(key, "key")?))
+}
+
+/// A registered, serving gRPC user service.
+struct Service {
+    name: String,
+    id: String,
+    handle: waypost::RegistrationHandle,
+    server: Serving,
+    metrics: Option<common::MetricsServer>,
+    /// Kept until the end: the in-process registry lives only while it is held.
+    backend: common::Backend,
+}
+
+impl Service {
+    /// Starts the metrics endpoint (if asked for), serves, and registers.
+    async fn start(args: Args) -> Result<Service, String> {
+        // Bad input fails before anything listens or connects.
+        waypost::ServiceName::new(&args.name).map_err(|e| e.to_string())?;
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(read_tls(cert, key)?),
+            _ => None,
+        };
+        let id = args
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{:08x}", args.name, fastrand::u32(..)));
+        let users = UsersServer::new(id.as_str(), None, false)
+            .map_err(|e| format!("instance id {id:?} cannot be sent as gRPC metadata: {e}"))?;
+
+        let metrics = match &args.metrics_addr {
+            Some(addr) => Some(common::MetricsServer::start(addr).await?),
+            None => None,
+        };
+        let backend = args.backend.connect().await?;
+        if args.backend.backend == common::BackendKind::Memory {
+            tracing::info!("memory backend: the registration is visible only inside this process");
+        }
+
+        let bind = args
+            .bind
+            .or_else(|| args.host.as_deref().and_then(|h| h.parse().ok()))
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind, args.port))
+            .await
+            .map_err(|e| format!("cannot listen on {bind}:{}: {e}", args.port))?;
+        let https = tls.is_some();
+        let server = serve(listener, users, tls)
+            .await
+            .map_err(|e| format!("cannot serve: {e}"))?;
+
+        let mut registration = Registration::builder(&args.name, &id)
+            .port(server.addr().port())
+            .weight(args.weight)
+            .check(HealthCheck::ttl(args.ttl));
+        if let Some(host) = &args.host {
+            registration = registration.host(host);
+        }
+        for tag in &args.tags {
+            registration = registration.tag(tag);
+        }
+        for (k, v) in &args.meta {
+            registration = registration.meta(k, v);
+        }
+        registration = registration.meta("protocol", "grpc");
+        if https {
+            registration = registration.meta("scheme", "https");
+        }
+        if let Some(zone) = &args.zone {
+            registration = registration.zone(zone);
+        }
+        let registration = registration.build().map_err(|e| e.to_string())?;
+        let handle = backend
+            .registry
+            .register(registration)
+            .await
+            .map_err(|e| format!("registration failed: {e}"))?;
+        Ok(Service {
+            name: args.name,
+            id,
+            handle,
+            server,
+            metrics,
+            backend,
+        })
+    }
+
+    /// Emits the registered line, waits for `shutdown`, deregisters and stops, and emits the
+    /// deregistered line.
+    async fn serve(
+        self,
+        shutdown: impl Future<Output = ()>,
+        mut emit: impl FnMut(String),
+    ) -> Result<(), String> {
+        emit(line(&Event {
+            event: "registered",
+            id: &self.id,
+            service: Some(&self.name),
+            addr: Some(&self.handle.instance().authority()),
+        }));
+        shutdown.await;
+        let id = self.id.clone();
+        self.stop().await?;
+        emit(line(&Event {
+            event: "deregistered",
+            id: &id,
+            service: None,
+            addr: None,
+        }));
+        Ok(())
+    }
+
+    /// Deregisters, lets calls in progress finish, stops serving (metrics last).
+    async fn stop(self) -> Result<(), String> {
+        let deregistered = self.handle.shutdown().await;
+        let stopped = self.server.stop().await;
+        if let Some(metrics) = self.metrics {
+            if let Err(e) = metrics.stop().await {
+                tracing::warn!("the metrics endpoint failed: {e}");
+            }
+        }
+        drop(self.backend);
+        deregistered.map_err(|e| format!("deregistration of {} failed: {e}", self.id))?;
+        stopped.map_err(|e| format!("the gRPC server failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::scrape::{self, Scrape};
+    use serde_json::json;
+    use std::sync::Arc;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+    use tonic::Code;
+    use waypost_conformance::scenarios::eventually;
+    use waypost_grpc_examples::users::users_client::UsersClient;
+    use waypost_grpc_examples::users::{GetUserRequest, ListUsersRequest};
+    use waypost_grpc_examples::{INSTANCE_METADATA, USERS};
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("grpc-service").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_user_service_command_line_parses() {
+        let args = parse(&[
+            "--backend",
+            "consul",
+            "--name",
+            "user-grpc",
+            "--port",
+            "0",
+            "--weight",
+            "2",
+            "--tag",
+            "v1",
+            "--meta",
+            "zone=a",
+            "--ttl",
+            "10s",
+            "--zone",
+            "z1",
+            "--bind",
+            "127.0.0.1",
+        ])
+        .unwrap();
+        assert_eq!(args.backend.backend, common::BackendKind::Consul);
+        assert_eq!((args.port, args.weight), (0, 2));
+        assert_eq!(args.tags, ["v1"]);
+        assert_eq!(args.meta, [("zone".to_owned(), "a".to_owned())]);
+        assert_eq!(args.ttl, Duration::from_secs(10));
+        assert_eq!(args.zone.as_deref(), Some("z1"));
+        assert_eq!(args.tls_cert, None);
+
+        let args = parse(&[
+            "--backend",
+            "etcd",
+            "--etcd-endpoints",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+        ])
+        .unwrap();
+        assert_eq!(args.backend.etcd_endpoints.len(), 2);
+        assert!(parse(&["--meta", "novalue"]).is_err());
+        for taken in ["protocol=http", "scheme=https"] {
+            let err = parse(&["--meta", taken]).unwrap_err().to_string();
+            assert!(err.contains("registers"), "{taken}: {err}");
+        }
+        assert!(parse(&["--ttl", "10 parsecs"]).is_err());
+        // TLS needs both files.
+        assert!(parse(&["--tls-cert", "c.pem"]).is_err());
+        assert!(parse(&["--tls-key", "k.pem"]).is_err());
+        let args = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
+        assert_eq!(args.tls_key, Some(PathBuf::from("k.pem")));
+    }
+
+    /// A service running in a task, its output lines on a channel.
+    struct Running {
+        stop: tokio::sync::oneshot::Sender<()>,
+        lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+        task: tokio::task::JoinHandle<Result<(), String>>,
+        metrics: Option<SocketAddr>,
+        /// The service's own backend: what it registered with.
+        discovery: Arc<dyn waypost::Discovery>,
+    }
+
+    /// Starts a service as `run` does (`Service::start`, then `serve` in a task).
+    async fn spawn(args: &[&str]) -> Running {
+        let service = Service::start(parse(args).unwrap()).await.unwrap();
+        let metrics = service.metrics.as_ref().map(common::MetricsServer::addr);
+        let discovery = service.backend.discovery.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (lines_tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(service.serve(
+            async move {
+                let _ = stopped.await;
+            },
+            move |line| {
+                let _ = lines_tx.send(line);
+            },
+        ));
+        Running {
+            stop,
+            lines,
+            task,
+            metrics,
+            discovery,
+        }
+    }
+
+    fn instance_of(metadata: &tonic::metadata::MetadataMap) -> String {
+        metadata
+            .get(INSTANCE_METADATA)
+            .expect("x-instance-id is set")
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn plaintext(addr: &str) -> UsersClient<Channel> {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap();
+        UsersClient::new(channel)
+    }
+
+    /// The registered line: checks its shape, returns the registered address.
+    fn registered(raw: &str, id: &str, name: &str) -> String {
+        // Fields in the documented order, for readers that do not parse JSON.
+        let prefix =
+            format!(r#"{{"event":"registered","id":"{id}","service":"{name}","addr":"127.0.0.1:"#);
+        assert!(raw.starts_with(&prefix), "{raw}");
+        let registered: serde_json::Value = serde_json::from_str(raw).unwrap();
+        assert_eq!(registered.as_object().unwrap().len(), 4, "{raw}");
+        let addr = registered["addr"].as_str().unwrap().to_owned();
+        assert!(
+            !addr.ends_with(":0"),
+            "the bound port is registered: {addr}"
+        );
+        addr
+    }
+
+    /// What the backend lists for `name`, once it lists something.
+    async fn listed(d: &Arc<dyn waypost::Discovery>, name: &str) -> Vec<waypost::ServiceInstance> {
+        let service: waypost::ServiceName = name.parse().unwrap();
+        eventually(Duration::from_secs(10), "listed", || async {
+            match d.instances(&service).await {
+                Ok(v) if !v.is_empty() => Ok(v),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await
+    }
+
+    /// Stops a running service: checks the deregistered line, the exit, and that the backend
+    /// no longer lists it.
+    async fn shut_down(mut running: Running, id: &str, name: &str) {
+        running.stop.send(()).unwrap();
+        let deregistered: serde_json::Value =
+            serde_json::from_str(&running.lines.recv().await.unwrap()).unwrap();
+        assert_eq!(deregistered, json!({"event": "deregistered", "id": id}));
+        running.task.await.unwrap().unwrap();
+        let service: waypost::ServiceName = name.parse().unwrap();
+        let d = running.discovery;
+        eventually(Duration::from_secs(10), "deregistered", || async {
+            match d.instances(&service).await {
+                Ok(v) if v.is_empty() => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+    }
+
+    /// Runs the README's command line (plus `--metrics-addr 127.0.0.1:0`) as service `name`
+    /// against `backend` (whose short name is `backend_name`) and checks the output contract,
+    /// the gRPC service, what the backend lists, the registration's metrics and the shutdown.
+    async fn exercise(name: &str, backend_name: &str, backend: &[&str]) {
+        let id = format!("{name}-1");
+        let mut args = vec![
+            "--name",
+            name,
+            "--id",
+            &id,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--weight",
+            "2",
+            "--tag",
+            "v1",
+            "--meta",
+            "zone=a",
+            "--ttl",
+            "10s",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(backend);
+        let mut running = spawn(&args).await;
+        let addr = registered(&running.lines.recv().await.unwrap(), &id, name);
+
+        // It serves gRPC where it registered, and says who answered.
+        let mut c = plaintext(&addr).await;
+        let r = c.get_user(GetUserRequest { id: 7 }).await.unwrap();
+        assert_eq!(instance_of(r.metadata()), id);
+        let user = r.into_inner();
+        assert_eq!((user.id, user.name.as_str()), (7, "user-7"));
+        assert_eq!(user.instance, id);
+        for missing in [0, USERS + 1] {
+            let status = c
+                .get_user(GetUserRequest { id: missing })
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::NotFound, "{missing}: {status:?}");
+        }
+        let list = c
+            .list_users(ListUsersRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((list.users.len(), list.instance.as_str()), (100, &*id));
+        let mut stream = c
+            .watch_users(ListUsersRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let mut streamed = 0;
+        while let Some(u) = stream.message().await.unwrap() {
+            assert_eq!(u.instance, id);
+            streamed += 1;
+        }
+        assert_eq!(streamed, USERS);
+        drop(c);
+
+        // The backend lists what was registered, marked as gRPC over plaintext.
+        let listed = listed(&running.discovery, name).await;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let i = &listed[0];
+        assert_eq!(
+            (i.id().as_str(), i.authority()),
+            (id.as_str(), addr.clone())
+        );
+        assert_eq!(i.weight().get(), 2);
+        assert!(i.has_tag("v1"), "{i:?}");
+        assert_eq!(
+            i.metadata().get("protocol").map(String::as_str),
+            Some("grpc"),
+            "{i:?}"
+        );
+        assert_eq!(i.metadata().get("scheme"), None, "{i:?}");
+        // Consul keeps the zone in `Meta.zone`, so there `zone=a` reads back as the zone.
+        let zone = i.metadata().get("zone").map(String::as_str).or(i.zone());
+        assert_eq!(zone, Some("a"), "{i:?}");
+
+        // While registered, the registration is live; no heartbeat has failed.
+        let metrics = running.metrics.unwrap();
+        assert_ne!(metrics.port(), 0, "the bound port, not the one asked for");
+        let labels = [
+            ("service", name),
+            ("instance", id.as_str()),
+            ("backend", backend_name),
+        ];
+        let scrape = eventually(Duration::from_secs(10), "registration live", || async {
+            let scrape = scrape::get(metrics).await;
+            match scrape.value("waypost_registration_live", &labels) {
+                Some(1.0) => Ok(scrape),
+                other => Err(format!("{other:?} in\n{}", scrape.text)),
+            }
+        })
+        .await;
+        assert_eq!(
+            scrape.sum("waypost_heartbeat_failures_total", &labels),
+            0.0,
+            "{}",
+            scrape.text
+        );
+
+        shut_down(running, &id, name).await;
+
+        // The gRPC server stopped with it, and so did the metrics endpoint; the recorder (read
+        // directly now) says the registration is no longer live.
+        assert!(
+            tokio::net::TcpStream::connect(&addr).await.is_err(),
+            "{addr}"
+        );
+        assert!(reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .is_err());
+        let after = Scrape::parse(&common::prometheus().unwrap().render());
+        assert_eq!(
+            after.value("waypost_registration_live", &labels),
+            Some(0.0),
+            "{}",
+            after.text
+        );
+    }
+
+    #[tokio::test]
+    async fn the_json_contract_with_the_memory_backend() {
+        exercise("grpc-memory", "memory", &["--backend", "memory"]).await;
+    }
+
+    #[tokio::test]
+    async fn the_json_contract_with_a_real_consul_agent() {
+        let consul = waypost_conformance::consul_server::ConsulServer::start().await;
+        exercise(
+            "grpc-consul",
+            "consul",
+            &["--backend", "consul", "--consul-addr", &consul.addr()],
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn the_json_contract_with_a_real_etcd() {
+        let etcd = waypost_conformance::etcd_server::EtcdServer::start().await;
+        exercise(
+            "grpc-etcd",
+            "etcd",
+            &["--backend", "etcd", "--etcd-endpoints", &etcd.endpoint()],
+        )
+        .await;
+    }
+
+    /// A directory of its own under the system's temporary directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(what: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!(
+                "waypost-grpc-{what}-{}-{:08x}",
+                std::process::id(),
+                fastrand::u32(..)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_serves_to_a_client_with_the_ca_and_registers_scheme_https() {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        let cert_pem = cert.cert.pem();
+        let dir = TempDir::new("tls");
+        let (cert_file, key_file) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+        std::fs::write(&cert_file, &cert_pem).unwrap();
+        std::fs::write(&key_file, cert.key_pair.serialize_pem()).unwrap();
+
+        let (name, id) = ("grpc-tls", "grpc-tls-1");
+        let mut running = spawn(&[
+            "--name",
+            name,
+            "--id",
+            id,
+            "--host",
+            "127.0.0.1",
+            "--tls-cert",
+            cert_file.to_str().unwrap(),
+            "--tls-key",
+            key_file.to_str().unwrap(),
+        ])
+        .await;
+        let addr = registered(&running.lines.recv().await.unwrap(), id, name);
+
+        let channel = Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&cert_pem))
+                    .domain_name("127.0.0.1"),
+            )
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .unwrap();
+        let r = UsersClient::new(channel)
+            .get_user(GetUserRequest { id: 9 })
+            .await
+            .unwrap();
+        assert_eq!(instance_of(r.metadata()), id);
+        assert_eq!(r.into_inner().instance, id);
+
+        // Plaintext gRPC gets no answer from a TLS port.
+        let plain = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await;
+        let outcome = match plain {
+            Err(e) => Err(e.to_string()),
+            Ok(channel) => UsersClient::new(channel)
+                .get_user(GetUserRequest { id: 9 })
+                .await
+                .map_err(|status| status.to_string()),
+        };
+        assert!(outcome.is_err(), "{outcome:?}");
+
+        let listed = listed(&running.discovery, name).await;
+        let meta = listed[0].metadata();
+        assert_eq!(meta.get("scheme").map(String::as_str), Some("https"));
+        assert_eq!(meta.get("protocol").map(String::as_str), Some("grpc"));
+        shut_down(running, id, name).await;
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_a_clear_error() {
+        let err = run(
+            parse(&["--name", "bad/name", "--host", "127.0.0.1"]).unwrap(),
+            async {},
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("service name"), "{err}");
+
+        let missing = std::env::temp_dir().join("waypost-grpc-no-such-dir/cert.pem");
+        let missing = missing.to_str().unwrap();
+        let err = run(
+            parse(&["--tls-cert", missing, "--tls-key", missing]).unwrap(),
+            async {},
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("cannot read the TLS certificate"), "{err}");
+
+        let dir = TempDir::new("bad-tls");
+        let junk = dir.0.join("junk.pem");
+        std::fs::write(&junk, "not PEM").unwrap();
+        let junk = junk.to_str().unwrap();
+        let err = run(
+            parse(&["--host", "127.0.0.1", "--tls-cert", junk, "--tls-key", junk]).unwrap(),
+            async {},
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("bad TLS configuration"), "{err}");
+
+        let err = run(
+            parse(&["--id", "bad\u{7f}id", "--host", "127.0.0.1"]).unwrap(),
+            async {},
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("cannot be sent as gRPC metadata"), "{err}");
+    }
+}
