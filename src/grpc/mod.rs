@@ -376,11 +376,16 @@ fn keep_if_complete(request: Request) -> Request {
         match body.frame().now_or_never() {
             // Ended: every frame is here.
             Some(None) => {
-                let mut all = bytes::BytesMut::new();
-                for d in &data {
-                    all.extend_from_slice(d);
-                }
-                let bytes = all.freeze();
+                // A unary request is one frame: keep it as it is, without a copy.
+                let bytes = if data.len() == 1 {
+                    data.swap_remove(0)
+                } else {
+                    let mut all = bytes::BytesMut::new();
+                    for d in &data {
+                        all.extend_from_slice(d);
+                    }
+                    all.freeze()
+                };
                 let mut request = http::Request::from_parts(
                     parts,
                     Body::new(http_body_util::Full::new(bytes.clone())),

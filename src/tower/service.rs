@@ -316,12 +316,12 @@ where
                 .retain(|id, (addr, _)| current.get(id) == Some(addr));
             cache.generation = generation;
         }
-        let address = instance.authority();
-        if let Some((addr, svc)) = cache.by_id.get(instance.id()) {
-            if *addr == address {
-                return svc.clone();
-            }
+        // Cached services match the current set: an address change bumps the generation, and
+        // the pruning above then drops the service made for the old address.
+        if let Some((_, svc)) = cache.by_id.get(instance.id()) {
+            return svc.clone();
         }
+        let address = instance.authority();
         let svc = (self.make)(instance);
         cache
             .by_id
@@ -458,8 +458,12 @@ where
         let mut current = request;
         loop {
             attempts += 1;
-            // A copy for the next attempt, made only when retries are on.
-            let spare = self.retries.as_ref().and_then(|r| (r.clone)(&current));
+            // A copy for the next attempt, made only when one may follow.
+            let spare = self
+                .retries
+                .as_ref()
+                .filter(|r| attempts < r.policy.max_attempts)
+                .and_then(|r| (r.clone)(&current));
             let idempotent = self
                 .retries
                 .as_ref()

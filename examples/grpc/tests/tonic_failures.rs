@@ -135,7 +135,7 @@ async fn p2c_ewma_sends_clearly_less_to_a_slow_instance() {
     // A fair third would be 100; random-in-effect balancing gives about that.
     assert!(slow < 45, "the slow instance got {slow} of 300: {by:?}");
     assert!(
-        by.get("fast-a").is_some() && by.get("fast-b").is_some(),
+        by.contains_key("fast-a") && by.contains_key("fast-b"),
         "{by:?}"
     );
 

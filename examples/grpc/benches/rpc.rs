@@ -1,0 +1,141 @@
+//! One unary call through Waypost's gRPC channel against one through tonic's own balanced
+//! channel (`Channel::balance_list`), over the same three local servers, in the same run.
+//!
+//! ```text
+//! cargo bench -p waypost-grpc-examples --bench rpc
+//! ```
+//!
+//! Benchmark ids:
+//! - `rpc/tonic-balance-list`: `UsersClient::get_user` over `Channel::balance_list` of the three
+//!   addresses (tonic's P2C; its connections report no load).
+//! - `rpc/waypost/<strategy>`: the same call over `GrpcChannel` on a `Balancer` holding the same
+//!   three instances: pick, per-instance tonic channel, outcome and latency recorded, a copy of
+//!   the request kept for a retry; `round-robin-1-attempt` without retries (no copy).
+//!
+//! Calls are sequential, one in flight, on a multi-threaded runtime with two workers; the
+//! servers run on the same runtime. Settings as in the strategies' benches (warm-up 300 ms,
+//! measurement 2 s, 20 samples).
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+use waypost::grpc::GrpcChannel;
+use waypost::{Balancer, ServiceInstance, Strategy, WatchEvent};
+use waypost_grpc_examples::users::users_client::UsersClient;
+use waypost_grpc_examples::users::GetUserRequest;
+use waypost_grpc_examples::{serve, Serving, UsersServer};
+
+fn servers(rt: &tokio::runtime::Runtime) -> Vec<Serving> {
+    rt.block_on(async {
+        let mut all = Vec::new();
+        for i in 0..3 {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+            let server = UsersServer::new(format!("bench-{i}"), None, false).expect("a valid id");
+            all.push(serve(listener, server, None).await.expect("serving"));
+        }
+        all
+    })
+}
+
+fn balancer(strategy: impl Strategy, servers: &[Serving]) -> Balancer {
+    let b = Balancer::builder(strategy)
+        .service("bench".parse().expect("a valid name"))
+        .build();
+    let instances = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            ServiceInstance::builder("bench", format!("bench-{i}"))
+                .host("127.0.0.1")
+                .port(s.addr().port())
+                .build()
+                .expect("a valid instance")
+        })
+        .collect();
+    b.apply(WatchEvent::Snapshot(instances));
+    b
+}
+
+/// `iters` sequential calls; the elapsed time.
+async fn calls<T>(client: &mut UsersClient<T>, iters: u64) -> Duration
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let start = Instant::now();
+    for i in 0..iters {
+        let r = client
+            .get_user(GetUserRequest {
+                id: 1 + (i % 100) as u32,
+            })
+            .await;
+        assert!(r.is_ok(), "a benchmark call failed: {r:?}");
+    }
+    start.elapsed()
+}
+
+fn rpc(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let servers = servers(&rt);
+
+    let endpoints: Vec<Endpoint> = servers
+        .iter()
+        .map(|s| Endpoint::from_shared(format!("http://{}", s.addr())).expect("a valid URI"))
+        .collect();
+    let mut tonic_client =
+        rt.block_on(async { UsersClient::new(Channel::balance_list(endpoints.into_iter())) });
+    // Connect everything before measuring.
+    rt.block_on(calls(&mut tonic_client, 50));
+    c.bench_function("rpc/tonic-balance-list", |b| {
+        b.iter_custom(|iters| rt.block_on(calls(&mut tonic_client, iters)))
+    });
+
+    for (name, strategy, attempts) in [
+        (
+            "round-robin",
+            Box::new(waypost::strategies::RoundRobin::new()) as Box<dyn Strategy>,
+            3,
+        ),
+        ("p2c-ewma", Box::new(waypost::strategies::P2cEwma::new()), 3),
+        // No retries: no copy of the request is kept for another attempt.
+        (
+            "round-robin-1-attempt",
+            Box::new(waypost::strategies::RoundRobin::new()),
+            1,
+        ),
+    ] {
+        let channel = GrpcChannel::builder(balancer(strategy, &servers))
+            .max_attempts(attempts)
+            .build()
+            .expect("a channel");
+        let mut client = UsersClient::new(channel);
+        rt.block_on(calls(&mut client, 50));
+        c.bench_function(&format!("rpc/waypost/{name}"), |b| {
+            b.iter_custom(|iters| rt.block_on(calls(&mut client, iters)))
+        });
+    }
+    drop(servers);
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20)
+        .without_plots()
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = rpc
+}
+criterion_main!(benches);
