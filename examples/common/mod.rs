@@ -4,6 +4,7 @@
 //! Each example uses a different part of this module.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -466,4 +467,59 @@ pub mod scrape {
             ["a", "b", "c_bucket"]
         );
     }
+}
+
+/// A client example's JSON report; fields in the documented order.
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub strategy: String,
+    pub requests: usize,
+    pub ok: usize,
+    pub errors: usize,
+    pub by_instance: BTreeMap<String, usize>,
+    pub latency_ms: Latency,
+}
+
+/// The report's latency percentiles, in milliseconds.
+#[derive(Debug, serde::Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+}
+
+/// The report of a run: each result is the instance that answered (`None`: an error) and the
+/// call's latency.
+pub fn report(strategy: String, results: Vec<(Option<String>, Duration)>) -> Report {
+    let requests = results.len();
+    let mut by_instance = BTreeMap::new();
+    let mut latencies: Vec<Duration> = Vec::with_capacity(results.len());
+    for (answered_by, latency) in results {
+        latencies.push(latency);
+        if let Some(id) = answered_by {
+            *by_instance.entry(id).or_insert(0) += 1;
+        }
+    }
+    latencies.sort();
+    let ok: usize = by_instance.values().sum();
+    Report {
+        strategy,
+        requests,
+        ok,
+        errors: requests - ok,
+        by_instance,
+        latency_ms: Latency {
+            p50: percentile_ms(&latencies, 50),
+            p99: percentile_ms(&latencies, 99),
+        },
+    }
+}
+
+/// Nearest-rank percentile of sorted latencies, in milliseconds with 3 decimals.
+pub fn percentile_ms(sorted: &[Duration], p: usize) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len()).div_ceil(100).clamp(1, sorted.len());
+    let ms = sorted[rank - 1].as_secs_f64() * 1000.0;
+    (ms * 1000.0).round() / 1000.0
 }

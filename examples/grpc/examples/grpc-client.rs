@@ -34,7 +34,8 @@
 #[path = "../../common/mod.rs"]
 mod common;
 
-use std::collections::BTreeMap;
+use common::{report, Report};
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -90,23 +91,6 @@ struct Args {
     /// Trust this CA (PEM) for instances registered with metadata scheme=https.
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
-}
-
-/// The report; fields in the documented order.
-#[derive(Debug, serde::Serialize)]
-struct Report {
-    strategy: String,
-    requests: usize,
-    ok: usize,
-    errors: usize,
-    by_instance: BTreeMap<String, usize>,
-    latency_ms: Latency,
-}
-
-#[derive(Debug, serde::Serialize)]
-struct Latency {
-    p50: f64,
-    p99: f64,
 }
 
 /// What a call hashes on.
@@ -350,41 +334,6 @@ async fn one(
     }
 }
 
-fn report(strategy: String, results: Vec<(Option<String>, Duration)>) -> Report {
-    let requests = results.len();
-    let mut by_instance = BTreeMap::new();
-    let mut latencies: Vec<Duration> = Vec::with_capacity(results.len());
-    for (answered_by, latency) in results {
-        latencies.push(latency);
-        if let Some(id) = answered_by {
-            *by_instance.entry(id).or_insert(0) += 1;
-        }
-    }
-    latencies.sort();
-    let ok: usize = by_instance.values().sum();
-    Report {
-        strategy,
-        requests,
-        ok,
-        errors: requests - ok,
-        by_instance,
-        latency_ms: Latency {
-            p50: percentile_ms(&latencies, 50),
-            p99: percentile_ms(&latencies, 99),
-        },
-    }
-}
-
-/// Nearest-rank percentile of sorted latencies, in milliseconds with 3 decimals.
-fn percentile_ms(sorted: &[Duration], p: usize) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = (p * sorted.len()).div_ceil(100).clamp(1, sorted.len());
-    let ms = sorted[rank - 1].as_secs_f64() * 1000.0;
-    (ms * 1000.0).round() / 1000.0
-}
-
 type Demo = Vec<(waypost::RegistrationHandle, Serving)>;
 
 /// With the in-process backend there is nobody else to register instances: start three.
@@ -434,6 +383,8 @@ async fn demo_instances(args: &Args, backend: &common::Backend) -> Result<Demo, 
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use common::scrape::{self, Scrape};
     use waypost_conformance::scenarios::eventually;
@@ -496,15 +447,6 @@ mod tests {
             let err = Key::parse(bad).unwrap_err();
             assert!(err.contains("metadata key"), "{bad:?}: {err}");
         }
-    }
-
-    #[test]
-    fn percentiles_use_the_nearest_rank() {
-        let ms: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile_ms(&ms, 50), 50.0);
-        assert_eq!(percentile_ms(&ms, 99), 99.0);
-        assert_eq!(percentile_ms(&ms[..1], 99), 1.0);
-        assert_eq!(percentile_ms(&[], 50), 0.0);
     }
 
     #[tokio::test]
