@@ -7,8 +7,6 @@
     feature = "consistent-hash"
 ))]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -20,27 +18,9 @@ use waypost_strategies::{ConsistentHash, Random, RoundRobin};
 
 const SEC: u64 = 1_000_000_000;
 
-/// Counts this thread's allocations, for the zero-allocation test (per thread, so that tests
-/// running in parallel do not disturb each other's counts).
-struct Counting;
-
-thread_local! {
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+// The counting allocator of the zero-allocation tests.
+#[path = "support/alloc.rs"]
+mod support;
 
 fn inst(id: &str) -> ServiceInstance {
     ServiceInstance::builder("users", id)
@@ -571,7 +551,7 @@ fn picks_allocate_nothing_even_while_ejecting_ramping_and_preferring_zones() {
         b.apply(WatchEvent::Added(set[950].clone()));
         clock.advance(Duration::from_secs(20));
         let keyed = PickContext::new().with_key(b"user-7").with_zone("b");
-        let before = ALLOCATIONS.with(Cell::get);
+        let before = support::allocations();
         for k in 0..20_000u64 {
             let ctx = match k % 3 {
                 0 => keyed,
@@ -590,7 +570,7 @@ fn picks_allocate_nothing_even_while_ejecting_ramping_and_preferring_zones() {
                 clock.advance(Duration::from_secs(10));
             }
         }
-        let allocated = ALLOCATIONS.with(Cell::get) - before;
+        let allocated = support::allocations() - before;
         assert_eq!(
             allocated, 0,
             "{name}: {allocated} allocations in 20,000 picks"
