@@ -12,8 +12,8 @@
 //!   three instances: pick, per-instance tonic channel, outcome and latency recorded, a copy of
 //!   the request kept for a retry; `round-robin-1-attempt` without retries (no copy).
 //!
-//! Calls are sequential, one in flight, on a multi-threaded runtime with two workers; the
-//! servers run on the same runtime. Settings as in the strategies' benches (warm-up 300 ms,
+//! Calls are sequential, one in flight; the servers run on the same runtime: a multi-threaded
+//! one with two workers (`rpc/...`), and a current-thread one (`rpc_1thread/...`). Settings as in the strategies' benches (warm-up 300 ms,
 //! measurement 2 s, 20 samples).
 
 use std::time::{Duration, Instant};
@@ -78,13 +78,27 @@ where
     start.elapsed()
 }
 
+/// The calls on a two-worker runtime (`rpc/...`).
 fn rpc(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("a runtime");
-    let servers = servers(&rt);
+    on(c, "rpc", &rt);
+}
+
+/// The calls on a current-thread runtime (`rpc_1thread/...`): no wake-up crosses threads.
+fn rpc_1thread(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    on(c, "rpc_1thread", &rt);
+}
+
+fn on(c: &mut Criterion, group: &str, rt: &tokio::runtime::Runtime) {
+    let servers = servers(rt);
 
     let endpoints: Vec<Endpoint> = servers
         .iter()
@@ -94,7 +108,7 @@ fn rpc(c: &mut Criterion) {
         rt.block_on(async { UsersClient::new(Channel::balance_list(endpoints.into_iter())) });
     // Connect everything before measuring.
     rt.block_on(calls(&mut tonic_client, 50));
-    c.bench_function("rpc/tonic-balance-list", |b| {
+    c.bench_function(&format!("{group}/tonic-balance-list"), |b| {
         b.iter_custom(|iters| rt.block_on(calls(&mut tonic_client, iters)))
     });
 
@@ -118,7 +132,7 @@ fn rpc(c: &mut Criterion) {
             .expect("a channel");
         let mut client = UsersClient::new(channel);
         rt.block_on(calls(&mut client, 50));
-        c.bench_function(&format!("rpc/waypost/{name}"), |b| {
+        c.bench_function(&format!("{group}/waypost/{name}"), |b| {
             b.iter_custom(|iters| rt.block_on(calls(&mut client, iters)))
         });
     }
@@ -136,6 +150,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = rpc
+    targets = rpc, rpc_1thread
 }
 criterion_main!(benches);
