@@ -166,17 +166,28 @@ type Inner = Balanced<
 /// A channel for tonic clients that balances every call over a Waypost [`Balancer`]; see the
 /// [module docs](self). Cheap to clone; clones share everything.
 ///
-/// ```no_run
-/// # async fn f(balancer: waypost::Balancer) -> Result<(), waypost::grpc::GrpcError> {
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
-/// use waypost::grpc::GrpcChannel;
+/// use tower::ServiceExt;
+/// use waypost::grpc::{GrpcChannel, GrpcError};
+/// use waypost::strategies::P2cEwma;
 ///
+/// let balancer = waypost::Balancer::builder(P2cEwma::new())
+///     .service("users".parse()?)
+///     .build();
 /// let channel = GrpcChannel::builder(balancer)
 ///     .connect_timeout(Duration::from_secs(1))
 ///     .hash_key("x-user-id")
 ///     .idempotent("/users.Users/GetUser")
 ///     .build()?;
-/// // let mut client = UsersClient::new(channel.clone());
+/// // A tonic client takes it as its channel: `UsersClient::new(channel.clone())`. With no
+/// // instance discovered yet, a call fails at once, saying so.
+/// let call = http::Request::new(tonic::body::Body::empty());
+/// let err = channel.oneshot(call).await.unwrap_err();
+/// assert!(matches!(err, GrpcError::Call(_)));
+/// assert!(err.to_string().contains("no instance of users"));
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
