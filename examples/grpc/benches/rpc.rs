@@ -11,6 +11,8 @@
 //! - `rpc/waypost/<strategy>`: the same call over `GrpcChannel` on a `Balancer` holding the same
 //!   three instances: pick, per-instance tonic channel, outcome and latency recorded, a copy of
 //!   the request kept for a retry; `round-robin-1-attempt` without retries (no copy).
+//! - `rpc/tonic-one-endpoint` and `rpc/waypost/one-instance`: the same call to one server, through
+//!   one lazily connecting tonic channel, and through `GrpcChannel` on a one-instance balancer.
 //!
 //! Calls are sequential, one in flight; the servers run on the same runtime: a multi-threaded
 //! one with two workers (`rpc/...`), and a current-thread one (`rpc_1thread/...`). Settings as in the strategies' benches (warm-up 300 ms,
@@ -136,6 +138,24 @@ fn on(c: &mut Criterion, group: &str, rt: &tokio::runtime::Runtime) {
             b.iter_custom(|iters| rt.block_on(calls(&mut client, iters)))
         });
     }
+    // One instance each way: one `Buffer` worker on both sides.
+    let one = Endpoint::from_shared(format!("http://{}", servers[0].addr())).expect("a valid URI");
+    let mut tonic_one = rt.block_on(async { UsersClient::new(one.connect_lazy()) });
+    rt.block_on(calls(&mut tonic_one, 50));
+    c.bench_function(&format!("{group}/tonic-one-endpoint"), |b| {
+        b.iter_custom(|iters| rt.block_on(calls(&mut tonic_one, iters)))
+    });
+    let channel = GrpcChannel::builder(balancer(
+        waypost::strategies::RoundRobin::new(),
+        &servers[..1],
+    ))
+    .build()
+    .expect("a channel");
+    let mut waypost_one = UsersClient::new(channel);
+    rt.block_on(calls(&mut waypost_one, 50));
+    c.bench_function(&format!("{group}/waypost/one-instance"), |b| {
+        b.iter_custom(|iters| rt.block_on(calls(&mut waypost_one, iters)))
+    });
     drop(servers);
 }
 
