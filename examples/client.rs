@@ -42,7 +42,7 @@ use clap::Parser;
 use waypost::http::{HashKey, HttpClient};
 use waypost::{Balancer, ServiceName};
 
-use common::BackendArgs;
+use common::{BackendArgs, LoadArgs};
 
 #[derive(Debug, Parser)]
 #[command(about = "Sends requests to a service through Waypost and reports where they went")]
@@ -52,31 +52,8 @@ struct Args {
     /// Service to send to.
     #[arg(long, default_value = "user-service")]
     service: String,
-    /// Balancing strategy.
-    #[arg(long, default_value = "round-robin",
-          value_parser = clap::builder::PossibleValuesParser::new(waypost::strategies::names()))]
-    strategy: String,
-    /// Requests to send.
-    #[arg(long, default_value_t = 600)]
-    requests: usize,
-    /// Send requests until this much time has passed (e.g. 10s, 500ms), instead of --requests.
-    #[arg(long, value_parser = common::parse_duration, conflicts_with = "requests")]
-    duration: Option<Duration>,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
-    concurrency: u16,
-    /// Hash key for hashing strategies: `path`, or a header name.
-    #[arg(long)]
-    key: Option<String>,
-    /// How long to wait for a first instance.
-    #[arg(long, default_value = "10s", value_parser = common::parse_duration)]
-    wait: Duration,
-    /// Time limit per request, retries included.
-    #[arg(long, default_value = "5s", value_parser = common::parse_duration)]
-    timeout: Duration,
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics while running (port 0: a free one).
-    #[arg(long, value_name = "HOST:PORT")]
-    metrics_addr: Option<String>,
+    #[command(flatten)]
+    load: LoadArgs,
 }
 
 #[tokio::main]
@@ -126,15 +103,15 @@ impl Session {
     async fn start(args: Args) -> Result<Session, String> {
         // Bad input fails before anything listens or connects.
         let service = ServiceName::new(&args.service).map_err(|e| e.to_string())?;
-        let hash_key = match args.key.as_deref() {
+        let hash_key = match args.load.key.as_deref() {
             None => None,
             Some("path") => Some(HashKey::Path),
             Some(header) => Some(HashKey::header(header).map_err(|e| e.to_string())?),
         };
-        let strategy = waypost::strategies::by_name(&args.strategy)
-            .ok_or_else(|| format!("strategy {:?} is not compiled in", args.strategy))?;
+        let strategy = waypost::strategies::by_name(&args.load.strategy)
+            .ok_or_else(|| format!("strategy {:?} is not compiled in", args.load.strategy))?;
 
-        let metrics = match &args.metrics_addr {
+        let metrics = match &args.load.metrics_addr {
             Some(addr) => Some(common::MetricsServer::start(addr).await?),
             None => None,
         };
@@ -142,15 +119,15 @@ impl Session {
         let demo = demo_instances(&args, &backend).await?;
 
         let balancer = Balancer::watch(&*backend.discovery, &service, strategy);
-        if !balancer.wait_ready(args.wait).await {
+        if !balancer.wait_ready(args.load.wait).await {
             stop_demo(demo).await;
             return Err(format!(
                 "no instance of {service} appeared within {:?}; start one, e.g. \
                  cargo run --example user-service --features consul -- --backend consul --name {service} --port 0",
-                args.wait
+                args.load.wait
             ));
         }
-        let mut builder = HttpClient::builder(balancer).request_timeout(args.timeout);
+        let mut builder = HttpClient::builder(balancer).request_timeout(args.load.timeout);
         if let Some(key) = hash_key.clone() {
             builder = builder.hash_key(key);
         }
@@ -174,11 +151,11 @@ impl Session {
     /// Sends `--requests` requests, or for `--duration`, `--concurrency` at a time.
     async fn send(&self) -> Result<Report, String> {
         let next = Arc::new(AtomicUsize::new(0));
-        let (total, until) = match self.args.duration {
+        let (total, until) = match self.args.load.duration {
             Some(d) => (usize::MAX, Some(Instant::now() + d)),
-            None => (self.args.requests, None),
+            None => (self.args.load.requests, None),
         };
-        let workers: Vec<_> = (0..self.args.concurrency)
+        let workers: Vec<_> = (0..self.args.load.concurrency)
             .map(|_| {
                 let (client, next) = (self.client.clone(), next.clone());
                 let hash_key = self.hash_key.clone();
@@ -197,11 +174,16 @@ impl Session {
                 })
             })
             .collect();
-        let mut results = Vec::with_capacity(self.args.duration.map_or(self.args.requests, |_| 0));
+        let mut results = Vec::with_capacity(
+            self.args
+                .load
+                .duration
+                .map_or(self.args.load.requests, |_| 0),
+        );
         for w in workers {
             results.extend(w.await.map_err(|e| format!("a request task failed: {e}"))?);
         }
-        Ok(report(self.args.strategy.clone(), results))
+        Ok(report(self.args.load.strategy.clone(), results))
     }
 
     /// Deregisters and stops the demo instances, then the metrics endpoint.
@@ -313,9 +295,9 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(args.backend.backend, common::BackendKind::Consul);
-        assert_eq!((args.requests, args.concurrency), (600, 4));
+        assert_eq!((args.load.requests, args.load.concurrency), (600, 4));
         for name in waypost::strategies::names() {
-            assert_eq!(parse(&["--strategy", name]).unwrap().strategy, name);
+            assert_eq!(parse(&["--strategy", name]).unwrap().load.strategy, name);
         }
         let err = parse(&["--strategy", "fastest"]).unwrap_err().to_string();
         assert!(
@@ -521,7 +503,7 @@ mod tests {
             "127.0.0.1:0",
         ])
         .unwrap();
-        assert_eq!(args.duration, Some(Duration::from_millis(400)));
+        assert_eq!(args.load.duration, Some(Duration::from_millis(400)));
         let session = Session::start(args).await.unwrap();
         let started = Instant::now();
         let report = session.send().await.unwrap();
@@ -547,11 +529,11 @@ mod tests {
             .to_string();
         assert!(err.contains("--requests"), "{err}");
         assert_eq!(
-            parse(&["--duration", "500ms"]).unwrap().duration,
+            parse(&["--duration", "500ms"]).unwrap().load.duration,
             Some(Duration::from_millis(500))
         );
         assert!(parse(&["--duration", "soon"]).is_err());
-        assert_eq!(parse(&[]).unwrap().duration, None);
+        assert_eq!(parse(&[]).unwrap().load.duration, None);
     }
 
     #[tokio::test]

@@ -27,14 +27,11 @@
 mod common;
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
-use waypost::{HealthCheck, Registration};
 
-use common::{BackendArgs, UserService};
+use common::{BackendArgs, InstanceArgs, UserService};
 
 #[derive(Debug, Parser)]
 #[command(about = "A user service that registers itself with Waypost")]
@@ -44,43 +41,8 @@ struct Args {
     /// Service name to register under.
     #[arg(long, default_value = "user-service")]
     name: String,
-    /// Instance id (default: <name>-<8 random hex digits>).
-    #[arg(long)]
-    id: Option<String>,
-    /// Address to register (default: chosen by the backend).
-    #[arg(long)]
-    host: Option<String>,
-    /// Address to listen on (default: --host when it is an IP address, else 0.0.0.0).
-    #[arg(long)]
-    bind: Option<IpAddr>,
-    /// Port to listen on and register; 0 picks a free one.
-    #[arg(long, default_value_t = 0)]
-    port: u16,
-    /// Balancing weight.
-    #[arg(long, default_value_t = 1)]
-    weight: u32,
-    /// A tag (repeatable).
-    #[arg(long = "tag")]
-    tags: Vec<String>,
-    /// Metadata as key=value (repeatable).
-    #[arg(long = "meta", value_parser = parse_meta)]
-    meta: Vec<(String, String)>,
-    /// Zone.
-    #[arg(long)]
-    zone: Option<String>,
-    /// TTL of the heartbeat check, e.g. 10s, 1500ms, 1m.
-    #[arg(long, default_value = "10s", value_parser = common::parse_duration)]
-    ttl: Duration,
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free one).
-    #[arg(long, value_name = "HOST:PORT")]
-    metrics_addr: Option<String>,
-}
-
-fn parse_meta(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not key=value")),
-    }
+    #[command(flatten)]
+    instance: InstanceArgs,
 }
 
 #[tokio::main]
@@ -161,7 +123,7 @@ impl Service {
     async fn start(args: Args) -> Result<Service, String> {
         // Bad input fails before anything listens or connects.
         waypost::ServiceName::new(&args.name).map_err(|e| e.to_string())?;
-        let metrics = match &args.metrics_addr {
+        let metrics = match &args.instance.metrics_addr {
             Some(addr) => Some(common::MetricsServer::start(addr).await?),
             None => None,
         };
@@ -169,41 +131,19 @@ impl Service {
         if args.backend.backend == common::BackendKind::Memory {
             tracing::info!("memory backend: the registration is visible only inside this process");
         }
-        let id = args
-            .id
-            .clone()
-            .unwrap_or_else(|| format!("{}-{:08x}", args.name, fastrand::u32(..)));
-
-        let bind = args
-            .bind
-            .or_else(|| args.host.as_deref().and_then(|h| h.parse().ok()))
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind, args.port))
-            .await
-            .map_err(|e| format!("cannot listen on {bind}:{}: {e}", args.port))?;
+        let id = args.instance.id_for(&args.name);
+        let listener = args.instance.listen().await?;
         let port = listener
             .local_addr()
             .map_err(|e| format!("cannot read the bound address: {e}"))?
             .port();
         let server = UserService::start(listener, &id).map_err(|e| format!("cannot serve: {e}"))?;
 
-        let mut registration = Registration::builder(&args.name, &id)
-            .port(port)
-            .weight(args.weight)
-            .check(HealthCheck::ttl(args.ttl));
-        if let Some(host) = &args.host {
-            registration = registration.host(host);
-        }
-        for tag in &args.tags {
-            registration = registration.tag(tag);
-        }
-        for (k, v) in &args.meta {
-            registration = registration.meta(k, v);
-        }
-        if let Some(zone) = &args.zone {
-            registration = registration.zone(zone);
-        }
-        let registration = registration.build().map_err(|e| e.to_string())?;
+        let registration = args
+            .instance
+            .registration(&args.name, &id, port)
+            .build()
+            .map_err(|e| e.to_string())?;
         let handle = backend
             .registry
             .register(registration)
@@ -246,7 +186,7 @@ impl Service {
 
     /// Where the metrics endpoint listens, when `--metrics-addr` was given.
     #[cfg(test)]
-    fn metrics_addr(&self) -> Option<SocketAddr> {
+    fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics.as_ref().map(common::MetricsServer::addr)
     }
 
@@ -266,6 +206,9 @@ impl Service {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
     use super::*;
     use common::scrape::{self, Scrape};
     use serde_json::json;
@@ -292,10 +235,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(args.backend.backend, common::BackendKind::Consul);
-        assert_eq!((args.port, args.weight), (0, 2));
-        assert_eq!(args.tags, ["v1"]);
-        assert_eq!(args.meta, [("zone".to_owned(), "a".to_owned())]);
-        assert_eq!(args.ttl, Duration::from_secs(10));
+        assert_eq!((args.instance.port, args.instance.weight), (0, 2));
+        assert_eq!(args.instance.tags, ["v1"]);
+        assert_eq!(args.instance.meta, [("zone".to_owned(), "a".to_owned())]);
+        assert_eq!(args.instance.ttl, Duration::from_secs(10));
 
         let args = Args::try_parse_from([
             "user-service",
@@ -525,9 +468,12 @@ mod tests {
     #[test]
     fn metrics_addr_is_an_option() {
         let args = Args::try_parse_from(["user-service", "--metrics-addr", "127.0.0.1:0"]).unwrap();
-        assert_eq!(args.metrics_addr.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(args.instance.metrics_addr.as_deref(), Some("127.0.0.1:0"));
         assert_eq!(
-            Args::try_parse_from(["user-service"]).unwrap().metrics_addr,
+            Args::try_parse_from(["user-service"])
+                .unwrap()
+                .instance
+                .metrics_addr,
             None
         );
     }

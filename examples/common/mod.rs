@@ -523,3 +523,121 @@ pub fn percentile_ms(sorted: &[Duration], p: usize) -> f64 {
     let ms = sorted[rank - 1].as_secs_f64() * 1000.0;
     (ms * 1000.0).round() / 1000.0
 }
+
+/// The flags of a service example's instance, shared by `user-service` and `grpc-service`.
+#[derive(Debug, clap::Args)]
+pub struct InstanceArgs {
+    /// Instance id (default: <name>-<8 random hex digits>).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Address to register (default: chosen by the backend).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Address to listen on (default: --host when it is an IP address, else 0.0.0.0).
+    #[arg(long)]
+    pub bind: Option<std::net::IpAddr>,
+    /// Port to listen on and register; 0 picks a free one.
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// Balancing weight.
+    #[arg(long, default_value_t = 1)]
+    pub weight: u32,
+    /// A tag (repeatable).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Metadata as key=value (repeatable).
+    #[arg(long = "meta", value_parser = parse_meta)]
+    pub meta: Vec<(String, String)>,
+    /// Zone.
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// TTL of the heartbeat check, e.g. 10s, 1500ms, 1m.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free one).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
+}
+
+/// `key=value`, for `--meta`.
+pub fn parse_meta(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+impl InstanceArgs {
+    /// The instance id: `--id`, or `<name>-<8 random hex digits>`.
+    pub fn id_for(&self, name: &str) -> String {
+        self.id
+            .clone()
+            .unwrap_or_else(|| format!("{name}-{:08x}", fastrand::u32(..)))
+    }
+
+    /// Listens on `--bind` (or `--host` when it is an IP address, else every address) and
+    /// `--port`.
+    pub async fn listen(&self) -> Result<TcpListener, String> {
+        use std::net::{IpAddr, Ipv4Addr};
+        let bind = self
+            .bind
+            .or_else(|| self.host.as_deref().and_then(|h| h.parse().ok()))
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        TcpListener::bind(SocketAddr::new(bind, self.port))
+            .await
+            .map_err(|e| format!("cannot listen on {bind}:{}: {e}", self.port))
+    }
+
+    /// The registration of instance `id` of `name` on `port`, from the flags: weight, TTL
+    /// check, host, tags, metadata, zone.
+    pub fn registration(&self, name: &str, id: &str, port: u16) -> waypost::RegistrationBuilder {
+        let mut registration = waypost::Registration::builder(name, id)
+            .port(port)
+            .weight(self.weight)
+            .check(waypost::HealthCheck::ttl(self.ttl));
+        if let Some(host) = &self.host {
+            registration = registration.host(host);
+        }
+        for tag in &self.tags {
+            registration = registration.tag(tag);
+        }
+        for (k, v) in &self.meta {
+            registration = registration.meta(k, v);
+        }
+        if let Some(zone) = &self.zone {
+            registration = registration.zone(zone);
+        }
+        registration
+    }
+}
+
+/// The flags of a client example's load, shared by `client` and `grpc-client`.
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    /// Balancing strategy.
+    #[arg(long, default_value = "round-robin",
+          value_parser = clap::builder::PossibleValuesParser::new(waypost::strategies::names()))]
+    pub strategy: String,
+    /// Requests (calls) to send.
+    #[arg(long, default_value_t = 600)]
+    pub requests: usize,
+    /// Send until this much time has passed (e.g. 10s, 500ms), instead of --requests.
+    #[arg(long, value_parser = parse_duration, conflicts_with = "requests")]
+    pub duration: Option<Duration>,
+    /// Requests (calls) in flight at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: u16,
+    /// Hash key for hashing strategies: `path` (the requested user), or a header name (HTTP) or
+    /// metadata key (gRPC) whose value `user-<n>` is sent and hashed.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// How long to wait for a first instance.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub wait: Duration,
+    /// Time limit per request (call), retries included.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics while running (port 0: a free one).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
+}

@@ -50,7 +50,7 @@ use waypost_grpc_examples::users::users_client::UsersClient;
 use waypost_grpc_examples::users::GetUserRequest;
 use waypost_grpc_examples::{serve, Serving, UsersServer, GET_USER, USERS};
 
-use common::BackendArgs;
+use common::{BackendArgs, LoadArgs};
 
 /// The metadata key `--key path` sends the requested user id in (and hashes).
 const USER_ID_METADATA: &str = "x-user-id";
@@ -63,31 +63,8 @@ struct Args {
     /// Service to call.
     #[arg(long, default_value = "user-grpc")]
     service: String,
-    /// Balancing strategy.
-    #[arg(long, default_value = "round-robin",
-          value_parser = clap::builder::PossibleValuesParser::new(waypost::strategies::names()))]
-    strategy: String,
-    /// Calls to send.
-    #[arg(long, default_value_t = 600)]
-    requests: usize,
-    /// Send calls until this much time has passed (e.g. 10s, 500ms), instead of --requests.
-    #[arg(long, value_parser = common::parse_duration, conflicts_with = "requests")]
-    duration: Option<Duration>,
-    /// Calls in flight at once.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
-    concurrency: u16,
-    /// Hash key for hashing strategies: `path` (the user id), or a metadata key.
-    #[arg(long)]
-    key: Option<String>,
-    /// How long to wait for a first instance.
-    #[arg(long, default_value = "10s", value_parser = common::parse_duration)]
-    wait: Duration,
-    /// Time limit per call, retries included.
-    #[arg(long, default_value = "5s", value_parser = common::parse_duration)]
-    timeout: Duration,
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics while running (port 0: a free one).
-    #[arg(long, value_name = "HOST:PORT")]
-    metrics_addr: Option<String>,
+    #[command(flatten)]
+    load: LoadArgs,
     /// Trust this CA (PEM) for instances registered with metadata scheme=https.
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
@@ -191,9 +168,9 @@ impl Session {
     async fn start(args: Args) -> Result<Session, String> {
         // Bad input fails before anything listens or connects.
         let service = ServiceName::new(&args.service).map_err(|e| e.to_string())?;
-        let key = args.key.as_deref().map(Key::parse).transpose()?;
-        let strategy = waypost::strategies::by_name(&args.strategy)
-            .ok_or_else(|| format!("strategy {:?} is not compiled in", args.strategy))?;
+        let key = args.load.key.as_deref().map(Key::parse).transpose()?;
+        let strategy = waypost::strategies::by_name(&args.load.strategy)
+            .ok_or_else(|| format!("strategy {:?} is not compiled in", args.load.strategy))?;
         let ca = match &args.ca {
             Some(path) => Some(
                 std::fs::read(path)
@@ -202,7 +179,7 @@ impl Session {
             None => None,
         };
 
-        let metrics = match &args.metrics_addr {
+        let metrics = match &args.load.metrics_addr {
             Some(addr) => Some(common::MetricsServer::start(addr).await?),
             None => None,
         };
@@ -210,17 +187,17 @@ impl Session {
         let demo = demo_instances(&args, &backend).await?;
 
         let balancer = Balancer::watch(&*backend.discovery, &service, strategy);
-        if !balancer.wait_ready(args.wait).await {
+        if !balancer.wait_ready(args.load.wait).await {
             stop_demo(demo).await;
             return Err(format!(
                 "no instance of {service} appeared within {:?}; start one, e.g. \
                  cargo run -p waypost-grpc-examples --example grpc-service -- --backend consul \
                  --name {service} --port 0",
-                args.wait
+                args.load.wait
             ));
         }
         let mut builder = GrpcChannel::builder(balancer)
-            .connect_timeout(args.timeout.min(Duration::from_secs(1)))
+            .connect_timeout(args.load.timeout.min(Duration::from_secs(1)))
             .idempotent(GET_USER);
         if let Some(key) = &key {
             builder = builder.hash_key(key.metadata_key());
@@ -254,12 +231,12 @@ impl Session {
     /// Sends `--requests` calls, or for `--duration`, `--concurrency` at a time.
     async fn send(&self) -> Result<Report, String> {
         let next = Arc::new(AtomicUsize::new(0));
-        let (total, until) = match self.args.duration {
+        let (total, until) = match self.args.load.duration {
             Some(d) => (usize::MAX, Some(Instant::now() + d)),
-            None => (self.args.requests, None),
+            None => (self.args.load.requests, None),
         };
-        let timeout = self.args.timeout;
-        let workers: Vec<_> = (0..self.args.concurrency)
+        let timeout = self.args.load.timeout;
+        let workers: Vec<_> = (0..self.args.load.concurrency)
             .map(|_| {
                 let (mut client, next) = (self.client.clone(), next.clone());
                 let key = self.key.clone();
@@ -278,11 +255,16 @@ impl Session {
                 })
             })
             .collect();
-        let mut results = Vec::with_capacity(self.args.duration.map_or(self.args.requests, |_| 0));
+        let mut results = Vec::with_capacity(
+            self.args
+                .load
+                .duration
+                .map_or(self.args.load.requests, |_| 0),
+        );
         for w in workers {
             results.extend(w.await.map_err(|e| format!("a request task failed: {e}"))?);
         }
-        Ok(report(self.args.strategy.clone(), results))
+        Ok(report(self.args.load.strategy.clone(), results))
     }
 
     /// Deregisters and stops the demo instances, then the metrics endpoint.
@@ -413,7 +395,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(args.backend.backend, common::BackendKind::Consul);
-        assert_eq!((args.requests, args.concurrency), (600, 4));
+        assert_eq!((args.load.requests, args.load.concurrency), (600, 4));
         assert_eq!(args.ca, Some(PathBuf::from("ca.pem")));
         let names = waypost::strategies::names();
         assert!(
@@ -421,7 +403,7 @@ mod tests {
             "{names:?}"
         );
         for name in names {
-            assert_eq!(parse(&["--strategy", name]).unwrap().strategy, name);
+            assert_eq!(parse(&["--strategy", name]).unwrap().load.strategy, name);
         }
         let err = parse(&["--strategy", "fastest"]).unwrap_err().to_string();
         assert!(
@@ -690,7 +672,7 @@ mod tests {
             "2",
         ])
         .unwrap();
-        assert_eq!(args.duration, Some(Duration::from_millis(400)));
+        assert_eq!(args.load.duration, Some(Duration::from_millis(400)));
         let session = Session::start(args).await.unwrap();
         let started = Instant::now();
         let report = session.send().await.unwrap();

@@ -34,16 +34,13 @@
 mod common;
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
-use waypost::{HealthCheck, Registration};
 use waypost_grpc_examples::{serve, server_tls, Serving, UsersServer};
 
-use common::BackendArgs;
+use common::{BackendArgs, InstanceArgs};
 
 #[derive(Debug, Parser)]
 #[command(about = "A gRPC user service that registers itself with Waypost")]
@@ -53,36 +50,8 @@ struct Args {
     /// Service name to register under.
     #[arg(long, default_value = "user-grpc")]
     name: String,
-    /// Instance id (default: <name>-<8 random hex digits>).
-    #[arg(long)]
-    id: Option<String>,
-    /// Address to register (default: chosen by the backend).
-    #[arg(long)]
-    host: Option<String>,
-    /// Address to listen on (default: --host when it is an IP address, else 0.0.0.0).
-    #[arg(long)]
-    bind: Option<IpAddr>,
-    /// Port to listen on and register; 0 picks a free one.
-    #[arg(long, default_value_t = 0)]
-    port: u16,
-    /// Balancing weight.
-    #[arg(long, default_value_t = 1)]
-    weight: u32,
-    /// A tag (repeatable).
-    #[arg(long = "tag")]
-    tags: Vec<String>,
-    /// Metadata as key=value (repeatable).
-    #[arg(long = "meta", value_parser = parse_meta)]
-    meta: Vec<(String, String)>,
-    /// Zone.
-    #[arg(long)]
-    zone: Option<String>,
-    /// TTL of the heartbeat check, e.g. 10s, 1500ms, 1m.
-    #[arg(long, default_value = "10s", value_parser = common::parse_duration)]
-    ttl: Duration,
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free one).
-    #[arg(long, value_name = "HOST:PORT")]
-    metrics_addr: Option<String>,
+    #[command(flatten)]
+    instance: InstanceArgs,
     /// Serve TLS with this certificate (chain), PEM; registers metadata scheme=https.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -91,22 +60,29 @@ struct Args {
     tls_key: Option<PathBuf>,
 }
 
-fn parse_meta(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some(("protocol", _)) => Err("the service registers protocol=grpc itself".to_owned()),
-        Some(("scheme", _)) => Err(
-            "the service registers scheme=https itself when it serves TLS (--tls-cert, --tls-key)"
-                .to_owned(),
-        ),
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not key=value")),
+impl Args {
+    /// Refuses the metadata the service registers itself.
+    fn checked(self) -> Result<Args, clap::Error> {
+        for (k, _) in &self.instance.meta {
+            let why = match k.as_str() {
+                "protocol" => "the service registers protocol=grpc itself",
+                "scheme" => {
+                    "the service registers scheme=https itself when it serves TLS (--tls-cert, --tls-key)"
+                }
+                _ => continue,
+            };
+            return Err(clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("--meta {k}=...: {why}\n"),
+            ));
+        }
+        Ok(self)
     }
 }
-
 #[tokio::main]
 async fn main() -> ExitCode {
     common::init_tracing();
-    let args = Args::parse();
+    let args = Args::parse().checked().unwrap_or_else(|e| e.exit());
     match run(args, shutdown_signal(), |line| println!("{line}")).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -203,14 +179,11 @@ impl Service {
             (Some(cert), Some(key)) => Some(read_tls(cert, key)?),
             _ => None,
         };
-        let id = args
-            .id
-            .clone()
-            .unwrap_or_else(|| format!("{}-{:08x}", args.name, fastrand::u32(..)));
+        let id = args.instance.id_for(&args.name);
         let users = UsersServer::new(id.as_str(), None, false)
             .map_err(|e| format!("instance id {id:?} cannot be sent as gRPC metadata: {e}"))?;
 
-        let metrics = match &args.metrics_addr {
+        let metrics = match &args.instance.metrics_addr {
             Some(addr) => Some(common::MetricsServer::start(addr).await?),
             None => None,
         };
@@ -219,37 +192,18 @@ impl Service {
             tracing::info!("memory backend: the registration is visible only inside this process");
         }
 
-        let bind = args
-            .bind
-            .or_else(|| args.host.as_deref().and_then(|h| h.parse().ok()))
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let listener = tokio::net::TcpListener::bind(SocketAddr::new(bind, args.port))
-            .await
-            .map_err(|e| format!("cannot listen on {bind}:{}: {e}", args.port))?;
+        let listener = args.instance.listen().await?;
         let https = tls.is_some();
         let server = serve(listener, users, tls)
             .await
             .map_err(|e| format!("cannot serve: {e}"))?;
 
-        let mut registration = Registration::builder(&args.name, &id)
-            .port(server.addr().port())
-            .weight(args.weight)
-            .check(HealthCheck::ttl(args.ttl));
-        if let Some(host) = &args.host {
-            registration = registration.host(host);
-        }
-        for tag in &args.tags {
-            registration = registration.tag(tag);
-        }
-        for (k, v) in &args.meta {
-            registration = registration.meta(k, v);
-        }
-        registration = registration.meta("protocol", "grpc");
+        let mut registration = args
+            .instance
+            .registration(&args.name, &id, server.addr().port())
+            .meta("protocol", "grpc");
         if https {
             registration = registration.meta("scheme", "https");
-        }
-        if let Some(zone) = &args.zone {
-            registration = registration.zone(zone);
         }
         let registration = registration.build().map_err(|e| e.to_string())?;
         let handle = backend
@@ -309,6 +263,9 @@ impl Service {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
     use super::*;
     use common::scrape::{self, Scrape};
     use serde_json::json;
@@ -322,6 +279,7 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("grpc-service").chain(args.iter().copied()))
+            .and_then(Args::checked)
     }
 
     #[test]
@@ -348,11 +306,11 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(args.backend.backend, common::BackendKind::Consul);
-        assert_eq!((args.port, args.weight), (0, 2));
-        assert_eq!(args.tags, ["v1"]);
-        assert_eq!(args.meta, [("zone".to_owned(), "a".to_owned())]);
-        assert_eq!(args.ttl, Duration::from_secs(10));
-        assert_eq!(args.zone.as_deref(), Some("z1"));
+        assert_eq!((args.instance.port, args.instance.weight), (0, 2));
+        assert_eq!(args.instance.tags, ["v1"]);
+        assert_eq!(args.instance.meta, [("zone".to_owned(), "a".to_owned())]);
+        assert_eq!(args.instance.ttl, Duration::from_secs(10));
+        assert_eq!(args.instance.zone.as_deref(), Some("z1"));
         assert_eq!(args.tls_cert, None);
 
         let args = parse(&[
