@@ -31,7 +31,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use common::{BackendArgs, InstanceArgs, UserService};
+use common::{line, BackendArgs, Event, InstanceArgs, UserService};
 
 #[derive(Debug, Parser)]
 #[command(about = "A user service that registers itself with Waypost")]
@@ -49,53 +49,13 @@ struct Args {
 async fn main() -> ExitCode {
     common::init_tracing();
     let args = Args::parse();
-    match run(args, shutdown_signal(), |line| println!("{line}")).await {
+    match run(args, common::shutdown_signal(), |line| println!("{line}")).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("user-service: {e}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM ({e}); stop with Ctrl-C");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-/// One output line; fields in the documented order.
-#[derive(serde::Serialize)]
-struct Event<'a> {
-    event: &'static str,
-    id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    service: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    addr: Option<&'a str>,
-}
-
-fn line(event: &Event<'_>) -> String {
-    // Serializing borrowed strings into a String cannot fail.
-    serde_json::to_string(event).unwrap_or_default()
 }
 
 /// Serves, registers, waits for `shutdown`, deregisters. Emits the JSON lines through `emit`.

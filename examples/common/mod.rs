@@ -641,3 +641,52 @@ pub struct LoadArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
 }
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed at once, before the future is
+/// polled, so that a signal that comes while the service starts is not lost.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let handlers = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        async move {
+            match handlers {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!("cannot listen for SIGTERM/SIGINT ({e}); stop with Ctrl-C");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// One output line of a service example; fields in the documented order.
+#[derive(serde::Serialize)]
+pub struct Event<'a> {
+    pub event: &'static str,
+    pub id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<&'a str>,
+}
+
+pub fn line(event: &Event<'_>) -> String {
+    // Serializing borrowed strings into a String cannot fail.
+    serde_json::to_string(event).unwrap_or_default()
+}

@@ -40,7 +40,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use waypost_grpc_examples::{serve, server_tls, Serving, UsersServer};
 
-use common::{BackendArgs, InstanceArgs};
+use common::{line, BackendArgs, Event, InstanceArgs};
 
 #[derive(Debug, Parser)]
 #[command(about = "A gRPC user service that registers itself with Waypost")]
@@ -83,62 +83,13 @@ impl Args {
 async fn main() -> ExitCode {
     common::init_tracing();
     let args = Args::parse().checked().unwrap_or_else(|e| e.exit());
-    match run(args, shutdown_signal(), |line| println!("{line}")).await {
+    match run(args, common::shutdown_signal(), |line| println!("{line}")).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("grpc-service: {e}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// Resolves on SIGTERM or SIGINT. The handlers are installed at once, before the future is
-/// polled, so that a signal that comes while the service starts is not lost.
-fn shutdown_signal() -> impl Future<Output = ()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let handlers = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        );
-        async move {
-            match handlers {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
-                    }
-                }
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::warn!("cannot listen for SIGTERM/SIGINT ({e}); stop with Ctrl-C");
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-/// One output line; fields in the documented order.
-#[derive(serde::Serialize)]
-struct Event<'a> {
-    event: &'static str,
-    id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    service: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    addr: Option<&'a str>,
-}
-
-fn line(event: &Event<'_>) -> String {
-    // Serializing borrowed strings into a String cannot fail.
-    serde_json::to_string(event).unwrap_or_default()
 }
 
 /// Serves, registers, waits for `shutdown`, deregisters. Emits the JSON lines through `emit`.
