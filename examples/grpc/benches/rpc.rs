@@ -11,6 +11,8 @@
 //! - `rpc/waypost/<strategy>`: the same call over `GrpcChannel` on a `Balancer` holding the same
 //!   three instances: pick, per-instance tonic channel, outcome and latency recorded, a copy of
 //!   the request kept for a retry; `round-robin-1-attempt` without retries (no copy).
+//! - `rpc/waypost-hyper/round-robin`: an experiment, `waypost::tower::Balanced` over a plain hyper
+//!   HTTP/2 client per instance (no tonic `Buffer` worker), with the gRPC classifier.
 //! - `rpc/tonic-one-endpoint` and `rpc/waypost/one-instance`: the same call to one server, through
 //!   one lazily connecting tonic channel, and through `GrpcChannel` on a one-instance balancer.
 //!
@@ -138,6 +140,38 @@ fn on(c: &mut Criterion, group: &str, rt: &tokio::runtime::Runtime) {
             b.iter_custom(|iters| rt.block_on(calls(&mut client, iters)))
         });
     }
+    // The experiment: `Balanced` over a hyper HTTP/2 client per instance, no `Buffer` worker.
+    {
+        use hyper_util::client::legacy::Client;
+        use hyper_util::rt::TokioExecutor;
+        let b = balancer(waypost::strategies::RoundRobin::new(), &servers);
+        let make = |i: &ServiceInstance| {
+            let authority = i.authority();
+            let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            connector.set_nodelay(true);
+            let client: Client<_, tonic::body::Body> = Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector);
+            tower::util::MapRequest::new(client, move |mut r: http::Request<tonic::body::Body>| {
+                let path = r
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_default();
+                *r.uri_mut() = format!("http://{authority}{path}").parse().expect("a URI");
+                r
+            })
+        };
+        let svc = waypost::tower::Balanced::builder(b, make)
+            .classify(waypost::tower::GrpcStatus)
+            .build();
+        let mut client = UsersClient::new(svc);
+        rt.block_on(calls(&mut client, 50));
+        c.bench_function(&format!("{group}/waypost-hyper/round-robin"), |bench| {
+            bench.iter_custom(|iters| rt.block_on(calls(&mut client, iters)))
+        });
+    }
+
     // One instance each way: one `Buffer` worker on both sides.
     let one = Endpoint::from_shared(format!("http://{}", servers[0].addr())).expect("a valid URI");
     let mut tonic_one = rt.block_on(async { UsersClient::new(one.connect_lazy()) });
