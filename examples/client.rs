@@ -31,11 +31,9 @@
 
 mod common;
 
-use common::{report, Report};
+use common::Report;
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -60,23 +58,7 @@ struct Args {
 async fn main() -> ExitCode {
     common::init_tracing();
     let args = Args::parse();
-    let report = match run(args).await {
-        Ok(report) => report,
-        Err(e) => {
-            eprintln!("client: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match serde_json::to_string(&report) {
-        Ok(json) => {
-            println!("{json}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("client: cannot encode the report: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::print_report("client", run(args).await)
 }
 
 /// Starts, sends, stops.
@@ -150,40 +132,14 @@ impl Session {
 
     /// Sends `--requests` requests, or for `--duration`, `--concurrency` at a time.
     async fn send(&self) -> Result<Report, String> {
-        let next = Arc::new(AtomicUsize::new(0));
-        let (total, until) = match self.args.load.duration {
-            Some(d) => (usize::MAX, Some(Instant::now() + d)),
-            None => (self.args.load.requests, None),
-        };
-        let workers: Vec<_> = (0..self.args.load.concurrency)
-            .map(|_| {
-                let (client, next) = (self.client.clone(), next.clone());
-                let hash_key = self.hash_key.clone();
-                tokio::spawn(async move {
-                    let mut results = Vec::new();
-                    loop {
-                        if until.is_some_and(|until| Instant::now() >= until) {
-                            return results;
-                        }
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= total {
-                            return results;
-                        }
-                        results.push(one(&client, i, hash_key.as_ref()).await);
-                    }
-                })
+        let (client, hash_key) = (self.client.clone(), self.hash_key.clone());
+        self.args
+            .load
+            .drive(move |i| {
+                let (client, hash_key) = (client.clone(), hash_key.clone());
+                async move { one(&client, i, hash_key.as_ref()).await }
             })
-            .collect();
-        let mut results = Vec::with_capacity(
-            self.args
-                .load
-                .duration
-                .map_or(self.args.load.requests, |_| 0),
-        );
-        for w in workers {
-            results.extend(w.await.map_err(|e| format!("a request task failed: {e}"))?);
-        }
-        Ok(report(self.args.load.strategy.clone(), results))
+            .await
     }
 
     /// Deregisters and stops the demo instances, then the metrics endpoint.

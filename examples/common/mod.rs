@@ -690,3 +690,67 @@ pub fn line(event: &Event<'_>) -> String {
     // Serializing borrowed strings into a String cannot fail.
     serde_json::to_string(event).unwrap_or_default()
 }
+
+impl LoadArgs {
+    /// Sends the load: `--concurrency` workers call `one(i)` for i = 0, 1, 2, ... until
+    /// `--requests` calls were made or `--duration` has passed; then the report. `one` returns
+    /// the instance that answered (`None`: an error) and the call's latency.
+    pub async fn drive<F, Fut>(&self, one: F) -> Result<Report, String>
+    where
+        F: Fn(usize) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = (Option<String>, Duration)> + Send + 'static,
+    {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::time::Instant;
+        let next = Arc::new(AtomicUsize::new(0));
+        let (total, until) = match self.duration {
+            Some(d) => (usize::MAX, Some(Instant::now() + d)),
+            None => (self.requests, None),
+        };
+        let workers: Vec<_> = (0..self.concurrency)
+            .map(|_| {
+                let (one, next) = (one.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut results = Vec::new();
+                    loop {
+                        if until.is_some_and(|until| Instant::now() >= until) {
+                            return results;
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= total {
+                            return results;
+                        }
+                        results.push(one(i).await);
+                    }
+                })
+            })
+            .collect();
+        let mut results = Vec::with_capacity(self.duration.map_or(self.requests, |_| 0));
+        for w in workers {
+            results.extend(w.await.map_err(|e| format!("a request task failed: {e}"))?);
+        }
+        Ok(report(self.strategy.clone(), results))
+    }
+}
+
+/// A client example's end: the report as one JSON line on stdout, or the error on stderr.
+pub fn print_report(example: &str, report: Result<Report, String>) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let report = match report {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("{example}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match serde_json::to_string(&report) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{example}: cannot encode the report: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -34,12 +34,10 @@
 #[path = "../../common/mod.rs"]
 mod common;
 
-use common::{report, Report};
+use common::Report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -125,23 +123,7 @@ fn user_value(n: u32) -> AsciiMetadataValue {
 async fn main() -> ExitCode {
     common::init_tracing();
     let args = Args::parse();
-    let report = match run(args).await {
-        Ok(report) => report,
-        Err(e) => {
-            eprintln!("grpc-client: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match serde_json::to_string(&report) {
-        Ok(json) => {
-            println!("{json}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("grpc-client: cannot encode the report: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::print_report("grpc-client", run(args).await)
 }
 
 /// Starts, sends, stops.
@@ -230,41 +212,18 @@ impl Session {
 
     /// Sends `--requests` calls, or for `--duration`, `--concurrency` at a time.
     async fn send(&self) -> Result<Report, String> {
-        let next = Arc::new(AtomicUsize::new(0));
-        let (total, until) = match self.args.load.duration {
-            Some(d) => (usize::MAX, Some(Instant::now() + d)),
-            None => (self.args.load.requests, None),
-        };
-        let timeout = self.args.load.timeout;
-        let workers: Vec<_> = (0..self.args.load.concurrency)
-            .map(|_| {
-                let (mut client, next) = (self.client.clone(), next.clone());
-                let key = self.key.clone();
-                tokio::spawn(async move {
-                    let mut results = Vec::new();
-                    loop {
-                        if until.is_some_and(|until| Instant::now() >= until) {
-                            return results;
-                        }
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= total {
-                            return results;
-                        }
-                        results.push(one(&mut client, i, key.as_ref(), timeout).await);
-                    }
-                })
-            })
-            .collect();
-        let mut results = Vec::with_capacity(
-            self.args
-                .load
-                .duration
-                .map_or(self.args.load.requests, |_| 0),
+        let (client, key, timeout) = (
+            self.client.clone(),
+            self.key.clone(),
+            self.args.load.timeout,
         );
-        for w in workers {
-            results.extend(w.await.map_err(|e| format!("a request task failed: {e}"))?);
-        }
-        Ok(report(self.args.load.strategy.clone(), results))
+        self.args
+            .load
+            .drive(move |i| {
+                let (mut client, key) = (client.clone(), key.clone());
+                async move { one(&mut client, i, key.as_ref(), timeout).await }
+            })
+            .await
     }
 
     /// Deregisters and stops the demo instances, then the metrics endpoint.
