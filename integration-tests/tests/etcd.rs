@@ -662,6 +662,47 @@ async fn leader_killed_watch_keeps_delivering_and_registration_stays_live() {
     handle.shutdown().await.unwrap();
 }
 
+/// Connecting needs a member that answers, not a leader: a service that starts while its
+/// cluster has lost the quorum comes up, reports the outage, and catches up once a leader is
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_without_a_quorum_succeeds_and_reports_the_outage_until_it_ends() {
+    let cluster = EtcdCluster::start(3).await;
+    let endpoints = cluster.endpoints();
+    let before = client(&endpoints).await;
+    let kept = before
+        .register(registration("quorum", "q-1", 1, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let killed = cluster.kill_leader().await;
+    let also = (killed + 1) % 3;
+    cluster.kill_member(also);
+
+    let etcd = client(&endpoints).await;
+    let err = etcd.instances(&name("quorum")).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    let mut rx = collect(&etcd, "quorum");
+    let mut seen = Seen::default();
+    seen.until(&mut rx, Duration::from_secs(15), "an error", |s| {
+        s.errors > 0
+    })
+    .await;
+    assert!(seen.events.is_empty(), "{:?}", seen.events);
+
+    cluster.restart_member(also).await;
+    seen.until(
+        &mut rx,
+        Duration::from_secs(30),
+        "the set once a leader is back",
+        |s| s.synced > 0 && s.set.len() == 1,
+    )
+    .await;
+    assert_eq!(seen.ids(), BTreeSet::from(["q-1".to_string()]));
+    let listed = etcd.instances(&name("quorum")).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    kept.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_values_are_skipped_and_counted() {
     let server = EtcdServer::start().await;

@@ -226,6 +226,11 @@ impl EtcdBuilder {
     /// cluster ([`Error::Unavailable`]), wrong credentials or missing read permission
     /// ([`Error::PermissionDenied`]) and a bad configuration ([`Error::Config`]) show up here
     /// rather than later.
+    ///
+    /// The read needs a member that answers, not a leader: connecting while the cluster elects
+    /// one, or while it has lost its quorum, succeeds, and the outage shows up in what the
+    /// watch yields and in the calls that need the quorum (with `auth`, though, etcd needs the
+    /// quorum to hand out a token, so connecting waits for it).
     pub async fn connect(self) -> Result<Etcd, Error> {
         if let Some(problem) = &self.env_problem {
             return Err(error::config(problem.clone()));
@@ -253,7 +258,11 @@ impl EtcdBuilder {
             .unwrap_or_else(|| host::local_ipv4().to_string());
         let layout = Layout::new(&self.prefix);
         let attempts = 2 + endpoints.len() as u32;
-        // A cheap read of the prefix: proves that a member answers and that we may read.
+        // A cheap read of the prefix: proves that a member answers and that we may read. It is
+        // serializable (answered from the member's own state) so that a cluster that is
+        // electing a leader, or has lost its quorum for now, is an outage that the watch and
+        // the registrations survive and report, not a start-up failure. etcd checks read
+        // permission on serializable reads too.
         let probe_key = format!("{}/", layout.prefix());
         retry::call(
             &client,
@@ -268,7 +277,8 @@ impl EtcdBuilder {
                         Some(
                             etcd_client::GetOptions::new()
                                 .with_prefix()
-                                .with_count_only(),
+                                .with_count_only()
+                                .with_serializable(),
                         ),
                     )
                     .await
