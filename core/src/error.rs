@@ -47,6 +47,8 @@ pub enum Field {
     CheckAddress,
     /// How long after turning critical the backend removes the instance.
     DeregisterAfter,
+    /// An instance's health status.
+    Health,
 }
 
 impl fmt::Display for Field {
@@ -67,6 +69,7 @@ impl fmt::Display for Field {
             Field::CheckUrl => f.write_str("health check URL"),
             Field::CheckAddress => f.write_str("health check address"),
             Field::DeregisterAfter => f.write_str("deregister-critical-after"),
+            Field::Health => f.write_str("health"),
         }
     }
 }

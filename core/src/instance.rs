@@ -238,6 +238,93 @@ impl<'de> Deserialize<'de> for Weight {
     }
 }
 
+/// What the registry says of an instance's health checks.
+///
+/// Most backends report passing instances only (Consul's default `?passing`, an etcd key whose
+/// lease expired is gone). A backend that also reports failing instances (Consul with
+/// `passing_only(false)`) marks them, so that a [`Balancer`](crate::Balancer) can count them
+/// without sending them traffic: a balancer serves `Passing` and `Warning` instances and
+/// never a `Critical` one, and a [tiered](crate::Balancer::tiered) balancer measures each
+/// tier's health as the share of its instances that are not critical.
+///
+/// ```
+/// use waypost_core::{Health, ServiceInstance};
+/// let inst = ServiceInstance::builder("users", "u1").host("h").port(1).build()?;
+/// assert_eq!(inst.health(), Health::Passing);
+/// let failing = inst.to_builder().health(Health::Critical).build()?;
+/// assert!(!failing.health().is_serving());
+/// assert_eq!("critical".parse::<Health>(), Ok(Health::Critical));
+/// # Ok::<(), waypost_core::ValidationError>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Health {
+    /// Every check passes (or the backend reports passing instances only).
+    #[default]
+    Passing,
+    /// A check warns; the instance still takes traffic.
+    Warning,
+    /// A check fails; the instance takes no traffic.
+    Critical,
+}
+
+impl Health {
+    /// Whether a balancer sends this instance traffic (`Passing` or `Warning`).
+    pub const fn is_serving(self) -> bool {
+        !matches!(self, Health::Critical)
+    }
+
+    /// The lower-case name Consul uses (`passing`, `warning`, `critical`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Health::Passing => "passing",
+            Health::Warning => "warning",
+            Health::Critical => "critical",
+        }
+    }
+
+    fn is_passing(&self) -> bool {
+        *self == Health::Passing
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Health {
+    type Err = ValidationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "passing" => Ok(Health::Passing),
+            "warning" => Ok(Health::Warning),
+            "critical" => Ok(Health::Critical),
+            _ => Err(ValidationError::new(
+                Field::Health,
+                Problem::Invalid(format!(
+                    "{s:?} is not a health status (expected passing, warning or critical)"
+                )),
+            )),
+        }
+    }
+}
+
+impl Serialize for Health {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Health {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// One reachable instance of a service: where it listens and how it describes itself.
 ///
 /// Built with [`ServiceInstance::builder`], which validates every field. Cheap to clone.
@@ -266,6 +353,8 @@ pub struct ServiceInstance {
     metadata: Arc<BTreeMap<String, String>>,
     weight: Weight,
     zone: Option<Arc<str>>,
+    #[serde(skip_serializing_if = "Health::is_passing")]
+    health: Health,
 }
 
 impl ServiceInstance {
@@ -280,6 +369,7 @@ impl ServiceInstance {
             metadata: Vec::new(),
             weight: None,
             zone: None,
+            health: Health::Passing,
         }
     }
 
@@ -327,6 +417,11 @@ impl ServiceInstance {
     pub fn zone(&self) -> Option<&str> {
         self.zone.as_deref()
     }
+    /// What the registry says of its health checks ([`Health::Passing`] unless the backend
+    /// reports failing instances too).
+    pub fn health(&self) -> Health {
+        self.health
+    }
     /// A builder holding this instance's values, to change some of them.
     pub fn to_builder(&self) -> InstanceBuilder {
         InstanceBuilder {
@@ -342,6 +437,7 @@ impl ServiceInstance {
                 .collect(),
             weight: Some(self.weight.get()),
             zone: self.zone.as_deref().map(str::to_owned),
+            health: self.health,
         }
     }
 }
@@ -368,6 +464,7 @@ pub struct InstanceBuilder {
     metadata: Vec<(String, String)>,
     weight: Option<u32>,
     zone: Option<String>,
+    health: Health,
 }
 
 impl InstanceBuilder {
@@ -413,6 +510,11 @@ impl InstanceBuilder {
     /// Sets or clears the zone.
     pub fn zone_opt(mut self, zone: Option<String>) -> Self {
         self.zone = zone;
+        self
+    }
+    /// Sets the health the registry reports (default [`Health::Passing`]); for backends.
+    pub fn health(mut self, health: Health) -> Self {
+        self.health = health;
         self
     }
 
@@ -504,6 +606,7 @@ impl InstanceBuilder {
             metadata: Arc::new(metadata),
             weight,
             zone,
+            health: self.health,
         })
     }
 }
@@ -540,6 +643,8 @@ struct RawInstance {
     weight: Option<u32>,
     #[serde(default)]
     zone: Option<String>,
+    #[serde(default)]
+    health: Health,
 }
 
 impl<'de> Deserialize<'de> for ServiceInstance {
@@ -549,7 +654,8 @@ impl<'de> Deserialize<'de> for ServiceInstance {
             .host(raw.host)
             .port(raw.port)
             .tags(raw.tags)
-            .zone_opt(raw.zone);
+            .zone_opt(raw.zone)
+            .health(raw.health);
         for (k, v) in raw.metadata {
             b = b.meta(k, v);
         }

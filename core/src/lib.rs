@@ -29,7 +29,7 @@ pub use discovery::Discovery;
 pub use endpoint::{clock_nanos, Endpoint, EndpointState, Outcome, EWMA_DECAY};
 pub use error::{Cause, Error, Field, Problem, ValidationError};
 pub use event::{Watch, WatchEvent};
-pub use instance::{InstanceBuilder, InstanceId, ServiceInstance, ServiceName, Weight};
+pub use instance::{Health, InstanceBuilder, InstanceId, ServiceInstance, ServiceName, Weight};
 pub use registration::{HealthCheck, Registration, RegistrationBuilder};
 pub use registry::{KeepAlive, Liveness, RegistrationHandle, Registry, StopMode};
 pub use set::InstanceSet;
