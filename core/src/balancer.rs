@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -16,11 +17,35 @@ use crate::event::{Watch, WatchEvent};
 use crate::instance::{InstanceId, ServiceInstance, ServiceName};
 use crate::metrics::{BalancerMetrics, RequestMetrics};
 use crate::strategy::{PickContext, Picker, Strategy};
+use crate::tiers::{self, Counts, TierStatus, DEFAULT_OVERPROVISIONING};
 
 /// What picks read: replaced whole on every update, never changed in place.
 struct Snapshot {
+    /// Never empty: a balancer without failover tiers has one.
+    tiers: Vec<Arc<TierSnapshot>>,
+    /// Cumulative traffic thresholds, one per tier (see [`tiers::thresholds`]).
+    thresholds: Vec<u64>,
+}
+
+/// One tier's instances and the picker built over them.
+struct TierSnapshot {
     endpoints: Vec<Endpoint>,
     picker: Box<dyn Picker>,
+}
+
+impl TierSnapshot {
+    fn pick(&self, ctx: &PickContext<'_>) -> Option<&Endpoint> {
+        self.picker
+            .pick(&self.endpoints, ctx)
+            .and_then(|i| self.endpoints.get(i))
+    }
+
+    fn find(&self, id: &InstanceId) -> Option<&Endpoint> {
+        self.endpoints
+            .binary_search_by(|e| e.id().cmp(id))
+            .ok()
+            .map(|i| &self.endpoints[i])
+    }
 }
 
 /// Why the balancer serves a set other than the one the backend reported last.
@@ -36,6 +61,9 @@ pub enum FailStatic {
     EmptyPush,
     /// The watch reports errors; the last set received is kept until it recovers.
     BackendError(String),
+    /// The backend reported instances, all of them [critical](crate::Health::Critical); the
+    /// last set with a healthy instance is kept.
+    NoneHealthy,
 }
 
 impl fmt::Display for FailStatic {
@@ -47,6 +75,9 @@ impl fmt::Display for FailStatic {
             FailStatic::BackendError(e) => {
                 write!(f, "the watch failed ({e}); serving the last known set")
             }
+            FailStatic::NoneHealthy => f.write_str(
+                "every instance the backend reported is critical; serving the last healthy set",
+            ),
         }
     }
 }
@@ -59,17 +90,18 @@ pub struct BalancerStatus {
     pub service: Option<ServiceName>,
     /// The strategy's name.
     pub strategy: String,
-    /// Instances picks choose from now.
+    /// Instances picks choose from now (in every tier).
     pub serving: usize,
-    /// Instances the backend reported last.
+    /// Instances the backend reported last (in every tier), critical ones included.
     pub reported: usize,
-    /// Set when the served set differs from the reported one, and why. A
+    /// Set when the served set differs from the reported one, and why (for a balancer with
+    /// tiers: the first tier that is fail-static; see [`Balancer::tiers`]). A
     /// [`BackendError`](FailStatic::BackendError) lasts from a watch error until the watch
     /// says [`WatchEvent::Synced`] again.
     pub fail_static: Option<FailStatic>,
     /// Whether the watch has said it is in sync with the backend ([`WatchEvent::Synced`]) and
-    /// reported no error since. `false` before the first `Synced`, and for a balancer fed by
-    /// hand until it is given one.
+    /// reported no error since (every tier's watch, with tiers). `false` before the first
+    /// `Synced`, and for a balancer fed by hand until it is given one.
     pub in_sync: bool,
     /// Updates applied so far.
     pub updates: u64,
@@ -101,13 +133,14 @@ fn service_suffix(s: &Option<ServiceName>) -> String {
 }
 
 /// Options of a [`Balancer`]; see [`Balancer::builder`].
-#[derive(Clone, Debug)]
 #[must_use]
 pub struct BalancerBuilder {
     strategy: Arc<dyn Strategy>,
     keep_last_on_empty: bool,
     service: Option<ServiceName>,
     instance_labels: bool,
+    tiers: Vec<(String, Option<Watch>)>,
+    overprovisioning: u32,
 }
 
 impl fmt::Debug for dyn Strategy {
@@ -116,10 +149,27 @@ impl fmt::Debug for dyn Strategy {
     }
 }
 
+impl fmt::Debug for BalancerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BalancerBuilder")
+            .field("strategy", &self.strategy)
+            .field("keep_last_on_empty", &self.keep_last_on_empty)
+            .field("service", &self.service)
+            .field("instance_labels", &self.instance_labels)
+            .field(
+                "tiers",
+                &self.tiers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field("overprovisioning", &self.overprovisioning)
+            .finish()
+    }
+}
+
 impl BalancerBuilder {
     /// Whether an empty push keeps the last non-empty set (default `true`: an empty answer from a
     /// registry is far more often a glitch than a real "all gone", and a stale instance fails one
-    /// request where an empty set fails all of them).
+    /// request where an empty set fails all of them). The same holds for a push in which every
+    /// instance is critical ([`FailStatic::NoneHealthy`]).
     pub fn keep_last_on_empty(mut self, keep: bool) -> Self {
         self.keep_last_on_empty = keep;
         self
@@ -143,44 +193,132 @@ impl BalancerBuilder {
         self
     }
 
-    /// Names the service (for status and errors) without following a watch.
+    /// Names the service (for status, errors and metrics). Defaults to the service of the
+    /// watch given to [`watch`](Self::watch), or of the first [`tier`](Self::tier).
     pub fn service(mut self, service: ServiceName) -> Self {
         self.service = Some(service);
         self
     }
 
-    /// A balancer fed by hand with [`Balancer::apply`].
-    pub fn build(self) -> Balancer {
-        let empty = Snapshot {
-            picker: self.strategy.build(&[]),
-            endpoints: Vec::new(),
+    /// Adds a failover tier that follows `discovery.watch(service)`. Tiers are in the order
+    /// added, the first one preferred: it takes all the traffic while its healthy share ×
+    /// the [overprovisioning](Self::overprovisioning) factor covers 100 %, and what it cannot
+    /// take spills to the next ones (the rule is in [`TierStatus`]'s module docs and
+    /// [`Balancer::tiers`]). Each tier has its own strategy state and is fail-static on its
+    /// own; an instance id that a higher tier serves is left out of the lower ones, so an
+    /// instance registered in two registries (a migration) is counted and served once.
+    ///
+    /// For the health share to mean something, a tier's backend must report failing instances
+    /// as [critical](crate::Health::Critical) rather than drop them (Consul with
+    /// `passing_only(false)`). A backend that drops them (etcd, when a lease expires) makes a
+    /// tier look healthy while any instance is left.
+    pub fn tier<D: Discovery + ?Sized>(
+        mut self,
+        name: impl Into<String>,
+        discovery: &D,
+        service: &ServiceName,
+    ) -> Self {
+        if self.service.is_none() {
+            self.service = Some(service.clone());
+        }
+        self.tiers
+            .push((name.into(), Some(discovery.watch(service))));
+        self
+    }
+
+    /// Adds a failover tier that follows an existing watch stream; see [`tier`](Self::tier).
+    pub fn tier_from_watch(mut self, name: impl Into<String>, watch: Watch) -> Self {
+        self.tiers.push((name.into(), Some(watch)));
+        self
+    }
+
+    /// The overprovisioning factor of a balancer with tiers, in percent (default
+    /// [`DEFAULT_OVERPROVISIONING`], Envoy's 140 %): a tier whose healthy share × this factor
+    /// reaches 100 % takes all the traffic that reaches it. 100 spills as soon as one instance
+    /// of the first tier is critical; 0 is taken as 1.
+    pub fn overprovisioning(mut self, percent: u32) -> Self {
+        self.overprovisioning = percent.max(1);
+        self
+    }
+
+    /// Builds the balancer: fed by hand with [`Balancer::apply`] when no tier was added, else
+    /// following every tier's watch on a background task each (until the last clone of the
+    /// balancer is dropped).
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime, when tiers were added.
+    pub fn build(mut self) -> Balancer {
+        let mut watches = Vec::new();
+        let names: Vec<String> = if self.tiers.is_empty() {
+            vec![String::new()]
+        } else {
+            self.tiers
+                .iter_mut()
+                .map(|(name, watch)| {
+                    watches.extend(watch.take());
+                    name.clone()
+                })
+                .collect()
+        };
+        let balancer = self.build_tiers(&names);
+        for (tier, watch) in watches.into_iter().enumerate() {
+            balancer.follow(tier, watch);
+        }
+        balancer
+    }
+
+    fn build_tiers(&self, names: &[String]) -> Balancer {
+        let empty = || {
+            Arc::new(TierSnapshot {
+                picker: self.strategy.build(&[]),
+                endpoints: Vec::new(),
+            })
         };
         let (ready, _) = watch::channel(0usize);
-        let metrics = BalancerMetrics::new(self.service.as_ref().map(ServiceName::as_str));
+        let service = self.service.as_ref().map(ServiceName::as_str);
+        let metrics = BalancerMetrics::new(service, if names.len() > 1 { names } else { &[] });
+        let first_only: Vec<u64> = std::iter::once(tiers::WHOLE)
+            .chain(std::iter::repeat(tiers::WHOLE))
+            .take(names.len())
+            .collect();
         Balancer {
             shared: Arc::new(Shared {
-                generation: std::sync::atomic::AtomicU64::new(0),
+                generation: AtomicU64::new(0),
+                spill_seq: AtomicU64::new(0),
                 metrics,
                 instance_labels: self.instance_labels,
-                current: ArcSwap::from_pointee(empty),
+                current: ArcSwap::from_pointee(Snapshot {
+                    tiers: names.iter().map(|_| empty()).collect(),
+                    thresholds: first_only,
+                }),
                 updater: Mutex::new(Updater {
-                    reported: BTreeMap::new(),
+                    tiers: names
+                        .iter()
+                        .map(|name| TierState {
+                            name: name.clone(),
+                            reported: BTreeMap::new(),
+                            fail_static: None,
+                            in_sync: false,
+                            counts: Counts::default(),
+                            share: 0.0,
+                        })
+                        .collect(),
                     retired: None,
-                    strategy: self.strategy,
-                    fail_static: None,
-                    in_sync: false,
+                    strategy: self.strategy.clone(),
                     updates: 0,
                 }),
                 keep_last_on_empty: self.keep_last_on_empty,
-                service: self.service,
+                overprovisioning: self.overprovisioning,
+                service: self.service.clone(),
                 ready,
-                task: Mutex::new(None),
+                tasks: Mutex::new(Vec::new()),
             }),
         }
     }
 
     /// A balancer that follows `discovery.watch(service)` on a background task (on the current
-    /// Tokio runtime) until the last clone of the balancer is dropped.
+    /// Tokio runtime) until the last clone of the balancer is dropped. With tiers added, this
+    /// is one more tier (the last one), named after the service.
     ///
     /// # Panics
     /// Outside a Tokio runtime.
@@ -189,26 +327,35 @@ impl BalancerBuilder {
         discovery: &D,
         service: &ServiceName,
     ) -> Balancer {
-        self.service = Some(service.clone());
-        let watch = discovery.watch(service);
-        self.build_from_watch(watch)
+        if self.tiers.is_empty() {
+            self.service = Some(service.clone());
+            let watch = discovery.watch(service);
+            self.build_from_watch(watch)
+        } else {
+            self.tier(service.as_str(), discovery, service).build()
+        }
     }
 
-    /// A balancer that follows an existing watch stream.
+    /// A balancer that follows an existing watch stream. With tiers added, this is one more
+    /// tier (the last one).
     ///
     /// # Panics
     /// Outside a Tokio runtime.
     pub fn build_from_watch(self, watch: Watch) -> Balancer {
-        let balancer = self.build();
-        let weak = Arc::downgrade(&balancer.shared);
-        let task = tokio::spawn(follow(weak, watch));
-        *lock(&balancer.shared.task) = Some(task.abort_handle());
-        balancer
+        if self.tiers.is_empty() {
+            let balancer = self.build_tiers(&[String::new()]);
+            balancer.follow(0, watch);
+            balancer
+        } else {
+            let name = format!("tier {}", self.tiers.len());
+            self.tier_from_watch(name, watch).build()
+        }
     }
 }
 
-/// Applies a watch to a balancer; ends when the balancer is gone or the watch ends.
-async fn follow(shared: Weak<Shared>, mut watch: Watch) {
+/// Applies a watch to one tier of a balancer; ends when the balancer is gone or the watch
+/// ends.
+async fn follow(shared: Weak<Shared>, tier: usize, mut watch: Watch) {
     while let Some(first) = watch.next().await {
         // Drain what is already queued so that a burst (a resync diff) costs one rebuild.
         let mut batch = vec![first];
@@ -228,18 +375,18 @@ async fn follow(shared: Weak<Shared>, mut watch: Watch) {
                 Ok(ev) => events.push(ev),
                 Err(e) => {
                     if !events.is_empty() {
-                        balancer.apply_all(std::mem::take(&mut events));
+                        balancer.apply_to(tier, std::mem::take(&mut events));
                     }
-                    balancer.report_error(&e);
+                    balancer.report_error_to(tier, &e);
                 }
             }
         }
         if !events.is_empty() {
-            balancer.apply_all(events);
+            balancer.apply_to(tier, events);
         }
     }
     if let Some(shared) = shared.upgrade() {
-        tracing::warn!(service = ?shared.service, "watch ended; the balancer keeps serving its last set");
+        tracing::warn!(service = ?shared.service, tier, "watch ended; the balancer keeps serving its last set");
     }
 }
 
@@ -254,20 +401,23 @@ impl<S: StreamExt + Unpin + ?Sized> NowOrNever for S {}
 struct Shared {
     current: ArcSwap<Snapshot>,
     /// Counts the snapshots published, for [`Balancer::generation`].
-    generation: std::sync::atomic::AtomicU64,
+    generation: AtomicU64,
+    /// Numbers the picks without a key of a balancer with tiers (see [`tiers::weyl`]).
+    spill_seq: AtomicU64,
     metrics: BalancerMetrics,
     instance_labels: bool,
     updater: Mutex<Updater>,
     keep_last_on_empty: bool,
+    overprovisioning: u32,
     service: Option<ServiceName>,
     /// Count of served instances, for `ready()`.
     ready: watch::Sender<usize>,
-    task: Mutex<Option<tokio::task::AbortHandle>>,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        if let Some(task) = lock(&self.task).take() {
+        for task in lock(&self.tasks).drain(..) {
             task.abort();
         }
     }
@@ -275,16 +425,23 @@ impl Drop for Shared {
 
 /// Update-side state; only `apply` and `set_strategy` take its lock, picks never do.
 struct Updater {
-    /// What the backend reported last, as endpoints (state attached).
-    reported: BTreeMap<InstanceId, Endpoint>,
+    tiers: Vec<TierState>,
     /// The snapshot replaced by the last update, dropped at the next one: so that the update side,
     /// not a pick that happened to hold the last reference, pays for freeing it.
     retired: Option<Arc<Snapshot>>,
     strategy: Arc<dyn Strategy>,
+    updates: u64,
+}
+
+struct TierState {
+    name: String,
+    /// What the backend reported last, as endpoints (state attached), critical ones included.
+    reported: BTreeMap<InstanceId, Endpoint>,
     fail_static: Option<FailStatic>,
     /// A `Synced` came after the last error.
     in_sync: bool,
-    updates: u64,
+    counts: Counts,
+    share: f64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -295,6 +452,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Joins a watch to a strategy: picks read an immutable snapshot without locking or allocating,
 /// and are never blocked by an update. Cheap to clone; clones share everything.
+///
+/// A balancer can also follow several watches as ordered failover tiers (a datacenter each,
+/// or two registries during a migration): see [`BalancerBuilder::tier`].
 ///
 /// ```
 /// use waypost_core::{Balancer, Endpoint, PickContext, Picker, ServiceInstance, Strategy, WatchEvent};
@@ -328,13 +488,16 @@ impl Balancer {
         Self::builder(strategy).build()
     }
 
-    /// Options: fail-static behaviour, service name; then `build`, `watch` or `build_from_watch`.
+    /// Options: fail-static behaviour, service name, failover tiers; then `build`, `watch` or
+    /// `build_from_watch`.
     pub fn builder(strategy: impl Strategy) -> BalancerBuilder {
         BalancerBuilder {
             strategy: Arc::new(strategy),
             keep_last_on_empty: true,
             service: None,
             instance_labels: true,
+            tiers: Vec::new(),
+            overprovisioning: DEFAULT_OVERPROVISIONING,
         }
     }
 
@@ -350,96 +513,148 @@ impl Balancer {
         Self::builder(strategy).watch(discovery, service)
     }
 
+    fn follow(&self, tier: usize, watch: Watch) {
+        let weak = Arc::downgrade(&self.shared);
+        let task = tokio::spawn(follow(weak, tier, watch));
+        lock(&self.shared.tasks).push(task.abort_handle());
+    }
+
     /// Picks an instance for a request without a key.
     pub fn pick(&self) -> Result<PickGuard, PickError> {
         self.pick_with(&PickContext::new())
     }
 
     /// Picks an instance for a request described by `ctx`. Lock-free and allocation-free.
+    ///
+    /// With tiers, the tier comes first: a request with a key always lands in the same tier
+    /// while the shares stay the same, requests without one spread over the tiers in exactly
+    /// their shares. A tier that holds no instance that fits passes the request on to the
+    /// others, in order.
     pub fn pick_with(&self, ctx: &PickContext<'_>) -> Result<PickGuard, PickError> {
         let snap = self.shared.current.load();
-        if snap.endpoints.is_empty() {
-            return Err(PickError::NoInstances {
-                service: self.shared.service.clone(),
-            });
+        if snap.tiers.len() == 1 {
+            let tier = &snap.tiers[0];
+            if tier.endpoints.is_empty() {
+                return Err(self.no_instances());
+            }
+            return match tier.pick(ctx) {
+                Some(ep) => Ok(PickGuard::new(ep.clone(), 0)),
+                None => Err(self.none_fits(&snap)),
+            };
         }
-        match snap
-            .picker
-            .pick(&snap.endpoints, ctx)
-            .and_then(|i| snap.endpoints.get(i))
-        {
-            Some(ep) => Ok(PickGuard::new(ep.clone())),
-            None => Err(PickError::NoneFits {
-                service: self.shared.service.clone(),
-                candidates: snap.endpoints.len(),
-            }),
+        let first = self.choose_tier(&snap, ctx);
+        for t in tier_order(first, snap.tiers.len()) {
+            if let Some(ep) = snap.tiers[t].pick(ctx) {
+                return Ok(PickGuard::new(ep.clone(), t));
+            }
+        }
+        if snap.tiers.iter().all(|t| t.endpoints.is_empty()) {
+            Err(self.no_instances())
+        } else {
+            Err(self.none_fits(&snap))
+        }
+    }
+
+    fn choose_tier(&self, snap: &Snapshot, ctx: &PickContext<'_>) -> usize {
+        let x = u64::from(match ctx.hash() {
+            Some(h) => tiers::mix(h),
+            None => tiers::weyl(self.shared.spill_seq.fetch_add(1, Ordering::Relaxed)),
+        });
+        snap.thresholds
+            .iter()
+            .position(|t| x < *t)
+            .unwrap_or(snap.tiers.len() - 1)
+    }
+
+    fn no_instances(&self) -> PickError {
+        PickError::NoInstances {
+            service: self.shared.service.clone(),
+        }
+    }
+
+    fn none_fits(&self, snap: &Snapshot) -> PickError {
+        PickError::NoneFits {
+            service: self.shared.service.clone(),
+            candidates: snap.tiers.iter().map(|t| t.endpoints.len()).sum(),
         }
     }
 
     /// Picks an instance other than those in `exclude` (for a retry on a different instance).
     /// Falls back to an excluded one only when nothing else exists.
+    ///
+    /// With tiers, a retry stays in the tier of the last excluded instance while that tier has
+    /// failed fewer than two attempts and has an instance left, and then moves to the next
+    /// tier (then the ones before): a retry prefers locality once, and a tier that went away
+    /// costs at most two attempts.
     pub fn pick_excluding(
         &self,
         ctx: &PickContext<'_>,
         exclude: &[InstanceId],
     ) -> Result<PickGuard, PickError> {
         let snap = self.shared.current.load();
-        let eps = &snap.endpoints;
-        if eps.is_empty() {
-            return Err(PickError::NoInstances {
-                service: self.shared.service.clone(),
-            });
+        if snap.tiers.iter().all(|t| t.endpoints.is_empty()) {
+            return Err(self.no_instances());
         }
-        let excluded = |ep: &Endpoint| exclude.iter().any(|x| x == ep.id());
-        // The strategy's own choice first, a few times (random strategies vary).
-        for _ in 0..4 {
-            if let Some(ep) = snap.picker.pick(eps, ctx).and_then(|i| eps.get(i)) {
-                if !excluded(ep) {
-                    return Ok(PickGuard::new(ep.clone()));
-                }
+        if snap.tiers.len() == 1 {
+            return match pick_excluding_in(&snap.tiers[0], ctx, exclude, true) {
+                Some(ep) => Ok(PickGuard::new(ep.clone(), 0)),
+                None => Err(self.none_fits(&snap)),
+            };
+        }
+        let tier_of = |id: &InstanceId| snap.tiers.iter().position(|t| t.find(id).is_some());
+        let last = exclude.last().and_then(tier_of);
+        let start = last.unwrap_or_else(|| self.choose_tier(&snap, ctx));
+        let spent = |t: usize| {
+            let tier = &snap.tiers[t];
+            let tried = exclude.iter().filter(|id| tier.find(id).is_some()).count();
+            tried >= 2 || tried >= tier.endpoints.len()
+        };
+        for t in tier_order(start, snap.tiers.len()) {
+            if spent(t) {
+                continue;
+            }
+            if let Some(ep) = pick_excluding_in(&snap.tiers[t], ctx, exclude, false) {
+                return Ok(PickGuard::new(ep.clone(), t));
             }
         }
-        // Then the least loaded one not excluded (and not ejected by a resilience layer, if any
-        // is left), so that retries still spread.
-        let now = clock_nanos();
-        let least_loaded = |ok: &dyn Fn(&Endpoint) -> bool| {
-            eps.iter()
-                .filter(|ep| ok(ep))
-                .min_by_key(|ep| ep.state().in_flight())
-        };
-        let fallback = least_loaded(&|ep| !excluded(ep) && ep.state().ejected_until() <= now)
-            .or_else(|| least_loaded(&|ep| !excluded(ep)))
-            .or_else(|| eps.first());
-        match fallback {
-            Some(ep) => Ok(PickGuard::new(ep.clone())),
-            None => Err(PickError::NoneFits {
-                service: self.shared.service.clone(),
-                candidates: eps.len(),
-            }),
+        // Every tier spent: whatever is left anywhere, then an excluded one.
+        for t in tier_order(start, snap.tiers.len()) {
+            if let Some(ep) = pick_excluding_in(&snap.tiers[t], ctx, exclude, false) {
+                return Ok(PickGuard::new(ep.clone(), t));
+            }
         }
+        for t in tier_order(start, snap.tiers.len()) {
+            if let Some(ep) = pick_excluding_in(&snap.tiers[t], ctx, exclude, true) {
+                return Ok(PickGuard::new(ep.clone(), t));
+            }
+        }
+        Err(self.none_fits(&snap))
     }
 
-    /// Applies one watch event.
+    /// Applies one watch event (to the first tier).
     pub fn apply(&self, event: WatchEvent) {
         self.apply_all([event]);
     }
 
-    /// Applies several events with one rebuild.
+    /// Applies several events with one rebuild (to the first tier).
     pub fn apply_all(&self, events: impl IntoIterator<Item = WatchEvent>) {
+        self.apply_to(0, events);
+    }
+
+    /// Applies several events to tier `tier` (in the order the tiers were added) with one
+    /// rebuild. Does nothing for a tier that does not exist.
+    pub fn apply_to(&self, tier: usize, events: impl IntoIterator<Item = WatchEvent>) {
         let mut up = lock(&self.shared.updater);
         let current = self.shared.current.load();
+        let Some(served) = current.tiers.get(tier) else {
+            return;
+        };
         let state_for = |id: &InstanceId, reported: &BTreeMap<InstanceId, Endpoint>| {
             // Reuse the state of an instance seen before, in the reported set or (after an
             // empty push) in the served one, so counters and latency survive updates.
             reported
                 .get(id)
-                .or_else(|| {
-                    current
-                        .endpoints
-                        .binary_search_by(|e| e.id().cmp(id))
-                        .ok()
-                        .map(|i| &current.endpoints[i])
-                })
+                .or_else(|| served.find(id))
                 .map(|e| e.shared_state().clone())
                 .unwrap_or_else(|| Arc::new(EndpointState::new()))
         };
@@ -450,57 +665,67 @@ impl Balancer {
             let metrics = RequestMetrics::new(inst.service().as_str(), id);
             Endpoint::with_metrics(inst, state, metrics)
         };
+        let ts = &mut up.tiers[tier];
         for event in events {
             self.shared.metrics.event(&event);
             match event {
                 WatchEvent::Snapshot(all) => {
                     let mut next = BTreeMap::new();
                     for inst in all {
-                        let ep = match up.reported.get(inst.id()) {
+                        let ep = match ts.reported.get(inst.id()) {
                             Some(old) if old.instance() == &inst => old.clone(),
-                            _ => endpoint(inst.clone(), state_for(inst.id(), &up.reported)),
+                            _ => endpoint(inst.clone(), state_for(inst.id(), &ts.reported)),
                         };
                         next.insert(inst.id().clone(), ep);
                     }
-                    up.reported = next;
+                    ts.reported = next;
                     changed = true;
                 }
                 WatchEvent::Added(inst) | WatchEvent::Updated(inst) => {
-                    if up.reported.get(inst.id()).map(Endpoint::instance) != Some(&inst) {
-                        let ep = endpoint(inst.clone(), state_for(inst.id(), &up.reported));
-                        up.reported.insert(inst.id().clone(), ep);
+                    if ts.reported.get(inst.id()).map(Endpoint::instance) != Some(&inst) {
+                        let ep = endpoint(inst.clone(), state_for(inst.id(), &ts.reported));
+                        ts.reported.insert(inst.id().clone(), ep);
                         changed = true;
                     }
                 }
                 WatchEvent::Removed(inst) => {
-                    changed |= up.reported.remove(inst.id()).is_some();
+                    changed |= ts.reported.remove(inst.id()).is_some();
                 }
                 WatchEvent::Synced => synced = true,
             }
         }
-        drop(current);
-        if changed {
-            self.publish(&mut up);
-        }
         // Only the watch's own word ends an error: a change that arrives during a resync does
         // not prove that the rest of the set has been caught up with.
         if synced {
-            up.in_sync = true;
-            if matches!(up.fail_static, Some(FailStatic::BackendError(_))) {
-                up.fail_static = None;
-                tracing::info!(service = ?self.shared.service, "watch in sync again");
+            ts.in_sync = true;
+            if matches!(ts.fail_static, Some(FailStatic::BackendError(_))) {
+                ts.fail_static = None;
+                tracing::info!(service = ?self.shared.service, tier = %ts.name, "watch in sync again");
             }
+        }
+        drop(current);
+        if changed {
+            up.updates += 1;
+            self.publish(&mut up);
         }
         self.observe(&up);
     }
 
-    /// Records a watch error: the served set stays as it is, and the status says why until a
-    /// [`WatchEvent::Synced`] arrives.
+    /// Records a watch error (of the first tier): the served set stays as it is, and the
+    /// status says why until a [`WatchEvent::Synced`] arrives.
     pub fn report_error(&self, error: &Error) {
+        self.report_error_to(0, error);
+    }
+
+    /// Records a watch error of tier `tier`; see [`report_error`](Self::report_error).
+    pub fn report_error_to(&self, tier: usize, error: &Error) {
         let mut up = lock(&self.shared.updater);
-        tracing::warn!(service = ?self.shared.service, %error, "watch error; serving the last known instances");
-        up.fail_static = Some(FailStatic::BackendError(error.to_string()));
-        up.in_sync = false;
+        let Some(ts) = up.tiers.get_mut(tier) else {
+            return;
+        };
+        tracing::warn!(service = ?self.shared.service, tier = %ts.name, %error, "watch error; serving the last known instances");
+        ts.fail_static = Some(FailStatic::BackendError(error.to_string()));
+        ts.in_sync = false;
         self.shared
             .metrics
             .error(error.backend().unwrap_or("unknown"));
@@ -510,68 +735,159 @@ impl Balancer {
     /// Sets the membership gauges from the update side's state.
     fn observe(&self, up: &Updater) {
         let current = self.shared.current.load();
-        let served = current.picker.serving(&current.endpoints);
+        let served: usize = current
+            .tiers
+            .iter()
+            .map(|t| t.picker.serving(&t.endpoints))
+            .sum();
+        let reported = up.tiers.iter().map(|t| t.reported.len()).sum();
+        let fail_static = up.tiers.iter().any(|t| t.fail_static.is_some());
         self.shared
             .metrics
-            .membership(up.reported.len(), served, up.fail_static.is_some());
+            .membership(reported, served, fail_static);
     }
 
-    /// Replaces the strategy; per-instance state is kept. Picks in progress finish on the old one.
+    /// Replaces the strategy (of every tier); per-instance state is kept. Picks in progress
+    /// finish on the old one.
     pub fn set_strategy(&self, strategy: impl Strategy) {
         let mut up = lock(&self.shared.updater);
         up.strategy = Arc::new(strategy);
-        let endpoints = self.shared.current.load().endpoints.clone();
-        let picker = up.strategy.build(&endpoints);
-        let old = self
-            .shared
-            .current
-            .swap(Arc::new(Snapshot { endpoints, picker }));
+        let current = self.shared.current.load_full();
+        let tiers = current
+            .tiers
+            .iter()
+            .map(|t| {
+                Arc::new(TierSnapshot {
+                    picker: up.strategy.build(&t.endpoints),
+                    endpoints: t.endpoints.clone(),
+                })
+            })
+            .collect();
+        let old = self.shared.current.swap(Arc::new(Snapshot {
+            tiers,
+            thresholds: current.thresholds.clone(),
+        }));
         up.retired = Some(old);
         self.observe(&up);
     }
 
+    /// Rebuilds what changed: each tier's served set (healthy instances that no higher tier
+    /// serves, or the last set when fail-static), the tiers' shares, and the snapshot.
     fn publish(&self, up: &mut Updater) {
-        up.updates += 1;
-        let served_now = self.shared.current.load().endpoints.len();
-        if up.reported.is_empty() && self.shared.keep_last_on_empty && served_now > 0 {
-            if up.fail_static != Some(FailStatic::EmptyPush) {
-                tracing::warn!(service = ?self.shared.service, kept = served_now,
-                    "backend reported no instances; keeping the last non-empty set");
+        let current = self.shared.current.load_full();
+        let many = up.tiers.len() > 1;
+        let mut above: std::collections::BTreeSet<InstanceId> = Default::default();
+        let mut next: Vec<Arc<TierSnapshot>> = Vec::with_capacity(up.tiers.len());
+        let mut changed = false;
+        for (i, ts) in up.tiers.iter_mut().enumerate() {
+            let old = &current.tiers[i];
+            let counted: Vec<&Endpoint> = ts
+                .reported
+                .values()
+                .filter(|e| !many || !above.contains(e.id()))
+                .collect();
+            let healthy: Vec<Endpoint> = counted
+                .iter()
+                .filter(|e| e.instance().health().is_serving())
+                .map(|e| (*e).clone())
+                .collect();
+            let keep = if healthy.is_empty()
+                && self.shared.keep_last_on_empty
+                && !old.endpoints.is_empty()
+            {
+                if ts.reported.is_empty() {
+                    Some(FailStatic::EmptyPush)
+                } else if !counted.is_empty() {
+                    Some(FailStatic::NoneHealthy)
+                } else {
+                    // Every instance is served by a higher tier: nothing to keep here.
+                    None
+                }
+            } else {
+                None
+            };
+            ts.counts = Counts {
+                reported: counted.len(),
+                healthy: healthy.len(),
+                serving: if keep.is_some() {
+                    old.endpoints.len()
+                } else {
+                    healthy.len()
+                },
+            };
+            match keep {
+                Some(why) => {
+                    if ts.fail_static.as_ref() != Some(&why) {
+                        tracing::warn!(service = ?self.shared.service, tier = %ts.name, kept = old.endpoints.len(), "{why}");
+                    }
+                    ts.fail_static = Some(why);
+                    next.push(old.clone());
+                }
+                None => {
+                    if matches!(
+                        ts.fail_static,
+                        Some(FailStatic::EmptyPush | FailStatic::NoneHealthy)
+                    ) {
+                        ts.fail_static = None;
+                    }
+                    if same_endpoints(&old.endpoints, &healthy) {
+                        next.push(old.clone());
+                    } else {
+                        changed = true;
+                        next.push(Arc::new(TierSnapshot {
+                            picker: up.strategy.build(&healthy),
+                            endpoints: healthy,
+                        }));
+                    }
+                }
             }
-            up.fail_static = Some(FailStatic::EmptyPush);
+            if many {
+                above.extend(next[i].endpoints.iter().map(|e| e.id().clone()));
+            }
+        }
+        let counts: Vec<Counts> = up.tiers.iter().map(|t| t.counts).collect();
+        let shares = if many {
+            tiers::shares(&counts, self.shared.overprovisioning)
+        } else {
+            vec![1.0]
+        };
+        let thresholds = if many {
+            tiers::thresholds(&shares)
+        } else {
+            vec![tiers::WHOLE]
+        };
+        for (ts, share) in up.tiers.iter_mut().zip(&shares) {
+            ts.share = *share;
+        }
+        if many {
+            self.shared.metrics.tier_shares(&shares);
+        }
+        if !changed && thresholds == current.thresholds {
             return;
         }
-        if up.fail_static == Some(FailStatic::EmptyPush) {
-            up.fail_static = None;
-        }
-        let endpoints: Vec<Endpoint> = up.reported.values().cloned().collect();
-        let picker = up.strategy.build(&endpoints);
-        let n = endpoints.len();
-        let old = self
-            .shared
-            .current
-            .swap(Arc::new(Snapshot { endpoints, picker }));
+        let n = next.iter().map(|t| t.endpoints.len()).sum();
+        let old = self.shared.current.swap(Arc::new(Snapshot {
+            tiers: next,
+            thresholds,
+        }));
         up.retired = Some(old);
-        self.shared
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        self.shared.generation.fetch_add(1, Ordering::Release);
         self.shared.ready.send_replace(n);
     }
 
-    /// The instances picks choose from now, sorted by id.
+    /// The instances picks choose from now, tier by tier, each tier sorted by id; an id served
+    /// by two tiers is listed once.
     pub fn instances(&self) -> Vec<ServiceInstance> {
-        self.shared
-            .current
-            .load()
-            .endpoints
-            .iter()
+        self.endpoints()
+            .into_iter()
             .map(|e| e.instance().clone())
             .collect()
     }
 
     /// How many instance sets the balancer has served so far: it changes exactly when the set
-    /// picks choose from changes. One atomic load; for code that keeps something per instance
-    /// (a connection, a client) and must let go of instances that left.
+    /// picks choose from changes (or, with tiers, the tiers' shares). One atomic load; for code
+    /// that keeps something per instance (a connection, a client) and must let go of instances
+    /// that left.
     ///
     /// ```
     /// # use waypost_core::*;
@@ -588,28 +904,58 @@ impl Balancer {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn generation(&self) -> u64 {
-        self.shared
-            .generation
-            .load(std::sync::atomic::Ordering::Acquire)
+        self.shared.generation.load(Ordering::Acquire)
     }
 
-    /// The endpoints picks choose from now, with their load and health.
+    /// The endpoints picks choose from now, with their load and health: tier by tier, each
+    /// tier sorted by id; an id served by two tiers (a fail-static one) is listed once.
     pub fn endpoints(&self) -> Vec<Endpoint> {
-        self.shared.current.load().endpoints.clone()
+        let snap = self.shared.current.load();
+        if snap.tiers.len() == 1 {
+            return snap.tiers[0].endpoints.clone();
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        snap.tiers
+            .iter()
+            .flat_map(|t| t.endpoints.iter())
+            .filter(|e| seen.insert(e.id().clone()))
+            .cloned()
+            .collect()
     }
 
     /// Health and size, for logs and probes.
     pub fn status(&self) -> BalancerStatus {
         let up = lock(&self.shared.updater);
+        let snap = self.shared.current.load();
         BalancerStatus {
             service: self.shared.service.clone(),
             strategy: up.strategy.name().to_owned(),
-            serving: self.shared.current.load().endpoints.len(),
-            reported: up.reported.len(),
-            fail_static: up.fail_static.clone(),
-            in_sync: up.in_sync,
+            serving: snap.tiers.iter().map(|t| t.endpoints.len()).sum(),
+            reported: up.tiers.iter().map(|t| t.reported.len()).sum(),
+            fail_static: up.tiers.iter().find_map(|t| t.fail_static.clone()),
+            in_sync: up.tiers.iter().all(|t| t.in_sync),
             updates: up.updates,
         }
+    }
+
+    /// Each tier's health and share of the traffic, in order (one entry, named `""`, for a
+    /// balancer without tiers). [`PickGuard::tier`] is an index into this list.
+    pub fn tiers(&self) -> Vec<TierStatus> {
+        let up = lock(&self.shared.updater);
+        let snap = self.shared.current.load();
+        up.tiers
+            .iter()
+            .zip(&snap.tiers)
+            .map(|(ts, served)| TierStatus {
+                name: ts.name.clone(),
+                reported: ts.counts.reported,
+                healthy: ts.counts.healthy,
+                serving: served.endpoints.len(),
+                share: if up.tiers.len() == 1 { 1.0 } else { ts.share },
+                fail_static: ts.fail_static.clone(),
+                in_sync: ts.in_sync,
+            })
+            .collect()
     }
 
     /// Waits until at least one instance can be picked.
@@ -623,6 +969,50 @@ impl Balancer {
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, self.ready()).await.is_ok()
     }
+}
+
+/// Tiers from `first` on, then those before it.
+fn tier_order(first: usize, n: usize) -> impl Iterator<Item = usize> {
+    (first..n).chain(0..first.min(n))
+}
+
+/// Whether two served sets are the same instances with the same state (so that the picker
+/// built over the old one can stay).
+fn same_endpoints(a: &[Endpoint], b: &[Endpoint]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            Arc::ptr_eq(x.shared_state(), y.shared_state()) && x.instance() == y.instance()
+        })
+}
+
+/// A pick in one tier that avoids `exclude`: the strategy's own choice first, a few times
+/// (random strategies vary), then the least loaded instance not excluded (and not ejected by
+/// a resilience layer, if any is left), so that retries still spread; with `fall_back`, an
+/// excluded one when nothing else exists.
+fn pick_excluding_in<'a>(
+    tier: &'a TierSnapshot,
+    ctx: &PickContext<'_>,
+    exclude: &[InstanceId],
+    fall_back: bool,
+) -> Option<&'a Endpoint> {
+    let eps = &tier.endpoints;
+    let excluded = |ep: &Endpoint| exclude.iter().any(|x| x == ep.id());
+    for _ in 0..4 {
+        if let Some(ep) = tier.pick(ctx) {
+            if !excluded(ep) {
+                return Some(ep);
+            }
+        }
+    }
+    let now = clock_nanos();
+    let least_loaded = |ok: &dyn Fn(&Endpoint) -> bool| {
+        eps.iter()
+            .filter(|ep| ok(ep))
+            .min_by_key(|ep| ep.state().in_flight())
+    };
+    least_loaded(&|ep| !excluded(ep) && ep.state().ejected_until() <= now)
+        .or_else(|| least_loaded(&|ep| !excluded(ep)))
+        .or_else(|| if fall_back { eps.first() } else { None })
 }
 
 /// One picked instance, for the length of one call. Counts the call as in flight until it is
@@ -649,18 +1039,25 @@ impl Balancer {
 pub struct PickGuard {
     endpoint: Endpoint,
     started: Instant,
+    tier: usize,
     done: bool,
 }
 
 impl PickGuard {
-    fn new(endpoint: Endpoint) -> Self {
+    fn new(endpoint: Endpoint, tier: usize) -> Self {
         endpoint.state().begin();
         endpoint.metrics().begin();
         PickGuard {
             endpoint,
             started: Instant::now(),
+            tier,
             done: false,
         }
+    }
+
+    /// The tier that served the pick: an index into [`Balancer::tiers`] (0 without tiers).
+    pub fn tier(&self) -> usize {
+        self.tier
     }
 
     /// The picked instance.
@@ -710,6 +1107,7 @@ impl fmt::Debug for PickGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PickGuard")
             .field("endpoint", &self.endpoint)
+            .field("tier", &self.tier)
             .field("elapsed", &self.elapsed())
             .finish()
     }

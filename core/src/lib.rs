@@ -5,7 +5,8 @@
 //! - [`Registry`]: register, and keep alive through a [`RegistrationHandle`].
 //! - [`Discovery`]: the instances of a service now, and a [`Watch`] of [`WatchEvent`]s.
 //! - [`Strategy`] / [`Picker`]: choose an instance for a request.
-//! - [`Balancer`]: joins a watch to a strategy; lock-free picks, fail-static updates.
+//! - [`Balancer`]: joins a watch to a strategy; lock-free picks, fail-static updates; failover
+//!   across ordered tiers (datacenters, registries) with [`BalancerBuilder::tier`].
 //!
 //! No backend code lives here: a custom backend depends on this crate alone.
 #![warn(missing_docs)]
@@ -22,6 +23,7 @@ mod registration;
 mod registry;
 mod set;
 mod strategy;
+mod tiers;
 
 pub use backoff::Backoff;
 pub use balancer::{Balancer, BalancerBuilder, BalancerStatus, FailStatic, PickError, PickGuard};
@@ -34,6 +36,7 @@ pub use registration::{HealthCheck, Registration, RegistrationBuilder};
 pub use registry::{KeepAlive, Liveness, RegistrationHandle, Registry, StopMode};
 pub use set::InstanceSet;
 pub use strategy::{PickContext, Picker, Strategy};
+pub use tiers::{TierStatus, DEFAULT_OVERPROVISIONING};
 
 /// Re-exported so that implementors use the same `async_trait` as the traits.
 pub use async_trait::async_trait;

@@ -11,7 +11,8 @@
 //! `service`), `waypost_watch_events_total` (`service`, `kind`), `waypost_watch_errors_total`
 //! (`service`, `backend`), `waypost_requests_total` (`service`, `instance`, `outcome`),
 //! `waypost_requests_active` (gauge), `waypost_request_duration_seconds` (histogram, `service`,
-//! `instance`), `waypost_registration_live` (gauge) and `waypost_heartbeat_failures_total`
+//! `instance`), `waypost_tier_share` (gauge, `service`, `tier`: a balancer with failover
+//! tiers only), `waypost_registration_live` (gauge) and `waypost_heartbeat_failures_total`
 //! (`service`, `instance`, `backend`).
 
 use std::time::Duration;
@@ -104,10 +105,12 @@ mod on {
         added: Counter,
         updated: Counter,
         removed: Counter,
+        tier_share: Vec<Gauge>,
     }
 
     impl BalancerMetrics {
-        pub(crate) fn new(service: Option<&str>) -> Self {
+        /// `tiers`: the tiers' names, for `waypost_tier_share` (empty without tiers).
+        pub(crate) fn new(service: Option<&str>, tiers: &[String]) -> Self {
             let Some(service) = service else {
                 return BalancerMetrics {
                     service: String::new(),
@@ -118,6 +121,7 @@ mod on {
                     added: Counter::noop(),
                     updated: Counter::noop(),
                     removed: Counter::noop(),
+                    tier_share: Vec::new(),
                 };
             };
             let s = service.to_owned();
@@ -130,13 +134,27 @@ mod on {
                 added: events("added"),
                 updated: events("updated"),
                 removed: events("removed"),
+                tier_share: tiers
+                    .iter()
+                    .map(|t| gauge!("waypost_tier_share", "service" => s.clone(), "tier" => t.clone()))
+                    .collect(),
                 service: s,
             };
             // Present from the start, so that dashboards and alerts see 0 rather than nothing.
             m.total.set(0.0);
             m.served.set(0.0);
             m.fail_static.set(0.0);
+            for g in &m.tier_share {
+                g.set(0.0);
+            }
             m
+        }
+
+        /// Each tier's share of the traffic (0 to 1), in tier order.
+        pub(crate) fn tier_shares(&self, shares: &[f64]) {
+            for (g, s) in self.tier_share.iter().zip(shares) {
+                g.set(*s);
+            }
         }
 
         pub(crate) fn event(&self, event: &WatchEvent) {
@@ -214,9 +232,10 @@ mod off {
     pub(crate) struct BalancerMetrics;
 
     impl BalancerMetrics {
-        pub(crate) fn new(_: Option<&str>) -> Self {
+        pub(crate) fn new(_: Option<&str>, _: &[String]) -> Self {
             BalancerMetrics
         }
+        pub(crate) fn tier_shares(&self, _: &[f64]) {}
         pub(crate) fn event(&self, _: &WatchEvent) {}
         pub(crate) fn error(&self, _: &'static str) {}
         pub(crate) fn membership(&self, _: usize, _: usize, _: bool) {}

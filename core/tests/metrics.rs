@@ -143,6 +143,39 @@ fn a_balancer_reports_membership_watch_and_requests() {
     );
 }
 
+#[tokio::test]
+async fn a_balancer_with_tiers_reports_each_tier_s_share() {
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    let mut seen = Seen::default();
+    let idle = || futures::StreamExt::boxed(futures::stream::pending());
+    let balancer = with_local_recorder(&recorder, || {
+        Balancer::builder(First)
+            .service("users".parse().unwrap())
+            .tier_from_watch("dc1", idle())
+            .tier_from_watch("dc2", idle())
+            .build()
+    });
+    let dc = |t| [("service", "users"), ("tier", t)];
+    let r = seen.take(&snap);
+    assert_eq!(r.value("waypost_tier_share", &dc("dc1"), 2), Some(0.0));
+    let critical = inst("a2")
+        .to_builder()
+        .health(waypost_core::Health::Critical)
+        .build()
+        .unwrap();
+    balancer.apply_to(0, [WatchEvent::Snapshot(vec![inst("a1"), critical])]);
+    balancer.apply_to(1, [WatchEvent::Snapshot(vec![inst("b1")])]);
+    let r = seen.take(&snap);
+    let share = |t| r.value("waypost_tier_share", &dc(t), 2).unwrap();
+    assert!((share("dc1") - 0.7).abs() < 1e-9, "{}", share("dc1"));
+    assert!((share("dc2") - 0.3).abs() < 1e-9, "{}", share("dc2"));
+    assert_eq!(
+        r.value("waypost_membership_total", &dc("dc1")[..1], 1),
+        Some(3.0)
+    );
+}
+
 #[test]
 fn instance_labels_can_be_switched_off() {
     let recorder = DebuggingRecorder::new();
