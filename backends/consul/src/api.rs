@@ -235,34 +235,47 @@ impl Api {
                 ),
             )
         })?;
-        let mut instances: Vec<ServiceInstance> = Vec::with_capacity(entries.len());
-        for value in entries {
-            // One bad foreign registration must not hide the valid ones.
-            let parsed = serde_json::from_value::<HealthEntry>(value)
-                .map_err(|e| e.to_string())
-                .and_then(HealthEntry::into_instance);
-            match parsed {
-                Ok(inst) if inst.service() != service => {
-                    warn!(service = %service, other = %inst.service(), "consul listed an instance of another service; skipped");
-                }
-                Ok(inst) => instances.push(inst),
-                Err(why) => warn!(service = %service, "skipping an invalid consul entry: {why}"),
-            }
-        }
-        instances.sort_by(|a, b| a.id().cmp(b.id()));
-        instances.dedup_by(|b, a| {
-            let dup = a.id() == b.id();
-            if dup {
-                warn!(service = %service, id = %a.id(), "the same instance id on two nodes; keeping one");
-            }
-            dup
-        });
-        if !q.tags.is_empty() {
-            // Old agents honour only one `tag` parameter: check them all here.
-            instances.retain(|i| q.tags.iter().all(|t| i.has_tag(t)));
-        }
+        let instances = instances_of(service, entries, &q.tags);
         Ok(HealthAnswer { instances, index })
     }
+}
+
+/// The valid instances of `service` among `entries`, sorted by id, one per id (the healthiest
+/// of duplicates), carrying every tag of `tags`.
+fn instances_of(
+    service: &ServiceName,
+    entries: Vec<serde_json::Value>,
+    tags: &[String],
+) -> Vec<ServiceInstance> {
+    let mut instances: Vec<ServiceInstance> = Vec::with_capacity(entries.len());
+    for value in entries {
+        // One bad foreign registration must not hide the valid ones.
+        let parsed = serde_json::from_value::<HealthEntry>(value)
+            .map_err(|e| e.to_string())
+            .and_then(HealthEntry::into_instance);
+        match parsed {
+            Ok(inst) if inst.service() != service => {
+                warn!(service = %service, other = %inst.service(), "consul listed an instance of another service; skipped");
+            }
+            Ok(inst) => instances.push(inst),
+            Err(why) => warn!(service = %service, "skipping an invalid consul entry: {why}"),
+        }
+    }
+    // By id, and of one id the healthiest first (the one kept below): with
+    // `passing_only(false)` a critical copy on a dead node must not hide a passing one.
+    instances.sort_by(|a, b| a.id().cmp(b.id()).then_with(|| a.health().cmp(&b.health())));
+    instances.dedup_by(|b, a| {
+        let dup = a.id() == b.id();
+        if dup {
+            warn!(service = %service, id = %a.id(), "the same instance id on two nodes; keeping the healthiest");
+        }
+        dup
+    });
+    if !tags.is_empty() {
+        // Old agents honour only one `tag` parameter: check them all here.
+        instances.retain(|i| tags.iter().all(|t| i.has_tag(t)));
+    }
+    instances
 }
 
 fn transport(operation: &str, e: reqwest::Error) -> Error {
@@ -359,6 +372,33 @@ mod tests {
             ok_or_error("op", &answer(503)),
             Err(Error::Unavailable { .. })
         ));
+    }
+
+    #[test]
+    fn of_duplicate_ids_the_healthiest_is_kept() {
+        let entry = |host: &str, status: &str| {
+            serde_json::json!({
+                "Node": {"Address": host},
+                "Service": {"ID": "a", "Service": "s", "Port": 1},
+                "Checks": [{"CheckID": "serfHealth", "ServiceID": "", "Status": status}],
+            })
+        };
+        let s = ServiceName::new("s").unwrap();
+        for order in [
+            vec![entry("10.0.0.1", "critical"), entry("10.0.0.2", "passing")],
+            vec![entry("10.0.0.2", "passing"), entry("10.0.0.1", "critical")],
+        ] {
+            let got = instances_of(&s, order, &[]);
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].host(), "10.0.0.2");
+            assert_eq!(got[0].health(), waypost_core::Health::Passing);
+        }
+        let got = instances_of(
+            &s,
+            vec![entry("10.0.0.1", "critical"), entry("10.0.0.2", "warning")],
+            &[],
+        );
+        assert_eq!(got[0].health(), waypost_core::Health::Warning);
     }
 
     #[test]

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use waypost_core::{HealthCheck, Registration, ServiceInstance};
+use tracing::warn;
+use waypost_core::{Health, HealthCheck, Registration, ServiceInstance};
 
 /// The metadata key that carries an instance's zone: a registration's zone is written to
 /// `Meta.zone` (replacing a metadata pair of that name), and `Meta.zone` is read back as the
@@ -154,6 +155,19 @@ pub(crate) struct HealthEntry {
     #[serde(default)]
     pub node: Option<Node>,
     pub service: Service,
+    /// The node's checks (`serfHealth`, with an empty `ServiceID`) and the service's.
+    #[serde(default)]
+    pub checks: Option<Vec<EntryCheck>>,
+}
+
+/// One element of a health entry's `Checks`.
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct EntryCheck {
+    #[serde(rename = "CheckID", default)]
+    pub check_id: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -185,8 +199,11 @@ impl HealthEntry {
     ///
     /// Address: `Service.Address`, else `Node.Address`. Weight: `Service.Weights.Passing` when
     /// set above Consul's default of 1, else `Meta.weight`, else a `weight:N` tag (read by the
-    /// instance builder), else 1. Zone: `Meta.zone` (taken out of the metadata).
+    /// instance builder), else 1. Zone: `Meta.zone` (taken out of the metadata). Health: the
+    /// worst status of all the entry's checks, node checks included (as Consul's `?passing`
+    /// filter counts them); passing when it has none.
     pub(crate) fn into_instance(self) -> Result<ServiceInstance, String> {
+        let health = aggregate_health(self.checks.as_deref().unwrap_or_default(), &self.service);
         let svc = self.service;
         let host = svc
             .address
@@ -201,7 +218,8 @@ impl HealthEntry {
             .host(host)
             .port(port)
             .tags(svc.tags.unwrap_or_default())
-            .zone_opt(zone);
+            .zone_opt(zone)
+            .health(health);
         let passing = svc.weights.map(|w| w.passing);
         match passing {
             // Consul fills in {Passing: 1, Warning: 1} when a registration gives no weights, so
@@ -221,6 +239,47 @@ impl HealthEntry {
             b = b.meta(k, v);
         }
         b.build().map_err(|e| e.to_string())
+    }
+}
+
+/// The worst of `checks`' statuses: critical over warning over passing. A status this crate
+/// does not know (Consul reports maintenance as a critical check, but a future one may not) is
+/// counted as critical: an instance is not served on a status nobody understood.
+fn aggregate_health(checks: &[EntryCheck], svc: &Service) -> Health {
+    let mut worst = Health::Passing;
+    for check in checks {
+        let status = check.status.as_deref().unwrap_or_default();
+        let health = match status {
+            "passing" => Health::Passing,
+            "warning" => Health::Warning,
+            "critical" => Health::Critical,
+            _ => {
+                warn!(
+                    service = %svc.service,
+                    id = %svc.id,
+                    check = ?check.check_id.as_deref().unwrap_or_default(),
+                    ?status,
+                    "consul check status not understood; counting the instance as critical"
+                );
+                Health::Critical
+            }
+        };
+        worst = worse(worst, health);
+    }
+    worst
+}
+
+fn worse(a: Health, b: Health) -> Health {
+    let rank = |h: Health| match h {
+        Health::Passing => 0,
+        Health::Warning => 1,
+        // Critical, and any status core adds later: not served.
+        _ => 2,
+    };
+    if rank(b) > rank(a) {
+        b
+    } else {
+        a
     }
 }
 
@@ -332,6 +391,90 @@ mod tests {
             r#"{"Service":{"ID":"a","Service":"s","Address":"h","Port":1,"Weights":{"Passing":0}}}"#,
         ] {
             assert!(entry(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn health_of(checks: &str) -> Health {
+        entry(&format!(
+            r#"{{"Service":{{"ID":"a","Service":"s","Address":"h","Port":1}}{checks}}}"#
+        ))
+        .unwrap()
+        .health()
+    }
+
+    fn check(id: &str, service_id: &str, status: &str) -> String {
+        format!(
+            r#"{{"CheckID":"{id}","ServiceID":"{service_id}","Status":"{status}","Node":"n1"}}"#
+        )
+    }
+
+    #[test]
+    fn all_checks_passing_is_passing() {
+        let checks = [
+            check("serfHealth", "", "passing"),
+            check("service:a", "a", "passing"),
+        ];
+        let h = health_of(&format!(r#","Checks":[{}]"#, checks.join(",")));
+        assert_eq!(h, Health::Passing);
+    }
+
+    #[test]
+    fn one_warning_check_is_warning() {
+        let checks = [
+            check("serfHealth", "", "passing"),
+            check("service:a", "a", "warning"),
+            check("extra", "a", "passing"),
+        ];
+        let h = health_of(&format!(r#","Checks":[{}]"#, checks.join(",")));
+        assert_eq!(h, Health::Warning);
+    }
+
+    #[test]
+    fn critical_node_check_makes_the_instance_critical() {
+        // The node's serfHealth has no ServiceID, and counts like Consul's ?passing counts it.
+        let checks = [
+            check("serfHealth", "", "critical"),
+            check("service:a", "a", "passing"),
+            check("other", "a", "warning"),
+        ];
+        let h = health_of(&format!(r#","Checks":[{}]"#, checks.join(",")));
+        assert_eq!(h, Health::Critical);
+    }
+
+    #[test]
+    fn unknown_or_missing_status_is_critical() {
+        for bad in [
+            check("service:a", "a", "maintenance"),
+            check("service:a", "a", "PASSING"),
+            r#"{"CheckID":"service:a","ServiceID":"a"}"#.to_owned(),
+            r#"{"CheckID":"service:a","Status":null}"#.to_owned(),
+        ] {
+            let h = health_of(&format!(
+                r#","Checks":[{},{}]"#,
+                check("serfHealth", "", "passing"),
+                bad
+            ));
+            assert_eq!(h, Health::Critical, "{bad}");
+        }
+    }
+
+    #[test]
+    fn no_checks_is_passing() {
+        assert_eq!(health_of(""), Health::Passing);
+        assert_eq!(health_of(r#","Checks":null"#), Health::Passing);
+        assert_eq!(health_of(r#","Checks":[]"#), Health::Passing);
+    }
+
+    #[test]
+    fn a_check_of_the_wrong_shape_is_an_error_not_a_panic() {
+        for bad in [
+            r#","Checks":{}"#,
+            r#","Checks":[{"Status":7}]"#,
+            r#","Checks":"x""#,
+        ] {
+            let json =
+                format!(r#"{{"Service":{{"ID":"a","Service":"s","Address":"h","Port":1}}{bad}}}"#);
+            assert!(entry(&json).is_err(), "{bad}");
         }
     }
 
