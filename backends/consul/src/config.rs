@@ -126,10 +126,19 @@ impl ConsulBuilder {
         self
     }
 
-    /// Whether discovery lists only instances whose checks all pass (default `true`).
+    /// Whether discovery lists only instances whose checks all pass (default `true`, Consul's
+    /// `?passing`: every instance listed is [`Health::Passing`](waypost_core::Health)).
+    ///
+    /// With `false`, instances with a warning or critical check are listed too, each with its
+    /// [`Health`](waypost_core::Health): the worst status among all of the entry's checks, the
+    /// node's own (`serfHealth`) included; a status this crate does not know counts as
+    /// critical. A [`Balancer`](waypost_core::Balancer) over such a discovery sends traffic to
+    /// passing and warning instances and never to critical ones, and a tiered (failover)
+    /// balancer counts the critical ones against the health of their tier. A watch reports a
+    /// change of health as an `Updated` event.
     ///
     /// ```
-    /// // Also list instances whose checks are warning or critical (e.g. for a dashboard).
+    /// // Also list instances whose checks are warning or critical, marked with their health.
     /// let all = waypost_consul::Consul::builder().passing_only(false).build()?;
     /// # Ok::<(), waypost_core::Error>(())
     /// ```
