@@ -9,16 +9,24 @@
 //!
 //! Waits up to 10 s (`--wait`) for an instance, sends `GET /users/<n>` (n cycles through 1 to
 //! 100) and prints:
-//! `{"strategy":...,"requests":600,"ok":...,"errors":...,"by_instance":{"<id>":count,...},"latency_ms":{"p50":...,"p99":...}}`
+//! `{"strategy":...,"requests":600,"ok":...,"errors":...,"by_instance":{"<id>":count,...},"by_tier":{"<tier>":count,...},"latency_ms":{"p50":...,"p99":...}}`
 //! where `ok` counts 2xx answers, `errors` everything else (error statuses and failed
-//! requests), `by_instance` the 2xx answers per instance id, and latencies are per request,
-//! retries included. Diagnostics go to stderr; the exit status is 0 whenever the report is
+//! requests), `by_instance` the 2xx answers per instance id, `by_tier` the 2xx answers per
+//! failover tier (one tier, named after the backend, without failover), and latencies are per
+//! request, retries included. Diagnostics go to stderr; the exit status is 0 whenever the report is
 //! printed.
 //!
 //! `--strategy` takes every name of `waypost::strategies::names()` (the opt-in ones need their
 //! feature, e.g. `--features consul,p2c-ewma`). `--key` routes hashing strategies
 //! (`consistent-hash`, `maglev`): `--key path` hashes the request path (`/users/<n>`);
 //! `--key <header-name>` sends that header with value `user-<n>` and hashes it.
+//!
+//! Failover: `--backend consul --datacenter dc1 --failover dc2,dc3` balances over three tiers,
+//! one per datacenter, through the local agent: dc1 takes all the traffic while enough of its
+//! instances pass their checks, and spills to dc2 (then dc3) as they fail (Envoy's rule with
+//! an overprovisioning factor of 1.4; see `waypost::BalancerBuilder::tier`).
+//! `--failover-backend etcd` adds a second registry as the last tier (an instance registered
+//! in both is served once).
 //!
 //! `--backend memory` starts three in-process instances (weights 1, 2, 3) to talk to, so the
 //! client can be tried without any server.
@@ -34,11 +42,12 @@ mod common;
 use common::Report;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use waypost::http::{HashKey, HttpClient};
-use waypost::{Balancer, ServiceName};
+use waypost::ServiceName;
 
 use common::{BackendArgs, LoadArgs};
 
@@ -78,7 +87,7 @@ struct Session {
     demo: Demo,
     metrics: Option<common::MetricsServer>,
     /// Kept for as long as the session: the in-process registry lives only while it is held.
-    _backend: common::Backend,
+    backend: common::Backend,
 }
 
 impl Session {
@@ -100,7 +109,7 @@ impl Session {
         let backend = args.backend.connect().await?;
         let demo = demo_instances(&args, &backend).await?;
 
-        let balancer = Balancer::watch(&*backend.discovery, &service, strategy);
+        let balancer = backend.balancer(&service, strategy);
         if !balancer.wait_ready(args.load.wait).await {
             stop_demo(demo).await;
             return Err(format!(
@@ -120,7 +129,7 @@ impl Session {
             hash_key,
             demo,
             metrics,
-            _backend: backend,
+            backend,
         })
     }
 
@@ -133,11 +142,12 @@ impl Session {
     /// Sends `--requests` requests, or for `--duration`, `--concurrency` at a time.
     async fn send(&self) -> Result<Report, String> {
         let (client, hash_key) = (self.client.clone(), self.hash_key.clone());
+        let tiers = Arc::new(self.backend.tier_names());
         self.args
             .load
             .drive(move |i| {
-                let (client, hash_key) = (client.clone(), hash_key.clone());
-                async move { one(&client, i, hash_key.as_ref()).await }
+                let (client, hash_key, tiers) = (client.clone(), hash_key.clone(), tiers.clone());
+                async move { one(&client, i, hash_key.as_ref(), &tiers).await }
             })
             .await
     }
@@ -161,7 +171,12 @@ async fn stop_demo(demo: Demo) {
 }
 
 /// One request: the instance that answered with 2xx (`None` otherwise), and its latency.
-async fn one(client: &HttpClient, i: usize, key: Option<&HashKey>) -> (Option<String>, Duration) {
+async fn one(
+    client: &HttpClient,
+    i: usize,
+    key: Option<&HashKey>,
+    tiers: &[String],
+) -> (Option<common::Answered>, Duration) {
     let n = i % common::USERS as usize + 1;
     let mut request = client.get(format!("/users/{n}"));
     if let Some(HashKey::Header(name)) = key {
@@ -171,7 +186,13 @@ async fn one(client: &HttpClient, i: usize, key: Option<&HashKey>) -> (Option<St
     let outcome = request.send().await;
     let latency = started.elapsed();
     match outcome {
-        Ok(r) if r.status().is_success() => (Some(r.instance().id().to_string()), latency),
+        Ok(r) if r.status().is_success() => {
+            let answered = common::Answered {
+                instance: r.instance().id().to_string(),
+                tier: tiers.get(r.tier()).cloned(),
+            };
+            (Some(answered), latency)
+        }
         Ok(r) => {
             tracing::warn!(status = %r.status(), instance = %r.instance().id(), "error status");
             (None, latency)
@@ -295,11 +316,41 @@ mod tests {
             ["user-service-1", "user-service-2", "user-service-3"]
         );
         assert_eq!(by.values().sum::<usize>(), 60);
+        assert_eq!(v["by_tier"], serde_json::json!({"memory": 60}));
         let (p50, p99) = (
             v["latency_ms"]["p50"].as_f64().unwrap(),
             v["latency_ms"]["p99"].as_f64().unwrap(),
         );
         assert!(p50 > 0.0 && p50 <= p99, "{p50} {p99}");
+    }
+
+    #[tokio::test]
+    async fn failover_flags_parse_and_name_consul_datacenters() {
+        let args = parse(&[
+            "--backend",
+            "consul",
+            "--datacenter",
+            "dc1",
+            "--failover",
+            "dc2,dc3",
+            "--failover-backend",
+            "etcd",
+        ])
+        .unwrap();
+        assert_eq!(args.backend.datacenter.as_deref(), Some("dc1"));
+        assert_eq!(args.backend.failover, ["dc2", "dc3"]);
+        assert_eq!(
+            args.backend.failover_backend,
+            Some(common::BackendKind::Etcd)
+        );
+        let err = run(parse(&["--backend", "memory", "--failover", "dc2"]).unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.contains("--backend consul"), "{err}");
+        let err = run(parse(&["--backend", "memory", "--failover-backend", "memory"]).unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.contains("the other one"), "{err}");
     }
 
     #[tokio::test]

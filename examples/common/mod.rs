@@ -118,22 +118,85 @@ pub struct BackendArgs {
     /// etcd endpoints, comma-separated; default ETCD_ENDPOINTS, else http://127.0.0.1:2379.
     #[arg(long, value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
+    /// Consul: the datacenter to discover in (default: the agent's own). Registrations always
+    /// go to the agent's own datacenter.
+    #[arg(long)]
+    pub datacenter: Option<String>,
+    /// Consul: datacenters to fail over to, in order, comma-separated (each one a tier after
+    /// the first, queried through the same agent).
+    #[arg(long, value_delimiter = ',')]
+    pub failover: Vec<String>,
+    /// A second backend as the last failover tier (e.g. `--backend consul --failover-backend
+    /// etcd` while a service moves from one registry to the other); it uses the same
+    /// connection flags.
+    #[arg(long, value_enum)]
+    pub failover_backend: Option<BackendKind>,
 }
 
 /// A connected backend.
 pub struct Backend {
     pub registry: Arc<dyn Registry>,
     pub discovery: Arc<dyn Discovery>,
+    /// What the client balances over, in failover order: one tier (`discovery`) unless
+    /// `--failover` or `--failover-backend` was given.
+    pub tiers: Vec<(String, Arc<dyn Discovery>)>,
     /// Set for the in-process backend.
     #[cfg(feature = "memory")]
     pub memory: Option<waypost::memory::Memory>,
+}
+
+impl Backend {
+    /// A balancer over the backend's tiers: a plain one for one tier, else one that fails over
+    /// from each tier to the next (see `waypost::BalancerBuilder::tier`).
+    pub fn balancer(
+        &self,
+        service: &waypost::ServiceName,
+        strategy: impl waypost::Strategy,
+    ) -> waypost::Balancer {
+        if self.tiers.len() == 1 {
+            return waypost::Balancer::watch(&*self.discovery, service, strategy);
+        }
+        let mut b = waypost::Balancer::builder(strategy);
+        for (name, discovery) in &self.tiers {
+            b = b.tier(name.clone(), &**discovery, service);
+        }
+        b.build()
+    }
+
+    /// The tiers' names, in order (what `PickGuard::tier` and `Response::tier` index).
+    pub fn tier_names(&self) -> Vec<String> {
+        self.tiers.iter().map(|(name, _)| name.clone()).collect()
+    }
 }
 
 impl BackendArgs {
     /// Connects to the chosen backend. A backend not compiled in is an error that says which
     /// feature to enable.
     pub async fn connect(&self) -> Result<Backend, String> {
-        match self.backend {
+        if (self.datacenter.is_some() || !self.failover.is_empty())
+            && self.backend != BackendKind::Consul
+        {
+            return Err(
+                "--datacenter and --failover name Consul datacenters: give --backend consul too"
+                    .into(),
+            );
+        }
+        if self.failover_backend == Some(self.backend) {
+            return Err(format!(
+                "--failover-backend {:?} is the --backend already: name the other one",
+                self.backend
+            ));
+        }
+        let mut backend = self.connect_kind(self.backend).await?;
+        if let Some(kind) = self.failover_backend {
+            let next = self.connect_kind(kind).await?;
+            backend.tiers.extend(next.tiers);
+        }
+        Ok(backend)
+    }
+
+    async fn connect_kind(&self, kind: BackendKind) -> Result<Backend, String> {
+        match kind {
             BackendKind::Memory => memory(),
             BackendKind::Consul => self.consul(),
             BackendKind::Etcd => self.etcd().await,
@@ -142,14 +205,48 @@ impl BackendArgs {
 
     #[cfg(feature = "consul")]
     fn consul(&self) -> Result<Backend, String> {
-        let mut b = waypost::consul::Consul::builder().from_env();
-        if let Some(addr) = &self.consul_addr {
-            b = b.address(addr.clone());
-        }
-        let consul = Arc::new(b.build().map_err(|e| e.to_string())?);
+        let builder = || {
+            let mut b = waypost::consul::Consul::builder().from_env();
+            if let Some(addr) = &self.consul_addr {
+                b = b.address(addr.clone());
+            }
+            b
+        };
+        let with_dc = |dc: Option<&String>| {
+            let mut b = builder();
+            if let Some(dc) = dc {
+                b = b.datacenter(dc.clone());
+            }
+            b
+        };
+        let consul = Arc::new(
+            with_dc(self.datacenter.as_ref())
+                .build()
+                .map_err(|e| e.to_string())?,
+        );
+        let failing_over = !self.failover.is_empty() || self.failover_backend.is_some();
+        let tiers: Vec<(String, Arc<dyn Discovery>)> = if failing_over {
+            // A tier's health is the share of its instances that are not critical: the tiers
+            // must see the critical ones too.
+            let mut tiers = Vec::new();
+            let first = self.datacenter.clone().unwrap_or_else(|| "consul".into());
+            for (name, dc) in std::iter::once((first, self.datacenter.as_ref()))
+                .chain(self.failover.iter().map(|dc| (dc.clone(), Some(dc))))
+            {
+                let tier = with_dc(dc)
+                    .passing_only(false)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                tiers.push((name, Arc::new(tier) as Arc<dyn Discovery>));
+            }
+            tiers
+        } else {
+            vec![("consul".into(), consul.clone() as Arc<dyn Discovery>)]
+        };
         Ok(Backend {
             registry: consul.clone(),
             discovery: consul,
+            tiers,
             #[cfg(feature = "memory")]
             memory: None,
         })
@@ -169,7 +266,8 @@ impl BackendArgs {
         let etcd = Arc::new(b.connect().await.map_err(|e| e.to_string())?);
         Ok(Backend {
             registry: etcd.clone(),
-            discovery: etcd,
+            discovery: etcd.clone(),
+            tiers: vec![("etcd".into(), etcd)],
             #[cfg(feature = "memory")]
             memory: None,
         })
@@ -187,6 +285,7 @@ fn memory() -> Result<Backend, String> {
     Ok(Backend {
         registry: Arc::new(memory.clone()),
         discovery: Arc::new(memory.clone()),
+        tiers: vec![("memory".into(), Arc::new(memory.clone()))],
         memory: Some(memory),
     })
 }
@@ -477,7 +576,27 @@ pub struct Report {
     pub ok: usize,
     pub errors: usize,
     pub by_instance: BTreeMap<String, usize>,
+    /// The 2xx answers per failover tier (by name), when the client knows the tier.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by_tier: Option<BTreeMap<String, usize>>,
     pub latency_ms: Latency,
+}
+
+/// Who answered one call: the instance, and the failover tier when the client knows it.
+#[derive(Debug)]
+pub struct Answered {
+    pub instance: String,
+    pub tier: Option<String>,
+}
+
+impl Answered {
+    /// An answer from `instance`, tier unknown.
+    pub fn by(instance: impl Into<String>) -> Self {
+        Answered {
+            instance: instance.into(),
+            tier: None,
+        }
+    }
 }
 
 /// The report's latency percentiles, in milliseconds.
@@ -487,16 +606,23 @@ pub struct Latency {
     pub p99: f64,
 }
 
-/// The report of a run: each result is the instance that answered (`None`: an error) and the
-/// call's latency.
-pub fn report(strategy: String, results: Vec<(Option<String>, Duration)>) -> Report {
+/// The report of a run: each result is who answered (`None`: an error) and the call's
+/// latency.
+pub fn report(strategy: String, results: Vec<(Option<Answered>, Duration)>) -> Report {
     let requests = results.len();
     let mut by_instance = BTreeMap::new();
+    let mut by_tier: Option<BTreeMap<String, usize>> = None;
     let mut latencies: Vec<Duration> = Vec::with_capacity(results.len());
     for (answered_by, latency) in results {
         latencies.push(latency);
-        if let Some(id) = answered_by {
-            *by_instance.entry(id).or_insert(0) += 1;
+        if let Some(a) = answered_by {
+            *by_instance.entry(a.instance).or_insert(0) += 1;
+            if let Some(tier) = a.tier {
+                *by_tier
+                    .get_or_insert_with(BTreeMap::new)
+                    .entry(tier)
+                    .or_insert(0) += 1;
+            }
         }
     }
     latencies.sort();
@@ -507,6 +633,7 @@ pub fn report(strategy: String, results: Vec<(Option<String>, Duration)>) -> Rep
         ok,
         errors: requests - ok,
         by_instance,
+        by_tier,
         latency_ms: Latency {
             p50: percentile_ms(&latencies, 50),
             p99: percentile_ms(&latencies, 99),
@@ -694,11 +821,11 @@ pub fn line(event: &Event<'_>) -> String {
 impl LoadArgs {
     /// Sends the load: `--concurrency` workers call `one(i)` for i = 0, 1, 2, ... until
     /// `--requests` calls were made or `--duration` has passed; then the report. `one` returns
-    /// the instance that answered (`None`: an error) and the call's latency.
+    /// who answered (`None`: an error) and the call's latency.
     pub async fn drive<F, Fut>(&self, one: F) -> Result<Report, String>
     where
         F: Fn(usize) -> Fut + Clone + Send + 'static,
-        Fut: std::future::Future<Output = (Option<String>, Duration)> + Send + 'static,
+        Fut: std::future::Future<Output = (Option<Answered>, Duration)> + Send + 'static,
     {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::time::Instant;

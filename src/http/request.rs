@@ -226,6 +226,7 @@ impl RequestBuilder {
                 source,
             })?;
             let instance = guard.instance().clone();
+            let tier = guard.tier();
             let url =
                 url_for(&instance, &self.path).map_err(|reason| HttpError::InvalidRequest {
                     method: self.method.clone(),
@@ -252,7 +253,7 @@ impl RequestBuilder {
             let failure = match request.send().await {
                 Ok(response) if !response.status().is_server_error() => {
                     guard.success();
-                    return Ok(self.response(response, instance, attempts));
+                    return Ok(self.response(response, instance, tier, attempts));
                 }
                 Ok(response) => Failure::Status(response),
                 Err(e) if e.is_connect() => Failure::Connect(e),
@@ -274,7 +275,7 @@ impl RequestBuilder {
             let (method, path) = (self.method.clone(), self.path.clone());
             let (id, authority) = (instance.id().clone(), instance.authority());
             return match failure {
-                Failure::Status(response) => Ok(self.response(response, instance, attempts)),
+                Failure::Status(response) => Ok(self.response(response, instance, tier, attempts)),
                 Failure::Connect(source) => Err(HttpError::Connect {
                     method,
                     path,
@@ -311,11 +312,13 @@ impl RequestBuilder {
         &self,
         inner: reqwest::Response,
         instance: ServiceInstance,
+        tier: usize,
         attempts: u32,
     ) -> Response {
         Response::new(
             inner,
             instance,
+            tier,
             self.method.clone(),
             self.path.clone(),
             attempts,

@@ -40,6 +40,7 @@ use super::error::HttpError;
 pub struct Response {
     inner: reqwest::Response,
     instance: ServiceInstance,
+    tier: usize,
     method: Method,
     path: String,
     attempts: u32,
@@ -50,6 +51,7 @@ impl fmt::Debug for Response {
         f.debug_struct("Response")
             .field("status", &self.status())
             .field("instance", self.instance.id())
+            .field("tier", &self.tier)
             .field("attempts", &self.attempts)
             .finish()
     }
@@ -59,6 +61,7 @@ impl Response {
     pub(crate) fn new(
         inner: reqwest::Response,
         instance: ServiceInstance,
+        tier: usize,
         method: Method,
         path: String,
         attempts: u32,
@@ -66,6 +69,7 @@ impl Response {
         Response {
             inner,
             instance,
+            tier,
             method,
             path,
             attempts,
@@ -85,6 +89,12 @@ impl Response {
     /// The instance that answered.
     pub fn instance(&self) -> &ServiceInstance {
         &self.instance
+    }
+
+    /// The balancer's tier that answered: an index into
+    /// [`Balancer::tiers`](crate::Balancer::tiers), 0 without failover tiers.
+    pub fn tier(&self) -> usize {
+        self.tier
     }
 
     /// Attempts it took, the first one included (more than 1 after retries).

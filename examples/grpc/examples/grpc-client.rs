@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use waypost::grpc::GrpcChannel;
-use waypost::{Balancer, ServiceName};
+use waypost::ServiceName;
 use waypost_grpc_examples::users::users_client::UsersClient;
 use waypost_grpc_examples::users::GetUserRequest;
 use waypost_grpc_examples::{serve, Serving, UsersServer, GET_USER, USERS};
@@ -168,7 +168,7 @@ impl Session {
         let backend = args.backend.connect().await?;
         let demo = demo_instances(&args, &backend).await?;
 
-        let balancer = Balancer::watch(&*backend.discovery, &service, strategy);
+        let balancer = backend.balancer(&service, strategy);
         if !balancer.wait_ready(args.load.wait).await {
             stop_demo(demo).await;
             return Err(format!(
@@ -251,7 +251,7 @@ async fn one(
     i: usize,
     key: Option<&Key>,
     timeout: Duration,
-) -> (Option<String>, Duration) {
+) -> (Option<common::Answered>, Duration) {
     let n = (i % USERS as usize) as u32 + 1;
     let mut request = tonic::Request::new(GetUserRequest { id: n });
     request.set_timeout(timeout);
@@ -263,7 +263,7 @@ async fn one(
     let outcome = tokio::time::timeout(timeout, client.get_user(request)).await;
     let latency = started.elapsed();
     match outcome {
-        Ok(Ok(r)) => (Some(r.into_inner().instance), latency),
+        Ok(Ok(r)) => (Some(common::Answered::by(r.into_inner().instance)), latency),
         Ok(Err(status)) => {
             tracing::warn!(code = ?status.code(), message = status.message(), "call failed");
             (None, latency)
