@@ -842,7 +842,14 @@ impl Balancer {
                 }
             }
             if many {
-                above.extend(next[i].endpoints.iter().map(|e| e.id().clone()));
+                // What this tier serves healthy, not what it keeps fail-static: an instance that
+                // left this registry and lives on in a lower one is that one's to serve.
+                above.extend(
+                    ts.reported
+                        .values()
+                        .filter(|e| e.instance().health().is_serving())
+                        .map(|e| e.id().clone()),
+                );
             }
         }
         let counts: Vec<Counts> = up.tiers.iter().map(|t| t.counts).collect();

@@ -230,6 +230,18 @@ async fn an_instance_in_two_tiers_is_served_and_counted_once() {
     let t = b.tiers();
     assert_eq!((t[1].reported, t[1].serving), (2, 2));
     assert_eq!(b.instances().len(), 3);
+
+    // The first registry empties (kept fail-static): the second one takes all the traffic,
+    // and each instance is listed once.
+    feed(&b, 0, vec![]);
+    let t = b.tiers();
+    assert_eq!(t[0].fail_static, Some(FailStatic::EmptyPush));
+    assert_eq!((t[0].share, t[1].share, t[1].serving), (0.0, 1.0, 2));
+    let (tiers, ids) = spread(&b, 100);
+    assert_eq!(tiers, [0, 100]);
+    assert_eq!(ids.keys().collect::<Vec<_>>(), ["e", "m"]);
+    let ids: Vec<String> = b.instances().iter().map(|i| i.id().to_string()).collect();
+    assert_eq!(ids, ["a", "e", "m"]);
 }
 
 #[tokio::test]

@@ -29,30 +29,180 @@ const READY_BOUND: Duration = Duration::from_secs(30);
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 #[derive(Clone, Copy, Debug)]
-struct Ports {
-    http: u16,
+pub(crate) struct Ports {
+    pub(crate) http: u16,
     /// DNS, TCP and UDP (Consul answers SRV queries for `<service>.service.consul`).
-    dns: u16,
-    serf_lan: u16,
-    serf_wan: u16,
-    server: u16,
+    pub(crate) dns: u16,
+    pub(crate) serf_lan: u16,
+    pub(crate) serf_wan: u16,
+    pub(crate) server: u16,
+}
+
+/// One `consul agent -dev` process on its own ports, with its log file: what [`ConsulServer`]
+/// and [`ConsulDatacenters`](crate::consul_wan::ConsulDatacenters) are made of. Killed (and
+/// waited for) on drop, which also removes the log.
+pub(crate) struct Agent {
+    pub(crate) bin: PathBuf,
+    pub(crate) ports: Ports,
+    pub(crate) log: PathBuf,
+    child: Mutex<Option<ProcessGuard>>,
+}
+
+impl Agent {
+    /// An agent (not started) on fresh free ports, logging to a fresh file.
+    pub(crate) fn new(bin: PathBuf) -> Agent {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let log =
+            std::env::temp_dir().join(format!("waypost-consul-{}-{n}.log", std::process::id()));
+        Agent {
+            bin,
+            ports: free_ports(),
+            log,
+            child: Mutex::new(None),
+        }
+    }
+
+    /// The HTTP address, `127.0.0.1:<port>`.
+    pub(crate) fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.ports.http)
+    }
+
+    /// The HTTP base URL, `http://127.0.0.1:<port>`.
+    pub(crate) fn http_url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// `consul agent -dev` named `node` in `datacenter` (Consul's default `dc1` when `None`),
+    /// on this agent's ports, all on 127.0.0.1, gRPC off, no update check.
+    pub(crate) fn command(&self, node: &str, datacenter: Option<&str>) -> Command {
+        let p = self.ports;
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["agent", "-dev", "-node", node, "-bind", "127.0.0.1"])
+            .args(["-client", "127.0.0.1", "-grpc-port", "-1"])
+            .args(["-dns-port", &p.dns.to_string()])
+            .args(["-http-port", &p.http.to_string()])
+            .args(["-serf-lan-port", &p.serf_lan.to_string()])
+            .args(["-serf-wan-port", &p.serf_wan.to_string()])
+            .args(["-server-port", &p.server.to_string()])
+            // Loopback only: no update check.
+            .args(["-hcl", "disable_update_check = true"])
+            .env("CHECKPOINT_DISABLE", "1");
+        if let Some(dc) = datacenter {
+            cmd.args(["-datacenter", dc]);
+        }
+        cmd
+    }
+
+    /// Runs `cmd` (from [`command`](Self::command)) under a guard, output to the log, and waits
+    /// until the agent has a leader. On failure the agent is killed and the error carries the
+    /// log's tail.
+    pub(crate) async fn spawn_and_wait(&self, mut cmd: Command) -> Result<(), String> {
+        let log =
+            File::create(&self.log).map_err(|e| format!("log {}: {e}", self.log.display()))?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+        let child = ProcessGuard::spawn(&mut cmd)
+            .map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
+        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        let http = reqwest::Client::new();
+        let url = format!("{}/v1/status/leader", self.http_url());
+        let deadline = Instant::now() + READY_BOUND;
+        loop {
+            if let Some(status) = self.exited() {
+                return Err(format!(
+                    "agent exited ({status}); log:\n{}",
+                    self.log_tail()
+                ));
+            }
+            if let Ok(resp) = http.get(&url).timeout(Duration::from_secs(2)).send().await {
+                if let Ok(text) = resp.text().await {
+                    // `""` until a leader is elected, then `"127.0.0.1:<server port>"`.
+                    if text.trim().trim_matches('"').contains(':') {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(format!(
+                    "no leader within {READY_BOUND:?}; log:\n{}",
+                    self.log_tail()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the agent and starts it again with `command` on the same ports, a few times if
+    /// the ports were not released yet.
+    pub(crate) async fn respawn(&self, command: impl Fn() -> Command) -> Result<(), String> {
+        self.kill();
+        let mut last = String::new();
+        // The ports were just released; a few tries cover a slow release on a loaded machine.
+        for _ in 0..5 {
+            match self.spawn_and_wait(command()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    last = e;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Kills the agent and waits for it to exit. Idempotent.
+    pub(crate) fn kill(&self) {
+        let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(child) = guard.take() {
+            child.kill();
+        }
+    }
+
+    /// Whether the agent process runs (it was started, not killed, and has not exited).
+    pub(crate) fn is_running(&self) -> bool {
+        self.exited().is_none()
+            && self
+                .child
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+    }
+
+    fn exited(&self) -> Option<std::process::ExitStatus> {
+        let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let status = guard.as_ref().and_then(ProcessGuard::exited);
+        if status.is_some() {
+            *guard = None;
+        }
+        status
+    }
+
+    /// The last lines of the agent's log.
+    pub(crate) fn log_tail(&self) -> String {
+        tail(&self.log)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.log);
+    }
 }
 
 /// A running single-node Consul agent in dev mode (in-memory state, nothing on disk).
 pub struct ConsulServer {
-    bin: PathBuf,
-    ports: Ports,
+    agent: Agent,
     acl_token: Option<String>,
-    log: PathBuf,
-    child: Mutex<Option<ProcessGuard>>,
 }
 
 impl std::fmt::Debug for ConsulServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsulServer")
-            .field("ports", &self.ports)
+            .field("ports", &self.agent.ports)
             .field("acl_token", &self.acl_token.as_ref().map(|_| "<redacted>"))
-            .field("log", &self.log)
+            .field("log", &self.agent.log)
             .finish_non_exhaustive()
     }
 }
@@ -82,17 +232,11 @@ impl ConsulServer {
         // Free ports are picked by binding port 0 and releasing it: another process may grab one
         // in between, so try a few sets.
         for _ in 0..3 {
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let log =
-                std::env::temp_dir().join(format!("waypost-consul-{}-{n}.log", std::process::id()));
             let server = ConsulServer {
-                bin: bin.clone(),
-                ports: free_ports(),
+                agent: Agent::new(bin.clone()),
                 acl_token: acl_token.clone(),
-                log,
-                child: Mutex::new(None),
             };
-            match server.spawn_and_wait().await {
+            match server.agent.spawn_and_wait(server.command()).await {
                 Ok(()) => return server,
                 Err(e) => last_error = e,
             }
@@ -102,18 +246,18 @@ impl ConsulServer {
 
     /// The HTTP address, `127.0.0.1:<port>`.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.ports.http)
+        self.agent.addr()
     }
 
     /// The agent's DNS interface (TCP and UDP on the same port), answering for the `consul.`
     /// domain: `<service>.service.consul` SRV queries list the passing instances.
     pub fn dns_addr(&self) -> std::net::SocketAddr {
-        std::net::SocketAddr::from(([127, 0, 0, 1], self.ports.dns))
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.agent.ports.dns))
     }
 
     /// The HTTP base URL, `http://127.0.0.1:<port>`.
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.addr())
+        self.agent.http_url()
     }
 
     /// The bootstrap token of an agent started with [`start_with_acl`](Self::start_with_acl).
@@ -127,49 +271,18 @@ impl ConsulServer {
     /// # Panics
     /// When the agent does not come back.
     pub async fn restart(&self) {
-        self.kill();
-        let mut last = String::new();
-        // The ports were just released; a few tries cover a slow release on a loaded machine.
-        for _ in 0..5 {
-            match self.spawn_and_wait().await {
-                Ok(()) => return,
-                Err(e) => {
-                    last = e;
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-            }
+        if let Err(last) = self.agent.respawn(|| self.command()).await {
+            panic!("consul agent did not come back after a restart: {last}");
         }
-        panic!("consul agent did not come back after a restart: {last}");
     }
 
     /// Kills the agent and waits for it to exit. Idempotent.
     pub fn kill(&self) {
-        let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(child) = guard.take() {
-            child.kill();
-        }
+        self.agent.kill();
     }
 
     fn command(&self) -> Command {
-        let p = self.ports;
-        let mut cmd = Command::new(&self.bin);
-        cmd.args([
-            "agent",
-            "-dev",
-            "-node",
-            "waypost-test",
-            "-bind",
-            "127.0.0.1",
-        ])
-        .args(["-client", "127.0.0.1", "-grpc-port", "-1"])
-        .args(["-dns-port", &p.dns.to_string()])
-        .args(["-http-port", &p.http.to_string()])
-        .args(["-serf-lan-port", &p.serf_lan.to_string()])
-        .args(["-serf-wan-port", &p.serf_wan.to_string()])
-        .args(["-server-port", &p.server.to_string()])
-        // Loopback only: no update check.
-        .args(["-hcl", "disable_update_check = true"])
-        .env("CHECKPOINT_DISABLE", "1");
+        let mut cmd = self.agent.command("waypost-test", None);
         if let Some(token) = &self.acl_token {
             cmd.args([
                 "-hcl",
@@ -180,64 +293,10 @@ impl ConsulServer {
         }
         cmd
     }
-
-    async fn spawn_and_wait(&self) -> Result<(), String> {
-        let log =
-            File::create(&self.log).map_err(|e| format!("log {}: {e}", self.log.display()))?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let mut cmd = self.command();
-        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
-        let child = ProcessGuard::spawn(&mut cmd)
-            .map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
-        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
-        let http = reqwest::Client::new();
-        let url = format!("{}/v1/status/leader", self.http_url());
-        let deadline = Instant::now() + READY_BOUND;
-        loop {
-            if let Some(status) = self.exited() {
-                return Err(format!(
-                    "agent exited ({status}); log:\n{}",
-                    tail(&self.log)
-                ));
-            }
-            if let Ok(resp) = http.get(&url).timeout(Duration::from_secs(2)).send().await {
-                if let Ok(text) = resp.text().await {
-                    // `""` until a leader is elected, then `"127.0.0.1:<server port>"`.
-                    if text.trim().trim_matches('"').contains(':') {
-                        return Ok(());
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                self.kill();
-                return Err(format!(
-                    "no leader within {READY_BOUND:?}; log:\n{}",
-                    tail(&self.log)
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn exited(&self) -> Option<std::process::ExitStatus> {
-        let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        let status = guard.as_ref().and_then(ProcessGuard::exited);
-        if status.is_some() {
-            *guard = None;
-        }
-        status
-    }
-}
-
-impl Drop for ConsulServer {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_file(&self.log);
-    }
 }
 
 /// The binary from `WAYPOST_CONSUL_BIN`, else `consul` on `PATH`.
-fn consul_bin() -> PathBuf {
+pub(crate) fn consul_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("WAYPOST_CONSUL_BIN").filter(|b| !b.is_empty()) {
         let bin = PathBuf::from(bin);
         if bin.is_file() {

@@ -72,6 +72,8 @@ use waypost_core::{Discovery, Registry};
 #[cfg(feature = "servers")]
 pub mod consul_server;
 #[cfg(feature = "servers")]
+pub mod consul_wan;
+#[cfg(feature = "servers")]
 pub mod etcd_server;
 pub mod gate;
 pub mod harness;

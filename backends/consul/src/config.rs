@@ -127,15 +127,15 @@ impl ConsulBuilder {
     }
 
     /// Whether discovery lists only instances whose checks all pass (default `true`, Consul's
-    /// `?passing`: every instance listed is [`Health::Passing`](waypost_core::Health)).
+    /// `?passing`: every instance listed is [`Health::Passing`](waypost_core::Health::Passing)).
     ///
     /// With `false`, instances with a warning or critical check are listed too, each with its
     /// [`Health`](waypost_core::Health): the worst status among all of the entry's checks, the
     /// node's own (`serfHealth`) included; a status this crate does not know counts as
     /// critical. A [`Balancer`](waypost_core::Balancer) over such a discovery sends traffic to
-    /// passing and warning instances and never to critical ones, and a tiered (failover)
-    /// balancer counts the critical ones against the health of their tier. A watch reports a
-    /// change of health as an `Updated` event.
+    /// passing and warning instances and never to critical ones, and a failover
+    /// [tier](waypost_core::BalancerBuilder::tier) counts the critical ones against its
+    /// healthy share. A watch reports a change of health as an `Updated` event.
     ///
     /// ```
     /// // Also list instances whose checks are warning or critical, marked with their health.
