@@ -5,7 +5,8 @@
 //! The workload (memory backend): a healthy and a failing (500) instance behind a balancer with
 //! outlier ejection, so that requests fail, are retried elsewhere and the failing instance is
 //! ejected; a client without retry budget on a second service, so that a retry is refused; and
-//! one injected watch error, since the in-process backend never fails on its own.
+//! one injected watch error, since the in-process backend never fails on its own; and a
+//! balancer with two failover tiers.
 
 #[path = "../examples/common/mod.rs"]
 mod common;
@@ -31,6 +32,7 @@ const DOCUMENTED: &[&str] = &[
     "waypost_membership_total",
     "waypost_membership_served",
     "waypost_fail_static",
+    "waypost_tier_share",
     "waypost_watch_events_total",
     "waypost_watch_errors_total",
     "waypost_retries_total",
@@ -126,6 +128,7 @@ fn the_dashboard_is_importable_and_filtered_by_service() {
         "Latency percentiles",
         "Membership: total vs served",
         "Fail-static",
+        "Failover tier share",
         "Ejections",
         "Panic mode",
         "Registration liveness",
@@ -243,6 +246,20 @@ async fn every_metric_the_dashboard_queries_is_in_a_real_scrape() {
     statuses.sort();
     assert_eq!(statuses, [200, 500]);
 
+    // Service `dash-tiers`: two failover tiers over the same registry.
+    let tiered: ServiceName = "dash-tiers".parse().unwrap();
+    handles.push(
+        memory
+            .register(register("dash-tiers", "dash-good", good.addr().port()))
+            .await
+            .unwrap(),
+    );
+    let balancer = Balancer::builder(RoundRobin::new())
+        .tier("near", &memory, &tiered)
+        .tier("far", &memory, &tiered)
+        .build();
+    assert!(balancer.wait_ready(Duration::from_secs(5)).await);
+
     let scrape = scrape::get(endpoint.addr()).await;
     let present = scrape.names();
     let missing: Vec<_> = wanted
@@ -281,6 +298,10 @@ fn check_workload(scrape: &Scrape) {
         Some(1.0)
     );
     assert_eq!(scrape.value("waypost_fail_static", &dash), Some(0.0));
+    let near = [("service", "dash-tiers"), ("tier", "near")];
+    let far = [("service", "dash-tiers"), ("tier", "far")];
+    assert_eq!(scrape.value("waypost_tier_share", &near), Some(1.0));
+    assert_eq!(scrape.value("waypost_tier_share", &far), Some(0.0));
     let budget = [("service", "dash-budget")];
     assert_eq!(
         scrape.value("waypost_retry_budget_exhausted_total", &budget),
