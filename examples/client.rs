@@ -110,6 +110,7 @@ impl Session {
         let demo = demo_instances(&args, &backend).await?;
 
         let balancer = backend.balancer(&service, strategy);
+        let waiting = Instant::now();
         if !balancer.wait_ready(args.load.wait).await {
             stop_demo(demo).await;
             return Err(format!(
@@ -117,6 +118,12 @@ impl Session {
                  cargo run --example user-service --features consul -- --backend consul --name {service} --port 0",
                 args.load.wait
             ));
+        }
+        // With failover tiers, the first tier to answer must not take the traffic that is the
+        // preferred tier's: wait (within --wait) until every tier's watch has said where it
+        // stands.
+        while !balancer.status().in_sync && waiting.elapsed() < args.load.wait {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let mut builder = HttpClient::builder(balancer).request_timeout(args.load.timeout);
         if let Some(key) = hash_key.clone() {
@@ -619,6 +626,73 @@ mod tests {
             &["--backend", "consul", "--consul-addr", &consul.addr()],
         )
         .await;
+    }
+
+    /// `--datacenter dc1 --failover dc2` on two real Consul datacenters joined over the WAN:
+    /// with dc1 empty the report counts everything in dc2; once dc1 has an instance, there.
+    #[cfg(feature = "consul")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failover_between_two_real_datacenters_is_reported_by_tier() {
+        use waypost_conformance::consul_wan::ConsulDatacenters;
+        let dcs = ConsulDatacenters::start(&["dc1", "dc2"]).await;
+        let service = "users-failover";
+        let start = |dc: &'static str| {
+            let addr = dcs.addr(dc);
+            async move {
+                let consul = waypost::consul::Consul::builder()
+                    .address(addr)
+                    .build()
+                    .unwrap();
+                let id = format!("{service}-{dc}");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let server = common::UserService::start(listener, &id).unwrap();
+                let reg = waypost::Registration::builder(service, &id)
+                    .host("127.0.0.1")
+                    .port(server.addr().port())
+                    .build()
+                    .unwrap();
+                (consul.register(reg).await.unwrap(), server)
+            }
+        };
+        use waypost::Registry;
+        let dc1_addr = dcs.addr("dc1");
+        let args = || {
+            parse(&[
+                "--backend",
+                "consul",
+                "--consul-addr",
+                &dc1_addr,
+                "--datacenter",
+                "dc1",
+                "--failover",
+                "dc2",
+                "--service",
+                service,
+                "--requests",
+                "30",
+            ])
+            .unwrap()
+        };
+        let (in_dc2, server2) = start("dc2").await;
+        let report = run(args()).await.unwrap();
+        assert_eq!(report.errors, 0, "{report:?}");
+        assert_eq!(
+            report.by_tier,
+            Some(BTreeMap::from([("dc2".to_string(), 30)])),
+            "{report:?}"
+        );
+
+        let (in_dc1, server1) = start("dc1").await;
+        let report = run(args()).await.unwrap();
+        assert_eq!(
+            report.by_tier,
+            Some(BTreeMap::from([("dc1".to_string(), 30)])),
+            "{report:?}"
+        );
+        for (handle, server) in [(in_dc1, server1), (in_dc2, server2)] {
+            handle.shutdown().await.unwrap();
+            server.stop().await.unwrap();
+        }
     }
 
     #[cfg(feature = "etcd")]
