@@ -464,7 +464,7 @@ mod tests {
         for i in 0..USERS as usize {
             let (answered, _) =
                 one(&mut client, i, session.key.as_ref(), Duration::from_secs(5)).await;
-            routes.insert(i as u32 + 1, answered.expect("answered OK"));
+            routes.insert(i as u32 + 1, answered.expect("answered OK").instance);
         }
         routes
     }
