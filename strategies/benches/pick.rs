@@ -16,6 +16,9 @@
 //!   machine is otherwise idle; BENCHMARKS.md records the load.
 //! - `balancer_pick/<strategy>/<n>`: `Balancer::pick_with` and dropping the guard, i.e. the whole
 //!   request-path cost: snapshot load, pick, in-flight accounting.
+//! - `balancer_pick_tiered/<state>/<strategy>/<n>`: the same through a balancer with two
+//!   failover tiers of `n` instances each: `healthy` (the first tier takes everything) and
+//!   `spilling` (two thirds of the first tier critical: 47 % stays, 53 % spills).
 //! - `seed/<strategy>/<n>` and `seed_2threads/<strategy>/<n>`: the seed's Go algorithms, ported
 //!   in `seed/` (mutex round-robin, mutex random, weighted list rebuilt per pick, least-connections
 //!   scanning a mutex-guarded map), measured exactly like `pick` and `pick_2threads`.
@@ -32,7 +35,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use waypost_core::{Balancer, WatchEvent};
+use waypost_core::{Balancer, Health, WatchEvent};
 
 use fixture::{context, endpoints, instances, is_hashing, SIZES};
 
@@ -102,6 +105,50 @@ fn balancer_pick(c: &mut Criterion) {
     }
 }
 
+fn balancer_pick_tiered(c: &mut Criterion) {
+    // The tiers' watch tasks need a runtime to be spawned on; the bench feeds them by hand.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a current-thread runtime");
+    let _entered = runtime.enter();
+    for n in [10, 10_000] {
+        for name in ["round-robin", "p2c-ewma", "maglev"] {
+            for state in ["healthy", "spilling"] {
+                let strategy = waypost_strategies::by_name(name).expect("names() lists it");
+                let idle = || futures::StreamExt::boxed(futures::stream::pending());
+                let balancer = Balancer::builder(strategy)
+                    .tier_from_watch("near", idle())
+                    .tier_from_watch("far", idle())
+                    .build();
+                let near: Vec<_> = instances(n)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, inst)| {
+                        let critical = state == "spilling" && i % 3 != 0;
+                        let health = if critical {
+                            Health::Critical
+                        } else {
+                            Health::Passing
+                        };
+                        inst.to_builder().health(health).build().expect("valid")
+                    })
+                    .collect();
+                let far: Vec<_> = instances(2 * n).split_off(n);
+                balancer.apply_to(0, [WatchEvent::Snapshot(near)]);
+                balancer.apply_to(1, [WatchEvent::Snapshot(far)]);
+                let hashing = is_hashing(name);
+                let one = |i: u64| {
+                    drop(black_box(balancer.pick_with(&context(hashing, i))));
+                };
+                c.benchmark_group("balancer_pick_tiered")
+                    .bench_function(BenchmarkId::new(format!("{state}/{name}"), n), |b| {
+                        b.iter_custom(|iters| run(iters, 0, &one))
+                    });
+            }
+        }
+    }
+}
+
 fn seed_port(c: &mut Criterion) {
     for &n in &SIZES {
         let eps = endpoints(n);
@@ -133,6 +180,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = pick, balancer_pick, seed_port
+    targets = pick, balancer_pick, balancer_pick_tiered, seed_port
 }
 criterion_main!(benches);
