@@ -128,6 +128,57 @@ pub enum PickError {
     },
 }
 
+/// Why no instance became available in time; see [`Balancer::ready_within`].
+#[derive(Clone, Debug)]
+pub struct NotReady {
+    service: Option<ServiceName>,
+    waited: Duration,
+    error: Option<Error>,
+    reported: usize,
+    synced: bool,
+}
+
+impl NotReady {
+    /// The watch's last error, while it fails.
+    pub fn error(&self) -> Option<&Error> {
+        self.error.as_ref()
+    }
+
+    /// Instances the backend reported (all critical, when more than 0).
+    pub fn reported(&self) -> usize {
+        self.reported
+    }
+}
+
+impl fmt::Display for NotReady {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "no instance{} became available within {:?}: ",
+            service_suffix(&self.service),
+            self.waited
+        )?;
+        match &self.error {
+            Some(e) => write!(f, "the watch fails: {e}"),
+            None if self.reported > 0 => write!(
+                f,
+                "the backend reports {} instance(s), none passing its health check",
+                self.reported
+            ),
+            None if self.synced => f.write_str(
+                "the backend reports none: register one under this name (and check the name)",
+            ),
+            None => f.write_str("the watch has not answered yet"),
+        }
+    }
+}
+
+impl std::error::Error for NotReady {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.as_ref().map(|e| e as _)
+    }
+}
+
 fn service_suffix(s: &Option<ServiceName>) -> String {
     s.as_ref().map(|s| format!(" of {s}")).unwrap_or_default()
 }
@@ -141,6 +192,7 @@ pub struct BalancerBuilder {
     instance_labels: bool,
     tiers: Vec<(String, Option<Watch>)>,
     overprovisioning: u32,
+    cancel_is_failure_after: Option<Duration>,
 }
 
 impl fmt::Debug for dyn Strategy {
@@ -161,6 +213,7 @@ impl fmt::Debug for BalancerBuilder {
                 &self.tiers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
             )
             .field("overprovisioning", &self.overprovisioning)
+            .field("cancel_is_failure_after", &self.cancel_is_failure_after)
             .finish()
     }
 }
@@ -241,6 +294,31 @@ impl BalancerBuilder {
         self
     }
 
+    /// A call cancelled (its [`PickGuard`] dropped without an outcome) after running this long
+    /// counts as a failure, with its elapsed time as latency. Without it (the default) a
+    /// cancelled call records no outcome, and an instance that is slow enough for callers to
+    /// give up on it (a tower `Timeout`, `tokio::time::timeout` around a call) looks healthy
+    /// to load-aware strategies and to outlier ejection. Set it to the callers' timeout, or a
+    /// little below. A caller that knows its own deadline can also tell each guard
+    /// ([`PickGuard::set_deadline`]; the gRPC channel does, from `grpc-timeout`).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use waypost_core::*;
+    /// # struct First; struct P;
+    /// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(P) } }
+    /// # impl Picker for P { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+    /// let balancer = Balancer::builder(First).cancel_is_failure_after(Duration::ZERO).build();
+    /// balancer.apply(WatchEvent::Snapshot(vec![ServiceInstance::builder("s", "a").host("h").port(1).build()?]));
+    /// drop(balancer.pick()?); // given up on
+    /// assert_eq!(balancer.endpoints()[0].state().failures(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn cancel_is_failure_after(mut self, after: Duration) -> Self {
+        self.cancel_is_failure_after = Some(after);
+        self
+    }
+
     /// Builds the balancer: fed by hand with [`Balancer::apply`] when no tier was added, else
     /// following every tier's watch on a background task each (until the last clone of the
     /// balancer is dropped).
@@ -298,6 +376,7 @@ impl BalancerBuilder {
                             name: name.clone(),
                             reported: BTreeMap::new(),
                             fail_static: None,
+                            last_error: None,
                             in_sync: false,
                             counts: Counts::default(),
                             share: 0.0,
@@ -309,6 +388,7 @@ impl BalancerBuilder {
                 }),
                 keep_last_on_empty: self.keep_last_on_empty,
                 overprovisioning: self.overprovisioning,
+                cancel_is_failure_after: self.cancel_is_failure_after,
                 service: self.service.clone(),
                 ready,
                 tasks: Mutex::new(Vec::new()),
@@ -409,8 +489,9 @@ struct Shared {
     updater: Mutex<Updater>,
     keep_last_on_empty: bool,
     overprovisioning: u32,
+    cancel_is_failure_after: Option<Duration>,
     service: Option<ServiceName>,
-    /// Count of served instances, for `ready()`.
+    /// Count of served instances, for `ready()`; sent on every publish, for `changed()`.
     ready: watch::Sender<usize>,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
@@ -438,6 +519,8 @@ struct TierState {
     /// What the backend reported last, as endpoints (state attached), critical ones included.
     reported: BTreeMap<InstanceId, Endpoint>,
     fail_static: Option<FailStatic>,
+    /// The watch's last error, until it says `Synced` again.
+    last_error: Option<Error>,
     /// A `Synced` came after the last error.
     in_sync: bool,
     counts: Counts,
@@ -498,6 +581,7 @@ impl Balancer {
             instance_labels: true,
             tiers: Vec::new(),
             overprovisioning: DEFAULT_OVERPROVISIONING,
+            cancel_is_failure_after: None,
         }
     }
 
@@ -538,14 +622,14 @@ impl Balancer {
                 return Err(self.no_instances());
             }
             return match tier.pick(ctx) {
-                Some(ep) => Ok(PickGuard::new(ep.clone(), 0)),
+                Some(ep) => Ok(self.guard(ep, 0)),
                 None => Err(self.none_fits(&snap)),
             };
         }
         let first = self.choose_tier(&snap, ctx);
         for t in tier_order(first, snap.tiers.len()) {
             if let Some(ep) = snap.tiers[t].pick(ctx) {
-                return Ok(PickGuard::new(ep.clone(), t));
+                return Ok(self.guard(ep, t));
             }
         }
         if snap.tiers.iter().all(|t| t.endpoints.is_empty()) {
@@ -553,6 +637,12 @@ impl Balancer {
         } else {
             Err(self.none_fits(&snap))
         }
+    }
+
+    fn guard(&self, endpoint: &Endpoint, tier: usize) -> PickGuard {
+        let mut guard = PickGuard::new(endpoint.clone(), tier);
+        guard.fail_after = self.shared.cancel_is_failure_after;
+        guard
     }
 
     fn choose_tier(&self, snap: &Snapshot, ctx: &PickContext<'_>) -> usize {
@@ -698,6 +788,7 @@ impl Balancer {
         // not prove that the rest of the set has been caught up with.
         if synced {
             ts.in_sync = true;
+            ts.last_error = None;
             if matches!(ts.fail_static, Some(FailStatic::BackendError(_))) {
                 ts.fail_static = None;
                 tracing::info!(service = ?self.shared.service, tier = %ts.name, "watch in sync again");
@@ -725,6 +816,7 @@ impl Balancer {
         };
         tracing::warn!(service = ?self.shared.service, tier = %ts.name, %error, "watch error; serving the last known instances");
         ts.fail_static = Some(FailStatic::BackendError(error.to_string()));
+        ts.last_error = Some(error.clone());
         ts.in_sync = false;
         self.shared
             .metrics
@@ -972,9 +1064,80 @@ impl Balancer {
         let _ = rx.wait_for(|n| *n > 0).await;
     }
 
-    /// Waits up to `timeout` for an instance; `false` if none came.
+    /// Waits up to `timeout` for an instance; `false` if none came. [`ready_within`](Self::ready_within)
+    /// says why.
+    #[must_use = "false means that no instance can be picked"]
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, self.ready()).await.is_ok()
+    }
+
+    /// Waits up to `timeout` for an instance; if none came, says why: the watch's last error
+    /// (an unreachable backend, a refused token: the error says which, and what to do), or
+    /// what the backend reported (nothing, or instances that are all critical).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use waypost_core::*;
+    /// # struct First; struct P;
+    /// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(P) } }
+    /// # impl Picker for P { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let balancer = Balancer::builder(First).service("users".parse().unwrap()).build();
+    /// balancer.report_error(&Error::unavailable("consul", "watch", "connection refused"));
+    /// let why = balancer.ready_within(Duration::from_millis(10)).await.unwrap_err();
+    /// assert!(why.error().is_some_and(Error::is_retryable));
+    /// assert!(why.to_string().contains("connection refused"), "{why}");
+    /// # }
+    /// ```
+    pub async fn ready_within(&self, timeout: Duration) -> Result<(), NotReady> {
+        if self.wait_ready(timeout).await {
+            return Ok(());
+        }
+        let up = lock(&self.shared.updater);
+        Err(NotReady {
+            service: self.shared.service.clone(),
+            waited: timeout,
+            error: up.tiers.iter().find_map(|t| t.last_error.clone()),
+            reported: up.tiers.iter().map(|t| t.reported.len()).sum(),
+            synced: up.tiers.iter().any(|t| t.in_sync),
+        })
+    }
+
+    /// Waits until the set picks choose from (or, with tiers, the tiers' shares) differs from
+    /// generation `since` (see [`generation`](Self::generation)), and returns the new
+    /// generation: a loop that passes back what it got never misses a change and never polls.
+    ///
+    /// ```
+    /// # use waypost_core::*;
+    /// # struct First; struct P;
+    /// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(P) } }
+    /// # impl Picker for P { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let balancer = Balancer::new(First);
+    /// let seen = balancer.generation();
+    /// let feeder = balancer.clone();
+    /// tokio::spawn(async move {
+    ///     let a = ServiceInstance::builder("s", "a").host("h").port(1).build().unwrap();
+    ///     feeder.apply(WatchEvent::Snapshot(vec![a]));
+    /// });
+    /// let now = balancer.changed(seen).await;
+    /// assert_ne!(now, seen);
+    /// assert_eq!(balancer.instances().len(), 1);
+    /// # Ok(()) }
+    /// ```
+    pub async fn changed(&self, since: u64) -> u64 {
+        let mut rx = self.shared.ready.subscribe();
+        loop {
+            let now = self.generation();
+            if now != since {
+                return now;
+            }
+            // Every publish sends on this channel after moving the generation, so a change
+            // after the load above wakes this up. The sender lives as long as `self`.
+            if rx.changed().await.is_err() {
+                return self.generation();
+            }
+        }
     }
 }
 
@@ -1025,7 +1188,10 @@ fn pick_excluding_in<'a>(
 /// One picked instance, for the length of one call. Counts the call as in flight until it is
 /// dropped, and records its outcome and latency with [`success`](Self::success),
 /// [`failure`](Self::failure) or [`record`](Self::record). Dropped without either, the call
-/// counts as cancelled (no outcome).
+/// counts as cancelled (no outcome), unless it ran past its deadline
+/// ([`set_deadline`](Self::set_deadline),
+/// [`cancel_is_failure_after`](BalancerBuilder::cancel_is_failure_after)): then it is a
+/// failure.
 ///
 /// ```
 /// # use waypost_core::*;
@@ -1047,6 +1213,8 @@ pub struct PickGuard {
     endpoint: Endpoint,
     started: Instant,
     tier: usize,
+    /// Dropped without an outcome after this long, the call counts as a failure.
+    fail_after: Option<Duration>,
     done: bool,
 }
 
@@ -1058,8 +1226,34 @@ impl PickGuard {
             endpoint,
             started: Instant::now(),
             tier,
+            fail_after: None,
             done: false,
         }
+    }
+
+    /// The caller gives up on the call at `deadline`: dropped without an outcome at or after
+    /// it, the call counts as a failure (it timed out) with its elapsed time as latency,
+    /// instead of as cancelled. The earlier of this and the balancer's
+    /// [`cancel_is_failure_after`](BalancerBuilder::cancel_is_failure_after) applies.
+    ///
+    /// ```
+    /// # use std::time::Instant;
+    /// # use waypost_core::*;
+    /// # struct First; struct P;
+    /// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(P) } }
+    /// # impl Picker for P { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+    /// # let balancer = Balancer::new(First);
+    /// # balancer.apply(WatchEvent::Snapshot(vec![ServiceInstance::builder("s", "a").host("h").port(1).build()?]));
+    /// let mut guard = balancer.pick()?;
+    /// guard.set_deadline(Instant::now()); // the caller's timeout has already run out
+    /// let endpoint = guard.endpoint().clone();
+    /// drop(guard);
+    /// assert_eq!(endpoint.state().failures(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        let after = deadline.saturating_duration_since(self.started);
+        self.fail_after = Some(self.fail_after.map_or(after, |a| a.min(after)));
     }
 
     /// The tier that served the pick: an index into [`Balancer::tiers`] (0 without tiers).
@@ -1103,10 +1297,17 @@ impl PickGuard {
 
 impl Drop for PickGuard {
     fn drop(&mut self) {
-        if !self.done {
-            self.endpoint.state().end(None);
-            self.endpoint.metrics().end(None);
+        if self.done {
+            return;
         }
+        // A caller that gave up because the call took too long learnt something about the
+        // instance: a cancelled call past the threshold is a slow failure, not "no outcome".
+        let outcome = self.fail_after.and_then(|after| {
+            let elapsed = self.started.elapsed();
+            (elapsed >= after).then_some((Outcome::Failure, elapsed))
+        });
+        self.endpoint.state().end(outcome);
+        self.endpoint.metrics().end(outcome);
     }
 }
 

@@ -26,7 +26,9 @@ mod strategy;
 mod tiers;
 
 pub use backoff::Backoff;
-pub use balancer::{Balancer, BalancerBuilder, BalancerStatus, FailStatic, PickError, PickGuard};
+pub use balancer::{
+    Balancer, BalancerBuilder, BalancerStatus, FailStatic, NotReady, PickError, PickGuard,
+};
 pub use discovery::Discovery;
 pub use endpoint::{clock_nanos, Endpoint, EndpointState, Outcome, EWMA_DECAY};
 pub use error::{Cause, Error, Field, Problem, ValidationError};

@@ -323,3 +323,99 @@ async fn follows_a_watch_reports_errors_and_stops_with_the_balancer() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+#[test]
+fn a_call_given_up_on_after_the_threshold_counts_as_a_slow_failure() {
+    let b = Balancer::builder(Rotate::default())
+        .cancel_is_failure_after(Duration::from_millis(20))
+        .build();
+    b.apply(WatchEvent::Snapshot(vec![inst("a")]));
+    // Given up on at once: cancelled, no outcome.
+    drop(b.pick().unwrap());
+    let state = b.endpoints()[0].clone();
+    assert_eq!(
+        (state.state().failures(), state.state().in_flight()),
+        (0, 0)
+    );
+    assert_eq!(state.state().ewma_latency(), None);
+    // Given up on after the threshold: a failure, with its latency.
+    let guard = b.pick().unwrap();
+    std::thread::sleep(Duration::from_millis(40));
+    drop(guard);
+    assert_eq!(state.state().failures(), 1);
+    assert!(state.state().ewma_latency() >= Some(Duration::from_millis(40)));
+    // An outcome recorded in time is kept as it is.
+    let guard = b.pick().unwrap();
+    std::thread::sleep(Duration::from_millis(40));
+    guard.success();
+    assert_eq!(
+        (state.state().failures(), state.state().successes()),
+        (1, 1)
+    );
+}
+
+#[test]
+fn a_guard_s_own_deadline_turns_a_late_cancel_into_a_failure() {
+    let b = Balancer::new(Rotate::default());
+    b.apply(WatchEvent::Snapshot(vec![inst("a")]));
+    let mut early = b.pick().unwrap();
+    early.set_deadline(std::time::Instant::now() + Duration::from_secs(60));
+    drop(early);
+    let mut late = b.pick().unwrap();
+    late.set_deadline(std::time::Instant::now());
+    drop(late);
+    assert_eq!(b.endpoints()[0].state().failures(), 1);
+}
+
+#[tokio::test]
+async fn ready_within_says_why_no_instance_came() {
+    let wait = Duration::from_millis(20);
+    let b = Balancer::builder(Rotate::default())
+        .service("users".parse().unwrap())
+        .build();
+    let why = b.ready_within(wait).await.unwrap_err();
+    assert!(why.to_string().contains("not answered yet"), "{why}");
+
+    b.apply_all([WatchEvent::Snapshot(vec![]), WatchEvent::Synced]);
+    let why = b.ready_within(wait).await.unwrap_err();
+    assert!(why.to_string().contains("reports none"), "{why}");
+
+    let critical = inst("a")
+        .to_builder()
+        .health(waypost_core::Health::Critical)
+        .build()
+        .unwrap();
+    b.apply(WatchEvent::Snapshot(vec![critical]));
+    let why = b.ready_within(wait).await.unwrap_err();
+    assert_eq!(why.reported(), 1);
+    assert!(why.to_string().contains("none passing"), "{why}");
+
+    b.report_error(&Error::PermissionDenied {
+        backend: "consul",
+        operation: "watch".into(),
+        message: "ACL not found".into(),
+    });
+    let why = b.ready_within(wait).await.unwrap_err();
+    assert!(why.to_string().contains("ACL not found"), "{why}");
+    assert!(std::error::Error::source(&why).is_some());
+
+    b.apply_all([WatchEvent::Snapshot(vec![inst("b")]), WatchEvent::Synced]);
+    assert!(b.ready_within(wait).await.is_ok());
+}
+
+#[tokio::test]
+async fn changed_wakes_on_a_new_set_and_not_on_a_resync_that_changes_nothing() {
+    let b = Balancer::new(Rotate::default());
+    b.apply(WatchEvent::Snapshot(vec![inst("a")]));
+    let seen = b.generation();
+    b.apply(WatchEvent::Synced);
+    b.apply(WatchEvent::Snapshot(vec![inst("a")]));
+    let quiet = tokio::time::timeout(Duration::from_millis(50), b.changed(seen)).await;
+    assert!(quiet.is_err(), "nothing changed");
+    b.apply(WatchEvent::Added(inst("b")));
+    let now = b.changed(seen).await;
+    assert_ne!(now, seen);
+    // Handing back what it returned, the next call waits for the next change.
+    let next = tokio::time::timeout(Duration::from_millis(50), b.changed(now)).await;
+    assert!(next.is_err());
+}
