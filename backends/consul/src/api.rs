@@ -56,24 +56,14 @@ impl Api {
         Backoff::new(self.backoff.0, self.backoff.1)
     }
 
-    /// The host registered for registrations that name none: the configured default, else this
-    /// machine's first non-loopback IPv4 address, else 127.0.0.1.
+    /// The host registered for registrations that name none: the configured default, else
+    /// [`waypost_core::local_ipv4`].
     pub(crate) fn default_host(&self) -> &str {
         if let Some(h) = &self.default_host {
             return h;
         }
-        self.detected_host.get_or_init(|| {
-            if_addrs::get_if_addrs()
-                .ok()
-                .into_iter()
-                .flatten()
-                .filter(|i| !i.is_loopback())
-                .find_map(|i| match i.ip() {
-                    std::net::IpAddr::V4(v4) if !v4.is_link_local() => Some(v4.to_string()),
-                    _ => None,
-                })
-                .unwrap_or_else(|| "127.0.0.1".to_owned())
-        })
+        self.detected_host
+            .get_or_init(|| waypost_core::local_ipv4().to_string())
     }
 
     fn url(&self, segments: &[&str]) -> Url {

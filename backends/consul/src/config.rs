@@ -195,8 +195,9 @@ impl ConsulBuilder {
         self
     }
 
-    /// The address registered for registrations that name no host (default: this machine's
-    /// first non-loopback IPv4 address, or `127.0.0.1` when it has none).
+    /// The address registered for registrations that name no host (default
+    /// [`waypost_core::local_ipv4`]: this machine's first IPv4 address that is neither loopback
+    /// nor link-local, or `127.0.0.1` when it has none).
     ///
     /// ```
     /// // Behind NAT: announce the address clients can reach.

@@ -8,7 +8,7 @@ use waypost_core::Error;
 
 use crate::error;
 use crate::record::Layout;
-use crate::{host, retry, Etcd, Shared};
+use crate::{retry, Etcd, Shared};
 
 /// The key prefix used when none is configured.
 pub const DEFAULT_PREFIX: &str = "/waypost/services";
@@ -194,8 +194,9 @@ impl EtcdBuilder {
         self
     }
 
-    /// The host announced by registrations that name none. Default: this machine's first
-    /// non-loopback IPv4 address, or `127.0.0.1`.
+    /// The host announced by registrations that name none. Default
+    /// [`waypost_core::local_ipv4`]: this machine's first IPv4 address that is neither loopback
+    /// nor link-local, or `127.0.0.1`.
     pub fn default_host(mut self, host: impl Into<String>) -> Self {
         self.default_host = Some(host.into());
         self
@@ -255,7 +256,7 @@ impl EtcdBuilder {
         let default_host = self
             .default_host
             .clone()
-            .unwrap_or_else(|| host::local_ipv4().to_string());
+            .unwrap_or_else(|| waypost_core::local_ipv4().to_string());
         let layout = Layout::new(&self.prefix);
         let attempts = 2 + endpoints.len() as u32;
         // A cheap read of the prefix: proves that a member answers and that we may read. It is

@@ -86,7 +86,6 @@
 
 mod builder;
 mod error;
-mod host;
 mod record;
 mod registry;
 mod retry;
