@@ -1232,7 +1232,8 @@ impl PickGuard {
     }
 
     /// The caller gives up on the call at `deadline`: dropped without an outcome at or after
-    /// it, the call counts as a failure (it timed out) with its elapsed time as latency,
+    /// it (or within 1 %, at least 1 ms, before it: the caller's clock started before the
+    /// pick), the call counts as a failure (it timed out) with its elapsed time as latency,
     /// instead of as cancelled. The earlier of this and the balancer's
     /// [`cancel_is_failure_after`](BalancerBuilder::cancel_is_failure_after) applies.
     ///
@@ -1302,9 +1303,12 @@ impl Drop for PickGuard {
         }
         // A caller that gave up because the call took too long learnt something about the
         // instance: a cancelled call past the threshold is a slow failure, not "no outcome".
+        // The caller started its clock a little before the pick: a drop within 1 % (at least
+        // 1 ms) of the deadline is the caller's timeout, not an early cancel.
         let outcome = self.fail_after.and_then(|after| {
             let elapsed = self.started.elapsed();
-            (elapsed >= after).then_some((Outcome::Failure, elapsed))
+            let slack = (after / 100).max(Duration::from_millis(1));
+            (elapsed + slack >= after).then_some((Outcome::Failure, elapsed))
         });
         self.endpoint.state().end(outcome);
         self.endpoint.metrics().end(outcome);

@@ -348,3 +348,41 @@ async fn a_dead_instance_stops_getting_traffic_and_gets_it_back_after_it_recover
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A caller that gives up on a slow instance (`tokio::time::timeout` around the call, as a
+/// tower `Timeout` would) teaches a balancer with `cancel_is_failure_after` that the instance
+/// is slow: each give-up is a failure with its latency. Without it, the same calls are
+/// cancelled and the instance looks healthy (the "0 failures after 10 timeouts").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_given_up_on_past_the_threshold_count_as_failures_of_the_slow_instance() {
+    let memory = Memory::new();
+    let _slow = instance(
+        &memory,
+        "given-up",
+        "slow",
+        Some(Duration::from_secs(5)),
+        None,
+    )
+    .await;
+    let name: ServiceName = "given-up".parse().unwrap();
+    let timeout = Duration::from_millis(50);
+    for threshold in [None, Some(Duration::from_millis(40))] {
+        let mut builder = Balancer::builder(RoundRobin::new());
+        if let Some(t) = threshold {
+            builder = builder.cancel_is_failure_after(t);
+        }
+        let b = builder.watch(&memory, &name);
+        assert!(b.wait_ready(Duration::from_secs(5)).await);
+        let mut client = UsersClient::new(GrpcChannel::builder(b.clone()).build().unwrap());
+        for id in 1..=10 {
+            let call = client.get_user(GetUserRequest { id });
+            let outcome = tokio::time::timeout(timeout, call).await;
+            assert!(outcome.is_err(), "the slow instance answered: {outcome:?}");
+        }
+        let state = b.endpoints()[0].state().failures();
+        match threshold {
+            None => assert_eq!(state, 0, "cancelled calls are no outcome"),
+            Some(_) => assert_eq!(state, 10, "each give-up is a failure"),
+        }
+    }
+}
