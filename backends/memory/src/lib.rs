@@ -22,9 +22,15 @@
 //!   [`Discovery::watch`] delivers a snapshot at once, then only changes, and reports outages as
 //!   errors without ending.
 //!
-//! For tests it can simulate what real servers do: [`Memory::set_available`] (an outage) and
-//! [`Memory::restart`] (an outage that loses every registration, like a Consul `-dev` agent
-//! restart). Handles recover by themselves, with jittered backoff, and watchers resync.
+//! For tests, with the crate feature `test-util` (off by default, like tokio's), it can
+//! simulate what real servers do: `Memory::set_available` (an outage) and `Memory::restart`
+//! (an outage that loses every registration, like a Consul `-dev` agent restart). Handles
+//! recover by themselves, with jittered backoff, and watchers resync.
+//!
+//! ```toml
+//! [dev-dependencies]
+//! waypost-memory = { version = "0.1", features = ["test-util"] }
+//! ```
 //!
 //! Background work (the TTL reaper, TCP probes, keep-alives) holds only weak references: it
 //! ends once the last `Memory` clone is dropped.
@@ -60,7 +66,6 @@ mod watch;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use waypost_core::{
@@ -122,8 +127,13 @@ impl Memory {
     /// of the first registration.
     ///
     /// ```
+    /// use waypost_core::Discovery;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let memory = waypost_memory::Memory::new();
-    /// assert!(memory.is_available());
+    /// assert!(memory.instances(&"users".parse()?).await?.is_empty());
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn new() -> Self {
         Memory {
@@ -131,7 +141,7 @@ impl Memory {
         }
     }
 
-    /// **Test aid**: simulates an outage (`false`) and its end (`true`).
+    /// **Test aid** (feature `test-util`): simulates an outage (`false`) and its end (`true`).
     ///
     /// While unavailable, every call fails with [`Error::Unavailable`]; watches yield that
     /// error once and keep going; heartbeats fail, so handles report
@@ -152,22 +162,24 @@ impl Memory {
     /// # Ok(())
     /// # }
     /// ```
+    #[cfg(any(test, feature = "test-util"))]
     pub fn set_available(&self, available: bool) {
         self.inner.set_available(available);
     }
 
-    /// Whether the registry answers (see [`set_available`](Self::set_available)).
+    /// Whether the registry answers: `false` during a simulated outage (feature `test-util`:
+    /// `set_available(false)`, `restart`); always `true` without that feature.
     ///
     /// ```
     /// let memory = waypost_memory::Memory::new();
-    /// memory.set_available(false);
-    /// assert!(!memory.is_available());
+    /// assert!(memory.is_available());
     /// ```
     pub fn is_available(&self) -> bool {
         self.inner.is_available()
     }
 
-    /// **Test aid**: a server restart that loses its state, like a Consul `-dev` agent's.
+    /// **Test aid** (feature `test-util`): a server restart that loses its state, like a
+    /// Consul `-dev` agent's.
     ///
     /// The registry becomes unavailable, forgets every registration, stays down for `downtime`
     /// and serves again. Live handles notice on their next heartbeat (the registration is not
@@ -189,7 +201,8 @@ impl Memory {
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn restart(&self, downtime: Duration) {
+    #[cfg(any(test, feature = "test-util"))]
+    pub async fn restart(&self, downtime: std::time::Duration) {
         self.inner.set_available(false);
         self.inner.forget_all();
         tokio::time::sleep(downtime).await;

@@ -51,6 +51,7 @@ impl State {
         }
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     fn notify_all(&mut self) {
         self.notifiers.retain(|_, tx| tx.receiver_count() > 0);
         for tx in self.notifiers.values() {
@@ -241,6 +242,7 @@ impl Inner {
             .subscribe()
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     pub(crate) fn set_available(&self, available: bool) {
         let mut state = self.state();
         if state.available != available {
@@ -254,6 +256,7 @@ impl Inner {
     }
 
     /// Forgets every registration, as a restarted server without persistence does.
+    #[cfg(any(test, feature = "test-util"))]
     pub(crate) fn forget_all(&self) {
         let mut state = self.state();
         state.services.clear();
