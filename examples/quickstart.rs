@@ -133,8 +133,9 @@ async fn run() -> Result<Summary, Error> {
         }
     }
     let balancer = Balancer::watch(&memory, &service, waypost::strategies::RoundRobin::new());
-    wait_for(
-        || balancer.instances().len() == instances.len(),
+    until_balancer(
+        &balancer,
+        |b| b.instances().len() == instances.len(),
         "the balancer to see every instance",
     )
     .await?;
@@ -184,13 +185,9 @@ async fn run() -> Result<Summary, Error> {
     }
     // The server stops only once the balancer no longer picks the instance and the requests it
     // already sent there are answered: that is what makes the move lossless.
-    wait_for(
-        || {
-            balancer
-                .instances()
-                .iter()
-                .all(|i| i.id().as_str() != victim.id)
-        },
+    until_balancer(
+        &balancer,
+        |b| b.instances().iter().all(|i| i.id().as_str() != victim.id),
         "the balancer to drop the stopped instance",
     )
     .await?;
@@ -358,7 +355,24 @@ fn print_row(label: &str, columns: &[(String, u32)], tally: &Tally) {
     println!("{line}");
 }
 
-/// Waits up to 10 s for `ready`, polling.
+/// Waits up to 10 s until the balancer's set satisfies `ready`, woken by each change of the
+/// set (`Balancer::changed`), never polling.
+async fn until_balancer(
+    balancer: &Balancer,
+    ready: impl Fn(&Balancer) -> bool,
+    what: &str,
+) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = balancer.generation();
+    while !ready(balancer) {
+        seen = tokio::time::timeout_at(deadline, balancer.changed(seen))
+            .await
+            .map_err(|_| format!("timed out waiting for {what}"))?;
+    }
+    Ok(())
+}
+
+/// Waits up to 10 s for `ready`, polling: for what no event announces (calls in flight).
 async fn wait_for(ready: impl Fn() -> bool, what: &str) -> Result<(), Error> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !ready() {
