@@ -230,8 +230,8 @@ impl EtcdBuilder {
     ///
     /// The read needs a member that answers, not a leader: connecting while the cluster elects
     /// one, or while it has lost its quorum, succeeds, and the outage shows up in what the
-    /// watch yields and in the calls that need the quorum (with `auth`, though, etcd needs the
-    /// quorum to hand out a token, so connecting waits for it).
+    /// watch yields and in the calls that need the quorum. With `auth`, though, etcd hands out
+    /// the token through its quorum: connecting with credentials fails until it has one.
     pub async fn connect(self) -> Result<Etcd, Error> {
         if let Some(problem) = &self.env_problem {
             return Err(error::config(problem.clone()));
