@@ -12,12 +12,9 @@
 //! | `consistent-hash` | `ConsistentHash` | by request key on a ring (Ketama) |
 //! | `maglev` | `Maglev` | by request key in a Maglev table |
 //!
-//! [`by_name`] turns a strategy's name into a strategy, for configuration files and CLIs.
+//! [`StrategyKind`] names them (`FromStr`, `Display`, [`build`](StrategyKind::build)), for
+//! configuration files and CLIs; [`by_name`] and [`names`] are shorthands over it.
 #![warn(missing_docs)]
-
-use std::sync::Arc;
-
-use waypost_core::Strategy;
 
 #[cfg(feature = "random")]
 mod random;
@@ -67,66 +64,11 @@ pub use maglev::Maglev;
 #[cfg(feature = "resilience")]
 pub mod resilience;
 
+mod kind;
+pub use kind::{by_name, names, ParseStrategyError, StrategyKind};
+
 mod rng;
 pub use rng::Rng;
 
 #[cfg(any(feature = "p2c", feature = "p2c-ewma"))]
 mod two_choices;
-
-/// The names of the strategies compiled in, as [`by_name`] accepts them.
-///
-/// ```
-/// assert!(waypost_strategies::names().contains(&"round-robin"));
-/// ```
-pub fn names() -> Vec<&'static str> {
-    const ALL: &[(&str, bool)] = &[
-        ("round-robin", cfg!(feature = "round-robin")),
-        ("random", cfg!(feature = "random")),
-        (
-            "weighted-round-robin",
-            cfg!(feature = "weighted-round-robin"),
-        ),
-        ("least-connections", cfg!(feature = "least-connections")),
-        ("weighted-random", cfg!(feature = "weighted-random")),
-        ("p2c", cfg!(feature = "p2c")),
-        ("p2c-ewma", cfg!(feature = "p2c-ewma")),
-        ("consistent-hash", cfg!(feature = "consistent-hash")),
-        ("maglev", cfg!(feature = "maglev")),
-    ];
-    ALL.iter()
-        .filter(|(_, on)| *on)
-        .map(|(name, _)| *name)
-        .collect()
-}
-
-/// The strategy called `name` with default settings, or `None` if no compiled-in strategy has
-/// that name (see [`names`]).
-///
-/// ```
-/// let s = waypost_strategies::by_name("round-robin").expect("compiled in by default");
-/// assert_eq!(s.name(), "round-robin");
-/// assert!(waypost_strategies::by_name("no-such-strategy").is_none());
-/// ```
-pub fn by_name(name: &str) -> Option<Arc<dyn Strategy>> {
-    match name {
-        #[cfg(feature = "round-robin")]
-        "round-robin" => Some(Arc::new(RoundRobin::new())),
-        #[cfg(feature = "random")]
-        "random" => Some(Arc::new(Random::new())),
-        #[cfg(feature = "weighted-round-robin")]
-        "weighted-round-robin" => Some(Arc::new(WeightedRoundRobin::new())),
-        #[cfg(feature = "least-connections")]
-        "least-connections" => Some(Arc::new(LeastConnections::new())),
-        #[cfg(feature = "weighted-random")]
-        "weighted-random" => Some(Arc::new(WeightedRandom::new())),
-        #[cfg(feature = "p2c")]
-        "p2c" => Some(Arc::new(P2c::new())),
-        #[cfg(feature = "p2c-ewma")]
-        "p2c-ewma" => Some(Arc::new(P2cEwma::new())),
-        #[cfg(feature = "consistent-hash")]
-        "consistent-hash" => Some(Arc::new(ConsistentHash::new())),
-        #[cfg(feature = "maglev")]
-        "maglev" => Some(Arc::new(Maglev::new())),
-        _ => None,
-    }
-}
