@@ -128,6 +128,35 @@ macro_rules! name_type {
             }
         }
 
+        impl TryFrom<&String> for $name {
+            type Error = ValidationError;
+            fn try_from(s: &String) -> Result<Self, Self::Error> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<Box<str>> for $name {
+            type Error = ValidationError;
+            fn try_from(s: Box<str>) -> Result<Self, Self::Error> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<std::borrow::Cow<'_, str>> for $name {
+            type Error = ValidationError;
+            fn try_from(s: std::borrow::Cow<'_, str>) -> Result<Self, Self::Error> {
+                Self::new(s)
+            }
+        }
+
+        // A name already validated converts without a second check (and, through the standard
+        // blanket impl, infallibly: `TryFrom<&Self>` with `Error = Infallible`).
+        impl From<&$name> for $name {
+            fn from(name: &$name) -> Self {
+                name.clone()
+            }
+        }
+
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let s = String::deserialize(d)?;
@@ -357,12 +386,37 @@ pub struct ServiceInstance {
     health: Health,
 }
 
+// Builders take names as `TryInto<ServiceName>` etc.: converting a name that is already valid
+// fails with `Infallible`, and this lets the same bound accept it next to strings.
+impl From<std::convert::Infallible> for ValidationError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}
+
 impl ServiceInstance {
     /// Starts building an instance of `service` with id `id`. Host and port are required.
-    pub fn builder(service: impl Into<String>, id: impl Into<String>) -> InstanceBuilder {
+    ///
+    /// Both names are validated here, once: pass a [`ServiceName`] / [`InstanceId`] you
+    /// already have (by value or by reference), or any string (`&str`, `String`, ...), whose
+    /// problem [`build`](InstanceBuilder::build) then reports.
+    ///
+    /// ```
+    /// use waypost_core::{Field, ServiceInstance, ServiceName};
+    /// let users: ServiceName = "users".parse()?;
+    /// let a = ServiceInstance::builder(&users, "users-a").host("10.0.0.1").port(80).build()?;
+    /// assert_eq!(a.service(), &users);
+    /// let bad = ServiceInstance::builder("users", "a b").host("h").port(80).build();
+    /// assert_eq!(bad.unwrap_err().field(), &Field::InstanceId);
+    /// # Ok::<(), waypost_core::ValidationError>(())
+    /// ```
+    pub fn builder(
+        service: impl TryInto<ServiceName, Error: Into<ValidationError>>,
+        id: impl TryInto<InstanceId, Error: Into<ValidationError>>,
+    ) -> InstanceBuilder {
         InstanceBuilder {
-            service: service.into(),
-            id: id.into(),
+            service: service.try_into().map_err(Into::into),
+            id: id.try_into().map_err(Into::into),
             host: None,
             port: None,
             tags: Vec::new(),
@@ -425,8 +479,8 @@ impl ServiceInstance {
     /// A builder holding this instance's values, to change some of them.
     pub fn to_builder(&self) -> InstanceBuilder {
         InstanceBuilder {
-            service: self.service.to_string(),
-            id: self.id.to_string(),
+            service: Ok(self.service.clone()),
+            id: Ok(self.id.clone()),
             host: Some(self.host.to_string()),
             port: Some(self.port),
             tags: self.tags.to_vec(),
@@ -456,8 +510,8 @@ impl ServiceInstance {
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct InstanceBuilder {
-    service: String,
-    id: String,
+    service: Result<ServiceName, ValidationError>,
+    id: Result<InstanceId, ValidationError>,
     host: Option<String>,
     port: Option<u16>,
     tags: Vec<String>,
@@ -520,8 +574,8 @@ impl InstanceBuilder {
 
     /// Validates every field; the error names the first bad one.
     pub fn build(self) -> Result<ServiceInstance, ValidationError> {
-        let service = ServiceName::new(&self.service)?;
-        let id = InstanceId::new(&self.id)?;
+        let service = self.service?;
+        let id = self.id?;
         let host = self
             .host
             .ok_or_else(|| ValidationError::new(Field::Host, Problem::Empty))?;
@@ -770,6 +824,37 @@ mod tests {
         assert_eq!(back, inst);
         let bad = json.replace("\"port\":80", "\"port\":0");
         assert!(serde_json::from_str::<ServiceInstance>(&bad).is_err());
+    }
+
+    #[test]
+    fn names_are_taken_as_they_come_and_validated_once() {
+        let users = ServiceName::new("users").unwrap();
+        let id = InstanceId::new("u1").unwrap();
+        let owned = String::from("users");
+        let build = |b: InstanceBuilder| b.host("h").port(1).build();
+        // Every way a caller holds a name.
+        for b in [
+            ServiceInstance::builder("users", "u1"),
+            ServiceInstance::builder(owned.clone(), String::from("u1")),
+            ServiceInstance::builder(&owned, &String::from("u1")),
+            ServiceInstance::builder(std::borrow::Cow::Borrowed("users"), Box::<str>::from("u1")),
+            ServiceInstance::builder(&users, &id),
+            ServiceInstance::builder(users.clone(), id.clone()),
+        ] {
+            let inst = build(b).unwrap();
+            assert_eq!((inst.service(), inst.id()), (&users, &id));
+        }
+        // A valid name is reused as it is, not parsed again into a new one.
+        let inst = build(ServiceInstance::builder(&users, &id)).unwrap();
+        assert!(Arc::ptr_eq(&inst.service.0, &users.0));
+        let changed = inst.to_builder().port(2).build().unwrap();
+        assert!(Arc::ptr_eq(&changed.service.0, &users.0));
+        assert!(Arc::ptr_eq(&changed.id.0, &id.0));
+        // A bad string fails the build, naming the field; the service is checked first.
+        let err = build(ServiceInstance::builder("a/b", "c d")).unwrap_err();
+        assert_eq!(err.field(), &Field::ServiceName);
+        let err = build(ServiceInstance::builder(&users, "c d")).unwrap_err();
+        assert_eq!(err.field(), &Field::InstanceId);
     }
 
     #[test]

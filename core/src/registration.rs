@@ -173,7 +173,24 @@ const PLACEHOLDER_HOST: &str = "0.0.0.0";
 
 impl Registration {
     /// Starts a registration of instance `id` of `service`. A port is required.
-    pub fn builder(service: impl Into<String>, id: impl Into<String>) -> RegistrationBuilder {
+    ///
+    /// As with [`ServiceInstance::builder`], the names are validated once, here: give a
+    /// [`ServiceName`] / [`InstanceId`] you already have, or any string, whose problem
+    /// [`build`](RegistrationBuilder::build) reports.
+    ///
+    /// ```
+    /// use waypost_core::{Field, Registration, ServiceName};
+    /// let users: ServiceName = "users".parse()?;
+    /// let reg = Registration::builder(&users, format!("users-{}", 1)).port(8080).build()?;
+    /// assert_eq!(reg.service(), &users);
+    /// let bad = Registration::builder("users/admin", "u1").port(8080).build();
+    /// assert_eq!(bad.unwrap_err().field(), &Field::ServiceName);
+    /// # Ok::<(), waypost_core::ValidationError>(())
+    /// ```
+    pub fn builder(
+        service: impl TryInto<ServiceName, Error: Into<ValidationError>>,
+        id: impl TryInto<InstanceId, Error: Into<ValidationError>>,
+    ) -> RegistrationBuilder {
         RegistrationBuilder {
             instance: ServiceInstance::builder(service, id),
             host_given: false,
