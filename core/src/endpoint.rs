@@ -8,7 +8,20 @@ use std::time::{Duration, Instant};
 use crate::instance::{InstanceId, ServiceInstance, Weight};
 use crate::metrics::RequestMetrics;
 
-/// How long a latency sample takes to lose most of its influence on the peak-EWMA estimate.
+/// The default time constant of the peak-EWMA estimate (Linkerd's and Finagle's): an estimate
+/// that gets no new sample falls to 1/e of its value in this time, and a sample taken this long
+/// after the previous one outweighs the old estimate (see [`EndpointState::ewma_nanos_at`]).
+/// [`EndpointState::set_ewma_decay`] replaces it per instance.
+///
+/// ```
+/// use std::time::Duration;
+/// use waypost_core::{EndpointState, EWMA_DECAY};
+/// let s = EndpointState::new_at(0);
+/// assert_eq!(s.ewma_decay(), EWMA_DECAY);
+/// s.observe_latency_at(Duration::from_millis(100), 0);
+/// let after = s.ewma_latency_at(EWMA_DECAY.as_nanos() as u64).unwrap();
+/// assert_eq!(after.as_millis(), 36); // 100 ms / e
+/// ```
 pub const EWMA_DECAY: Duration = Duration::from_secs(10);
 
 fn epoch() -> Instant {
@@ -60,9 +73,11 @@ pub struct EndpointState {
     successes: AtomicU64,
     failures: AtomicU64,
     consecutive_failures: AtomicU32,
-    /// f64 nanoseconds as bits; 0 = no sample yet.
+    /// f64 nanoseconds as bits, as of `ewma_at`; 0 = no sample yet.
     ewma_bits: AtomicU64,
     ewma_at: AtomicU64,
+    /// The estimate's time constant, nanoseconds (never 0).
+    ewma_decay: AtomicU64,
     created_at: u64,
     /// Free for resilience layers (outlier ejection): clock_nanos until which the instance is
     /// ejected, and how many times it was.
@@ -103,6 +118,7 @@ impl EndpointState {
             consecutive_failures: AtomicU32::new(0),
             ewma_bits: AtomicU64::new(0),
             ewma_at: AtomicU64::new(now),
+            ewma_decay: AtomicU64::new(EWMA_DECAY.as_nanos() as u64),
             created_at: now,
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
@@ -142,21 +158,25 @@ impl EndpointState {
         }
     }
 
-    /// Feeds one latency sample into the peak-EWMA estimate: a sample above the estimate replaces
-    /// it at once (peak), a lower one pulls it down with weight decaying over [`EWMA_DECAY`].
+    /// Feeds one latency sample, taken at `now`, into the peak-EWMA estimate. The estimate is
+    /// first decayed to `now` as a reader would see it ([`ewma_nanos_at`](Self::ewma_nanos_at));
+    /// a sample above that replaces it at once (peak), a lower one pulls it toward itself with
+    /// weight `1 − e^(−Δ/τ)`, where `Δ` is the time since the previous sample and `τ` the
+    /// [decay](Self::ewma_decay). The new estimate thus lies between the sample and the decayed
+    /// one: a lower sample never raises what readers see.
     pub fn observe_latency_at(&self, latency: Duration, now: u64) {
         let sample = latency.as_nanos() as f64;
+        let tau = self.ewma_decay.load(Ordering::Relaxed) as f64;
         let last = self.ewma_at.swap(now, Ordering::Relaxed);
-        let elapsed = now.saturating_sub(last) as f64;
-        let w = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
+        let w = decay_factor(now.saturating_sub(last), tau);
         let _ = self
             .ewma_bits
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                let cur = f64::from_bits(bits);
-                let next = if bits == 0 || sample > cur {
+                let now_value = f64::from_bits(bits) * w;
+                let next = if bits == 0 || sample > now_value {
                     sample
                 } else {
-                    cur * w + sample * (1.0 - w)
+                    now_value * w + sample * (1.0 - w)
                 };
                 // Keep 0 meaning "no sample": a 0 ns sample becomes the smallest positive value.
                 Some(next.max(f64::MIN_POSITIVE).to_bits())
@@ -179,12 +199,14 @@ impl EndpointState {
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
-    /// The peak-EWMA latency estimate; `None` before the first sample.
+    /// The peak-EWMA latency estimate as of its last sample, undecayed; `None` before the first
+    /// sample. What pickers compare is [`ewma_latency_at`](Self::ewma_latency_at).
     pub fn ewma_latency(&self) -> Option<Duration> {
         let bits = self.ewma_bits.load(Ordering::Relaxed);
         (bits != 0).then(|| Duration::from_nanos(f64::from_bits(bits) as u64))
     }
-    /// The estimate in nanoseconds as a float (0.0 before the first sample): cheap for pickers.
+    /// The estimate as of its last sample in nanoseconds as a float (0.0 before the first
+    /// sample), undecayed; see [`ewma_nanos_at`](Self::ewma_nanos_at).
     pub fn ewma_nanos(&self) -> f64 {
         let bits = self.ewma_bits.load(Ordering::Relaxed);
         if bits == 0 {
@@ -192,6 +214,88 @@ impl EndpointState {
         } else {
             f64::from_bits(bits)
         }
+    }
+    /// The estimate as stored and when: `(nanoseconds, time of the last sample)` on the
+    /// [`clock_nanos`] base, `(0.0, _)` before the first sample. The estimate at any later time
+    /// follows from these two alone (see [`ewma_nanos_at`](Self::ewma_nanos_at)), so a picker
+    /// comparing two instances at the same instant can compare `value × e^(at/τ)` and needs no
+    /// clock: the common factor `e^(−now/τ)` cancels.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use waypost_core::EndpointState;
+    /// let s = EndpointState::new_at(0);
+    /// s.observe_latency_at(Duration::from_micros(250), 7);
+    /// assert_eq!(s.ewma_stored(), (250_000.0, 7));
+    /// ```
+    pub fn ewma_stored(&self) -> (f64, u64) {
+        (self.ewma_nanos(), self.ewma_at.load(Ordering::Relaxed))
+    }
+    /// The estimate decayed to `now` ([`clock_nanos`] time base), in nanoseconds: the stored
+    /// value times `e^(−(now − at)/τ)`, where `at` is the time of the last sample and `τ` the
+    /// [decay](Self::ewma_decay); 0.0 before the first sample. Decaying toward 0 at read time
+    /// (as Finagle's and tower's `PeakEwma` do) is what brings an instance back after a slow
+    /// spell: the estimate of an instance that nobody picks keeps falling until it wins a
+    /// comparison, and its next sample tells whether it is still slow. A pure function of
+    /// the stored pair and `now`, whichever clock `now` comes from.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use waypost_core::EndpointState;
+    /// let s = EndpointState::new_at(0);
+    /// assert_eq!(s.ewma_nanos_at(0), 0.0);
+    /// s.set_ewma_decay(Duration::from_secs(1));
+    /// s.observe_latency_at(Duration::from_millis(8), 0);
+    /// let half_life = (std::f64::consts::LN_2 * 1e9) as u64;
+    /// assert!((s.ewma_nanos_at(half_life) - 4e6).abs() < 1.0);
+    /// assert!((s.ewma_nanos_at(3 * half_life) - 1e6).abs() < 1.0);
+    /// // Long unread, the estimate is tiny, but still a sample (not 0.0, "none yet").
+    /// assert!(s.ewma_nanos_at(u64::MAX) > 0.0);
+    /// ```
+    pub fn ewma_nanos_at(&self, now: u64) -> f64 {
+        let (value, at) = self.ewma_stored();
+        if value == 0.0 {
+            return 0.0;
+        }
+        let tau = self.ewma_decay.load(Ordering::Relaxed) as f64;
+        (value * decay_factor(now.saturating_sub(at), tau)).max(f64::MIN_POSITIVE)
+    }
+    /// [`ewma_nanos_at`](Self::ewma_nanos_at) as a duration; `None` before the first sample.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use waypost_core::EndpointState;
+    /// let s = EndpointState::new_at(0);
+    /// assert_eq!(s.ewma_latency_at(5), None);
+    /// s.observe_latency_at(Duration::from_millis(3), 5);
+    /// assert_eq!(s.ewma_latency_at(5), Some(Duration::from_millis(3)));
+    /// assert!(s.ewma_latency_at(5_000_000_000) < Some(Duration::from_millis(2)));
+    /// ```
+    pub fn ewma_latency_at(&self, now: u64) -> Option<Duration> {
+        let v = self.ewma_nanos_at(now);
+        (v != 0.0).then(|| Duration::from_nanos(v as u64))
+    }
+    /// The estimate's time constant `τ` (default [`EWMA_DECAY`]).
+    pub fn ewma_decay(&self) -> Duration {
+        Duration::from_nanos(self.ewma_decay.load(Ordering::Relaxed))
+    }
+    /// Sets the estimate's time constant `τ` (at least 1 ns): how fast an unsampled estimate
+    /// fades, and how much weight a lower sample gets. Samples and reads both use it, so the
+    /// strategy that compares estimates sets it on every instance it picks from
+    /// (`P2cEwma::decay` in waypost-strategies); the last one set is the one in force.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use waypost_core::EndpointState;
+    /// let s = EndpointState::new_at(0);
+    /// s.set_ewma_decay(Duration::from_millis(100));
+    /// assert_eq!(s.ewma_decay(), Duration::from_millis(100));
+    /// s.set_ewma_decay(Duration::ZERO);
+    /// assert_eq!(s.ewma_decay(), Duration::from_nanos(1));
+    /// ```
+    pub fn set_ewma_decay(&self, decay: Duration) {
+        let nanos = u64::try_from(decay.as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.ewma_decay.store(nanos, Ordering::Relaxed);
     }
     /// When this state was created ([`clock_nanos`] time base): when the balancer first saw the
     /// instance.
@@ -214,6 +318,16 @@ impl EndpointState {
     /// Resets the consecutive-failure count (after an ejection, so that it is not re-ejected at once).
     pub fn reset_consecutive_failures(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+}
+
+/// `e^(−elapsed/τ)`: how much of an estimate is left after `elapsed` nanoseconds.
+#[inline]
+fn decay_factor(elapsed: u64, tau: f64) -> f64 {
+    if elapsed == 0 {
+        1.0
+    } else {
+        (-(elapsed as f64) / tau).exp()
     }
 }
 
@@ -318,6 +432,64 @@ mod tests {
         s.observe_latency_at(Duration::from_millis(10), 60 * EWMA_DECAY.as_nanos() as u64);
         let v = s.ewma_latency().unwrap();
         assert!(v < Duration::from_millis(11), "{v:?}");
+    }
+
+    #[test]
+    fn an_estimate_without_new_samples_decays_toward_zero_when_read() {
+        let s = EndpointState::new_at(0);
+        s.observe_latency_at(Duration::from_millis(200), 0);
+        let tau = EWMA_DECAY.as_nanos() as u64;
+        let read = |t: u64| s.ewma_nanos_at(t) / 1e6;
+        assert_eq!(read(0), 200.0);
+        assert!((read(tau) - 200.0 / std::f64::consts::E).abs() < 1e-9);
+        // Reading stores nothing: the same time reads the same value, whatever was read before.
+        assert_eq!(read(tau), read(tau));
+        assert!(read(30 * tau) < 1e-9);
+        // A reading earlier than the sample (another thread's clock) is not decayed.
+        s.observe_latency_at(Duration::from_millis(200), 5 * tau);
+        assert_eq!(read(5 * tau - 1), 200.0);
+        assert_eq!(
+            s.ewma_latency(),
+            Some(Duration::from_millis(200)),
+            "undecayed"
+        );
+    }
+
+    #[test]
+    fn a_sample_moves_the_decayed_estimate_never_past_either_end() {
+        let tau = EWMA_DECAY.as_nanos() as u64;
+        // A sample above the decayed estimate replaces it, even if it is below the stored one.
+        let s = EndpointState::new_at(0);
+        s.observe_latency_at(Duration::from_millis(100), 0);
+        let later = 3 * tau;
+        assert!(s.ewma_nanos_at(later) < 5e6);
+        s.observe_latency_at(Duration::from_millis(20), later);
+        assert_eq!(s.ewma_latency_at(later), Some(Duration::from_millis(20)));
+        // A sample below the decayed estimate pulls it down, never up.
+        let s = EndpointState::new_at(0);
+        s.observe_latency_at(Duration::from_millis(100), 0);
+        let at = tau / 2;
+        let before = s.ewma_nanos_at(at);
+        s.observe_latency_at(Duration::from_millis(50), at);
+        let after = s.ewma_nanos_at(at);
+        assert!(
+            50e6 < after && after < before,
+            "{after} not in (50 ms, {before})"
+        );
+    }
+
+    #[test]
+    fn the_decay_is_per_instance_and_used_by_samples_and_reads() {
+        let s = EndpointState::new_at(0);
+        s.set_ewma_decay(Duration::from_millis(1));
+        s.observe_latency_at(Duration::from_millis(100), 0);
+        // 10 ms is ten time constants: the default decay would have kept 99.9 %.
+        assert!(s.ewma_nanos_at(10_000_000) < 100e6 * 1e-4);
+        s.observe_latency_at(Duration::from_millis(1), 10_000_000);
+        assert_eq!(
+            s.ewma_latency_at(10_000_000),
+            Some(Duration::from_millis(1))
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The faster of two random instances: peak-EWMA latency × load.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use waypost_core::{Endpoint, PickContext, Picker, Strategy};
+use waypost_core::{Endpoint, PickContext, Picker, Strategy, EWMA_DECAY};
 
 use crate::rng::Rng;
 use crate::two_choices::TwoChoices;
@@ -15,14 +16,24 @@ use crate::two_choices::TwoChoices;
 /// It lives in the instance's [`EndpointState`](waypost_core::EndpointState), fed by the
 /// [`PickGuard`](waypost_core::PickGuard) when a call ends: a sample above the estimate
 /// replaces it at once (an instance that turns slow is avoided at once), a lower one pulls it
-/// down with a weight decaying over [`EWMA_DECAY`](waypost_core::EWMA_DECAY) (an instance that
-/// recovers wins traffic back gradually). Multiplying by `in_flight + 1` makes a fast instance
-/// lose to a slower idle one once enough calls are queued on it.
+/// down with a weight that grows with the time since the previous sample.
 ///
-/// The estimate only moves when a sample arrives (reading it does not decay it, unlike tower's
-/// `PeakEwma`, which reads the clock on every load reading). An instance that stopped being
-/// picked after a slow spell keeps its estimate until load on its rivals makes it the cheaper
-/// choice again and a new sample brings the estimate down.
+/// Between samples the estimate decays toward zero with the time constant
+/// [`decay`](Self::decay) (default [`EWMA_DECAY`]), at read time, as in Finagle's and tower's
+/// `PeakEwma` ([`EndpointState::ewma_nanos_at`](waypost_core::EndpointState::ewma_nanos_at)).
+/// An instance that stopped being picked after a slow spell therefore keeps getting cheaper
+/// until it wins a pair again; its next sample then tells whether it is still slow (and
+/// avoided again) or has recovered (and shares the traffic again). Without the decay such an
+/// instance would keep its last estimate, and with sequential traffic never be picked again.
+/// After a spell of latency `L` among instances of latency `l`, the first retry comes after
+/// about `τ × ln(L / l)` of idle pairs (`τ` = 10 s, `L / l` = 20: 30 s); calls in flight on
+/// its rivals bring it sooner.
+///
+/// Reading does not need the clock: both candidates decay by the same factor from a common
+/// instant, so the pick compares `estimate × e^(sampled at / τ)`, one exponential per pick
+/// ([`ewma_stored`](waypost_core::EndpointState::ewma_stored)). Multiplying by
+/// `in_flight + 1` makes a fast instance lose to a slower idle one once enough calls are
+/// queued on it.
 ///
 /// # New instances
 /// An instance without a sample yet borrows its rival's estimate, so the pair is compared on
@@ -42,8 +53,8 @@ use crate::two_choices::TwoChoices;
 /// light ones at low load; this way equally fast idle instances tie, and the draw, proportional
 /// to weight, decides.
 ///
-/// A pick is O(1): two random numbers, four atomic loads, no lock (tower's `PeakEwma` takes a
-/// mutex per load reading).
+/// A pick is O(1): two random numbers, six atomic loads, one `exp`, no clock read and no lock
+/// (tower's `PeakEwma` takes a mutex and reads the clock per load reading).
 ///
 /// ```
 /// use std::time::Duration;
@@ -62,9 +73,16 @@ use crate::two_choices::TwoChoices;
 /// let picker = P2cEwma::seeded(1).build(&endpoints);
 /// assert_eq!(picker.pick(&endpoints, &PickContext::new()), Some(0));
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct P2cEwma {
     rng: Arc<Rng>,
+    decay: Duration,
+}
+
+impl Default for P2cEwma {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl P2cEwma {
@@ -75,7 +93,32 @@ impl P2cEwma {
 
     /// P2C on peak-EWMA latency, drawing from `rng`.
     pub fn with_rng(rng: Rng) -> Self {
-        P2cEwma { rng: Arc::new(rng) }
+        P2cEwma {
+            rng: Arc::new(rng),
+            decay: EWMA_DECAY,
+        }
+    }
+
+    /// The estimates' time constant `τ` (default [`EWMA_DECAY`], 10 s; at least 1 ns): how
+    /// fast an instance's estimate fades while it gets no sample, and so how soon an instance
+    /// avoided after a slow spell is tried again. Set on every instance's state at each build
+    /// ([`EndpointState::set_ewma_decay`](waypost_core::EndpointState::set_ewma_decay)), so
+    /// that samples and picks agree on it. Shorter reacts faster and probes slow instances
+    /// more often; tower leaves it to the caller, Finagle and Linkerd use 10 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use waypost_core::{Endpoint, ServiceInstance, Strategy};
+    /// use waypost_strategies::P2cEwma;
+    ///
+    /// let eps = [Endpoint::fresh(ServiceInstance::builder("users", "a").host("h").port(80).build()?)];
+    /// let _picker = P2cEwma::new().decay(Duration::from_secs(2)).build(&eps);
+    /// assert_eq!(eps[0].state().ewma_decay(), Duration::from_secs(2));
+    /// # Ok::<(), waypost_core::ValidationError>(())
+    /// ```
+    pub fn decay(mut self, decay: Duration) -> Self {
+        self.decay = decay.max(Duration::from_nanos(1));
+        self
     }
 
     /// Deterministic P2C on peak-EWMA latency (tests, simulations):
@@ -91,26 +134,43 @@ impl Strategy for P2cEwma {
     }
 
     fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Picker> {
-        Box::new(P2cEwmaPicker(TwoChoices::new(self.rng.clone(), endpoints)))
+        for ep in endpoints {
+            ep.state().set_ewma_decay(self.decay);
+        }
+        Box::new(P2cEwmaPicker {
+            choices: TwoChoices::new(self.rng.clone(), endpoints),
+            inv_tau: 1.0 / self.decay.as_nanos() as f64,
+        })
     }
 }
 
 #[derive(Debug)]
-struct P2cEwmaPicker(TwoChoices);
+struct P2cEwmaPicker {
+    choices: TwoChoices,
+    /// 1 / τ, per nanosecond.
+    inv_tau: f64,
+}
+
+/// Beyond `e^±MAX_EXPONENT` one estimate has decayed to nothing next to the other (e^600 is
+/// 10^260); clamping keeps the products finite.
+const MAX_EXPONENT: f64 = 600.0;
 
 impl Picker for P2cEwmaPicker {
     #[inline]
     fn pick(&self, endpoints: &[Endpoint], _ctx: &PickContext<'_>) -> Option<usize> {
-        let ((a, sa, wa), (b, sb, wb)) = match self.0.draw(endpoints) {
+        let ((a, sa, wa), (b, sb, wb)) = match self.choices.draw(endpoints) {
             Ok(pair) => pair,
             Err(answer) => return answer,
         };
-        // 0.0 means "no sample yet": borrow the rival's estimate (see the type's docs).
-        let (lat_a, lat_b) = match (sa.ewma_nanos(), sb.ewma_nanos()) {
-            (0.0, 0.0) => (1.0, 1.0),
-            (0.0, b) => (b, b),
-            (a, 0.0) => (a, a),
-            (a, b) => (a, b),
+        let ((va, at_a), (vb, at_b)) = (sa.ewma_stored(), sb.ewma_stored());
+        // Both decayed to a common instant (see the type's docs): b's estimate relative to
+        // a's gains e^((at_b − at_a)/τ). 0.0 means "no sample yet": borrow the rival's.
+        let (lat_a, lat_b) = if va == 0.0 || vb == 0.0 {
+            (1.0, 1.0)
+        } else {
+            let dt = at_b.wrapping_sub(at_a) as i64 as f64;
+            let x = (dt * self.inv_tau).clamp(-MAX_EXPONENT, MAX_EXPONENT);
+            (va, vb * x.exp())
         };
         let (wa, wb) = (f64::from(wa), f64::from(wb));
         // latency × (1 + in_flight / weight), both sides multiplied by wa × wb.

@@ -114,11 +114,9 @@ mod p2c {
 #[cfg(feature = "p2c-ewma")]
 mod p2c_ewma {
     use super::*;
-    use std::time::Duration;
-    use waypost_core::EWMA_DECAY;
+    use std::time::{Duration, Instant};
+    use waypost_core::{Balancer, WatchEvent, EWMA_DECAY};
     use waypost_strategies::P2cEwma;
-
-    const MS: u64 = 1_000_000;
 
     fn sample(ep: &Endpoint, ms: u64, at: u64) {
         ep.state().observe_latency_at(Duration::from_millis(ms), at);
@@ -189,17 +187,71 @@ mod p2c_ewma {
     }
 
     #[test]
-    fn a_recovered_instance_wins_traffic_back() {
+    fn a_slow_instance_is_tried_again_once_its_estimate_has_decayed() {
+        // After one slow answer, only the fast instance gets samples: the slow one's estimate
+        // decays from its own sample time, and the comparison follows.
         let eps = endpoints(&[1, 1]);
         sample(&eps[0], 10, 0);
         sample(&eps[1], 200, 0); // a slow spell: the peak is taken at once
         let picker = P2cEwma::seeded(6).build(&eps);
+        let tau = EWMA_DECAY.as_nanos() as u64;
         assert_eq!(pick(&*picker, &eps), 0);
-        // Fast samples long after the spell pull the estimate down (decay over EWMA_DECAY).
-        let later = 10 * EWMA_DECAY.as_nanos() as u64;
-        sample(&eps[1], 2, later);
-        sample(&eps[1], 2, later + MS);
+        // 2 τ on, 200 ms has decayed to 27 ms: still the slower one.
+        sample(&eps[0], 10, 2 * tau);
+        assert_eq!(sequential(&*picker, &eps, 100), [100, 0]);
+        // 4 τ on, to 3.7 ms: now the cheaper one, with no sample of its own since.
+        sample(&eps[0], 10, 4 * tau);
         assert_eq!(pick(&*picker, &eps), 1);
+    }
+
+    #[test]
+    fn a_recovered_instance_wins_traffic_back_through_picks_alone() {
+        // Real time and real calls through a balancer, so a short time constant: 100 ms.
+        let balancer = Balancer::new(P2cEwma::seeded(6).decay(Duration::from_millis(100)));
+        let inst = |id: &str| {
+            ServiceInstance::builder("users", id)
+                .host("10.0.0.1")
+                .port(8080)
+                .build()
+                .unwrap()
+        };
+        balancer.apply(WatchEvent::Snapshot(vec![inst("a"), inst("b")]));
+        // One call that takes `hold`, answered successfully: the instance it went to.
+        let call = |hold: Duration| {
+            let g = balancer.pick().unwrap();
+            let id = g.instance().id().to_string();
+            std::thread::sleep(hold);
+            g.success();
+            id
+        };
+        let fast = Duration::from_millis(1);
+        // Fast calls until both instances have an estimate (about 1 ms).
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < 2 {
+            seen.insert(call(fast));
+        }
+        // One slow call, 30 ms.
+        let slow = call(Duration::from_millis(30));
+        // Right after it, the other instance takes the traffic...
+        for _ in 0..3 {
+            assert_ne!(call(fast), slow, "the slow answer did not count");
+        }
+        // ...until the slow one's estimate, which gets no sample meanwhile, has decayed below
+        // the other's (after about 100 ms × ln(30 ms / 1 ms), a third of a second): then it is
+        // tried again.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while call(fast) != slow {
+            assert!(
+                Instant::now() < deadline,
+                "{slow} was never picked again after its slow answer"
+            );
+        }
+        // Its answer was fast, and it shares the traffic again.
+        let back = (0..200).filter(|_| call(fast) == slow).count();
+        assert!(
+            back >= 40,
+            "{slow} got {back} of 200 calls after it recovered"
+        );
     }
 
     #[test]
