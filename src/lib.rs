@@ -143,6 +143,27 @@ pub mod dns {
 #[cfg(feature = "http")]
 pub mod http;
 
+/// The instance metadata key that says how to reach an instance: with value `https`, the HTTP
+/// client ([`http::HttpClient`], feature `http`) and the gRPC channel (`grpc::GrpcChannel`,
+/// feature `grpc`) connect to it with TLS; without it, or with any other value, in plaintext.
+///
+/// A service that serves TLS registers it like any metadata: Consul keeps it in the service's
+/// `Meta`, etcd in the instance's record.
+///
+/// ```
+/// use waypost::{Registration, SCHEME_METADATA};
+/// let registration = Registration::builder("users", "users-1")
+///     .host("10.0.0.1")
+///     .port(8443)
+///     .meta(SCHEME_METADATA, "https")
+///     .build()?;
+/// let announced = registration.instance_or_host("10.0.0.1")?;
+/// assert_eq!(announced.metadata()["scheme"], "https");
+/// # Ok::<(), waypost::ValidationError>(())
+/// ```
+#[cfg(any(feature = "http", feature = "grpc"))]
+pub const SCHEME_METADATA: &str = "scheme";
+
 /// The README's Rust examples, compiled as doc tests so that they stay true.
 #[cfg(all(doctest, feature = "memory", feature = "http", feature = "classic"))]
 #[doc = include_str!("../README.md")]

@@ -39,8 +39,9 @@ use waypost_core::{Balancer, PickContext, ServiceInstance};
 use crate::retry::RetryBudget;
 use crate::tower::{BalanceError, Balanced, Class, Classify, GrpcStatus, Retry, Route};
 
-/// The metadata key whose value `https` makes the channel use TLS to an instance.
-pub const SCHEME_METADATA: &str = "scheme";
+/// The metadata key whose value `https` makes the channel use TLS to an instance (shared with
+/// the HTTP client).
+pub use crate::SCHEME_METADATA;
 
 /// Why a channel could not be built, or a call failed before or outside the instance.
 #[derive(Debug, thiserror::Error)]
