@@ -1,16 +1,20 @@
 //! Building a request and sending it: pick, send, record the outcome, retry elsewhere.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::Method;
-use waypost_core::{InstanceId, PickContext, ServiceInstance};
+use waypost_core::{InstanceId, PickContext, PickGuard, ServiceInstance};
 
-use super::error::HttpError;
+use super::error::{explain_tls, GaveUp, HttpError, TransportError};
 use super::response::Response;
-use super::{HashKey, HttpClient};
+use super::{HashKey, Hedge, HttpClient};
+use crate::SCHEME_METADATA;
 
 /// One request to the service, built from [`HttpClient::get`] and friends and sent with
 /// [`send`](Self::send).
@@ -73,9 +77,20 @@ fn method_is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// The URL of `path` at `instance` (IPv6 hosts bracketed).
-pub(crate) fn url_for(instance: &ServiceInstance, path: &str) -> Result<reqwest::Url, String> {
-    let url = format!("http://{}{}", instance.authority(), path);
+/// The URL of `path` at `instance` (IPv6 hosts bracketed): `https` when `https` is set or the
+/// instance's metadata says `scheme=https`.
+pub(crate) fn url_for(
+    instance: &ServiceInstance,
+    path: &str,
+    https: bool,
+) -> Result<reqwest::Url, String> {
+    let tls = https
+        || instance
+            .metadata()
+            .get(SCHEME_METADATA)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https"));
+    let scheme = if tls { "https" } else { "http" };
+    let url = format!("{scheme}://{}{}", instance.authority(), path);
     reqwest::Url::parse(&url).map_err(|e| format!("{url:?} is not a valid URL: {e}"))
 }
 
@@ -83,7 +98,7 @@ impl RequestBuilder {
     pub(crate) fn new(client: HttpClient, method: Method, path: String) -> Self {
         let error = (!path.starts_with('/')).then(|| {
             format!(
-                "the path must start with '/' (it is appended to http://host:port), got {path:?}"
+                "the path must start with '/' (it is appended to http(s)://host:port), got {path:?}"
             )
         });
         RequestBuilder {
@@ -185,9 +200,9 @@ impl RequestBuilder {
         }
     }
 
-    /// Sends the request to an instance the balancer picks, retrying on another instance as
-    /// the [module docs](super) describe. An HTTP answer of any status is `Ok`; see
-    /// [`Response::error_for_status`].
+    /// Sends the request to an instance the balancer picks, retrying on another instance (and
+    /// hedging, if the client hedges) as the [module docs](super) describe. An HTTP answer of
+    /// any status is `Ok`; see [`Response::error_for_status`].
     pub async fn send(self) -> Result<Response, HttpError> {
         if let Some(reason) = self.error.clone() {
             return Err(HttpError::InvalidRequest {
@@ -210,101 +225,206 @@ impl RequestBuilder {
             .or(inner.request_timeout)
             .map(|t| Instant::now() + t);
         inner.retry.request();
+        let hedge = inner.hedge.as_ref().filter(|_| idempotent);
+        let hedge_delay = hedge.map(Hedge::delay);
+        let hedge_from = |now: Instant| hedge_delay.map(|d| now + d);
 
         let mut tried: Vec<InstanceId> = Vec::new();
-        let mut attempts: u32 = 0;
+        let mut running: Vec<Attempt> = Vec::new();
+        let first = self.pick(&ctx, &tried)?;
+        tried.push(first.instance().id().clone());
+        running.push(self.attempt(first, deadline)?);
+        let mut attempts: u32 = 1;
+        let mut next_hedge = hedge_from(Instant::now());
         loop {
-            attempts += 1;
-            let picked = if tried.is_empty() {
-                inner.balancer.pick_with(&ctx)
-            } else {
-                inner.balancer.pick_excluding(&ctx, &tried)
-            };
-            let guard = picked.map_err(|source| HttpError::NoInstance {
+            let hedge_at = next_hedge.filter(|_| attempts < inner.retry.max_attempts);
+            // A disabled branch's future is still made: give it a time that never comes.
+            let hedge_timer = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                hedge_at.unwrap_or_else(|| Instant::now() + FAR_FUTURE),
+            ));
+            tokio::select! {
+                // An answer that is there wins over a hedge that is due.
+                biased;
+                (i, result) = next_done(&mut running) => {
+                    let Attempt { guard, instance, tier, limit, .. } = running.swap_remove(i);
+                    let failure = match result {
+                        Ok(response) if !response.status().is_server_error() => {
+                            if let Some(h) = hedge {
+                                h.observe(guard.elapsed());
+                            }
+                            guard.success();
+                            // The attempts still out are dropped with `running`: their
+                            // connections close and their guards count them as cancelled.
+                            return Ok(self.response(response, instance, tier, attempts));
+                        }
+                        Ok(response) => {
+                            if let Some(h) = hedge {
+                                h.observe(guard.elapsed());
+                            }
+                            Failure::Status(response)
+                        }
+                        Err(e) => Failure::from(TransportError::new(e)),
+                    };
+                    guard.failure();
+                    let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+                    match inner.retry.decide(attempts, failure.sent(), idempotent, out_of_time) {
+                        None => {
+                            tracing::debug!(method = %self.method, path = %self.path,
+                                instance = %instance.id(), attempt = attempts,
+                                "retrying on another instance");
+                            let guard = self.pick(&ctx, &tried)?;
+                            tried.push(guard.instance().id().clone());
+                            running.push(self.attempt(guard, deadline)?);
+                            attempts += 1;
+                            // The retry is the newest attempt: a hedge waits for it.
+                            next_hedge = hedge_from(Instant::now());
+                        }
+                        Some(gave_up) if running.is_empty() => {
+                            let last = Last { instance, tier, limit, attempts, gave_up };
+                            return self.give_up(failure, last);
+                        }
+                        // Another attempt is still out and may yet answer.
+                        Some(_) => {}
+                    }
+                }
+                () = hedge_timer, if hedge_at.is_some() => {
+                    next_hedge = None;
+                    // A hedge to an instance already waited on would only add load.
+                    let untried = inner
+                        .balancer
+                        .endpoints()
+                        .iter()
+                        .any(|e| !tried.contains(e.id()));
+                    if !untried {
+                        continue;
+                    }
+                    let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+                    if let Some(why) = inner.retry.decide(attempts, true, true, out_of_time) {
+                        tracing::debug!(method = %self.method, path = %self.path, %why, "no hedge");
+                        continue;
+                    }
+                    match self.pick(&ctx, &tried) {
+                        Ok(guard) if !tried.contains(guard.instance().id()) => {
+                            tracing::debug!(method = %self.method, path = %self.path,
+                                instance = %guard.instance().id(), attempt = attempts + 1,
+                                "hedging on another instance");
+                            tried.push(guard.instance().id().clone());
+                            running.push(self.attempt(guard, deadline)?);
+                            attempts += 1;
+                            next_hedge = hedge_from(Instant::now());
+                        }
+                        // Only tried instances fit (the untried ones are filtered out or
+                        // ejected): no hedge; an unused guard counts as cancelled.
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// An instance for the next attempt: the balancer's pick, avoiding `tried`.
+    fn pick(&self, ctx: &PickContext<'_>, tried: &[InstanceId]) -> Result<PickGuard, HttpError> {
+        let balancer = &self.client.inner.balancer;
+        let picked = if tried.is_empty() {
+            balancer.pick_with(ctx)
+        } else {
+            balancer.pick_excluding(ctx, tried)
+        };
+        picked.map_err(|source| HttpError::NoInstance {
+            method: self.method.clone(),
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// An attempt at the instance of `guard`, within the per-try timeout and what is left of
+    /// the overall one. Not started until polled.
+    fn attempt(&self, guard: PickGuard, deadline: Option<Instant>) -> Result<Attempt, HttpError> {
+        let inner = &self.client.inner;
+        let instance = guard.instance().clone();
+        let url = url_for(&instance, &self.path, inner.https).map_err(|reason| {
+            HttpError::InvalidRequest {
                 method: self.method.clone(),
                 path: self.path.clone(),
+                reason,
+            }
+        })?;
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let limit = match (inner.per_try_timeout, left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut request = inner
+            .http
+            .request(self.method.clone(), url)
+            .headers(self.headers.clone());
+        if let Some(body) = &self.body {
+            request = request.body(body.clone());
+        }
+        if let Some(limit) = limit {
+            request = request.timeout(limit);
+        }
+        Ok(Attempt {
+            tier: guard.tier(),
+            guard,
+            instance,
+            limit,
+            exchange: Box::pin(request.send()),
+        })
+    }
+
+    /// The outcome of a call whose last attempt failed and will not be retried: a 5xx answer
+    /// is still an answer, anything else an error.
+    fn give_up(&self, failure: Failure, last: Last) -> Result<Response, HttpError> {
+        let (method, path) = (self.method.clone(), self.path.clone());
+        let Last {
+            instance,
+            tier,
+            limit,
+            attempts,
+            gave_up,
+        } = last;
+        let (id, authority) = (instance.id().clone(), instance.authority());
+        match failure {
+            Failure::Status(response) => Ok(self.response(response, instance, tier, attempts)),
+            Failure::Connect(source) => Err(HttpError::Connect {
+                method,
+                path,
+                instance: id,
+                authority,
+                attempts,
+                gave_up,
                 source,
-            })?;
-            let instance = guard.instance().clone();
-            let tier = guard.tier();
-            let url =
-                url_for(&instance, &self.path).map_err(|reason| HttpError::InvalidRequest {
-                    method: self.method.clone(),
-                    path: self.path.clone(),
-                    reason,
-                })?;
-            // This try's limit: the per-try timeout, cut to what is left of the overall one.
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let limit = match (inner.per_try_timeout, left) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let mut request = inner
-                .http
-                .request(self.method.clone(), url)
-                .headers(self.headers.clone());
-            if let Some(body) = &self.body {
-                request = request.body(body.clone());
-            }
-            if let Some(limit) = limit {
-                request = request.timeout(limit);
-            }
-
-            let failure = match request.send().await {
-                Ok(response) if !response.status().is_server_error() => {
-                    guard.success();
-                    return Ok(self.response(response, instance, tier, attempts));
-                }
-                Ok(response) => Failure::Status(response),
-                Err(e) if e.is_connect() => Failure::Connect(e),
-                Err(e) if e.is_timeout() => Failure::Timeout(e),
-                Err(e) => Failure::Transport(e),
-            };
-            guard.failure();
-
-            // Only a connect error proves that the request never left this process.
-            let sent = !matches!(failure, Failure::Connect(_));
-            let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
-            let stop = inner.retry.decide(attempts, sent, idempotent, out_of_time);
-            let Some(gave_up) = stop else {
-                tracing::debug!(method = %self.method, path = %self.path, instance = %instance.id(),
-                    attempt = attempts, "retrying on another instance");
-                tried.push(instance.id().clone());
-                continue;
-            };
-            let (method, path) = (self.method.clone(), self.path.clone());
-            let (id, authority) = (instance.id().clone(), instance.authority());
-            return match failure {
-                Failure::Status(response) => Ok(self.response(response, instance, tier, attempts)),
-                Failure::Connect(source) => Err(HttpError::Connect {
-                    method,
-                    path,
-                    instance: id,
-                    authority,
-                    attempts,
-                    gave_up,
-                    source,
-                }),
-                Failure::Timeout(source) => Err(HttpError::Timeout {
-                    method,
-                    path,
-                    instance: id,
-                    authority,
-                    after: limit.unwrap_or_default(),
-                    attempts,
-                    gave_up,
-                    source,
-                }),
-                Failure::Transport(source) => Err(HttpError::Transport {
-                    method,
-                    path,
-                    instance: id,
-                    authority,
-                    attempts,
-                    gave_up,
-                    source,
-                }),
-            };
+            }),
+            Failure::Tls { reason, source } => Err(HttpError::Tls {
+                method,
+                path,
+                instance: id,
+                authority,
+                attempts,
+                gave_up,
+                reason,
+                source,
+            }),
+            Failure::Timeout(source) => Err(HttpError::Timeout {
+                method,
+                path,
+                instance: id,
+                authority,
+                after: limit.unwrap_or_default(),
+                attempts,
+                gave_up,
+                source,
+            }),
+            Failure::Transport(source) => Err(HttpError::Transport {
+                method,
+                path,
+                instance: id,
+                authority,
+                attempts,
+                gave_up,
+                source,
+            }),
         }
     }
 
@@ -326,16 +446,91 @@ impl RequestBuilder {
     }
 }
 
+/// Far enough that a timer set to it never fires during a call.
+const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+type Exchange = Pin<Box<dyn Future<Output = Result<reqwest::Response, reqwest::Error>> + Send>>;
+
+/// One attempt out: the exchange with its instance, and its pick guard, which counts it in
+/// flight until the attempt ends (dropped unfinished, it counts as cancelled).
+struct Attempt {
+    guard: PickGuard,
+    instance: ServiceInstance,
+    tier: usize,
+    /// Its time limit.
+    limit: Option<Duration>,
+    exchange: Exchange,
+}
+
+/// The first attempt of `running` to end, with its index; pending while none has (and
+/// forever when none is out).
+fn next_done(
+    running: &mut [Attempt],
+) -> impl Future<Output = (usize, Result<reqwest::Response, reqwest::Error>)> + '_ {
+    // At most `max_attempts` are out, so polling each on every wake-up costs little.
+    std::future::poll_fn(move |cx| {
+        for (i, attempt) in running.iter_mut().enumerate() {
+            if let Poll::Ready(result) = attempt.exchange.as_mut().poll(cx) {
+                return Poll::Ready((i, result));
+            }
+        }
+        Poll::Pending
+    })
+}
+
+/// The last attempt of a call that gives up, and why it does.
+struct Last {
+    instance: ServiceInstance,
+    tier: usize,
+    limit: Option<Duration>,
+    attempts: u32,
+    gave_up: GaveUp,
+}
+
 /// How one attempt failed.
 enum Failure {
     /// A 5xx answer.
     Status(reqwest::Response),
     /// No connection: nothing was sent.
-    Connect(reqwest::Error),
+    Connect(TransportError),
+    /// TLS failed: in the handshake (nothing was sent), or by an alert after it.
+    Tls {
+        reason: String,
+        source: TransportError,
+    },
     /// The attempt's time limit ran out.
-    Timeout(reqwest::Error),
+    Timeout(TransportError),
     /// The connection broke during the exchange.
-    Transport(reqwest::Error),
+    Transport(TransportError),
+}
+
+impl From<TransportError> for Failure {
+    fn from(e: TransportError) -> Self {
+        if let Some(tls) = e.tls() {
+            Failure::Tls {
+                reason: explain_tls(tls),
+                source: e,
+            }
+        } else if e.is_connect() {
+            Failure::Connect(e)
+        } else if e.is_timeout() {
+            Failure::Timeout(e)
+        } else {
+            Failure::Transport(e)
+        }
+    }
+}
+
+impl Failure {
+    /// Whether the request may have reached the instance: only a failure to connect (a TLS
+    /// handshake included) proves that it did not.
+    fn sent(&self) -> bool {
+        match self {
+            Failure::Connect(_) => false,
+            Failure::Tls { source, .. } => !source.is_connect(),
+            _ => true,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -366,7 +561,7 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(
-            url_for(&v6, "/users?x=1").unwrap().as_str(),
+            url_for(&v6, "/users?x=1", false).unwrap().as_str(),
             "http://[::1]:8080/users?x=1"
         );
         let v4 = ServiceInstance::builder("s", "b")
@@ -374,6 +569,38 @@ mod tests {
             .port(80)
             .build()
             .unwrap();
-        assert_eq!(url_for(&v4, "/").unwrap().as_str(), "http://10.0.0.1/");
+        assert_eq!(
+            url_for(&v4, "/", false).unwrap().as_str(),
+            "http://10.0.0.1/"
+        );
+    }
+
+    #[test]
+    fn the_scheme_comes_from_the_metadata_or_the_client() {
+        let tls = ServiceInstance::builder("s", "a")
+            .host("10.0.0.1")
+            .port(8443)
+            .meta(SCHEME_METADATA, "HTTPS")
+            .build()
+            .unwrap();
+        assert_eq!(
+            url_for(&tls, "/x", false).unwrap().as_str(),
+            "https://10.0.0.1:8443/x"
+        );
+        let plain = ServiceInstance::builder("s", "b")
+            .host("10.0.0.2")
+            .port(8080)
+            .meta(SCHEME_METADATA, "http")
+            .build()
+            .unwrap();
+        assert_eq!(
+            url_for(&plain, "/x", false).unwrap().as_str(),
+            "http://10.0.0.2:8080/x"
+        );
+        // The client's https setting holds for every instance.
+        assert_eq!(
+            url_for(&plain, "/x", true).unwrap().as_str(),
+            "https://10.0.0.2:8080/x"
+        );
     }
 }

@@ -7,7 +7,7 @@ use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use waypost_core::ServiceInstance;
 
-use super::error::HttpError;
+use super::error::{HttpError, TransportError};
 
 /// The answer to a request, with the instance that gave it and the attempts it took.
 ///
@@ -136,7 +136,9 @@ impl Response {
         inner.json().await.map_err(fail)
     }
 
-    /// The underlying `reqwest` response (to stream the body, for instance).
+    /// The underlying `reqwest` response (to stream the body, for instance): one of the two
+    /// reqwest types that are part of this API on purpose (see
+    /// [`waypost::http::reqwest`](super::reqwest)).
     pub fn into_inner(self) -> reqwest::Response {
         self.inner
     }
@@ -153,7 +155,7 @@ impl Response {
             method,
             path,
             instance: instance.id().clone(),
-            source,
+            source: TransportError::new(source),
         };
         (fail, inner)
     }
