@@ -83,6 +83,20 @@ impl fmt::Display for FailStatic {
 }
 
 /// A picture of a balancer's health, for logs, metrics and readiness probes.
+///
+/// ```
+/// # use waypost_core::*;
+/// # struct First; struct P;
+/// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(P) } }
+/// # impl Picker for P { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+/// let balancer = Balancer::builder(First).service("users".parse()?).build();
+/// balancer.apply_all([WatchEvent::Snapshot(vec![ServiceInstance::builder("users", "a").host("h").port(1).build()?]), WatchEvent::Synced]);
+/// balancer.report_error(&Error::unavailable("consul", "watch", "connection refused"));
+/// let status = balancer.status();
+/// assert_eq!((status.serving, status.reported, status.in_sync), (1, 1, false));
+/// assert!(matches!(status.fail_static, Some(FailStatic::BackendError(_))));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BalancerStatus {
@@ -108,6 +122,18 @@ pub struct BalancerStatus {
 }
 
 /// Why no instance could be picked.
+///
+/// ```
+/// # use waypost_core::*;
+/// # struct First; struct P;
+/// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(P) } }
+/// # impl Picker for P { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+/// let balancer = Balancer::builder(First).service("users".parse()?).build();
+/// let err = balancer.pick().unwrap_err();
+/// assert!(matches!(err, PickError::NoInstances { .. }));
+/// assert!(err.to_string().contains("no instance of users"), "{err}");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PickError {
@@ -129,6 +155,20 @@ pub enum PickError {
 }
 
 /// Why no instance became available in time; see [`Balancer::ready_within`].
+///
+/// ```
+/// # use waypost_core::*;
+/// # struct First; struct P;
+/// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(P) } }
+/// # impl Picker for P { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let balancer = Balancer::builder(First).service("users".parse()?).build();
+/// balancer.apply_all([WatchEvent::Snapshot(vec![]), WatchEvent::Synced]);
+/// let why = balancer.ready_within(std::time::Duration::from_millis(5)).await.unwrap_err();
+/// assert!(why.error().is_none() && why.reported() == 0);
+/// assert!(why.to_string().contains("reports none"), "{why}");
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct NotReady {
     service: Option<ServiceName>,
@@ -184,6 +224,23 @@ fn service_suffix(s: &Option<ServiceName>) -> String {
 }
 
 /// Options of a [`Balancer`]; see [`Balancer::builder`].
+///
+/// ```
+/// # use waypost_core::*;
+/// # struct First; struct P;
+/// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(P) } }
+/// # impl Picker for P { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+/// let balancer = Balancer::builder(First)
+///     .service("users".parse()?)
+///     .keep_last_on_empty(false)
+///     .build();
+/// let a = ServiceInstance::builder("users", "a").host("h").port(1).build()?;
+/// balancer.apply(WatchEvent::Snapshot(vec![a]));
+/// balancer.apply(WatchEvent::Snapshot(vec![])); // believed: nothing is kept
+/// assert_eq!(balancer.status().serving, 0);
+/// assert_eq!(balancer.status().service.map(|s| s.to_string()).as_deref(), Some("users"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[must_use]
 pub struct BalancerBuilder {
     strategy: Arc<dyn Strategy>,
