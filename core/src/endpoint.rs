@@ -302,16 +302,46 @@ impl EndpointState {
     pub fn created_at(&self) -> u64 {
         self.created_at
     }
-    /// Until when ([`clock_nanos`]) the instance is ejected; 0 if never.
+    /// Until when the instance is ejected, on the time base of whoever ejected it (the
+    /// [`clock_nanos`] base unless a resilience layer runs on a clock of its own); 0 if never.
     pub fn ejected_until(&self) -> u64 {
-        self.ejected_until.load(Ordering::Relaxed)
+        self.ejected_until.load(Ordering::Acquire)
     }
-    /// Ejects the instance until `until` ([`clock_nanos`]) and counts the ejection.
+    /// Ejects the instance until `until` and counts the ejection, whatever its state: returns
+    /// the new count. A layer that decides ejections from what it read uses
+    /// [`try_eject`](Self::try_eject) instead.
     pub fn eject_until(&self, until: u64) -> u32 {
-        self.ejected_until.store(until, Ordering::Relaxed);
+        self.ejected_until.store(until, Ordering::Release);
         self.ejections.fetch_add(1, Ordering::Relaxed) + 1
     }
-    /// How many times the instance was ejected.
+    /// Ejects the instance until `until` and sets its ejection count to `ejections`, if it is
+    /// still ejected until `seen` (what [`ejected_until`](Self::ejected_until) returned when
+    /// the caller decided): a compare-and-swap, so that of callers deciding on the same reading
+    /// exactly one ejects, and the count is written once. Returns whether this call ejected it.
+    ///
+    /// ```
+    /// use waypost_core::EndpointState;
+    /// let s = EndpointState::new_at(0);
+    /// let seen = s.ejected_until();
+    /// assert!(s.try_eject(seen, 30, 1));
+    /// // A second decision on the same reading comes too late.
+    /// assert!(!s.try_eject(seen, 60, 2));
+    /// assert_eq!((s.ejected_until(), s.ejections()), (30, 1));
+    /// ```
+    pub fn try_eject(&self, seen: u64, until: u64, ejections: u32) -> bool {
+        let won = self
+            .ejected_until
+            .compare_exchange(seen, until, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if won {
+            self.ejections.store(ejections, Ordering::Relaxed);
+        }
+        won
+    }
+    /// The instance's ejection count, as the layer that ejects it keeps it: what makes each
+    /// ejection longer than the last. [`eject_until`](Self::eject_until) adds one;
+    /// [`try_eject`](Self::try_eject) sets it (the resilience layer lowers it after
+    /// ejection-free periods, as Envoy does).
     pub fn ejections(&self) -> u32 {
         self.ejections.load(Ordering::Relaxed)
     }
@@ -490,6 +520,31 @@ mod tests {
             s.ewma_latency_at(10_000_000),
             Some(Duration::from_millis(1))
         );
+    }
+
+    #[test]
+    fn of_threads_deciding_on_one_reading_exactly_one_ejects() {
+        for round in 0..200 {
+            let s = EndpointState::new_at(0);
+            let seen = s.ejected_until();
+            let barrier = std::sync::Barrier::new(4);
+            let won: usize = std::thread::scope(|scope| {
+                let racers: Vec<_> = (1..=4u64)
+                    .map(|k| {
+                        let (s, barrier) = (&s, &barrier);
+                        scope.spawn(move || {
+                            barrier.wait();
+                            usize::from(s.try_eject(seen, 100 * k, k as u32))
+                        })
+                    })
+                    .collect();
+                racers.into_iter().map(|r| r.join().unwrap()).sum()
+            });
+            assert_eq!(won, 1, "round {round}");
+            // The winner's until and count, together.
+            let until = s.ejected_until();
+            assert_eq!(u64::from(s.ejections()) * 100, until, "round {round}");
+        }
     }
 
     #[test]

@@ -173,6 +173,119 @@ fn ejection_time_grows_with_each_ejection_and_is_capped() {
 }
 
 #[test]
+fn each_ejection_free_base_interval_takes_one_ejection_off_the_count() {
+    let clock = ManualClock::new();
+    let policy = OutlierEjection {
+        consecutive_failures: 2,
+        base_ejection_time: Duration::from_secs(10),
+        max_ejection_time: Duration::from_secs(100),
+        probation: Duration::ZERO,
+        ..OutlierEjection::default()
+    };
+    let b = balancer(
+        Resilient::new(RoundRobin::new())
+            .outlier_ejection(policy)
+            .clock(clock.clock()),
+        ids(4),
+    );
+    // Ejects i0 now and returns how long for; then waits until it is back.
+    let eject_now = || {
+        fail(&b, "i0", 2);
+        assert!(!picked(&b, 20).contains("i0"));
+        let until = state_of(&b, "i0").state().ejected_until();
+        let secs = (until - clock.now()) / SEC;
+        clock.advance(Duration::from_nanos(until - clock.now()));
+        secs
+    };
+    // Three ejections in a row, each right after the last ended: 10, 20, 30 s.
+    assert_eq!([eject_now(), eject_now(), eject_now()], [10, 20, 30]);
+    assert_eq!(state_of(&b, "i0").state().ejections(), 3);
+    // Two base intervals (and a bit) back without an ejection: two of the three are
+    // forgiven, so the next ejection counts two, 20 s (not four, 40 s).
+    clock.advance(Duration::from_secs(25));
+    assert_eq!(eject_now(), 20);
+    assert_eq!(state_of(&b, "i0").state().ejections(), 2);
+    // Just under one interval: nothing forgiven.
+    clock.advance(Duration::from_secs(9));
+    assert_eq!(eject_now(), 30);
+    // Long healthy: back to the base time.
+    clock.advance(Duration::from_secs(3_600));
+    assert_eq!(eject_now(), 10);
+}
+
+#[test]
+fn an_instance_ejected_often_gets_short_ejections_after_a_healthy_spell() {
+    // Envoy's defaults: 30 s, at most 300 s.
+    let clock = ManualClock::new();
+    let no_probation = OutlierEjection {
+        probation: Duration::ZERO,
+        ..OutlierEjection::default()
+    };
+    let b = balancer(
+        Resilient::new(RoundRobin::new())
+            .outlier_ejection(no_probation)
+            .clock(clock.clock()),
+        ids(4),
+    );
+    let eject_now = || {
+        eject(&b, "i0");
+        let until = state_of(&b, "i0").state().ejected_until();
+        let secs = (until - clock.now()) / SEC;
+        clock.advance(Duration::from_nanos(until - clock.now()));
+        secs
+    };
+    let lengths: Vec<u64> = (0..14).map(|_| eject_now()).collect();
+    assert_eq!(
+        lengths,
+        [30, 60, 90, 120, 150, 180, 210, 240, 270, 300, 300, 300, 300, 300]
+    );
+    // The count stopped at ten (the maximum's), so ten healthy intervals, five minutes,
+    // forgive it all.
+    assert_eq!(state_of(&b, "i0").state().ejections(), 10);
+    clock.advance(Duration::from_secs(300));
+    assert_eq!(eject_now(), 30);
+}
+
+#[test]
+fn two_layers_deciding_at_once_eject_an_instance_once() {
+    // Two resilience layers over the same instance states, as during a `set_strategy` (each
+    // with its own lock), picking from two threads: one ejection per failing spell.
+    let clock = ManualClock::new();
+    for round in 0..300 {
+        let eps: Vec<waypost_core::Endpoint> = ids(3)
+            .into_iter()
+            .map(waypost_core::Endpoint::fresh)
+            .collect();
+        let layer = || Resilient::new(RoundRobin::new()).clock(clock.clock());
+        let pickers = [layer().build(&eps), layer().build(&eps)];
+        for _ in 0..5 {
+            eps[0].state().begin();
+            eps[0]
+                .state()
+                .end(Some((waypost_core::Outcome::Failure, Duration::ZERO)));
+        }
+        let barrier = std::sync::Barrier::new(2);
+        std::thread::scope(|scope| {
+            for picker in &pickers {
+                let (eps, barrier) = (&eps, &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    for _ in 0..6 {
+                        assert_ne!(picker.pick(eps, &PickContext::new()), Some(0));
+                    }
+                });
+            }
+        });
+        assert_eq!(eps[0].state().ejections(), 1, "round {round}");
+        assert_eq!(
+            eps[0].state().ejected_until(),
+            clock.now() + 30 * SEC,
+            "round {round}"
+        );
+    }
+}
+
+#[test]
 fn back_on_probation_a_single_failure_ejects_again_for_longer() {
     let clock = ManualClock::new();
     let b = balancer(

@@ -53,6 +53,27 @@ pub(super) struct Ejection {
     pub(super) probation: u64,
 }
 
+impl Ejection {
+    /// The ejection count and end of an ejection decided at `now`, for an instance whose last
+    /// ejection (`count` of them so far) ended at `last_until`.
+    ///
+    /// The count falls by one per whole base interval the instance has been back without an
+    /// ejection, as Envoy decrements it after each ejection-free interval (this layer has no
+    /// sweep timer, so it settles the intervals when it ejects again). It grows only while
+    /// the ejection is shorter than the maximum, also as Envoy does, so that an instance
+    /// ejected often comes back to short ejections after at most `max / base` healthy
+    /// intervals.
+    pub(super) fn next(&self, count: u32, last_until: u64, now: u64) -> (u32, u64) {
+        let back = now.saturating_sub(last_until);
+        let healthy_intervals = u32::try_from(back / self.base.max(1)).unwrap_or(u32::MAX);
+        let remembered = count.saturating_sub(healthy_intervals);
+        let at_max = u64::from(remembered).saturating_mul(self.base) >= self.max;
+        let count = if at_max { remembered } else { remembered + 1 };
+        let until = now.saturating_add(self.base.saturating_mul(u64::from(count)).min(self.max));
+        (count, until)
+    }
+}
+
 /// [`SlowStart`](super::SlowStart) in nanoseconds, sanitized.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Ramp {
@@ -260,7 +281,8 @@ impl ResilientPicker {
     ) -> bool {
         let s = ep.state();
         // Decided by another thread between our first look and the lock?
-        if s.ejected_until() > now {
+        let seen = s.ejected_until();
+        if seen > now {
             return true;
         }
         if s.consecutive_failures() < threshold {
@@ -277,11 +299,15 @@ impl ResilientPicker {
         if (ejected + 1) as f64 > ej.max_share * all.len as f64 {
             return false;
         }
-        let n = u64::from(s.ejections()) + 1;
-        let until = now.saturating_add(ej.base.saturating_mul(n).min(ej.max));
-        // Reset first: failures counted from here on are the instance's next record.
+        let (count, until) = ej.next(s.ejections(), seen, now);
+        // The lock covers this layer's pickers only; another layer over the same states (the
+        // strategy that a `set_strategy` replaced, still serving picks in progress) may decide
+        // at the same moment. Whoever exchanges first ejects; the other obeys.
+        if !s.try_eject(seen, until, count) {
+            return s.ejected_until() > now;
+        }
+        // Failures counted from here on are the instance's next record.
         s.reset_consecutive_failures();
-        s.eject_until(until);
         // The counts change for the whole set and for the instance's zone, nothing else.
         all.healthy.fetch_sub(1, Ordering::Relaxed);
         if let Some(g) = self

@@ -3,9 +3,18 @@
 use std::time::Duration;
 
 /// Passive outlier ejection: an instance that fails `consecutive_failures` calls in a row (as
-/// reported through the pick guard) is left out of picks for `base_ejection_time × n`, where n
-/// counts its ejections so far, capped at `max_ejection_time`. Afterwards it returns on
-/// probation: for `probation` a single failure ejects it again (for longer, since n grew).
+/// reported through the pick guard) is left out of picks for `base_ejection_time × n`, capped
+/// at `max_ejection_time`, where n is its ejection count, this ejection included. Afterwards
+/// it returns on probation: for `probation` a single failure ejects it again (for longer,
+/// since n grew).
+///
+/// The count is Envoy's: each ejection adds one (until the ejection reaches
+/// `max_ejection_time`, then it stops growing), and every `base_ejection_time` the instance
+/// spends back without being ejected takes one away. An instance that misbehaved once long
+/// ago thus gets a short ejection again, and one ejected often gets there after at most
+/// `max_ejection_time / base_ejection_time` healthy intervals (10 with the defaults, five
+/// minutes). Envoy counts the intervals of its sweep timer (`interval`, 10 s by default);
+/// this layer has no timer and counts base intervals when it next ejects.
 /// At most `max_ejected_share` of the instances are ejected at once: past that, failures are
 /// more likely the caller's problem or a wide outage than a few bad instances.
 ///
@@ -14,10 +23,10 @@ use std::time::Duration;
 /// Failures are noticed on the pick path: the first pick that lands on an instance whose
 /// failures call for ejection ejects it (and picks again), so an instance nobody picks is never
 /// ejected, and needs not be. The share limit counts the instances that pass the
-/// [`Filter`](super::Filter). An instance's ejection count never decreases (its state has no
-/// way to lower it yet), so an instance ejected often over its life is ejected for
-/// `max_ejection_time` from then on. Calls still in flight when an instance is ejected can fail
-/// after the ejection and count toward its probation.
+/// [`Filter`](super::Filter). Ejecting is a compare-and-swap on the instance's state, so that
+/// two pickers deciding at once (the old and the new strategy during a `set_strategy`) eject
+/// it once. Calls still in flight when an instance is ejected can fail after the ejection and
+/// count toward its probation.
 ///
 /// ```
 /// use std::time::Duration;
@@ -33,7 +42,8 @@ use std::time::Duration;
 pub struct OutlierEjection {
     /// Failures in a row that eject an instance (0 is taken as 1).
     pub consecutive_failures: u32,
-    /// The first ejection's length; the n-th lasts n times as long.
+    /// The first ejection's length; one with a count of n lasts n times as long. Also the
+    /// period after which an instance back from ejection has one ejection forgiven.
     pub base_ejection_time: Duration,
     /// The longest an ejection lasts.
     pub max_ejection_time: Duration,
