@@ -28,6 +28,11 @@
 //! `--failover-backend etcd` adds a second registry as the last tier (an instance registered
 //! in both is served once).
 //!
+//! TLS: instances registered with metadata `scheme=https` (as `user-service --tls-cert F
+//! --tls-key F` registers itself) are reached over HTTPS. `--ca ca.pem` trusts the CA that
+//! signed their certificates; without it they are refused, and each failed request is logged
+//! with the reason and the fix.
+//!
 //! `--backend memory` starts three in-process instances (weights 1, 2, 3) to talk to, so the
 //! client can be tried without any server.
 //!
@@ -38,6 +43,10 @@
 //! Logs go to stderr, filtered by `RUST_LOG` (default `info`).
 
 mod common;
+// The tests serve HTTPS instances.
+#[cfg(test)]
+#[path = "common/tls.rs"]
+mod tls;
 
 use common::Report;
 
@@ -61,6 +70,8 @@ struct Args {
     service: String,
     #[command(flatten)]
     load: LoadArgs,
+    #[command(flatten)]
+    tls: common::CaArgs,
 }
 
 #[tokio::main]
@@ -101,6 +112,7 @@ impl Session {
         };
         let strategy = waypost::strategies::by_name(&args.load.strategy)
             .ok_or_else(|| format!("strategy {:?} is not compiled in", args.load.strategy))?;
+        let ca = args.tls.read()?;
 
         let metrics = match &args.load.metrics_addr {
             Some(addr) => Some(common::MetricsServer::start(addr).await?),
@@ -129,7 +141,16 @@ impl Session {
         if let Some(key) = hash_key.clone() {
             builder = builder.hash_key(key);
         }
-        let client = builder.build().map_err(|e| e.to_string())?;
+        if let Some(ca) = &ca {
+            builder = builder.ca_certificate(ca);
+        }
+        let client = match builder.build() {
+            Ok(client) => client,
+            Err(e) => {
+                stop_demo(demo).await;
+                return Err(e.to_string());
+            }
+        };
         Ok(Session {
             args,
             client,
@@ -704,5 +725,96 @@ mod tests {
             &["--backend", "etcd", "--etcd-endpoints", &etcd.endpoint()],
         )
         .await;
+    }
+
+    /// `--ca`: two HTTPS instances registered with `scheme=https` in a real Consul agent (as
+    /// `user-service --tls-cert --tls-key` registers itself) answer every request of a client
+    /// that trusts their CA; a client without it gets none, and its error names `--ca`.
+    #[cfg(feature = "consul")]
+    #[tokio::test]
+    async fn ca_trusts_https_instances_and_without_it_they_are_refused() {
+        use waypost::Registry;
+        let consul = waypost_conformance::consul_server::ConsulServer::start().await;
+        let addr = consul.addr();
+        let registry = waypost::consul::Consul::builder()
+            .address(&addr)
+            .build()
+            .unwrap();
+        let ca = tls::testing::Ca::new("client test CA");
+        let issued = ca.server("127.0.0.1");
+        let config =
+            tls::server_config(issued.cert.as_bytes(), issued.key.as_bytes(), None).unwrap();
+        let files = tls::testing::Files::new("client-ca");
+        let ca_file = files.write("ca.pem", &ca.pem());
+
+        let service = "users-https";
+        let ids = [format!("{service}-a"), format!("{service}-b")];
+        let mut running = Vec::new();
+        for id in &ids {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let listener = tls::TlsListener::new(listener, config.clone()).unwrap();
+            let server = common::UserService::start(listener, id).unwrap();
+            let reg = waypost::Registration::builder(service, id)
+                .host("127.0.0.1")
+                .port(server.addr().port())
+                .meta(waypost::SCHEME_METADATA, "https")
+                .build()
+                .unwrap();
+            running.push((registry.register(reg).await.unwrap(), server));
+        }
+        let name: ServiceName = service.parse().unwrap();
+        eventually(Duration::from_secs(10), "both listed", || async {
+            match waypost::Discovery::instances(&registry, &name).await {
+                Ok(v) if v.len() == 2 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        let args = |ca: Option<&str>| {
+            let mut args = vec![
+                "--backend",
+                "consul",
+                "--consul-addr",
+                &addr,
+                "--service",
+                service,
+                "--requests",
+                "20",
+            ];
+            if let Some(ca) = ca {
+                args.extend_from_slice(&["--ca", ca]);
+            }
+            parse(&args).unwrap()
+        };
+
+        let report = run(args(Some(&ca_file))).await.unwrap();
+        assert_eq!((report.ok, report.errors), (20, 0), "{report:?}");
+        assert_eq!(report.by_instance[&ids[0]], 10, "{report:?}");
+        assert_eq!(report.by_instance[&ids[1]], 10, "{report:?}");
+
+        let session = Session::start(args(None)).await.unwrap();
+        let report = session.send().await.unwrap();
+        assert_eq!((report.ok, report.errors), (0, 20), "{report:?}");
+        let err = session.client.get("/users/1").send().await.unwrap_err();
+        assert!(matches!(err, waypost::http::HttpError::Tls { .. }), "{err}");
+        assert!(err.to_string().contains("--ca FILE"), "{err}");
+        session.stop().await;
+
+        let missing = files.write("not-a-ca.pem", "no certificate here");
+        let err = run(args(Some(&missing))).await.unwrap_err();
+        assert!(err.contains("no PEM certificate"), "{err}");
+        for (handle, server) in running {
+            handle.shutdown().await.unwrap();
+            server.stop().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ca_file_that_cannot_be_read_is_a_clear_error() {
+        let missing = std::env::temp_dir().join("waypost-client-no-such-dir/ca.pem");
+        let args = parse(&["--ca", missing.to_str().unwrap()]).unwrap();
+        assert_eq!(args.tls.ca.as_deref(), Some(missing.as_path()));
+        let err = run(args).await.unwrap_err();
+        assert!(err.contains("cannot read the CA certificate"), "{err}");
     }
 }

@@ -12,6 +12,11 @@
 //! SIGINT deregisters, prints `{"event":"deregistered","id":"..."}` and exits 0. `--port 0`
 //! binds an ephemeral port and registers that port.
 //!
+//! `--tls-cert cert.pem --tls-key key.pem` serves HTTPS instead of plain HTTP and registers the
+//! metadata `scheme=https` too (`waypost::SCHEME_METADATA`), so that clients connect with TLS;
+//! `client --ca ca.pem` trusts the CA that signed the certificate. `--meta scheme=...` is
+//! refused: the service says what it serves.
+//!
 //! Options: `--id` (default `<name>-<random hex>`), `--host` (the address registered; default:
 //! the backend's choice — Consul and etcd use this machine's first non-loopback IPv4, memory
 //! uses 127.0.0.1), `--bind` (the address listened on; default `--host` when it is an IP, else
@@ -25,6 +30,8 @@
 //! stderr, filtered by `RUST_LOG` (default `info`).
 
 mod common;
+#[path = "common/tls.rs"]
+mod tls;
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -43,6 +50,8 @@ struct Args {
     name: String,
     #[command(flatten)]
     instance: InstanceArgs,
+    #[command(flatten)]
+    tls: common::ServeTlsArgs,
 }
 
 #[tokio::main]
@@ -83,6 +92,22 @@ impl Service {
     async fn start(args: Args) -> Result<Service, String> {
         // Bad input fails before anything listens or connects.
         waypost::ServiceName::new(&args.name).map_err(|e| e.to_string())?;
+        if args
+            .instance
+            .meta
+            .iter()
+            .any(|(k, _)| k == waypost::SCHEME_METADATA)
+        {
+            return Err(format!(
+                "--meta {}=...: the service registers scheme=https itself when it serves TLS \
+                 (--tls-cert, --tls-key)",
+                waypost::SCHEME_METADATA
+            ));
+        }
+        let tls = match args.tls.read()? {
+            Some(pem) => Some(tls::server_config(&pem.cert, &pem.key, None)?),
+            None => None,
+        };
         let metrics = match &args.instance.metrics_addr {
             Some(addr) => Some(common::MetricsServer::start(addr).await?),
             None => None,
@@ -97,13 +122,19 @@ impl Service {
             .local_addr()
             .map_err(|e| format!("cannot read the bound address: {e}"))?
             .port();
-        let server = UserService::start(listener, &id).map_err(|e| format!("cannot serve: {e}"))?;
+        let https = tls.is_some();
+        let server = match tls {
+            Some(config) => tls::TlsListener::new(listener, config)
+                .and_then(|listener| UserService::start(listener, &id)),
+            None => UserService::start(listener, &id),
+        }
+        .map_err(|e| format!("cannot serve: {e}"))?;
 
-        let registration = args
-            .instance
-            .registration(&args.name, &id, port)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let mut registration = args.instance.registration(&args.name, &id, port);
+        if https {
+            registration = registration.meta(waypost::SCHEME_METADATA, "https");
+        }
+        let registration = registration.build().map_err(|e| e.to_string())?;
         let handle = backend
             .registry
             .register(registration)
@@ -223,6 +254,8 @@ mod tests {
         lines: tokio::sync::mpsc::UnboundedReceiver<String>,
         task: tokio::task::JoinHandle<Result<(), String>>,
         metrics: Option<SocketAddr>,
+        /// The instance as registered.
+        instance: waypost::ServiceInstance,
     }
 
     /// Starts a user service as `run` does (`Service::start`, then `serve` in a task).
@@ -232,6 +265,7 @@ mod tests {
                 .unwrap();
         let service = Service::start(args).await.unwrap();
         let metrics = service.metrics_addr();
+        let instance = service.handle.instance().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (lines_tx, lines) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(service.serve(
@@ -247,6 +281,7 @@ mod tests {
             lines,
             task,
             metrics,
+            instance,
         }
     }
 
@@ -451,5 +486,152 @@ mod tests {
                 .unwrap();
         let err = run(args, async {}, |_| {}).await.unwrap_err();
         assert!(err.contains("service name"), "{err}");
+    }
+
+    /// A CA, and a certificate for 127.0.0.1 it signed and its key, in files of their own.
+    struct TlsFiles {
+        _dir: tls::testing::Files,
+        ca: String,
+        cert: String,
+        key: String,
+    }
+
+    impl TlsFiles {
+        fn new(what: &str) -> TlsFiles {
+            let ca = tls::testing::Ca::new("user-service test CA");
+            let issued = ca.server("127.0.0.1");
+            let dir = tls::testing::Files::new(what);
+            TlsFiles {
+                ca: ca.pem(),
+                cert: dir.write("cert.pem", &issued.cert),
+                key: dir.write("key.pem", &issued.key),
+                _dir: dir,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_flags_serve_https_and_register_scheme_https() {
+        use waypost::http::{HttpClient, HttpError};
+        let files = TlsFiles::new("tls");
+        let (name, id) = ("users-tls", "users-tls-1");
+        let mut running = spawn(&[
+            "--name",
+            name,
+            "--id",
+            id,
+            "--host",
+            "127.0.0.1",
+            "--tls-cert",
+            &files.cert,
+            "--tls-key",
+            &files.key,
+        ])
+        .await;
+        let registered: serde_json::Value =
+            serde_json::from_str(&running.lines.recv().await.unwrap()).unwrap();
+        assert_eq!(registered["event"], "registered");
+        let addr = registered["addr"].as_str().unwrap().to_owned();
+        assert_eq!(
+            running.instance.metadata().get(waypost::SCHEME_METADATA),
+            Some(&"https".to_owned()),
+            "{:?}",
+            running.instance
+        );
+
+        // Waypost's client reaches it over HTTPS with the CA, as `client --ca` does...
+        let balancer = waypost::Balancer::new(waypost::strategies::RoundRobin::new());
+        balancer.apply(waypost::WatchEvent::Snapshot(vec![running
+            .instance
+            .clone()]));
+        let client = HttpClient::builder(balancer.clone())
+            .ca_certificate(&files.ca)
+            .build()
+            .unwrap();
+        let r = client.get("/users/7").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()[common::INSTANCE_HEADER], id);
+        let user: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(user["id"], 7);
+
+        // ...and without it is refused, saying so; plain HTTP gets no answer.
+        let untrusting = HttpClient::builder(balancer)
+            .max_attempts(1)
+            .build()
+            .unwrap();
+        let err = untrusting.get("/users/7").send().await.unwrap_err();
+        assert!(matches!(err, HttpError::Tls { .. }), "{err}");
+        assert!(err.to_string().contains("--ca"), "{err}");
+        assert!(reqwest::get(format!("http://{addr}/users/7"))
+            .await
+            .is_err());
+
+        running.stop.send(()).unwrap();
+        let deregistered: serde_json::Value =
+            serde_json::from_str(&running.lines.recv().await.unwrap()).unwrap();
+        assert_eq!(deregistered, json!({"event": "deregistered", "id": id}));
+        running.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn tls_flags_are_checked_before_anything_listens() {
+        let parse = |args: &[&str]| {
+            Args::try_parse_from(std::iter::once("user-service").chain(args.iter().copied()))
+        };
+        assert!(parse(&["--tls-cert", "c.pem"]).is_err());
+        assert!(parse(&["--tls-key", "k.pem"]).is_err());
+        let args = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
+        assert_eq!(
+            args.tls.tls_cert.as_deref(),
+            Some(std::path::Path::new("c.pem"))
+        );
+        assert_eq!(parse(&[]).unwrap().tls.tls_cert, None);
+
+        let missing = std::env::temp_dir().join("waypost-user-service-no-such-dir/cert.pem");
+        let missing = missing.to_str().unwrap();
+        let err = run(
+            parse(&[
+                "--host",
+                "127.0.0.1",
+                "--tls-cert",
+                missing,
+                "--tls-key",
+                missing,
+            ])
+            .unwrap(),
+            async {},
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("cannot read the TLS certificate"), "{err}");
+
+        let files = TlsFiles::new("junk");
+        std::fs::write(&files.cert, "not PEM").unwrap();
+        let err = run(
+            parse(&[
+                "--host",
+                "127.0.0.1",
+                "--tls-cert",
+                &files.cert,
+                "--tls-key",
+                &files.key,
+            ])
+            .unwrap(),
+            async {},
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("no PEM certificate"), "{err}");
+
+        let err = run(
+            parse(&["--host", "127.0.0.1", "--meta", "scheme=https"]).unwrap(),
+            async {},
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("--tls-cert"), "{err}");
     }
 }

@@ -14,69 +14,13 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use axum::routing::get;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 use tokio_rustls::rustls::ServerConfig;
 use waypost::http::{reqwest, GaveUp, HttpClient, HttpError};
 use waypost::memory::Memory;
 use waypost::strategies::RoundRobin;
 use waypost::{Balancer, Registration, Registry, ServiceInstance, ServiceName, WatchEvent};
 
-/// A certificate authority of the test's own.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-/// A certificate and its private key, PEM.
-struct Issued {
-    cert: String,
-    key: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    fn pem(&self) -> String {
-        self.cert.pem()
-    }
-
-    /// A server certificate for `name` (an IP address becomes an IP subject alternative name).
-    fn server(&self, name: &str) -> Issued {
-        self.issue(name, ExtendedKeyUsagePurpose::ServerAuth)
-    }
-
-    /// A client certificate for mutual TLS.
-    fn client(&self, name: &str) -> Issued {
-        self.issue(name, ExtendedKeyUsagePurpose::ClientAuth)
-    }
-
-    fn issue(&self, name: &str, usage: ExtendedKeyUsagePurpose) -> Issued {
-        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        Issued {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-}
+use tls::testing::Ca;
 
 /// A running HTTPS server: `GET /who` answers its name and counts the requests it served.
 struct Https {

@@ -36,9 +36,13 @@ pub struct UserService {
 }
 
 impl UserService {
-    /// Serves `GET /health`, `/users` and `/users/{id}` on `listener`, as instance `instance_id`.
-    pub fn start(listener: TcpListener, instance_id: &str) -> io::Result<UserService> {
-        let addr = listener.local_addr()?;
+    /// Serves `GET /health`, `/users` and `/users/{id}` on `listener` (a `TcpListener`, or a
+    /// `tls::TlsListener` for HTTPS), as instance `instance_id`.
+    pub fn start<L>(listener: L, instance_id: &str) -> io::Result<UserService>
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
+        let addr = axum::serve::Listener::local_addr(&listener)?;
         let id = HeaderValue::from_str(instance_id)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let app = Router::new()
@@ -684,6 +688,59 @@ pub struct InstanceArgs {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free one).
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
+}
+
+/// The TLS flags of a service example: serve TLS, and register metadata `scheme=https` so that
+/// clients connect with TLS.
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeTlsArgs {
+    /// Serve TLS with this certificate (chain), PEM; registers metadata scheme=https.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert, PEM.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+/// A certificate (chain) and its private key, PEM.
+pub struct CertAndKey {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl ServeTlsArgs {
+    /// The certificate and the key, when TLS was asked for.
+    pub fn read(&self) -> Result<Option<CertAndKey>, String> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(CertAndKey {
+                cert: read_pem(cert, "TLS certificate")?,
+                key: read_pem(key, "TLS key")?,
+            })),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The TLS flag of a client example: the CA that signed the instances' certificates.
+#[derive(Debug, Default, clap::Args)]
+pub struct CaArgs {
+    /// Trust this CA (PEM) for instances registered with metadata scheme=https.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+}
+
+impl CaArgs {
+    /// The CA's PEM, when `--ca` was given.
+    pub fn read(&self) -> Result<Option<Vec<u8>>, String> {
+        self.ca
+            .as_ref()
+            .map(|path| read_pem(path, "CA certificate"))
+            .transpose()
+    }
+}
+
+fn read_pem(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
 }
 
 /// `key=value`, for `--meta`.
