@@ -46,6 +46,7 @@ pub struct ConsulBuilder {
     pub(crate) address: Option<String>,
     pub(crate) ssl: bool,
     pub(crate) token: Option<String>,
+    pub(crate) token_file: Option<PathBuf>,
     pub(crate) datacenter: Option<String>,
     pub(crate) passing_only: bool,
     pub(crate) tags: Vec<String>,
@@ -54,6 +55,7 @@ pub struct ConsulBuilder {
     pub(crate) wait: Duration,
     pub(crate) ca_cert: Option<PathBuf>,
     pub(crate) client_cert: Option<(PathBuf, PathBuf)>,
+    pub(crate) tls_server_name: Option<String>,
     pub(crate) default_host: Option<String>,
     pub(crate) request_timeout: Duration,
     pub(crate) backoff: (Duration, Duration),
@@ -66,6 +68,7 @@ impl Default for ConsulBuilder {
             address: None,
             ssl: false,
             token: None,
+            token_file: None,
             datacenter: None,
             passing_only: true,
             tags: Vec::new(),
@@ -74,6 +77,7 @@ impl Default for ConsulBuilder {
             wait: Duration::from_secs(300),
             ca_cert: None,
             client_cert: None,
+            tls_server_name: None,
             default_host: None,
             request_timeout: Duration::from_secs(10),
             backoff: (Duration::from_millis(100), Duration::from_secs(10)),
@@ -87,6 +91,7 @@ impl fmt::Debug for ConsulBuilder {
         f.debug_struct("ConsulBuilder")
             .field("address", &self.address.as_deref().map(redact_userinfo))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
             .field("datacenter", &self.datacenter)
             .field("passing_only", &self.passing_only)
             .field("tags", &self.tags)
@@ -95,6 +100,7 @@ impl fmt::Debug for ConsulBuilder {
             .field("wait", &self.wait)
             .field("ca_cert", &self.ca_cert)
             .field("client_cert", &self.client_cert)
+            .field("tls_server_name", &self.tls_server_name)
             .field("default_host", &self.default_host)
             .finish_non_exhaustive()
     }
@@ -114,9 +120,50 @@ impl ConsulBuilder {
         self
     }
 
-    /// The ACL token, sent as `X-Consul-Token`. Never logged nor shown in `Debug`.
+    /// Whether an address given as `host:port` is reached over `https` (`CONSUL_HTTP_SSL`;
+    /// default `false`). An address given as a URL says so itself.
+    ///
+    /// ```
+    /// let consul = waypost_consul::Consul::builder().address("10.0.0.2:8501").https(true).build()?;
+    /// assert!(format!("{consul:?}").contains("https://10.0.0.2:8501"));
+    /// # Ok::<(), waypost_core::Error>(())
+    /// ```
+    pub fn https(mut self, yes: bool) -> Self {
+        self.ssl = yes;
+        self
+    }
+
+    /// The ACL token, sent as `X-Consul-Token`. Never logged nor shown in `Debug`. Replaces a
+    /// [`token_file`](Self::token_file) given before.
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
+        self.token_file = None;
+        self
+    }
+
+    /// A file holding the ACL token (`CONSUL_HTTP_TOKEN_FILE`), read by
+    /// [`build`](Self::build); surrounding whitespace is ignored. Replaces a
+    /// [`token`](Self::token) given before. A missing, unreadable or empty file fails `build`
+    /// with [`Error::Config`] naming the file (never its content).
+    ///
+    /// ```
+    /// use waypost_core::Error;
+    /// let dir = std::env::temp_dir().join(format!("waypost-doc-token-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir).unwrap();
+    /// let file = dir.join("token");
+    /// std::fs::write(&file, "s3cr3t\n").unwrap();
+    /// let consul = waypost_consul::Consul::builder().token_file(&file).build()?;
+    /// assert!(!format!("{consul:?}").contains("s3cr3t"));
+    ///
+    /// std::fs::write(&file, "  \n").unwrap();
+    /// let err = waypost_consul::Consul::builder().token_file(&file).build().unwrap_err();
+    /// assert!(matches!(err, Error::Config { .. }) && err.to_string().contains("empty"), "{err}");
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn token_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.token_file = Some(path.into());
+        self.token = None;
         self
     }
 
@@ -195,6 +242,26 @@ impl ConsulBuilder {
         self
     }
 
+    /// The name to verify the agent's certificate against, and to send as SNI, over `https`
+    /// (`CONSUL_TLS_SERVER_NAME`); default: the address's host. For an agent reached by IP
+    /// address, or through a name its certificate does not carry (Consul's own certificates
+    /// name `server.<datacenter>.consul` or `localhost`). The connection still goes to the
+    /// configured address. Plain `http` ignores it, as the Consul CLI does.
+    ///
+    /// ```
+    /// let consul = waypost_consul::Consul::builder()
+    ///     .address("https://10.0.0.2:8501")
+    ///     .tls_server_name("server.dc1.consul")
+    ///     .build()?;
+    /// let shown = format!("{consul:?}");
+    /// assert!(shown.contains("10.0.0.2:8501") && shown.contains("server.dc1.consul"), "{shown}");
+    /// # Ok::<(), waypost_core::Error>(())
+    /// ```
+    pub fn tls_server_name(mut self, name: impl Into<String>) -> Self {
+        self.tls_server_name = Some(name.into());
+        self
+    }
+
     /// The address registered for registrations that name no host (default
     /// [`waypost_core::local_ipv4`]: this machine's first IPv4 address that is neither loopback
     /// nor link-local, or `127.0.0.1` when it has none).
@@ -231,8 +298,10 @@ impl ConsulBuilder {
     }
 
     /// Applies the Consul CLI's environment variables that are set: `CONSUL_HTTP_ADDR`,
-    /// `CONSUL_HTTP_TOKEN`, `CONSUL_HTTP_SSL`, `CONSUL_CACERT`, `CONSUL_CLIENT_CERT`,
-    /// `CONSUL_CLIENT_KEY`. Builder calls after this one override them.
+    /// `CONSUL_HTTP_TOKEN`, `CONSUL_HTTP_TOKEN_FILE` (which wins over `CONSUL_HTTP_TOKEN`, as
+    /// in Consul's own client), `CONSUL_HTTP_SSL`, `CONSUL_CACERT`, `CONSUL_CLIENT_CERT`,
+    /// `CONSUL_CLIENT_KEY`, `CONSUL_TLS_SERVER_NAME`. Builder calls after this one override
+    /// them.
     ///
     /// ```
     /// // CONSUL_HTTP_ADDR etc. if set, but always this datacenter.
@@ -250,7 +319,10 @@ impl ConsulBuilder {
             self.address = Some(addr);
         }
         if let Some(token) = var("CONSUL_HTTP_TOKEN") {
-            self.token = Some(token);
+            self = self.token(token);
+        }
+        if let Some(file) = var("CONSUL_HTTP_TOKEN_FILE") {
+            self = self.token_file(file);
         }
         if let Some(ssl) = var("CONSUL_HTTP_SSL") {
             self.ssl = matches!(ssl.to_ascii_lowercase().as_str(), "1" | "true" | "yes");
@@ -260,6 +332,9 @@ impl ConsulBuilder {
         }
         if let (Some(cert), Some(key)) = (var("CONSUL_CLIENT_CERT"), var("CONSUL_CLIENT_KEY")) {
             self.client_cert = Some((cert.into(), key.into()));
+        }
+        if let Some(name) = var("CONSUL_TLS_SERVER_NAME") {
+            self.tls_server_name = Some(name);
         }
         self
     }
@@ -273,8 +348,26 @@ impl ConsulBuilder {
     /// assert!(matches!(err, Err(Error::Config { .. })));
     /// ```
     pub fn build(self) -> Result<Consul, Error> {
-        let base = parse_address(self.address.as_deref().unwrap_or(DEFAULT_ADDRESS), self.ssl)?;
-        let token = match &self.token {
+        let mut base = parse_address(self.address.as_deref().unwrap_or(DEFAULT_ADDRESS), self.ssl)?;
+        let from_file;
+        let token = match (&self.token_file, &self.token) {
+            (Some(path), _) => {
+                let bytes = read(path, "ACL token file")?;
+                let text = std::str::from_utf8(&bytes)
+                    .map_err(|_| config(format!("ACL token file {}: not UTF-8", path.display())))?;
+                from_file = text.trim().to_owned();
+                if from_file.is_empty() {
+                    return Err(config(format!(
+                        "ACL token file {} is empty: write the token into it, or unset \
+                         CONSUL_HTTP_TOKEN_FILE",
+                        path.display()
+                    )));
+                }
+                Some(&from_file)
+            }
+            (None, token) => token.as_ref(),
+        };
+        let token = match token {
             None => None,
             Some(t) if t.is_empty() => None,
             Some(t) => {
@@ -309,6 +402,10 @@ impl ConsulBuilder {
             .use_rustls_tls()
             .connect_timeout(Duration::from_secs(3))
             .user_agent(concat!("waypost-consul/", env!("CARGO_PKG_VERSION")));
+        let shown_address = redact_userinfo(base.as_str()).into_owned();
+        if let (Some(name), "https") = (&self.tls_server_name, base.scheme()) {
+            http = http.dns_resolver(Arc::new(server_name(&mut base, name)?));
+        }
         if let Some(path) = &self.ca_cert {
             let pem = read(path, "CA certificate")?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
@@ -349,11 +446,59 @@ impl ConsulBuilder {
             detected_host: Default::default(),
             backoff: self.backoff,
         };
-        Ok(Consul::new(Arc::new(api), self))
+        Ok(Consul::new(Arc::new(api), shown_address, self))
     }
 
     pub(crate) fn wait_clamped(&self) -> Duration {
         self.wait.min(MAX_WAIT)
+    }
+}
+
+/// Points `base` at the TLS server name `name` (what rustls verifies and sends as SNI) and
+/// returns the resolver that sends connections for that name to the host `base` had.
+fn server_name(base: &mut Url, name: &str) -> Result<ServerNameResolver, Error> {
+    let bad = || {
+        config(format!(
+            "TLS server name {name:?} is not a host name (CONSUL_TLS_SERVER_NAME or \
+             .tls_server_name())"
+        ))
+    };
+    if name.is_empty()
+        || name.contains(|c: char| c.is_whitespace() || c.is_control() || "/:@?#[]".contains(c))
+    {
+        return Err(bad());
+    }
+    // An IPv6 host comes in brackets, which a lookup does not take.
+    let real = match base.host_str() {
+        Some(h) => h.trim_start_matches('[').trim_end_matches(']').to_owned(),
+        None => return Err(config("the agent address names no host")),
+    };
+    base.set_host(Some(name)).map_err(|_| bad())?;
+    Ok(ServerNameResolver {
+        name: name.to_ascii_lowercase(),
+        real,
+    })
+}
+
+/// Resolves the TLS server name to the configured agent host; any other name as usual.
+struct ServerNameResolver {
+    name: String,
+    real: String,
+}
+
+impl reqwest::dns::Resolve for ServerNameResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = if name.as_str().eq_ignore_ascii_case(&self.name) {
+            self.real.clone()
+        } else {
+            name.as_str().to_owned()
+        };
+        Box::pin(async move {
+            // Port 0: reqwest puts the URL's port in.
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 
@@ -471,6 +616,77 @@ mod tests {
         // The missing CA file is reported as a configuration error naming the file.
         let err = b.build().unwrap_err();
         assert!(err.to_string().contains("/ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn the_token_file_wins_over_the_token_and_the_tls_server_name_is_read() {
+        let dir = std::env::temp_dir().join(format!("waypost-consul-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "  from-the-file\n").unwrap();
+        let path = file.to_str().unwrap().to_owned();
+        let vars: HashMap<&str, &str> = [
+            ("CONSUL_HTTP_TOKEN", "from-the-variable"),
+            ("CONSUL_HTTP_TOKEN_FILE", path.as_str()),
+            ("CONSUL_TLS_SERVER_NAME", "server.dc1.consul"),
+        ]
+        .into();
+        let b = ConsulBuilder::default().apply_vars(|n| vars.get(n).map(|v| v.to_string()));
+        assert_eq!(b.token_file.as_deref(), Some(file.as_path()));
+        assert_eq!(b.token, None);
+        assert_eq!(b.tls_server_name.as_deref(), Some("server.dc1.consul"));
+        let consul = b.clone().build().unwrap();
+        assert_eq!(
+            consul.api().token.as_ref().map(|t| t.as_bytes().to_vec()),
+            Some(b"from-the-file".to_vec()),
+            "read and trimmed"
+        );
+        assert!(!format!("{consul:?}").contains("from-the-file"));
+        // A builder call after the environment wins, either way round.
+        let consul = b.clone().token("from-code").build().unwrap();
+        assert_eq!(
+            consul.api().token.as_ref().map(|t| t.as_bytes().to_vec()),
+            Some(b"from-code".to_vec())
+        );
+        // A file that is missing or empty is a configuration error naming it, not no token.
+        std::fs::write(&file, "\n").unwrap();
+        let err = b.clone().build().unwrap_err();
+        assert!(matches!(err, Error::Config { .. }), "{err}");
+        assert!(
+            err.to_string().contains("empty") && err.to_string().contains(&path),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        let err = b.build().unwrap_err();
+        assert!(err.to_string().contains(&path), "{err}");
+    }
+
+    #[test]
+    fn a_tls_server_name_applies_to_https_only_and_must_be_a_host_name() {
+        let https = || ConsulBuilder::default().address("https://127.0.0.1:8501");
+        let consul = https()
+            .tls_server_name("server.dc1.consul")
+            .build()
+            .unwrap();
+        assert_eq!(
+            consul.api().base.as_str(),
+            "https://server.dc1.consul:8501/"
+        );
+        let shown = format!("{consul:?}");
+        assert!(
+            shown.contains("\"https://127.0.0.1:8501/\""),
+            "the real address: {shown}"
+        );
+        let plain = ConsulBuilder::default()
+            .address("http://127.0.0.1:8500")
+            .tls_server_name("server.dc1.consul")
+            .build()
+            .unwrap();
+        assert_eq!(plain.api().base.as_str(), "http://127.0.0.1:8500/");
+        for bad in ["", "a b", "h:1", "a/b", "[::1]"] {
+            let err = https().tls_server_name(bad).build().unwrap_err();
+            assert!(matches!(err, Error::Config { .. }), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //!   datacenter, `?stale`, `?cached`). Watches use blocking queries that follow Consul's rules
 //!   (index tracking and reset, token-bucket pacing, diff before emitting, fail-static retries).
 //! - Configuration the Consul CLI's way: `CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`,
-//!   `CONSUL_CACERT`, `CONSUL_CLIENT_CERT`, `CONSUL_CLIENT_KEY` (see [`ConsulBuilder::from_env`]).
+//!   `CONSUL_HTTP_TOKEN_FILE`, `CONSUL_HTTP_SSL`, `CONSUL_CACERT`, `CONSUL_CLIENT_CERT`,
+//!   `CONSUL_CLIENT_KEY`, `CONSUL_TLS_SERVER_NAME` (see [`ConsulBuilder::from_env`]).
 //!
 //! ```no_run
 //! use futures::StreamExt;
@@ -69,6 +70,10 @@ const BACKEND: &str = "consul";
 #[derive(Clone)]
 pub struct Consul {
     api: Arc<Api>,
+    /// The agent address as configured, credentials redacted: with a TLS server name the
+    /// requests' URLs name the server name instead.
+    address: Arc<str>,
+    tls_server_name: Option<Arc<str>>,
     query: HealthQuery,
     wait: std::time::Duration,
     rate_limit: (u32, std::time::Duration),
@@ -77,7 +82,8 @@ pub struct Consul {
 impl fmt::Debug for Consul {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Consul")
-            .field("address", &config::redact_userinfo(self.api.base.as_str()))
+            .field("address", &self.address)
+            .field("tls_server_name", &self.tls_server_name)
             .field("token", &self.api.token.as_ref().map(|_| "<redacted>"))
             .field("datacenter", &self.api.datacenter)
             .field("query", &self.query)
@@ -109,8 +115,10 @@ impl Consul {
         ConsulBuilder::default().from_env().build()
     }
 
-    fn new(api: Arc<Api>, b: ConsulBuilder) -> Self {
+    fn new(api: Arc<Api>, address: String, b: ConsulBuilder) -> Self {
         Consul {
+            address: address.into(),
+            tls_server_name: b.tls_server_name.as_deref().map(Arc::from),
             query: HealthQuery {
                 passing_only: b.passing_only,
                 tags: b.tags.clone(),
