@@ -31,7 +31,9 @@
 //! TLS: instances registered with metadata `scheme=https` (as `user-service --tls-cert F
 //! --tls-key F` registers itself) are reached over HTTPS. `--ca ca.pem` trusts the CA that
 //! signed their certificates; without it they are refused, and each failed request is logged
-//! with the reason and the fix.
+//! with the reason and the fix. `--client-cert client.pem --client-key client-key.pem`
+//! presents a client certificate to instances that require one (`user-service
+//! --tls-client-ca`).
 //!
 //! `--backend memory` starts three in-process instances (weights 1, 2, 3) to talk to, so the
 //! client can be tried without any server.
@@ -71,7 +73,7 @@ struct Args {
     #[command(flatten)]
     load: LoadArgs,
     #[command(flatten)]
-    tls: common::CaArgs,
+    tls: common::ClientTlsArgs,
 }
 
 #[tokio::main]
@@ -112,7 +114,7 @@ impl Session {
         };
         let strategy = waypost::strategies::by_name(&args.load.strategy)
             .ok_or_else(|| format!("strategy {:?} is not compiled in", args.load.strategy))?;
-        let ca = args.tls.read()?;
+        let tls = args.tls.read()?;
 
         let metrics = match &args.load.metrics_addr {
             Some(addr) => Some(common::MetricsServer::start(addr).await?),
@@ -141,8 +143,11 @@ impl Session {
         if let Some(key) = hash_key.clone() {
             builder = builder.hash_key(key);
         }
-        if let Some(ca) = &ca {
+        if let Some(ca) = &tls.ca {
             builder = builder.ca_certificate(ca);
+        }
+        if let Some((cert, key)) = &tls.identity {
+            builder = builder.identity(cert, key);
         }
         let client = match builder.build() {
             Ok(client) => client,
@@ -809,12 +814,86 @@ mod tests {
         }
     }
 
+    /// `--client-cert`/`--client-key`: an instance that requires a client certificate signed by
+    /// its CA (as `user-service --tls-client-ca` does) answers a client that presents one, and
+    /// refuses one that does not, saying so.
+    #[cfg(feature = "consul")]
     #[tokio::test]
-    async fn a_ca_file_that_cannot_be_read_is_a_clear_error() {
+    async fn cert_and_key_present_a_client_certificate_to_instances_that_require_one() {
+        use waypost::Registry;
+        let consul = waypost_conformance::consul_server::ConsulServer::start().await;
+        let addr = consul.addr();
+        let registry = waypost::consul::Consul::builder()
+            .address(&addr)
+            .build()
+            .unwrap();
+        let ca = tls::testing::Ca::new("client test CA");
+        let issued = ca.server("127.0.0.1");
+        let config = tls::server_config(
+            issued.cert.as_bytes(),
+            issued.key.as_bytes(),
+            Some(ca.pem().as_bytes()),
+        )
+        .unwrap();
+        let client_cert = ca.client("client.waypost.test");
+        let files = tls::testing::Files::new("client-mtls");
+        let ca_file = files.write("ca.pem", &ca.pem());
+        let cert_file = files.write("client.pem", &client_cert.cert);
+        let key_file = files.write("client-key.pem", &client_cert.key);
+
+        let service = "users-mtls";
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tls::TlsListener::new(listener, config).unwrap();
+        let server = common::UserService::start(listener, "users-mtls-a").unwrap();
+        let reg = waypost::Registration::builder(service, "users-mtls-a")
+            .host("127.0.0.1")
+            .port(server.addr().port())
+            .meta(waypost::SCHEME_METADATA, "https")
+            .build()
+            .unwrap();
+        let handle = registry.register(reg).await.unwrap();
+        let base = [
+            "--backend",
+            "consul",
+            "--consul-addr",
+            &addr,
+            "--service",
+            service,
+            "--requests",
+            "10",
+            "--ca",
+            &ca_file,
+        ];
+
+        let mut with_cert = base.to_vec();
+        with_cert.extend_from_slice(&["--client-cert", &cert_file, "--client-key", &key_file]);
+        let report = run(parse(&with_cert).unwrap()).await.unwrap();
+        assert_eq!((report.ok, report.errors), (10, 0), "{report:?}");
+
+        let session = Session::start(parse(&base).unwrap()).await.unwrap();
+        let err = session.client.get("/users/1").send().await.unwrap_err();
+        assert!(matches!(err, waypost::http::HttpError::Tls { .. }), "{err}");
+        assert!(err.to_string().contains("client certificate"), "{err}");
+        session.stop().await;
+
+        handle.shutdown().await.unwrap();
+        server.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn tls_files_that_cannot_be_read_are_clear_errors() {
         let missing = std::env::temp_dir().join("waypost-client-no-such-dir/ca.pem");
-        let args = parse(&["--ca", missing.to_str().unwrap()]).unwrap();
-        assert_eq!(args.tls.ca.as_deref(), Some(missing.as_path()));
+        let missing = missing.to_str().unwrap();
+        let args = parse(&["--ca", missing]).unwrap();
+        assert_eq!(args.tls.ca.as_deref(), Some(std::path::Path::new(missing)));
         let err = run(args).await.unwrap_err();
         assert!(err.contains("cannot read the CA certificate"), "{err}");
+        let err = run(parse(&["--client-cert", missing, "--client-key", missing]).unwrap())
+            .await
+            .unwrap_err();
+        assert!(err.contains("cannot read the client certificate"), "{err}");
+        // A certificate goes with its key.
+        assert!(parse(&["--client-cert", "c.pem"]).is_err());
+        assert!(parse(&["--client-key", "k.pem"]).is_err());
     }
 }

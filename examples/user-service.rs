@@ -14,8 +14,10 @@
 //!
 //! `--tls-cert cert.pem --tls-key key.pem` serves HTTPS instead of plain HTTP and registers the
 //! metadata `scheme=https` too (`waypost::SCHEME_METADATA`), so that clients connect with TLS;
-//! `client --ca ca.pem` trusts the CA that signed the certificate. `--meta scheme=...` is
-//! refused: the service says what it serves.
+//! `client --ca ca.pem` trusts the CA that signed the certificate. `--tls-client-ca ca.pem`
+//! also requires every client to present a certificate signed by that CA (mutual TLS; `client
+//! --client-cert F --client-key F`). `--meta scheme=...` is refused: the service says what it
+//! serves.
 //!
 //! Options: `--id` (default `<name>-<random hex>`), `--host` (the address registered; default:
 //! the backend's choice — Consul and etcd use this machine's first non-loopback IPv4, memory
@@ -105,7 +107,11 @@ impl Service {
             ));
         }
         let tls = match args.tls.read()? {
-            Some(pem) => Some(tls::server_config(&pem.cert, &pem.key, None)?),
+            Some(pem) => Some(tls::server_config(
+                &pem.cert,
+                &pem.key,
+                pem.client_ca.as_deref(),
+            )?),
             None => None,
         };
         let metrics = match &args.instance.metrics_addr {
@@ -491,20 +497,24 @@ mod tests {
     /// A CA, and a certificate for 127.0.0.1 it signed and its key, in files of their own.
     struct TlsFiles {
         _dir: tls::testing::Files,
+        authority: tls::testing::Ca,
         ca: String,
+        ca_file: String,
         cert: String,
         key: String,
     }
 
     impl TlsFiles {
         fn new(what: &str) -> TlsFiles {
-            let ca = tls::testing::Ca::new("user-service test CA");
-            let issued = ca.server("127.0.0.1");
+            let authority = tls::testing::Ca::new("user-service test CA");
+            let issued = authority.server("127.0.0.1");
             let dir = tls::testing::Files::new(what);
             TlsFiles {
-                ca: ca.pem(),
+                ca: authority.pem(),
+                ca_file: dir.write("ca.pem", &authority.pem()),
                 cert: dir.write("cert.pem", &issued.cert),
                 key: dir.write("key.pem", &issued.key),
+                authority,
                 _dir: dir,
             }
         }
@@ -633,5 +643,60 @@ mod tests {
         .await
         .unwrap_err();
         assert!(err.contains("--tls-cert"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn tls_client_ca_requires_clients_to_present_a_certificate() {
+        use waypost::http::{HttpClient, HttpError};
+        let files = TlsFiles::new("mtls");
+        let mut running = spawn(&[
+            "--name",
+            "users-mtls",
+            "--id",
+            "users-mtls-1",
+            "--host",
+            "127.0.0.1",
+            "--tls-cert",
+            &files.cert,
+            "--tls-key",
+            &files.key,
+            "--tls-client-ca",
+            &files.ca_file,
+        ])
+        .await;
+        running.lines.recv().await.unwrap();
+        let balancer = waypost::Balancer::new(waypost::strategies::RoundRobin::new());
+        balancer.apply(waypost::WatchEvent::Snapshot(vec![running
+            .instance
+            .clone()]));
+
+        let without = HttpClient::builder(balancer.clone())
+            .ca_certificate(&files.ca)
+            .max_attempts(1)
+            .build()
+            .unwrap();
+        let err = without.get("/users/7").send().await.unwrap_err();
+        assert!(matches!(err, HttpError::Tls { .. }), "{err}");
+        assert!(err.to_string().contains("identity"), "{err}");
+
+        let client_cert = files.authority.client("client.waypost.test");
+        let with = HttpClient::builder(balancer)
+            .ca_certificate(&files.ca)
+            .identity(&client_cert.cert, &client_cert.key)
+            .build()
+            .unwrap();
+        let r = with.get("/users/7").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()[common::INSTANCE_HEADER], "users-mtls-1");
+
+        running.stop.send(()).unwrap();
+        running.lines.recv().await.unwrap();
+        running.task.await.unwrap().unwrap();
+
+        // Client certificates are asked for only by a service that serves TLS.
+        let parse = |args: &[&str]| {
+            Args::try_parse_from(std::iter::once("user-service").chain(args.iter().copied()))
+        };
+        assert!(parse(&["--tls-client-ca", &files.ca_file]).is_err());
     }
 }

@@ -691,7 +691,7 @@ pub struct InstanceArgs {
 }
 
 /// The TLS flags of a service example: serve TLS, and register metadata `scheme=https` so that
-/// clients connect with TLS.
+/// clients connect with TLS; optionally require client certificates.
 #[derive(Debug, Default, clap::Args)]
 pub struct ServeTlsArgs {
     /// Serve TLS with this certificate (chain), PEM; registers metadata scheme=https.
@@ -700,42 +700,79 @@ pub struct ServeTlsArgs {
     /// The private key of --tls-cert, PEM.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+    /// Require clients to present a certificate signed by this CA (PEM): mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
 }
 
-/// A certificate (chain) and its private key, PEM.
-pub struct CertAndKey {
+/// What a service serves TLS with, PEM.
+pub struct ServerPem {
+    /// The certificate (chain).
     pub cert: Vec<u8>,
+    /// Its private key.
     pub key: Vec<u8>,
+    /// The CA that client certificates must be signed by, for mutual TLS.
+    pub client_ca: Option<Vec<u8>>,
 }
 
 impl ServeTlsArgs {
-    /// The certificate and the key, when TLS was asked for.
-    pub fn read(&self) -> Result<Option<CertAndKey>, String> {
-        match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Ok(Some(CertAndKey {
-                cert: read_pem(cert, "TLS certificate")?,
-                key: read_pem(key, "TLS key")?,
-            })),
-            _ => Ok(None),
-        }
+    /// The files' contents, when TLS was asked for.
+    pub fn read(&self) -> Result<Option<ServerPem>, String> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        Ok(Some(ServerPem {
+            cert: read_pem(cert, "TLS certificate")?,
+            key: read_pem(key, "TLS key")?,
+            client_ca: self
+                .tls_client_ca
+                .as_ref()
+                .map(|ca| read_pem(ca, "client CA certificate"))
+                .transpose()?,
+        }))
     }
 }
 
-/// The TLS flag of a client example: the CA that signed the instances' certificates.
+/// The TLS flags of a client example: the CA that signed the instances' certificates, and a
+/// client certificate for instances that require one.
 #[derive(Debug, Default, clap::Args)]
-pub struct CaArgs {
+pub struct ClientTlsArgs {
     /// Trust this CA (PEM) for instances registered with metadata scheme=https.
     #[arg(long, value_name = "FILE")]
     pub ca: Option<std::path::PathBuf>,
+    /// Present this client certificate (PEM) to instances that require one (mutual TLS).
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The private key of --client-cert, PEM.
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<std::path::PathBuf>,
 }
 
-impl CaArgs {
-    /// The CA's PEM, when `--ca` was given.
-    pub fn read(&self) -> Result<Option<Vec<u8>>, String> {
-        self.ca
+/// What a client trusts and presents, PEM.
+#[derive(Default)]
+pub struct ClientPem {
+    /// The CA of the instances' certificates.
+    pub ca: Option<Vec<u8>>,
+    /// The client certificate and its private key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ClientTlsArgs {
+    /// The files' contents.
+    pub fn read(&self) -> Result<ClientPem, String> {
+        let ca = self
+            .ca
             .as_ref()
             .map(|path| read_pem(path, "CA certificate"))
-            .transpose()
+            .transpose()?;
+        let identity = match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => Some((
+                read_pem(cert, "client certificate")?,
+                read_pem(key, "client key")?,
+            )),
+            _ => None,
+        };
+        Ok(ClientPem { ca, identity })
     }
 }
 
