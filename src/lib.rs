@@ -14,6 +14,9 @@
 //! - A [`Balancer`] follows a watch and picks an instance per request with a [`Strategy`] (see
 //!   [`strategies`]). Picks are lock-free; the [`PickGuard`] records in-flight count, outcome and
 //!   latency, which load-aware strategies use.
+//! - [`connect`] turns a backend URL (`memory://`, `consul://127.0.0.1:8500?dc=dc1`,
+//!   `etcd://h1:2379,h2:2379/prefix`) into a [`Backend`]: a registry and a discovery of any
+//!   backend, the typed form being [`BackendConfig`].
 //! - With feature `http`, [`http::HttpClient`] sends HTTP requests to a logical service through a
 //!   balancer, with timeouts and budgeted retries on another instance.
 //!
@@ -74,8 +77,16 @@
 
 pub use waypost_core::*;
 
+mod connect;
+#[cfg(feature = "consul")]
+pub use connect::ConsulConfig;
+#[cfg(feature = "etcd")]
+pub use connect::EtcdConfig;
+pub use connect::{connect, Backend, BackendConfig, ConfigError, ConnectError};
+
 /// Load-balancing strategies: the ones this crate's features compile in.
 ///
+/// [`StrategyKind`](strategies::StrategyKind) names them (`"p2c".parse()?`, `build()`);
 /// [`by_name`](strategies::by_name) turns a name (`round-robin`, ...) into a strategy, and
 /// [`names`](strategies::names) lists the names compiled in.
 ///

@@ -273,7 +273,7 @@ impl<'de> Deserialize<'de> for Weight {
 /// lease expired is gone). A backend that also reports failing instances (Consul with
 /// `passing_only(false)`) marks them, so that a [`Balancer`](crate::Balancer) can count them
 /// without sending them traffic: a balancer serves `Passing` and `Warning` instances and
-/// never a `Critical` one, and a [tiered](crate::Balancer::tiered) balancer measures each
+/// never a `Critical` one, and a [tiered](crate::BalancerBuilder::tier) balancer measures each
 /// tier's health as the share of its instances that are not critical.
 ///
 /// ```
