@@ -97,7 +97,8 @@ impl Response {
         self.tier
     }
 
-    /// Attempts it took, the first one included (more than 1 after retries).
+    /// Attempts it took, the first one included: more than 1 after retries, and after hedges
+    /// (each [hedge](super::Hedge) is an attempt, whether it answered first or not).
     pub fn attempts(&self) -> u32 {
         self.attempts
     }
