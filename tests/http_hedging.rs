@@ -326,6 +326,20 @@ async fn only_idempotent_requests_are_hedged_and_attempts_bound_them() {
         ("b-fast", 2)
     );
 
+    // The held copy of that POST was given up on; once the server saw it go, the next
+    // release can only answer the next request.
+    eventually(
+        Duration::from_secs(10),
+        "the held POST cancelled",
+        || async {
+            match held.cancelled.load(Ordering::SeqCst) {
+                1 => Ok(()),
+                n => Err(format!("{n} cancelled")),
+            }
+        },
+    )
+    .await;
+
     // One attempt in all leaves no room for a hedge.
     let (single, _, _) = setup(&held, fast, |b| {
         b.hedge(Hedge::after(Duration::ZERO)).max_attempts(1)
