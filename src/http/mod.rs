@@ -286,7 +286,11 @@ impl HttpClient {
 ///     .retry_budget(RetryBudget::new(0.1, 5)?)
 ///     .hash_key(HashKey::Path)
 ///     .build()?;
-/// # let _ = client;
+/// let shown = format!("{client:?}");
+/// assert!(shown.contains("max_attempts: 2"), "{shown}");
+/// assert!(shown.contains("per_try_timeout: Some(2s)"), "{shown}");
+/// // 5 retries per second over the 10 s window, before any request.
+/// assert_eq!(client.retry_budget().available(), 50);
 /// # Ok::<(), waypost::http::HttpError>(())
 /// ```
 #[must_use]
