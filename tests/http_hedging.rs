@@ -34,13 +34,14 @@ impl Picker for FirstPicker {
     }
 }
 
-/// A server that reads each request and answers `200 held` only once released; a request
-/// whose connection closes before that counts as cancelled.
+/// A server that reads each request and answers `200 held` only once released (or `500` once
+/// told to fail); a request whose connection closes before that counts as cancelled.
 struct Held {
     addr: SocketAddr,
     arrived: Arc<AtomicUsize>,
     cancelled: Arc<AtomicUsize>,
     release: Arc<Semaphore>,
+    fail: Arc<Semaphore>,
 }
 
 async fn held_server() -> Held {
@@ -49,10 +50,16 @@ async fn held_server() -> Held {
     let arrived = Arc::new(AtomicUsize::new(0));
     let cancelled = Arc::new(AtomicUsize::new(0));
     let release = Arc::new(Semaphore::new(0));
-    let (a, c, r) = (arrived.clone(), cancelled.clone(), release.clone());
+    let fail = Arc::new(Semaphore::new(0));
+    let (a, c, r, f) = (
+        arrived.clone(),
+        cancelled.clone(),
+        release.clone(),
+        fail.clone(),
+    );
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
-            let (arrived, cancelled, release) = (a.clone(), c.clone(), r.clone());
+            let (arrived, cancelled, release, fail) = (a.clone(), c.clone(), r.clone(), f.clone());
             tokio::spawn(async move {
                 let mut request = Vec::new();
                 let mut buf = [0u8; 4096];
@@ -70,6 +77,12 @@ async fn held_server() -> Held {
                             .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\nheld")
                             .await;
                     }
+                    permit = fail.acquire() => {
+                        permit.unwrap().forget();
+                        let _ = sock
+                            .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .await;
+                    }
                     // The client closed the connection: it gave up on this request.
                     _ = sock.read(&mut buf) => {
                         cancelled.fetch_add(1, Ordering::SeqCst);
@@ -83,6 +96,7 @@ async fn held_server() -> Held {
         arrived,
         cancelled,
         release,
+        fail,
     }
 }
 
@@ -382,4 +396,48 @@ async fn a_failed_hedge_leaves_the_call_to_the_first_attempt() {
     assert_eq!(response.text().await.unwrap(), "held");
     assert_eq!(state(&balancer, "b-fast"), (0, 0, 1));
     assert_eq!(state(&balancer, "a-held"), (0, 1, 0));
+}
+
+#[tokio::test]
+async fn a_hedge_still_out_is_waited_for_when_no_instance_is_left_to_retry_on() {
+    // Both attempts are out when the instances leave the balancer; the first then fails, and
+    // its retry finds no instance: the call still gets the hedge's answer.
+    let first = held_server().await;
+    let hedge = held_server().await;
+    let balancer = Balancer::builder(First).keep_last_on_empty(false).build();
+    balancer.apply(WatchEvent::Snapshot(vec![
+        instance("a-held", first.addr),
+        instance("b-held", hedge.addr),
+    ]));
+    let a = balancer.endpoints()[0].clone();
+    assert_eq!(a.id().as_str(), "a-held");
+    let client = HttpClient::builder(balancer.clone())
+        .hedge(Hedge::after(Duration::ZERO))
+        .build()
+        .unwrap();
+    let call = tokio::spawn(async move { client.get("/users/7").send().await });
+    arrived(&first, 1).await;
+    arrived(&hedge, 1).await;
+    balancer.apply(WatchEvent::Snapshot(Vec::new()));
+    assert!(balancer.endpoints().is_empty());
+
+    first.fail.add_permits(1);
+    eventually(
+        Duration::from_secs(10),
+        "the first attempt failed",
+        || async {
+            match a.state().failures() {
+                1 => Ok(()),
+                n => Err(format!("{n} failures")),
+            }
+        },
+    )
+    .await;
+    hedge.release.add_permits(1);
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(
+        (response.instance().id().as_str(), response.attempts()),
+        ("b-held", 2)
+    );
+    assert_eq!(response.text().await.unwrap(), "held");
 }

@@ -272,12 +272,18 @@ impl RequestBuilder {
                             tracing::debug!(method = %self.method, path = %self.path,
                                 instance = %instance.id(), attempt = attempts,
                                 "retrying on another instance");
-                            let guard = self.pick(&ctx, &tried)?;
-                            tried.push(guard.instance().id().clone());
-                            running.push(self.attempt(guard, deadline)?);
-                            attempts += 1;
-                            // The retry is the newest attempt: a hedge waits for it.
-                            next_hedge = hedge_from(Instant::now());
+                            match self.pick(&ctx, &tried) {
+                                Ok(guard) => {
+                                    tried.push(guard.instance().id().clone());
+                                    running.push(self.attempt(guard, deadline)?);
+                                    attempts += 1;
+                                    // The retry is the newest attempt: a hedge waits for it.
+                                    next_hedge = hedge_from(Instant::now());
+                                }
+                                Err(e) if running.is_empty() => return Err(e),
+                                // The instances went away, but a hedge is still out.
+                                Err(_) => {}
+                            }
                         }
                         Some(gave_up) if running.is_empty() => {
                             let last = Last { instance, tier, limit, attempts, gave_up };
