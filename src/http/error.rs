@@ -169,8 +169,10 @@ pub enum HttpError {
     /// client certificate this client did not present (or did not trust the one presented),
     /// or it does not speak TLS. `reason` says which, and what to do.
     ///
-    /// A failed handshake sends nothing, so it is retried on another instance for every
-    /// method, like a connect error.
+    /// A handshake that failed sent nothing, so it is retried on another instance for every
+    /// method, like a connect error. A refusal that comes after the client's side of the
+    /// handshake (in TLS 1.3, a server that wants a client certificate) may follow the
+    /// request out, so it counts as sent: only idempotent requests are retried after it.
     #[error("{method} {path}: TLS with {instance} at {authority} failed (attempt {attempts}): {reason}; {gave_up}")]
     Tls {
         /// The request's method.
