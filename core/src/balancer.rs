@@ -11,7 +11,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::discovery::Discovery;
-use crate::endpoint::{clock_nanos, Endpoint, EndpointState, Outcome};
+use crate::endpoint::{Endpoint, EndpointState, Outcome};
 use crate::error::Error;
 use crate::event::{Watch, WatchEvent};
 use crate::instance::{InstanceId, ServiceInstance, ServiceName};
@@ -1212,10 +1212,10 @@ fn same_endpoints(a: &[Endpoint], b: &[Endpoint]) -> bool {
         })
 }
 
-/// A pick in one tier that avoids `exclude`: the strategy's own choice first, a few times
-/// (random strategies vary), then the least loaded instance not excluded (and not ejected by
-/// a resilience layer, if any is left), so that retries still spread; with `fall_back`, an
-/// excluded one when nothing else exists.
+/// A pick in one tier that avoids `exclude`: the strategy's own answer for a retry
+/// ([`Picker::pick_excluding`]: the next instance on a ring or in a table, the next in turn,
+/// the least loaded of the rest...; a resilience layer also skips the instances it ejected, on
+/// its own clock); with `fall_back`, an excluded one when nothing else exists.
 fn pick_excluding_in<'a>(
     tier: &'a TierSnapshot,
     ctx: &PickContext<'_>,
@@ -1223,23 +1223,19 @@ fn pick_excluding_in<'a>(
     fall_back: bool,
 ) -> Option<&'a Endpoint> {
     let eps = &tier.endpoints;
-    let excluded = |ep: &Endpoint| exclude.iter().any(|x| x == ep.id());
-    for _ in 0..4 {
-        if let Some(ep) = tier.pick(ctx) {
-            if !excluded(ep) {
-                return Some(ep);
-            }
-        }
-    }
-    let now = clock_nanos();
-    let least_loaded = |ok: &dyn Fn(&Endpoint) -> bool| {
-        eps.iter()
-            .filter(|ep| ok(ep))
-            .min_by_key(|ep| ep.state().in_flight())
+    // Out of range counts as excluded, so that no picker's answer can be one.
+    let excluded = |i: usize| eps.get(i).map_or(true, |ep| exclude.contains(ep.id()));
+    // Every one tried already: no need to make the strategy walk its whole ring or table.
+    let all_tried = exclude.len() >= eps.len() && eps.iter().all(|ep| exclude.contains(ep.id()));
+    let answer = if !all_tried {
+        tier.picker
+            .pick_excluding(eps, ctx, &excluded)
+            .filter(|&i| !excluded(i))
+            .and_then(|i| eps.get(i))
+    } else {
+        None
     };
-    least_loaded(&|ep| !excluded(ep) && ep.state().ejected_until() <= now)
-        .or_else(|| least_loaded(&|ep| !excluded(ep)))
-        .or_else(|| if fall_back { eps.first() } else { None })
+    answer.or_else(|| if fall_back { eps.first() } else { None })
 }
 
 /// One picked instance, for the length of one call. Counts the call as in flight until it is

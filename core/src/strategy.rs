@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::endpoint::Endpoint;
+use crate::endpoint::{clock_nanos, Endpoint};
 
 /// A load-balancing strategy: prepares a [`Picker`] for each new instance set.
 ///
@@ -60,6 +60,67 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
 pub trait Picker: Send + Sync + 'static {
     /// The index into `endpoints` to use, or `None` if none fits the context.
     fn pick(&self, endpoints: &[Endpoint], ctx: &PickContext<'_>) -> Option<usize>;
+
+    /// The index to use for a retry that must avoid every endpoint for which `excluded(i)` is
+    /// true (those already tried), or `None` if every endpoint is excluded or none fits the
+    /// context. [`Balancer::pick_excluding`](crate::Balancer::pick_excluding) calls it. Same
+    /// rules as [`pick`](Self::pick): no lock, no allocation, no blocking; `excluded` is cheap
+    /// and may be called any number of times.
+    ///
+    /// A strategy answers with its next candidate after the excluded ones, by its own rule: a
+    /// hashing strategy the next instance on its ring or in its table (so that a retry of a
+    /// key lands on the same instance on every client), round robin the next in turn (one
+    /// step of its rotation), weighted strategies in proportion to weight among the rest,
+    /// load-aware ones the least loaded of the rest. Every strategy of waypost-strategies, and
+    /// its resilience layer (which also skips ejected instances, on its own clock), does.
+    ///
+    /// The default, for pickers that do not say, asks `pick` up to four times for an endpoint
+    /// that is not excluded, then takes the one with the fewest calls in flight among those
+    /// not excluded, preferring those not ejected (an
+    /// [`ejected_until`](crate::EndpointState::ejected_until) ahead of [`clock_nanos`]).
+    ///
+    /// ```
+    /// use waypost_core::{Endpoint, PickContext, Picker, ServiceInstance};
+    ///
+    /// /// Always the first instance: a picker without an answer of its own for retries.
+    /// struct FirstPicker;
+    /// impl Picker for FirstPicker {
+    ///     fn pick(&self, endpoints: &[Endpoint], _: &PickContext<'_>) -> Option<usize> {
+    ///         (!endpoints.is_empty()).then_some(0)
+    ///     }
+    /// }
+    /// let eps: Vec<Endpoint> = ["a", "b", "c"]
+    ///     .iter()
+    ///     .map(|id| Endpoint::fresh(ServiceInstance::builder("s", *id).host("h").port(1).build().unwrap()))
+    ///     .collect();
+    /// eps[1].state().begin(); // "b" is busy
+    /// let ctx = PickContext::new();
+    /// assert_eq!(FirstPicker.pick_excluding(&eps, &ctx, &|i| i == 1), Some(0));
+    /// assert_eq!(FirstPicker.pick_excluding(&eps, &ctx, &|i| i == 0), Some(2));
+    /// assert_eq!(FirstPicker.pick_excluding(&eps, &ctx, &|_| true), None);
+    /// ```
+    fn pick_excluding(
+        &self,
+        endpoints: &[Endpoint],
+        ctx: &PickContext<'_>,
+        excluded: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        for _ in 0..4 {
+            if let Some(i) = self.pick(endpoints, ctx) {
+                if i < endpoints.len() && !excluded(i) {
+                    return Some(i);
+                }
+            }
+        }
+        let now = clock_nanos();
+        let least_loaded = |ok: &dyn Fn(usize) -> bool| {
+            (0..endpoints.len())
+                .filter(|&i| !excluded(i) && ok(i))
+                .min_by_key(|&i| endpoints[i].state().in_flight())
+        };
+        least_loaded(&|i| endpoints[i].state().ejected_until() <= now)
+            .or_else(|| least_loaded(&|_| true))
+    }
 
     /// How many of `endpoints` picks choose from now (the `waypost_membership_served` gauge):
     /// all of them, unless the picker leaves some out (filtered, ejected; all again in panic

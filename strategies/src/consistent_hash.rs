@@ -31,6 +31,9 @@ use crate::Rng;
 ///   ones' points: O(P) for P points (one pass), O(P log P) for the first build.
 /// - **No key:** a request without a key gets a random point, so keyless traffic spreads in
 ///   proportion to weight, like a weighted random pick. That is a choice, not an error.
+/// - **Retries:** a retry ([`Balancer::pick_excluding`](waypost_core::Balancer::pick_excluding))
+///   walks on along the ring to the next point of an instance not tried yet: exactly where the
+///   key would go if the tried instances left the set, and the same on every client.
 ///
 /// ```
 /// use waypost_core::{Balancer, PickContext, ServiceInstance, WatchEvent};
@@ -381,8 +384,9 @@ impl RingBuilder {
 }
 
 impl Ring {
+    /// The ring position of the first point at or after `hash` (wrapping around to 0).
     #[inline]
-    fn owner_of(&self, hash: u64) -> Option<usize> {
+    fn position_of(&self, hash: u64) -> Option<usize> {
         let hash = hash >> 32;
         let b = (hash >> self.shift) as usize;
         let lo = *self.buckets.get(b)? as usize;
@@ -393,11 +397,12 @@ impl Ring {
                 .get(lo..hi)?
                 .partition_point(|&p| p >> 32 < hash);
         // Past the last point: the ring wraps around to the first.
-        let point = match self.points.get(pos) {
-            Some(&p) => p,
-            None => *self.points.first()?,
-        };
-        Some(point as u32 as usize)
+        Some(if pos < self.points.len() { pos } else { 0 })
+    }
+
+    #[inline]
+    fn owner_at(&self, pos: usize) -> usize {
+        self.points[pos] as u32 as usize
     }
 }
 
@@ -407,7 +412,35 @@ impl Picker for Ring {
             return None;
         }
         let hash = ctx.hash().unwrap_or_else(|| self.rng.u64());
-        self.owner_of(hash)
+        self.position_of(hash).map(|pos| self.owner_at(pos))
+    }
+
+    /// Walks the ring from the key's point to the first point whose owner is not excluded:
+    /// where the key would go if the excluded instances left the set, and the same on every
+    /// client. Usually a few points; the whole ring only when the instances left own almost
+    /// none of it.
+    fn pick_excluding(
+        &self,
+        endpoints: &[Endpoint],
+        ctx: &PickContext<'_>,
+        excluded: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        if endpoints.is_empty() || self.points.is_empty() {
+            return None;
+        }
+        let hash = ctx.hash().unwrap_or_else(|| self.rng.u64());
+        let start = self.position_of(hash)?;
+        let len = self.points.len();
+        let mut previous = usize::MAX;
+        (start..len).chain(0..start).find_map(|pos| {
+            let owner = self.owner_at(pos);
+            // Runs of one owner's points are common (a heavy instance): ask once per run.
+            if owner == previous {
+                return None;
+            }
+            previous = owner;
+            (!excluded(owner)).then_some(owner)
+        })
     }
 }
 

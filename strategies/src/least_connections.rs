@@ -24,7 +24,8 @@ use crate::rng::Rng;
 /// `P2c` (feature `p2c`), which always reads two.
 ///
 /// With every instance idle the weight cannot matter (`0 / w` is 0 for all), so light
-/// sequential traffic spreads evenly; weights take effect as calls overlap.
+/// sequential traffic spreads evenly; weights take effect as calls overlap. A retry goes to
+/// the least loaded of the instances not tried yet.
 ///
 /// ```
 /// use waypost_core::{Balancer, ServiceInstance, WatchEvent};
@@ -117,5 +118,41 @@ impl Picker for LeastConnectionsPicker {
             }
         }
         Some(best)
+    }
+
+    /// The least loaded per unit of weight among those not excluded, by the same scan.
+    fn pick_excluding(
+        &self,
+        endpoints: &[Endpoint],
+        _ctx: &PickContext<'_>,
+        excluded: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let n = self.members.len();
+        if endpoints.len() != n {
+            return (0..endpoints.len()).find(|&i| !excluded(i));
+        }
+        if n == 0 {
+            return None;
+        }
+        let start = self.rng.below(n);
+        let mut best: Option<(usize, u64, u32)> = None;
+        let order = (start..n).chain(0..start);
+        for (i, (state, weight)) in order.map(|i| (i, &self.members[i])) {
+            if excluded(i) {
+                continue;
+            }
+            let load = state.in_flight();
+            if load == 0 {
+                return Some(i);
+            }
+            let better = best.map_or(true, |(_, best_load, best_weight)| {
+                u128::from(load) * u128::from(best_weight)
+                    < u128::from(best_load) * u128::from(*weight)
+            });
+            if better {
+                best = Some((i, load, *weight));
+            }
+        }
+        best.map(|(i, _, _)| i)
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use waypost_core::{Endpoint, PickContext, Picker, Strategy};
 
+use crate::rng::rehash;
 use crate::Rng;
 
 /// Maglev consistent hashing (Eisenbud et al., NSDI 2016) with weights as in Envoy's weighted
@@ -29,6 +30,10 @@ use crate::Rng;
 ///   big sets; a build costs O(M log M).
 /// - **No key:** a request without a key takes a random entry, which is a weighted random
 ///   pick. That is a choice, not an error.
+/// - **Retries:** a retry ([`Balancer::pick_excluding`](waypost_core::Balancer::pick_excluding))
+///   looks the key up again under a second hash (a third...) until it lands on an instance not
+///   tried yet: the same instance on every client, and spread over the others in proportion
+///   to weight.
 ///
 /// ```
 /// use waypost_core::{Balancer, PickContext, ServiceInstance, WatchEvent};
@@ -346,10 +351,61 @@ impl Picker for Table {
         if endpoints.is_empty() || self.entries.is_empty() {
             return None;
         }
-        let hash = ctx.hash().unwrap_or_else(|| self.rng.u64());
-        // ⌊hash × M / 2⁶⁴⌋: a uniform entry without a division.
-        let slot = ((u128::from(hash) * self.entries.len() as u128) >> 64) as usize;
+        let slot = self.slot(ctx);
         self.entries.get(slot).map(|&i| i as usize)
+    }
+
+    /// The owner of the key's entry under a second hash, a third..., until one is not
+    /// excluded: deterministic, so the same on every client, and in proportion to weight among
+    /// the rest (a fresh hash lands on each instance's share of the entries; the entries next
+    /// to one instance's are not spread that evenly). After 16 hashes, which all land on
+    /// excluded instances only when those own nearly the whole table, the table is walked on
+    /// from the last entry.
+    fn pick_excluding(
+        &self,
+        endpoints: &[Endpoint],
+        ctx: &PickContext<'_>,
+        excluded: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        const HASHES: u32 = 16;
+        if endpoints.is_empty() || self.entries.is_empty() {
+            return None;
+        }
+        let hash = ctx.hash().unwrap_or_else(|| self.rng.u64());
+        let mut slot = self.slot_of(hash);
+        for attempt in 0..=HASHES {
+            if attempt > 0 {
+                slot = self.slot_of(rehash(hash, attempt));
+            }
+            let owner = self.entries[slot] as usize;
+            if !excluded(owner) {
+                return Some(owner);
+            }
+        }
+        let (before, after) = self.entries.split_at(slot);
+        let mut previous = u32::MAX;
+        after.iter().chain(before).find_map(|&owner| {
+            // An entry owned like the one before it gives the same answer: ask once per run.
+            if owner == previous {
+                return None;
+            }
+            previous = owner;
+            (!excluded(owner as usize)).then_some(owner as usize)
+        })
+    }
+}
+
+impl Table {
+    /// The request's entry.
+    #[inline]
+    fn slot(&self, ctx: &PickContext<'_>) -> usize {
+        self.slot_of(ctx.hash().unwrap_or_else(|| self.rng.u64()))
+    }
+
+    /// ⌊hash × M / 2⁶⁴⌋: a uniform entry without a division.
+    #[inline]
+    fn slot_of(&self, hash: u64) -> usize {
+        ((u128::from(hash) * self.entries.len() as u128) >> 64) as usize
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use waypost_core::{Endpoint, PickContext, Picker, Strategy};
 
 use crate::rng::Rng;
-use crate::two_choices::TwoChoices;
+use crate::two_choices::{Candidate, TwoChoices};
 
 /// Power of two choices: draw two distinct instances at random and take the one with fewer
 /// calls in flight per unit of weight.
@@ -30,6 +30,7 @@ use crate::two_choices::TwoChoices;
 ///
 /// When one instance dominates the weights, the second draw is retried once and then taken
 /// uniformly among the others, so the two candidates are always distinct and a pick never loops.
+/// A retry draws both candidates among the instances not tried yet.
 ///
 /// ```
 /// use waypost_core::{Balancer, ServiceInstance, WatchEvent};
@@ -84,16 +85,33 @@ struct P2cPicker(TwoChoices);
 impl Picker for P2cPicker {
     #[inline]
     fn pick(&self, endpoints: &[Endpoint], _ctx: &PickContext<'_>) -> Option<usize> {
-        let ((a, sa, wa), (b, sb, wb)) = match self.0.draw(endpoints) {
-            Ok(pair) => pair,
-            Err(answer) => return answer,
-        };
-        let (la, lb) = (sa.in_flight(), sb.in_flight());
-        // lb / wb < la / wa, cross-multiplied; a tie keeps the first draw.
-        if u128::from(lb) * u128::from(wa) < u128::from(la) * u128::from(wb) {
-            Some(b)
-        } else {
-            Some(a)
+        match self.0.draw(endpoints) {
+            Ok((a, b)) => Some(less_loaded(a, b)),
+            Err(answer) => answer,
         }
+    }
+
+    /// The less loaded of two candidates drawn among those not excluded.
+    fn pick_excluding(
+        &self,
+        endpoints: &[Endpoint],
+        _ctx: &PickContext<'_>,
+        excluded: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        match self.0.draw_excluding(endpoints, excluded) {
+            Ok((a, b)) => Some(less_loaded(a, b)),
+            Err(answer) => answer,
+        }
+    }
+}
+
+#[inline]
+fn less_loaded((a, sa, wa): Candidate<'_>, (b, sb, wb): Candidate<'_>) -> usize {
+    let (la, lb) = (sa.in_flight(), sb.in_flight());
+    // lb / wb < la / wa, cross-multiplied; a tie keeps the first draw.
+    if u128::from(lb) * u128::from(wa) < u128::from(la) * u128::from(wb) {
+        b
+    } else {
+        a
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use waypost_core::{Endpoint, PickContext, Picker, Strategy, EWMA_DECAY};
 
 use crate::rng::Rng;
-use crate::two_choices::TwoChoices;
+use crate::two_choices::{Candidate, TwoChoices};
 
 /// Power of two choices on expected cost: draw two distinct instances at random and take the one
 /// with the lower `latency × (in_flight + 1)`, where `latency` is the instance's peak-EWMA
@@ -52,6 +52,8 @@ use crate::two_choices::TwoChoices;
 /// cost by the weight instead would hand every idle pair to the heavier instance, starving the
 /// light ones at low load; this way equally fast idle instances tie, and the draw, proportional
 /// to weight, decides.
+///
+/// A retry draws both candidates among the instances not tried yet.
 ///
 /// A pick is O(1): two random numbers, six atomic loads, one `exp`, no clock read and no lock
 /// (tower's `PeakEwma` takes a mutex and reads the clock per load reading).
@@ -158,10 +160,29 @@ const MAX_EXPONENT: f64 = 600.0;
 impl Picker for P2cEwmaPicker {
     #[inline]
     fn pick(&self, endpoints: &[Endpoint], _ctx: &PickContext<'_>) -> Option<usize> {
-        let ((a, sa, wa), (b, sb, wb)) = match self.choices.draw(endpoints) {
-            Ok(pair) => pair,
-            Err(answer) => return answer,
-        };
+        match self.choices.draw(endpoints) {
+            Ok((a, b)) => Some(self.cheaper(a, b)),
+            Err(answer) => answer,
+        }
+    }
+
+    /// The cheaper of two candidates drawn among those not excluded.
+    fn pick_excluding(
+        &self,
+        endpoints: &[Endpoint],
+        _ctx: &PickContext<'_>,
+        excluded: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        match self.choices.draw_excluding(endpoints, excluded) {
+            Ok((a, b)) => Some(self.cheaper(a, b)),
+            Err(answer) => answer,
+        }
+    }
+}
+
+impl P2cEwmaPicker {
+    #[inline]
+    fn cheaper(&self, (a, sa, wa): Candidate<'_>, (b, sb, wb): Candidate<'_>) -> usize {
         let ((va, at_a), (vb, at_b)) = (sa.ewma_stored(), sb.ewma_stored());
         // Both decayed to a common instant (see the type's docs): b's estimate relative to
         // a's gains e^((at_b − at_a)/τ). 0.0 means "no sample yet": borrow the rival's.
@@ -178,9 +199,9 @@ impl Picker for P2cEwmaPicker {
         let cost_b = lat_b * (wb + sb.in_flight() as f64) * wa;
         // A tie keeps the first draw.
         if cost_b < cost_a {
-            Some(b)
+            b
         } else {
-            Some(a)
+            a
         }
     }
 }

@@ -4,13 +4,13 @@ use std::sync::Arc;
 
 use waypost_core::{Endpoint, PickContext, Picker, Strategy};
 
-use crate::rng::Rng;
+use crate::rng::{by_weight, Rng, RETRY_DRAWS};
 
 /// Uniformly at random, ignoring weights. See `WeightedRandom` (feature `weighted-random`) for
 /// picks in proportion to weight.
 ///
 /// Pick cost: one draw from the thread's own generator (nothing shared between threads) and one
-/// multiplication.
+/// multiplication. A retry goes uniformly to one of the instances not tried yet.
 ///
 /// ```
 /// use waypost_core::{Endpoint, PickContext, ServiceInstance, Strategy};
@@ -71,5 +71,22 @@ impl Picker for RandomPicker {
             0 => None,
             n => Some(self.rng.below(n)),
         }
+    }
+
+    /// Uniformly among those not excluded: draws until one is not (a few), then counts them.
+    fn pick_excluding(
+        &self,
+        endpoints: &[Endpoint],
+        _ctx: &PickContext<'_>,
+        excluded: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let n = endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        (0..RETRY_DRAWS)
+            .map(|_| self.rng.below(n))
+            .find(|&i| !excluded(i))
+            .or_else(|| by_weight(n, |_| 1, excluded, |total| self.rng.below_u64(total)))
     }
 }

@@ -221,6 +221,61 @@ impl Alias {
     }
 }
 
+/// How many draws a retry makes before it counts what is left: with half of the instances
+/// excluded, all eight miss with probability 1/256.
+#[cfg(any(
+    feature = "random",
+    feature = "weighted-random",
+    feature = "p2c",
+    feature = "p2c-ewma"
+))]
+pub(crate) const RETRY_DRAWS: u32 = 8;
+
+/// An index in `0..n` that `skip` leaves, chosen in proportion to `weight` among those: the
+/// one whose run of weight holds `pick(total)` (`total` = the weights left, `pick` returns a
+/// number below it). Two passes over the indices: for the retries that draws could not place,
+/// never on the pick path. `None` when nothing is left.
+#[cfg(any(
+    feature = "random",
+    feature = "weighted-random",
+    feature = "weighted-round-robin",
+    feature = "p2c",
+    feature = "p2c-ewma"
+))]
+pub(crate) fn by_weight(
+    n: usize,
+    weight: impl Fn(usize) -> u64,
+    skip: impl Fn(usize) -> bool,
+    pick: impl FnOnce(u64) -> u64,
+) -> Option<usize> {
+    let total: u64 = (0..n).filter(|&i| !skip(i)).map(&weight).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut x = pick(total).min(total - 1);
+    let mut last = None;
+    for i in (0..n).filter(|&i| !skip(i)) {
+        let w = weight(i);
+        if x < w {
+            return Some(i);
+        }
+        x -= w;
+        last = Some(i);
+    }
+    // Only if `skip` changed its mind between the passes.
+    last
+}
+
+/// A second, third... hash for a key whose first choice is unusable: deterministic, so that the
+/// key keeps going to the same substitute on every client (SplitMix64's finalizer).
+#[cfg(any(feature = "maglev", feature = "resilience"))]
+pub(crate) fn rehash(hash: u64, attempt: u32) -> u64 {
+    let mut z = hash.wrapping_add(u64::from(attempt).wrapping_mul(GAMMA));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// Stripes of a [`Cursor`]: enough that the worker threads of a typical runtime each get their
 /// own; more threads share stripes (still correct, just contended).
 #[cfg(any(feature = "round-robin", feature = "weighted-round-robin"))]
@@ -270,6 +325,51 @@ impl Cursor {
             // value another thread wrote, so no step is lost or taken twice.
             match slot.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return at,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// The first of at most `limit` positions from this thread's current one (in steps of
+    /// `step` in a cycle of `len`) that `take` accepts; the position moves to the step after
+    /// it, in one exchange, so that the rotation goes on after what was taken. `None`, the
+    /// position unchanged, if `take` accepts none of them.
+    #[inline]
+    pub(crate) fn advance_to(
+        &self,
+        step: u64,
+        len: u64,
+        limit: u64,
+        take: impl Fn(u64) -> bool,
+    ) -> Option<u64> {
+        let slot = &self.stripes[stripe()].0;
+        let next_of = |x: u64| {
+            let next = x + step;
+            if next >= len {
+                next - len
+            } else {
+                next
+            }
+        };
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            let mut at = if cur < len { cur } else { cur % len };
+            let mut taken = None;
+            for _ in 0..limit {
+                if take(at) {
+                    taken = Some(at);
+                    break;
+                }
+                at = next_of(at);
+            }
+            let taken = taken?;
+            match slot.compare_exchange_weak(
+                cur,
+                next_of(taken),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(taken),
                 Err(now) => cur = now,
             }
         }

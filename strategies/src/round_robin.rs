@@ -21,6 +21,10 @@ use crate::rng::Cursor;
 /// clients started together do not all hit the first one. Pick cost: one uncontended
 /// compare-and-swap, no division, no allocation.
 ///
+/// A retry ([`Balancer::pick_excluding`](waypost_core::Balancer::pick_excluding)) takes the
+/// next instance in turn that was not tried yet, and the rotation goes on after it, as if the
+/// skipped ones had had their turn.
+///
 /// ```
 /// use waypost_core::{Balancer, ServiceInstance, WatchEvent};
 /// use waypost_strategies::RoundRobin;
@@ -80,5 +84,19 @@ impl Picker for RoundRobinPicker {
             1 => Some(0),
             n => Some(self.cursor.advance(1, n as u64) as usize),
         }
+    }
+
+    /// The next in turn that is not excluded, and the rotation goes on after it: one step of
+    /// the cursor (one exchange) however many are skipped.
+    fn pick_excluding(
+        &self,
+        endpoints: &[Endpoint],
+        _ctx: &PickContext<'_>,
+        excluded: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let n = endpoints.len() as u64;
+        self.cursor
+            .advance_to(1, n, n, |x| !excluded(x as usize))
+            .map(|x| x as usize)
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use waypost_core::{Endpoint, EndpointState};
 
-use crate::rng::{Alias, Rng};
+use crate::rng::{by_weight, Alias, Rng, RETRY_DRAWS};
 
 /// One candidate of a draw: its index, its state and its weight.
 pub(crate) type Candidate<'a> = (usize, &'a EndpointState, u32);
@@ -44,7 +44,38 @@ impl TwoChoices {
             return Err((!endpoints.is_empty()).then_some(0));
         }
         let (a, b) = self.alias.draw_two(&self.rng, n);
-        let ((sa, wa), (sb, wb)) = (&self.members[a], &self.members[b]);
-        Ok(((a, sa, *wa), (b, sb, *wb)))
+        Ok((self.candidate(a), self.candidate(b)))
+    }
+
+    /// As [`draw`](Self::draw), both candidates among those not `excluded`, each in proportion
+    /// to weight among them: drawn until one is not excluded (a few draws), then chosen from
+    /// the weights left. `Err` with the whole answer when fewer than two are left.
+    pub(crate) fn draw_excluding(
+        &self,
+        endpoints: &[Endpoint],
+        excluded: &dyn Fn(usize) -> bool,
+    ) -> Result<(Candidate<'_>, Candidate<'_>), Option<usize>> {
+        let n = self.members.len();
+        if endpoints.len() != n {
+            return Err((0..endpoints.len()).find(|&i| !excluded(i)));
+        }
+        let one = |skip: &dyn Fn(usize) -> bool| {
+            (0..RETRY_DRAWS)
+                .map(|_| self.alias.draw(&self.rng, n))
+                .find(|&i| !skip(i))
+                .or_else(|| {
+                    let weight = |i: usize| u64::from(self.members[i].1);
+                    by_weight(n, weight, skip, |total| self.rng.below_u64(total))
+                })
+        };
+        let a = one(excluded).ok_or(None)?;
+        let b = one(&|i| i == a || excluded(i)).ok_or(Some(a))?;
+        Ok((self.candidate(a), self.candidate(b)))
+    }
+
+    #[inline]
+    fn candidate(&self, i: usize) -> Candidate<'_> {
+        let (state, weight) = &self.members[i];
+        (i, state, *weight)
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use waypost_core::{Endpoint, PickContext, Picker, Strategy};
 
-use crate::rng::Cursor;
+use crate::rng::{by_weight, Cursor};
 
 /// In turn, in proportion to weight, smoothly interleaved: nginx's smooth weighted round-robin,
 /// precomputed. Weights 5, 1, 1 give `a a b a c a a`, weights 1, 2, 3 give `c b a c b c`:
@@ -41,6 +41,10 @@ use crate::rng::Cursor;
 /// (see `RoundRobin`), so two threads picking at once never contend on one cache line and each
 /// sees whole windows. The position lives in the strategy, so it survives rebuilds; a position
 /// beyond a cycle that shrank is taken modulo the new one, never out of range.
+///
+/// A retry takes the next entry of the cycle whose instance was not tried yet, and the position
+/// goes on after it: the cycle with the tried instances left out, so the others keep their
+/// weights.
 ///
 /// Pick cost: one uncontended compare-and-swap and one table read; no lock, no allocation, no
 /// division on the common path. Memory: `2 × W` bytes for the table (at most 128 KiB), or 12
@@ -276,6 +280,25 @@ impl Picker for Schedule {
         let x = self.cursor.advance(1, self.table.len() as u64);
         self.table.get(x as usize).map(|&i| usize::from(i))
     }
+
+    /// The next entry of the cycle whose instance is not excluded, and the position goes on
+    /// after it (one exchange): the cycle with the excluded instances left out, so the rest
+    /// keep their weights and their interleaving.
+    fn pick_excluding(
+        &self,
+        endpoints: &[Endpoint],
+        _ctx: &PickContext<'_>,
+        excluded: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        if self.n <= 1 || endpoints.len() != self.n {
+            return (0..endpoints.len()).find(|&i| !excluded(i));
+        }
+        let owner = |x: u64| usize::from(self.table[x as usize]);
+        let len = self.table.len() as u64;
+        self.cursor
+            .advance_to(1, len, len, |x| !excluded(owner(x)))
+            .map(owner)
+    }
 }
 
 /// The fallback picker: the runs of positions of every instance on a cycle of `W` positions,
@@ -375,6 +398,31 @@ impl Picker for Stride {
         }
         let x = self.cursor.advance(self.stride, self.cycle);
         Some(self.owner(x))
+    }
+
+    /// The next position of the stride whose owner is not excluded, and the position goes on
+    /// after it (one exchange). When the excluded own so much of the cycle that 64 strides
+    /// find none of the rest, one stride's position chooses among the rest by weight.
+    fn pick_excluding(
+        &self,
+        endpoints: &[Endpoint],
+        _ctx: &PickContext<'_>,
+        excluded: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        const WALK: u64 = 64;
+        let n = self.ends.len();
+        if n <= 1 || endpoints.len() != n {
+            return (0..endpoints.len()).find(|&i| !excluded(i));
+        }
+        if let Some(x) = self
+            .cursor
+            .advance_to(self.stride, self.cycle, WALK, |x| !excluded(self.owner(x)))
+        {
+            return Some(self.owner(x));
+        }
+        let weight = |i: usize| self.ends[i] - i.checked_sub(1).map_or(0, |j| self.ends[j]);
+        let x = self.cursor.advance(self.stride, self.cycle);
+        by_weight(n, weight, excluded, |total| x % total)
     }
 }
 

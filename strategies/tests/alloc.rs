@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use waypost_core::{clock_nanos, Balancer, Endpoint, EndpointState, WatchEvent};
+use waypost_core::{clock_nanos, Balancer, Endpoint, EndpointState, InstanceId, WatchEvent};
 
 #[path = "support/alloc.rs"]
 mod support;
@@ -99,4 +99,56 @@ fn balancer_pick_and_guard_do_not_allocate() {
         allocating.is_empty(),
         "Balancer::pick_with allocates: {allocating:#?}"
     );
+}
+
+#[test]
+fn retries_do_not_allocate() {
+    let mut allocating = Vec::new();
+    for name in waypost_strategies::names() {
+        for n in SIZES {
+            let eps = endpoints(n);
+            let picker = waypost_strategies::by_name(name).unwrap().build(&eps);
+            // Tried: whatever the pick chose, and its neighbours.
+            let mut retried = 0u64;
+            let picker_allocs = count(|i| {
+                let ctx = context(i);
+                let first = picker.pick(&eps, &ctx).unwrap();
+                let tried = |k: usize| k.abs_diff(first) <= 1;
+                if let Some(k) = picker.pick_excluding(&eps, &ctx, &tried) {
+                    assert!(!tried(k), "{name} retried on {k}, one it was told to avoid");
+                    retried += 1;
+                }
+            });
+            assert_eq!(retried, PICKS + 1, "{name} at n={n} declined retries");
+            // Through the balancer, plain and behind the resilience layer.
+            let tried: Vec<InstanceId> = instances(n)[..2].iter().map(|i| i.id().clone()).collect();
+            let plain = Balancer::new(waypost_strategies::by_name(name).unwrap());
+            let wrapped = Balancer::new(waypost_strategies::resilience::Resilient::new(
+                waypost_strategies::by_name(name).unwrap(),
+            ));
+            for (what, balancer) in [
+                ("picker", None),
+                ("balancer", Some(&plain)),
+                ("resilient", Some(&wrapped)),
+            ] {
+                let allocs = match balancer {
+                    None => picker_allocs,
+                    Some(b) => {
+                        b.apply(WatchEvent::Snapshot(instances(n)));
+                        count(|i| {
+                            let guard = b.pick_excluding(&context(i), &tried).unwrap();
+                            assert!(!tried.contains(guard.instance().id()));
+                            guard.success();
+                        })
+                    }
+                };
+                if allocs > 0 {
+                    allocating.push(format!(
+                        "{name} ({what}) at n={n}: {allocs} allocations in {PICKS} retries"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(allocating.is_empty(), "retries allocate: {allocating:#?}");
 }

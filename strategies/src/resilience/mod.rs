@@ -20,6 +20,11 @@
 //!    whose instance is ejected keeps going to the same substitute). If every try fails, a scan
 //!    finds any healthy instance.
 //!
+//! A retry ([`Balancer::pick_excluding`](waypost_core::Balancer::pick_excluding)) goes through
+//! the same screen with the inner strategy's answer for retries (the next instance on a ring,
+//! the next in turn...), so ejection is judged on this layer's [`Clock`] there too; if every
+//! instance not tried yet is ejected, the retry takes one of those rather than fail.
+//!
 //! The layer needs outcomes: call [`PickGuard::failure`](waypost_core::PickGuard::failure) or
 //! `success` for every call, or ejection never sees a failure.
 //!

@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 use waypost_core::{Endpoint, PickContext, Picker};
 
 use super::clock::Clock;
+use crate::rng::rehash;
 use crate::Rng;
 
 /// How many times a pick asks the inner strategy before it scans for any healthy instance.
@@ -132,6 +133,27 @@ impl Group {
         }
     }
 
+    /// The inner strategy's answer for a retry, skipping the members for which `skip` (on
+    /// indices into the whole slice) is true; as an index into the whole slice.
+    fn pick_excluding(
+        &self,
+        full: &[Endpoint],
+        ctx: &PickContext<'_>,
+        skip: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        match &self.members {
+            Members::All => self
+                .picker
+                .pick_excluding(full, ctx, skip)
+                .filter(|&i| i < full.len()),
+            Members::Some { endpoints, to_full } => {
+                let local = |k: usize| to_full.get(k).map_or(true, |&f| skip(f as usize));
+                let k = self.picker.pick_excluding(endpoints, ctx, &local)?;
+                to_full.get(k).map(|&f| f as usize)
+            }
+        }
+    }
+
     /// The `k`-th member, as an index into the whole slice.
     fn member(&self, k: usize) -> Option<usize> {
         match &self.members {
@@ -155,15 +177,6 @@ pub(super) struct ResilientPicker {
     pub(super) counts_until: AtomicU64,
     /// ... and as long as no ejection happened since they were taken.
     pub(super) counts_epoch: AtomicU64,
-}
-
-/// A second, third... hash for a key whose first choice is unusable: deterministic, so that the
-/// key keeps going to the same substitute (SplitMix64's finalizer).
-fn rehash(hash: u64, attempt: u32) -> u64 {
-    let mut z = hash.wrapping_add(u64::from(attempt).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 impl ResilientPicker {
@@ -431,5 +444,68 @@ impl Picker for ResilientPicker {
         } else {
             self.scan(group, endpoints, now)
         }
+    }
+
+    /// The inner strategy's answer for a retry, screened as a pick is, on this layer's clock:
+    /// among the instances not excluded, one not ejected (unless in panic mode) and, with slow
+    /// start, accepted by its ramp; then one not ejected; in the caller's zone first, then in
+    /// the whole set. If every instance left is ejected, one of those: better than one tried
+    /// already.
+    fn pick_excluding(
+        &self,
+        endpoints: &[Endpoint],
+        ctx: &PickContext<'_>,
+        excluded: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let all = self.all.as_ref()?;
+        let settings = &self.settings;
+        let now = if settings.ejection.is_some() || settings.ramp.is_some() {
+            self.clock.now()
+        } else {
+            0
+        };
+        if settings.ejection.is_some() {
+            self.refresh(endpoints, now);
+        }
+        // One draw for the whole retry, so that an instance's verdict is the same however
+        // often the inner strategy asks: a ramping instance passes with its ramp's probability.
+        let bar = if settings.ramp.is_some() {
+            self.rng.f64()
+        } else {
+            0.0
+        };
+        let usable = |i: usize, panic: bool, ramping: bool| {
+            if excluded(i) {
+                return false;
+            }
+            let Some(ep) = endpoints.get(i) else {
+                return false;
+            };
+            if let Some(ej) = &settings.ejection {
+                if self.is_out(ep, endpoints, now, ej) && !panic {
+                    return false;
+                }
+            }
+            match (&settings.ramp, ramping) {
+                (Some(ramp), true) => self.ramp(ep, now, ramp) > bar,
+                _ => true,
+            }
+        };
+        let group = self.choose(all, ctx);
+        let groups = [Some(group), (!std::ptr::eq(group, all)).then_some(all)];
+        let ramp_passes: &[bool] = if settings.ramp.is_some() {
+            &[true, false]
+        } else {
+            &[false]
+        };
+        for g in groups.into_iter().flatten() {
+            let panic = self.in_panic(g);
+            for &ramping in ramp_passes {
+                if let Some(i) = g.pick_excluding(endpoints, ctx, &|i| !usable(i, panic, ramping)) {
+                    return Some(i);
+                }
+            }
+        }
+        all.pick_excluding(endpoints, ctx, excluded)
     }
 }
