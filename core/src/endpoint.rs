@@ -43,8 +43,15 @@ pub fn clock_nanos() -> u64 {
 /// How a picked call ended.
 ///
 /// ```
-/// use waypost_core::Outcome;
-/// assert_ne!(Outcome::Success, Outcome::Failure);
+/// use std::time::Duration;
+/// use waypost_core::{EndpointState, Outcome};
+/// let s = EndpointState::new();
+/// for outcome in [Outcome::Failure, Outcome::Failure, Outcome::Success, Outcome::Failure] {
+///     s.begin();
+///     s.end(Some((outcome, Duration::from_millis(1))));
+/// }
+/// // A success ends a run of failures; both count toward the totals.
+/// assert_eq!((s.successes(), s.failures(), s.consecutive_failures()), (1, 3, 1));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {

@@ -119,8 +119,22 @@ impl ConsistentHash {
     /// Points per unit of weight (at least 1). More points: a finer balance and a bigger ring.
     ///
     /// ```
-    /// let s = waypost_strategies::ConsistentHash::new().points_per_weight(40);
-    /// # let _ = s;
+    /// use waypost_core::{Endpoint, PickContext, ServiceInstance, Strategy};
+    /// use waypost_strategies::ConsistentHash;
+    ///
+    /// let eps: Vec<Endpoint> = ["u0", "u1"]
+    ///     .iter()
+    ///     .map(|id| Endpoint::fresh(ServiceInstance::builder("users", *id).host("h").port(80).build().unwrap()))
+    ///     .collect();
+    /// // The first instance's share of 10,000 keys, with `points` per unit of weight.
+    /// let share = |points: u32| {
+    ///     let ring = ConsistentHash::new().points_per_weight(points).build(&eps);
+    ///     (0..10_000u64)
+    ///         .filter(|k| ring.pick(&eps, &PickContext::new().with_key(&k.to_le_bytes())) == Some(0))
+    ///         .count()
+    /// };
+    /// assert!((4_800..5_200).contains(&share(1_000)));
+    /// assert!(!(4_800..5_200).contains(&share(1))); // one point each: a coarse split
     /// ```
     pub fn points_per_weight(mut self, points: u32) -> Self {
         self.points_per_weight = points.max(1);
@@ -128,11 +142,23 @@ impl ConsistentHash {
     }
 
     /// The most points the ring holds (at least 1; each point costs 8 bytes). Sets whose
-    /// `points_per_weight × total weight` exceeds it are scaled down.
+    /// `points_per_weight × total weight` exceeds it are scaled down, every instance keeping
+    /// at least one point.
     ///
     /// ```
-    /// let s = waypost_strategies::ConsistentHash::new().max_points(1 << 16);
-    /// # let _ = s;
+    /// use std::collections::BTreeSet;
+    /// use waypost_core::{Endpoint, PickContext, ServiceInstance, Strategy};
+    /// use waypost_strategies::ConsistentHash;
+    ///
+    /// let eps: Vec<Endpoint> = (0..100)
+    ///     .map(|i| Endpoint::fresh(ServiceInstance::builder("users", format!("u{i}")).host("h").port(80).build().unwrap()))
+    ///     .collect();
+    /// // 16 points cannot give 100 instances 160 each: each gets one, and still some keys.
+    /// let ring = ConsistentHash::new().max_points(16).build(&eps);
+    /// let owners: BTreeSet<usize> = (0..100_000u64)
+    ///     .filter_map(|k| ring.pick(&eps, &PickContext::new().with_key(&k.to_le_bytes())))
+    ///     .collect();
+    /// assert_eq!(owners.len(), 100);
     /// ```
     pub fn max_points(mut self, points: usize) -> Self {
         self.max_points = points.max(1);
@@ -151,9 +177,19 @@ impl ConsistentHash {
     /// (reproducible tests and simulations).
     ///
     /// ```
+    /// use waypost_core::{Endpoint, PickContext, ServiceInstance, Strategy};
     /// use waypost_strategies::ConsistentHash;
-    /// let s = ConsistentHash::seeded(7);
-    /// # let _ = s;
+    ///
+    /// let eps: Vec<Endpoint> = (0..5)
+    ///     .map(|i| Endpoint::fresh(ServiceInstance::builder("users", format!("u{i}")).host("h").port(80).build().unwrap()))
+    ///     .collect();
+    /// // Keyless picks: the same sequence from equal seeds.
+    /// let keyless = |seed: u64| {
+    ///     let ring = ConsistentHash::seeded(seed).build(&eps);
+    ///     (0..20).map(|_| ring.pick(&eps, &PickContext::new()).unwrap()).collect::<Vec<_>>()
+    /// };
+    /// assert_eq!(keyless(7), keyless(7));
+    /// assert_ne!(keyless(7), keyless(8));
     /// ```
     pub fn seeded(seed: u64) -> Self {
         Self::with_rng(Rng::seeded(seed))

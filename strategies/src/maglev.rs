@@ -106,9 +106,19 @@ impl Maglev {
     /// (reproducible tests and simulations).
     ///
     /// ```
+    /// use waypost_core::{Endpoint, PickContext, ServiceInstance, Strategy};
     /// use waypost_strategies::Maglev;
-    /// let s = Maglev::seeded(7);
-    /// # let _ = s;
+    ///
+    /// let eps: Vec<Endpoint> = (0..5)
+    ///     .map(|i| Endpoint::fresh(ServiceInstance::builder("users", format!("u{i}")).host("h").port(80).build().unwrap()))
+    ///     .collect();
+    /// // Keyless picks: the same sequence from equal seeds.
+    /// let keyless = |seed: u64| {
+    ///     let table = Maglev::seeded(seed).build(&eps);
+    ///     (0..20).map(|_| table.pick(&eps, &PickContext::new()).unwrap()).collect::<Vec<_>>()
+    /// };
+    /// assert_eq!(keyless(7), keyless(7));
+    /// assert_ne!(keyless(7), keyless(8));
     /// ```
     pub fn seeded(seed: u64) -> Self {
         Self::with_rng(Rng::seeded(seed))
