@@ -63,7 +63,10 @@
 //!   and keeps it alive every TTL/3 with a deadline on each answer (a silent keep-alive stream is
 //!   a dead one). When the lease is lost (expired, unknown, stream closed or silent) it grants a
 //!   new lease and puts the key again, forever, with jittered backoff, reporting
-//!   [`Liveness`](waypost_core::Liveness) meanwhile. `shutdown()` revokes the lease.
+//!   [`Liveness`](waypost_core::Liveness) meanwhile. It also watches its own key: a key deleted
+//!   by someone else while the lease lives (`etcdctl del`, a clean-up script) is put back at
+//!   once on the same lease (while that watch is down, each keep-alive round reads the key
+//!   instead). An overwrite is left alone: a second registration of the same id takes over. `shutdown()` revokes the lease.
 //! - **Watch**: reads the prefix (header revision R), then watches from R + 1 with `prev_kv`,
 //!   progress notifications and `require_leader`; tracks the last revision (events and progress
 //!   notifications) and resumes a broken, closed or cancelled stream from last + 1; after a

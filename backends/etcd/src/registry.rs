@@ -182,9 +182,36 @@ async fn hold(ctx: &Ctx, entry: &Entry, lease: i64, ka: &mut KeepAlive) -> Held 
         },
     };
     ka.set_live();
+    // The key may be deleted by someone else while the lease lives (an operator's `etcdctl del`,
+    // a script cleaning up): a watch on it notices at once, and the key is put back. While the
+    // watch is down, each keep-alive round checks the key instead. An overwrite is left alone:
+    // it is how a second registration of the same id takes over (the last one wins).
+    let mut guard = KeyGuard { stream: None };
+    if let Err(held) = guard.open(ctx, entry, lease, ka).await {
+        return held;
+    }
+    let mut next_beat = tokio::time::Instant::now() + interval;
     loop {
-        if let Some(mode) = ka.sleep(interval).await {
-            return Held::Stop(mode);
+        // A deadline, not a sleep per turn: changes to the key must not push keep-alives back.
+        let change = tokio::select! {
+            mode = ka.stopped() => return Held::Stop(mode),
+            _ = tokio::time::sleep_until(next_beat) => None,
+            change = guard.changed() => Some(change),
+        };
+        match change {
+            Some(Ok(what)) => {
+                tracing::warn!(key = %entry.key, lease, "the registration's key was {what} by someone else; putting it back");
+                if let Err(held) = guard.restore(ctx, entry, lease, ka, what).await {
+                    return held;
+                }
+                continue;
+            }
+            Some(Err(reason)) => {
+                tracing::debug!(key = %entry.key, %reason, "the watch on the registration's key ended; checking on each keep-alive until it is back");
+                guard.stream = None;
+                continue;
+            }
+            None => next_beat = tokio::time::Instant::now() + interval,
         }
         let span = tracing::debug_span!("keep_alive", lease);
         let round = async {
@@ -213,6 +240,143 @@ async fn hold(ctx: &Ctx, entry: &Entry, lease: i64, ka: &mut KeepAlive) -> Held 
         };
         if let Err(held) = round.instrument(span).await {
             return held;
+        }
+        if guard.stream.is_none() {
+            if let Err(held) = guard.open(ctx, entry, lease, ka).await {
+                return held;
+            }
+        }
+    }
+}
+
+/// What happened to a registration's key (for messages).
+type Foreign = &'static str;
+
+/// Keeps a registration's key as the registration put it.
+struct KeyGuard {
+    /// The watch on the key; `None` while it is down (each keep-alive round re-opens it).
+    stream: Option<etcd_client::WatchStream>,
+}
+
+impl KeyGuard {
+    /// Opens the watch (if it can), then reads the key and puts it back if it is gone:
+    /// watching first, so that a delete between the read and the watch is not missed.
+    async fn open(
+        &mut self,
+        ctx: &Ctx,
+        entry: &Entry,
+        lease: i64,
+        ka: &mut KeepAlive,
+    ) -> Result<(), Held> {
+        let mut c = ctx.client.clone();
+        let opened = timeout(
+            ctx.request_timeout,
+            c.watch(entry.key.clone(), Some(etcd_client::WatchOptions::new())),
+        )
+        .await;
+        self.stream = match opened {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                tracing::debug!(key = %entry.key, error = %error::map("watch own key", e), "cannot watch the registration's key; checking it on each keep-alive");
+                None
+            }
+            Err(_) => None,
+        };
+        let read = retry::call(
+            &ctx.client,
+            "read own key",
+            ctx.request_timeout,
+            ctx.attempts,
+            |mut c| {
+                let key = entry.key.clone();
+                async move { c.get(key, None).await }
+            },
+        )
+        .await;
+        let what = match read {
+            Ok(resp) if resp.kvs().is_empty() => "deleted",
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                // Not a reason to drop the lease: the next round reads again.
+                tracing::debug!(key = %entry.key, error = %e, "cannot read the registration's key");
+                self.stream = None;
+                return Ok(());
+            }
+        };
+        tracing::warn!(key = %entry.key, lease, "the registration's key was {what} by someone else; putting it back");
+        self.restore(ctx, entry, lease, ka, what).await
+    }
+
+    /// The next delete of the key, or why the watch ended. Pending while there is no watch.
+    async fn changed(&mut self) -> Result<Foreign, String> {
+        let Some(stream) = self.stream.as_mut() else {
+            return std::future::pending().await;
+        };
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => return Err("the watch stream closed".into()),
+                Err(e) => return Err(format!("the watch stream failed: {e}")),
+            };
+            if resp.canceled() {
+                return Err(format!("the watch was cancelled: {}", resp.cancel_reason()));
+            }
+            if resp
+                .events()
+                .iter()
+                .any(|ev| ev.event_type() == etcd_client::EventType::Delete)
+            {
+                return Ok("deleted");
+            }
+        }
+    }
+
+    /// Puts the key back with `lease`. A lease that is gone ends the hold (the registration
+    /// starts over with a new one); any other failure is retried on the next round, with the
+    /// registration reported recovering meanwhile.
+    async fn restore(
+        &mut self,
+        ctx: &Ctx,
+        entry: &Entry,
+        lease: i64,
+        ka: &mut KeepAlive,
+        what: Foreign,
+    ) -> Result<(), Held> {
+        let put = retry::call(
+            &ctx.client,
+            "put instance back",
+            ctx.request_timeout,
+            ctx.attempts,
+            |mut c| {
+                let (key, value) = (entry.key.clone(), entry.value.clone());
+                async move {
+                    c.put(
+                        key,
+                        value,
+                        Some(etcd_client::PutOptions::new().with_lease(lease)),
+                    )
+                    .await
+                }
+            },
+        )
+        .await;
+        match put {
+            Ok(_) => {
+                ka.set_live();
+                tracing::info!(key = %entry.key, lease, "the registration's key is back");
+                Ok(())
+            }
+            Err(Error::NotFound { .. }) => Err(Held::Lost(format!(
+                "the key was {what} by someone else and lease {lease:x} is gone"
+            ))),
+            Err(e) => {
+                ka.set_recovering(format!(
+                    "the key was {what} by someone else; putting it back failed: {e}"
+                ));
+                // Checked again on the next keep-alive round.
+                self.stream = None;
+                Ok(())
+            }
         }
     }
 }
