@@ -463,3 +463,30 @@ async fn retries_and_an_exhausted_budget_are_counted_per_service() {
         "{exhausted:?}"
     );
 }
+
+/// The case: a caller's `tokio::time::timeout` around each call to a slow instance.
+/// Without a threshold the ten give-ups are cancelled calls and the instance shows no failure;
+/// with one, each is a failure with its latency, so ejection and load-aware strategies learn.
+#[tokio::test]
+async fn calls_given_up_on_from_outside_count_as_failures_past_the_threshold() {
+    let slow = server(Behavior::Slow(Duration::from_secs(5))).await;
+    let timeout = Duration::from_millis(50);
+    for threshold in [None, Some(Duration::from_millis(40))] {
+        let mut builder = Balancer::builder(First);
+        if let Some(t) = threshold {
+            builder = builder.cancel_is_failure_after(t);
+        }
+        let b = builder.build();
+        b.apply(WatchEvent::Snapshot(vec![instance("slow", slow.addr)]));
+        let client = HttpClient::new(b.clone()).unwrap();
+        for _ in 0..10 {
+            let given_up = tokio::time::timeout(timeout, client.get("/").send()).await;
+            assert!(given_up.is_err(), "the slow instance answered");
+        }
+        let failures = state(&b, "slow").state().failures();
+        match threshold {
+            None => assert_eq!(failures, 0),
+            Some(_) => assert_eq!(failures, 10),
+        }
+    }
+}
