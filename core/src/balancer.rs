@@ -357,7 +357,8 @@ impl BalancerBuilder {
     /// give up on it (a tower `Timeout`, `tokio::time::timeout` around a call) looks healthy
     /// to load-aware strategies and to outlier ejection. Set it to the callers' timeout, or a
     /// little below. A caller that knows its own deadline can also tell each guard
-    /// ([`PickGuard::set_deadline`]; the gRPC channel does, from `grpc-timeout`).
+    /// ([`PickGuard::set_deadline`]). (A gRPC call with `grpc-timeout` needs neither: tonic's
+    /// channel enforces it and the call fails, which is recorded.)
     ///
     /// ```
     /// # use std::time::Duration;
