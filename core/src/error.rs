@@ -4,6 +4,24 @@ use std::fmt;
 use std::sync::Arc;
 
 /// A cause attached to an [`Error`]. Shared so that errors can be cloned into every watcher.
+///
+/// ```
+/// use std::error::Error as _;
+/// use std::sync::Arc;
+/// use waypost_core::{Cause, Error};
+///
+/// let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+/// let cause: Cause = Arc::new(refused);
+/// let err = Error::Unavailable {
+///     backend: "consul",
+///     operation: "GET /v1/health/service/users".into(),
+///     message: "no answer".into(),
+///     source: Some(cause),
+/// };
+/// // Every clone (one per watcher) shares the cause, and `source()` reaches it.
+/// let copy = err.clone();
+/// assert_eq!(copy.source().map(|s| s.to_string()).as_deref(), Some("connection refused"));
+/// ```
 pub type Cause = Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The field of a [`ServiceInstance`](crate::ServiceInstance) or
@@ -74,7 +92,20 @@ impl fmt::Display for Field {
     }
 }
 
-/// What is wrong with a field.
+/// What is wrong with a field: the second half of a [`ValidationError`], for a caller that
+/// reacts to the kind of mistake rather than shows the message.
+///
+/// ```
+/// use waypost_core::{Field, Problem, ServiceInstance, ServiceName};
+///
+/// let err = ServiceName::new("").unwrap_err();
+/// assert_eq!(err.problem(), &Problem::Empty);
+///
+/// let err = ServiceInstance::builder("users", "u1").host("10.0.0.1").port(80).tag("a\nb").build().unwrap_err();
+/// assert_eq!(err.field(), &Field::Tag(0));
+/// assert_eq!(err.problem(), &Problem::ControlCharacter { at: 1 });
+/// assert_eq!(err.to_string(), "invalid tag #0: it contains a control character at byte 1");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Problem {

@@ -54,4 +54,39 @@ impl WatchEvent {
 /// stream: the watch keeps retrying with backoff, and what it delivered last stays valid. After
 /// a reconnect it delivers only the real difference from what it delivered before, then
 /// [`WatchEvent::Synced`].
+///
+/// A consumer reads it to the end (it ends only when the backend's client is gone), counting
+/// an error as a moment of the watch, not its end:
+///
+/// ```
+/// use futures::{executor::block_on, stream, StreamExt};
+/// use waypost_core::{Error, ServiceInstance, Watch, WatchEvent};
+///
+/// let a = ServiceInstance::builder("users", "a").host("10.0.0.1").port(80).build()?;
+/// let mut watch: Watch = stream::iter([
+///     Ok(WatchEvent::Snapshot(vec![a])),
+///     Ok(WatchEvent::Synced),
+///     Err(Error::unavailable("consul", "watch users", "connection refused")),
+///     // Back: nothing changed meanwhile, so only word that the watch caught up.
+///     Ok(WatchEvent::Synced),
+/// ])
+/// .boxed();
+///
+/// let (mut errors, mut synced, mut instances) = (0, 0, 0);
+/// block_on(async {
+///     while let Some(item) = watch.next().await {
+///         match item {
+///             Ok(WatchEvent::Snapshot(all)) => instances = all.len(),
+///             Ok(WatchEvent::Synced) => synced += 1,
+///             Ok(_) => {}
+///             Err(e) => {
+///                 assert!(e.is_retryable()); // an outage: the watch retries by itself
+///                 errors += 1;
+///             }
+///         }
+///     }
+/// });
+/// assert_eq!((instances, errors, synced), (1, 1, 2));
+/// # Ok::<(), waypost_core::ValidationError>(())
+/// ```
 pub type Watch = BoxStream<'static, Result<WatchEvent, Error>>;

@@ -56,6 +56,34 @@ pub trait Registry: Send + Sync {
     ///
     /// Fails if the first attempt fails (bad permission, unreachable server): the caller decides
     /// whether to try again. Once registered, the handle heals by itself.
+    ///
+    /// ```
+    /// use waypost_core::{async_trait, Error, Registration, RegistrationHandle, Registry};
+    ///
+    /// /// A registry whose server refuses the token.
+    /// struct Denied;
+    ///
+    /// #[async_trait]
+    /// impl Registry for Denied {
+    ///     async fn register(&self, registration: Registration) -> Result<RegistrationHandle, Error> {
+    ///         Err(Error::PermissionDenied {
+    ///             backend: "example",
+    ///             operation: format!("register {}", registration.id()),
+    ///             message: "ACL not found".into(),
+    ///         })
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Error> {
+    /// let reg = Registration::builder("users", "users-1").port(8080).build()?;
+    /// let err = Denied.register(reg).await.unwrap_err();
+    /// // Not something that trying again fixes: the caller supplies another token.
+    /// assert!(!err.is_retryable());
+    /// assert!(err.to_string().contains("register users-1"));
+    /// # Ok(())
+    /// # }
+    /// ```
     async fn register(&self, registration: Registration) -> Result<RegistrationHandle, Error>;
 }
 
@@ -96,7 +124,35 @@ impl Liveness {
     }
 }
 
-/// How a registration's background task is asked to end.
+/// How a registration's background task is asked to end: what [`KeepAlive::stopped`] says.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use waypost_core::{Error, RegistrationHandle, ServiceInstance, StopMode};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let seen = Arc::new(Mutex::new(Vec::new()));
+/// for abandon in [false, true] {
+///     let instance = ServiceInstance::builder("users", "u1").host("10.0.0.1").port(80).build()?;
+///     let seen = seen.clone();
+///     let handle = RegistrationHandle::spawn("example", instance, move |mut keep_alive| async move {
+///         keep_alive.set_live();
+///         let mode = keep_alive.stopped().await;
+///         seen.lock().unwrap().push(mode); // a backend deregisters on StopMode::Deregister
+///         Ok(())
+///     });
+///     handle.wait_live().await;
+///     if abandon {
+///         handle.abandon().await?;
+///     } else {
+///         handle.shutdown().await?;
+///     }
+/// }
+/// assert_eq!(*seen.lock().unwrap(), [StopMode::Deregister, StopMode::Abandon]);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopMode {
     /// Deregister from the backend, then end (shutdown, or the handle was dropped).
@@ -110,18 +166,38 @@ pub enum StopMode {
 /// report liveness and to learn that it should stop.
 ///
 /// ```
-/// # use std::time::Duration;
-/// # use waypost_core::{KeepAlive, StopMode};
-/// async fn heartbeat_loop(mut keep_alive: KeepAlive) -> Result<(), waypost_core::Error> {
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use waypost_core::{Error, KeepAlive, RegistrationHandle, ServiceInstance, StopMode};
+///
+/// /// A backend's keep-alive: a heartbeat every 3 s until asked to stop.
+/// async fn heartbeat_loop(mut keep_alive: KeepAlive, beats: Arc<AtomicU32>) -> Result<(), Error> {
 ///     loop {
 ///         // ... send a heartbeat; on success:
+///         beats.fetch_add(1, Ordering::Relaxed);
 ///         keep_alive.set_live();
 ///         if let Some(mode) = keep_alive.sleep(Duration::from_secs(3)).await {
-///             if mode == StopMode::Deregister { /* deregister */ }
+///             assert_eq!(mode, StopMode::Deregister); // what shutdown() asks for
+///             // ... deregister
 ///             return Ok(());
 ///         }
 ///     }
 /// }
+///
+/// // Tokio's paused clock: the 10 s below pass at once, and exactly.
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Error> {
+/// let beats = Arc::new(AtomicU32::new(0));
+/// let instance = ServiceInstance::builder("users", "u1").host("10.0.0.1").port(80).build()?;
+/// let counted = beats.clone();
+/// let handle = RegistrationHandle::spawn("example", instance, move |ka| heartbeat_loop(ka, counted));
+/// handle.wait_live().await;
+/// tokio::time::sleep(Duration::from_secs(10)).await;
+/// handle.shutdown().await?; // the loop's assertion failing would fail this
+/// assert_eq!(beats.load(Ordering::Relaxed), 4); // at 0, 3, 6 and 9 s
+/// # Ok(())
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct KeepAlive {
@@ -186,6 +262,31 @@ impl KeepAlive {
 /// A live registration. Keeps it alive in the background until [`shutdown`](Self::shutdown)
 /// (which deregisters) or [`abandon`](Self::abandon) (which does not). Dropping the handle
 /// deregisters in the background, best effort.
+///
+/// A [`Registry`] returns one; a backend makes it with [`spawn`](Self::spawn).
+///
+/// ```
+/// use waypost_core::{Error, Liveness, RegistrationHandle, ServiceInstance};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let instance = ServiceInstance::builder("users", "u1").host("10.0.0.1").port(8080).build()?;
+/// // A keep-alive that reports the instance listed at once, then waits to be stopped.
+/// let handle = RegistrationHandle::spawn("example", instance, |mut keep_alive| async move {
+///     keep_alive.set_live();
+///     keep_alive.stopped().await;
+///     Ok(())
+/// });
+/// let liveness = handle.subscribe(); // for a health endpoint
+/// assert_eq!(handle.wait_live().await, Liveness::Live);
+/// assert_eq!(handle.instance().authority(), "10.0.0.1:8080");
+/// assert_eq!(handle.backend(), "example");
+///
+/// handle.shutdown().await?; // stops the keep-alive (which deregisters) and waits for it
+/// assert_eq!(*liveness.borrow(), Liveness::Stopped);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 #[must_use = "dropping the handle deregisters the instance"]
 pub struct RegistrationHandle {
