@@ -1,19 +1,4 @@
-//! Waypost's metrics, through the [`metrics`](https://docs.rs/metrics) facade (feature
-//! `metrics`).
-//!
-//! Handles are registered when a balancer, an endpoint or a registration is created, never on
-//! the pick path: a pick then costs an atomic operation per series, and allocates nothing. With
-//! no recorder installed the handles are no-ops. Without the feature these types are empty and
-//! every call compiles to nothing.
-//!
-//! The names and labels (dashboards rely on them; the facade's README lists them all):
-//! `waypost_membership_total`, `waypost_membership_served`, `waypost_fail_static` (gauges,
-//! `service`), `waypost_watch_events_total` (`service`, `kind`), `waypost_watch_errors_total`
-//! (`service`, `backend`), `waypost_requests_total` (`service`, `instance`, `outcome`),
-//! `waypost_requests_active` (gauge), `waypost_request_duration_seconds` (histogram, `service`,
-//! `instance`), `waypost_tier_share` (gauge, `service`, `tier`: a balancer with failover
-//! tiers only), `waypost_registration_live` (gauge) and `waypost_heartbeat_failures_total`
-//! (`service`, `instance`, `backend`).
+//! Waypost's metrics through the `metrics` facade (names, labels and cost: the crate docs).
 
 use std::time::Duration;
 

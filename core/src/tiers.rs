@@ -1,13 +1,5 @@
-//! Failover tiers: how a balancer with several tiers shares traffic between them.
-//!
-//! The rule is Envoy's priority levels. Each tier's *health* is the share of its instances that
-//! are not [critical](crate::Health::Critical); an instance that a higher tier serves is
-//! counted there only. The first tier takes `health × overprovisioning` of the traffic (140 %
-//! by default, so a tier with 72 % of its instances healthy still takes all of it); what it
-//! cannot take spills to the next tier, by the same rule, and so on. When the tiers together
-//! cannot take all of it, each takes a share in proportion to what it can take. When no tier
-//! has a healthy instance (panic), the first tier that still serves a set (its last one, kept
-//! fail-static) takes everything.
+//! Failover tiers: how a balancer with several tiers shares traffic between them (the rule is
+//! in the crate docs, "Failover tiers").
 
 use std::fmt;
 
