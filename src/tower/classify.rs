@@ -38,6 +38,77 @@ impl Class {
 }
 
 /// Whether a failed call may be repeated on another instance.
+///
+/// Only [`NotSent`](Retry::NotSent) lets a request that is not idempotent (a POST) go to
+/// another instance: with [`IfIdempotent`](Retry::IfIdempotent) the request may have been
+/// applied, so repeating it could apply it twice.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::io::{Error, ErrorKind};
+/// use tower::{service_fn, ServiceExt};
+/// use waypost::retry::{GaveUp, RetryBudget};
+/// use waypost::strategies::RoundRobin;
+/// use waypost::tower::{BalanceError, Balanced, Class, Retry};
+/// use waypost::{Balancer, ServiceInstance, WatchEvent};
+///
+/// let balancer = Balancer::new(RoundRobin::new());
+/// let inst = |id: &str| ServiceInstance::builder("users", id).host("10.0.0.1").port(80).build();
+/// balancer.apply(WatchEvent::Snapshot(vec![inst("a")?, inst("b")?]));
+/// // Instance a refuses every connection; b answers with its id.
+/// let make = |i: &ServiceInstance| {
+///     let id = i.id().to_string();
+///     service_fn(move |_post: &'static str| {
+///         let id = id.clone();
+///         async move {
+///             match id.as_str() {
+///                 "a" => Err(Error::from(ErrorKind::ConnectionRefused)),
+///                 _ => Ok(id),
+///             }
+///         }
+///     })
+/// };
+/// // A refused connection proves that the request never left: NotSent.
+/// let by_kind = |r: Result<&String, &Error>| match r {
+///     Ok(_) => Class::SUCCESS,
+///     Err(e) if e.kind() == ErrorKind::ConnectionRefused => Class::failure(Retry::NotSent),
+///     Err(_) => Class::failure(Retry::IfIdempotent),
+/// };
+/// let posts = Balanced::builder(balancer.clone(), make)
+///     .classify(by_kind)
+///     // Two attempts in all; no request is idempotent here.
+///     .retries(2, RetryBudget::default(), |r| Some(*r), |_| false)
+///     .build();
+/// for _ in 0..2 {
+///     // One of the two goes to a first, and then to b: it was never sent.
+///     assert_eq!(posts.clone().oneshot("POST /users").await?, "b");
+/// }
+///
+/// // Told only that the call failed, the POST that went to a is not repeated.
+/// let any_failure = |r: Result<&String, &Error>| match r {
+///     Ok(_) => Class::SUCCESS,
+///     Err(_) => Class::failure(Retry::IfIdempotent),
+/// };
+/// let cautious = Balanced::builder(balancer, make)
+///     .classify(any_failure)
+///     .retries(2, RetryBudget::default(), |r| Some(*r), |_| false)
+///     .build();
+/// let mut not_repeated = 0;
+/// for _ in 0..2 {
+///     match cautious.clone().oneshot("POST /users").await {
+///         Ok(id) => assert_eq!(id, "b"),
+///         Err(BalanceError::Inner { gave_up, .. }) => {
+///             assert_eq!(gave_up, GaveUp::NotIdempotent);
+///             not_repeated += 1;
+///         }
+///         Err(other) => return Err(other.into()),
+///     }
+/// }
+/// assert_eq!(not_repeated, 1); // round robin: one of the two went to a
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Retry {
@@ -62,7 +133,21 @@ pub enum Retry {
 /// assert_eq!(by_len.classify(Ok(&String::new())).retry, Retry::IfIdempotent);
 /// ```
 pub trait Classify<Res, E>: Send + Sync + 'static {
-    /// The class of `result`.
+    /// The class of `result`: the call's response or error, borrowed, as the instance's
+    /// service returned it.
+    ///
+    /// ```
+    /// use std::io::{Error, ErrorKind};
+    /// use waypost::tower::{Class, Classify, HttpStatus, Retry};
+    ///
+    /// let unavailable = http::Response::builder().status(503).body(()).unwrap();
+    /// let class = Classify::<_, Error>::classify(&HttpStatus, Ok(&unavailable));
+    /// assert_eq!(class, Class::failure(Retry::IfIdempotent));
+    ///
+    /// let refused = Error::from(ErrorKind::ConnectionRefused);
+    /// let class = Classify::<http::Response<()>, _>::classify(&HttpStatus, Err(&refused));
+    /// assert_eq!(class, Class::failure(Retry::IfIdempotent));
+    /// ```
     fn classify(&self, result: Result<&Res, &E>) -> Class;
 }
 

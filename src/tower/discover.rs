@@ -76,7 +76,44 @@ where
 }
 
 /// The stream [`discover`] returns; a tower `Discover` (tower implements it for every such
-/// stream).
+/// stream), keyed by [`InstanceId`].
+///
+/// The last instance's removal is held back until another instance arrives, and then
+/// delivered:
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use futures::{stream, StreamExt};
+/// use tower::discover::Change;
+/// use waypost::{InstanceId, ServiceInstance, WatchEvent};
+///
+/// /// What tower's balancers take.
+/// fn tower_discover<D: tower::discover::Discover<Key = InstanceId>>(d: D) -> D {
+///     d
+/// }
+///
+/// let inst = |id: &str| ServiceInstance::builder("users", id).host("10.0.0.1").port(80).build();
+/// let (a, b) = (inst("a")?, inst("b")?);
+/// let watch = stream::iter([
+///     Ok(WatchEvent::Snapshot(vec![a.clone()])),
+///     Ok(WatchEvent::Removed(a)), // the last instance: held back
+///     Ok(WatchEvent::Added(b)),   // now a can go
+/// ])
+/// .boxed();
+/// let discover = tower_discover(waypost::tower::discover(watch, |i: &ServiceInstance| i.authority()));
+/// let changes: Vec<String> = discover
+///     .map(|c| match c {
+///         Ok(Change::Insert(id, _)) => format!("+{id}"),
+///         Ok(Change::Remove(id)) => format!("-{id}"),
+///         Err(never) => match never {},
+///     })
+///     .collect()
+///     .await;
+/// assert_eq!(changes, ["+a", "+b", "-a"]);
+/// # Ok(())
+/// # }
+/// ```
 pub struct Discover<S, F> {
     watch: Watch,
     make: F,

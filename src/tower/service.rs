@@ -21,6 +21,37 @@ use crate::retry::{GaveUp, RetryBudget, RetryPolicy};
 const NOT_READY_TRIES: usize = 3;
 
 /// Why a [`Balanced`] call failed.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower::{service_fn, ServiceExt};
+/// use waypost::retry::GaveUp;
+/// use waypost::strategies::RoundRobin;
+/// use waypost::tower::{BalanceError, Balanced};
+/// use waypost::{Balancer, ServiceInstance, WatchEvent};
+///
+/// let balancer = Balancer::new(RoundRobin::new());
+/// let failing = |_: &ServiceInstance| service_fn(|_: ()| async { Err::<(), _>(std::io::Error::other("boom")) });
+/// let svc = Balanced::builder(balancer.clone(), failing).build();
+///
+/// // No instance yet.
+/// let err = svc.clone().oneshot(()).await.unwrap_err();
+/// assert!(matches!(err, BalanceError::NoInstance(_)));
+///
+/// let a = ServiceInstance::builder("users", "a").host("10.0.0.1").port(80).build()?;
+/// balancer.apply(WatchEvent::Snapshot(vec![a]));
+/// match svc.oneshot(()).await {
+///     Err(BalanceError::Inner { instance, gave_up, source }) => {
+///         assert_eq!(instance.as_str(), "a");
+///         assert_eq!(gave_up, GaveUp::AttemptsExhausted); // no retries configured
+///         assert_eq!(source.to_string(), "boom");
+///     }
+///     other => panic!("expected the instance's error, got {other:?}"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BalanceError<E> {
@@ -53,8 +84,75 @@ pub enum BalanceError<E> {
 /// Routes a request: the hash key (for consistent-hash and maglev) and the caller's zone,
 /// borrowed from the request. Implemented for `Fn(&Req) -> PickContext<'_>`; `()` routes
 /// nothing.
+///
+/// Write it as a `fn`: a closure's return type cannot borrow from its argument, so a closure
+/// does not implement the trait (the compiler then says that `Balanced` is no `Service`).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower::{service_fn, ServiceExt};
+/// use waypost::tower::Balanced;
+/// use waypost::{Balancer, PickContext, ServiceInstance, WatchEvent};
+/// # use waypost::{Endpoint, Picker, Strategy};
+/// # /// Picks by the request's hash alone (consistent-hash and maglev also keep keys in place
+/// # /// when the set changes).
+/// # struct ByHash;
+/// # struct ByHashPicker;
+/// # impl Strategy for ByHash {
+/// #     fn name(&self) -> &str { "by-hash" }
+/// #     fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(ByHashPicker) }
+/// # }
+/// # impl Picker for ByHashPicker {
+/// #     fn pick(&self, e: &[Endpoint], ctx: &PickContext<'_>) -> Option<usize> {
+/// #         Some((ctx.hash()? % e.len() as u64) as usize)
+/// #     }
+/// # }
+///
+/// /// A request for one user's data.
+/// struct Get {
+///     user: String,
+/// }
+///
+/// let balancer = Balancer::new(ByHash); // waypost::strategies::ConsistentHash, say
+/// let inst = |id: &str| ServiceInstance::builder("users", id).host("10.0.0.1").port(80).build();
+/// balancer.apply(WatchEvent::Snapshot(vec![inst("a")?, inst("b")?, inst("c")?]));
+/// let make = |i: &ServiceInstance| {
+///     let id = i.id().to_string();
+///     service_fn(move |_: Get| std::future::ready(Ok::<_, std::io::Error>(id.clone())))
+/// };
+/// fn by_user(req: &Get) -> PickContext<'_> {
+///     PickContext::new().with_key(req.user.as_bytes())
+/// }
+/// let svc = Balanced::builder(balancer, make).route(by_user).build();
+///
+/// let first = svc.clone().oneshot(Get { user: "u-42".into() }).await?;
+/// for _ in 0..5 {
+///     // The same user, the same instance.
+///     assert_eq!(svc.clone().oneshot(Get { user: "u-42".into() }).await?, first);
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub trait Route<Req>: Send + Sync + 'static {
     /// The pick context of `request`.
+    ///
+    /// ```
+    /// use waypost::tower::Route;
+    /// use waypost::PickContext;
+    ///
+    /// fn by_user(user: &String) -> PickContext<'_> {
+    ///     PickContext::new().with_key(user.as_bytes()).with_zone("eu-1")
+    /// }
+    /// let user = "u-42".to_string();
+    /// let ctx = by_user.route(&user);
+    /// assert_eq!(ctx.hash(), PickContext::new().with_key(b"u-42").hash());
+    /// assert_eq!(ctx.zone(), Some("eu-1"));
+    ///
+    /// // `()` routes nothing: no key, no zone.
+    /// let ctx = Route::<String>::route(&(), &user);
+    /// assert_eq!((ctx.hash(), ctx.zone()), (None, None));
+    /// ```
     fn route<'r>(&self, request: &'r Req) -> PickContext<'r>;
 }
 
@@ -181,6 +279,51 @@ impl<M, S, Req, C, X> fmt::Debug for Balanced<M, S, Req, C, X> {
 }
 
 /// Options of a [`Balanced`] service; see [`Balanced::builder`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::task::{Context, Poll};
+/// use std::time::Duration;
+/// use tower::ServiceExt;
+/// use waypost::strategies::RoundRobin;
+/// use waypost::tower::{BalanceError, Balanced, HttpStatus};
+/// use waypost::{Balancer, ServiceInstance, WatchEvent};
+///
+/// /// An instance's client that never becomes ready (every connection slot taken).
+/// #[derive(Clone)]
+/// struct Saturated;
+/// impl tower::Service<http::Request<()>> for Saturated {
+///     type Response = http::Response<()>;
+///     type Error = std::io::Error;
+///     type Future = std::future::Ready<Result<http::Response<()>, std::io::Error>>;
+///     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+///         Poll::Pending
+///     }
+///     fn call(&mut self, _: http::Request<()>) -> Self::Future {
+///         std::future::ready(Ok(http::Response::new(())))
+///     }
+/// }
+///
+/// let balancer = Balancer::new(RoundRobin::new());
+/// let inst = |id: &str| ServiceInstance::builder("users", id).host("10.0.0.1").port(80).build();
+/// balancer.apply(WatchEvent::Snapshot(vec![inst("a")?, inst("b")?]));
+/// let svc = Balanced::builder(balancer.clone(), |_: &ServiceInstance| Saturated)
+///     .classify(HttpStatus) // a 5xx is a failure of the instance
+///     .ready_timeout(Duration::from_millis(20))
+///     .build();
+///
+/// let request = http::Request::get("/users/1").body(())?;
+/// match svc.oneshot(request).await {
+///     Err(BalanceError::NotReady { waited, .. }) => assert_eq!(waited, Duration::from_millis(20)),
+///     other => panic!("expected NotReady, got {other:?}"),
+/// }
+/// // Not ready in time counts against the instance waited for.
+/// let failures: u64 = balancer.endpoints().iter().map(|e| e.state().failures()).sum();
+/// assert_eq!(failures, 1);
+/// # Ok(())
+/// # }
+/// ```
 #[must_use]
 pub struct BalancedBuilder<M, S, Req, C = ErrIsFailure, X = ()> {
     balancer: Balancer,
