@@ -3,16 +3,7 @@
 //! The binary comes from `WAYPOST_CONSUL_BIN` or `PATH`; without one, starting panics with the
 //! command that fetches it (a test never skips silently). Each server gets its own ports, picked
 //! by binding port 0, so tests run in parallel. The agent is killed (and waited for) on drop.
-//!
-//! ```no_run
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! use waypost_conformance::consul_server::ConsulServer;
-//! let server = ConsulServer::start().await;
-//! println!("consul at {}", server.http_url());
-//! server.restart().await; // -dev forgets every registration
-//! # }
-//! ```
+//! [`ConsulServer`]'s example starts one.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -192,6 +183,21 @@ impl Drop for Agent {
 }
 
 /// A running single-node Consul agent in dev mode (in-memory state, nothing on disk).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use waypost_conformance::consul_server::ConsulServer;
+///
+/// let server = ConsulServer::start().await; // returns once the agent has a leader
+/// let leader = reqwest::get(format!("{}/v1/status/leader", server.http_url())).await?;
+/// assert!(leader.text().await?.contains("127.0.0.1:"));
+///
+/// server.kill(); // as a crash would; dropping the server does the same
+/// assert!(reqwest::get(format!("{}/v1/status/leader", server.http_url())).await.is_err());
+/// # Ok(())
+/// # }
+/// ```
 pub struct ConsulServer {
     agent: Agent,
     acl_token: Option<String>,

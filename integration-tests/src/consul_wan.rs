@@ -7,19 +7,7 @@
 //! guard: every agent is killed on drop). Once all have a leader, each joins the first one's
 //! Serf WAN port (`PUT /v1/agent/join/<addr>?wan=1`, what `consul join -wan` does), and
 //! [`start`](ConsulDatacenters::start) returns when every agent lists every datacenter and
-//! answers a query for each other one.
-//!
-//! ```no_run
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! use waypost_conformance::consul_wan::ConsulDatacenters;
-//! let dcs = ConsulDatacenters::start(&["dc1", "dc2"]).await;
-//! // dc2's services, asked of dc1's agent:
-//! println!("{}/v1/health/service/web?dc=dc2", dcs.http_url("dc1"));
-//! dcs.stop("dc2"); // a datacenter outage
-//! dcs.start_again("dc2").await; // empty (-dev), re-joined to dc1
-//! # }
-//! ```
+//! answers a query for each other one. [`ConsulDatacenters`]'s example starts two.
 
 use std::fmt;
 use std::process::Command;
@@ -33,6 +21,23 @@ const JOIN_BOUND: Duration = Duration::from_secs(60);
 const REJOIN_EVERY: Duration = Duration::from_secs(2);
 
 /// Real Consul datacenters, one single-node `-dev` agent each, joined over the WAN.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use waypost_conformance::consul_wan::ConsulDatacenters;
+///
+/// let dcs = ConsulDatacenters::start(&["dc1", "dc2"]).await;
+/// assert_eq!(dcs.names(), ["dc1", "dc2"]);
+/// // dc2's services, asked of dc1's agent:
+/// let via_dc1 = format!("{}/v1/health/service/consul?dc=dc2", dcs.http_url("dc1"));
+/// assert!(reqwest::get(&via_dc1).await?.status().is_success());
+///
+/// dcs.stop("dc2"); // a datacenter outage: dc1 goes on, its queries for dc2 fail
+/// assert!(!reqwest::get(&via_dc1).await?.status().is_success());
+/// # Ok(())
+/// # }
+/// ```
 pub struct ConsulDatacenters {
     dcs: Vec<(String, Agent)>,
 }

@@ -3,17 +3,7 @@
 //! removed) on drop.
 //!
 //! The binary is `WAYPOST_ETCD_BIN`, else `etcd` on `PATH`; `eval "$(scripts/fetch-servers)"`
-//! provides it.
-//!
-//! ```no_run
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! use waypost_conformance::etcd_server::EtcdServer;
-//! let server = EtcdServer::start().await;
-//! println!("etcd at {}", server.endpoint());
-//! server.restart().await; // same ports, same data
-//! # }
-//! ```
+//! provides it. The examples of [`EtcdServer`] and [`EtcdCluster`] start them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -364,6 +354,21 @@ fn initial_cluster(members: &[Member]) -> String {
 }
 
 /// One etcd server on free loopback ports. Killed, and its data removed, on drop.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use waypost_conformance::etcd_server::EtcdServer;
+///
+/// let server = EtcdServer::start().await; // returns once it is healthy
+/// let health = reqwest::get(format!("{}/health", server.endpoint())).await?.text().await?;
+/// assert!(health.contains(r#""health":"true""#), "{health}");
+///
+/// server.stop(); // killed; its data stays for resume()
+/// assert!(reqwest::get(format!("{}/health", server.endpoint())).await.is_err());
+/// # Ok(())
+/// # }
+/// ```
 pub struct EtcdServer {
     members: Members,
 }
@@ -455,6 +460,28 @@ impl EtcdServer {
 
 /// A cluster of etcd members on free loopback ports. Every member is killed, and the data
 /// removed, on drop.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::time::Duration;
+/// use waypost_conformance::etcd_server::EtcdCluster;
+///
+/// let cluster = EtcdCluster::start(3).await;
+/// assert_eq!(cluster.endpoints().len(), 3);
+/// let old = cluster.kill_leader().await;
+/// // The two members left elect another leader.
+/// let mut new = None;
+/// for _ in 0..300 {
+///     new = cluster.leader().await;
+///     if new.is_some() {
+///         break;
+///     }
+///     tokio::time::sleep(Duration::from_millis(100)).await;
+/// }
+/// assert!(new.is_some_and(|new| new != old), "no new leader after {old} was killed");
+/// # }
+/// ```
 pub struct EtcdCluster {
     members: Members,
 }

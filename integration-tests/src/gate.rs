@@ -48,8 +48,27 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// A cuttable TCP proxy on a free loopback port; see the [module docs](self). Stops when
-/// dropped.
+/// A cuttable TCP proxy on a free loopback port; see the [module docs](self) for what a client
+/// sees. Stops when dropped.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::io::Result<()> {
+/// use tokio::net::TcpListener;
+/// use waypost_conformance::gate::Gate;
+///
+/// let server = TcpListener::bind("127.0.0.1:0").await?;
+/// let gate = Gate::start(server.local_addr()?).await?;
+/// // The clients under test get the gate's address instead of the server's.
+/// assert_ne!(gate.addr(), server.local_addr()?);
+/// assert!(gate.is_open());
+/// gate.cut(); // a partition, until mended
+/// assert!(!gate.is_open());
+/// gate.mend();
+/// assert!(gate.is_open());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Gate {
     addr: SocketAddr,

@@ -80,6 +80,30 @@ pub fn free_ports(n: usize, udp_too: bool) -> Vec<u16> {
 
 /// A child process that is killed, and waited for, when the guard is dropped (or on
 /// [`kill`](Self::kill)): a failing test leaves no server behind.
+///
+/// ```
+/// use std::process::Command;
+/// use std::time::Duration;
+/// use waypost_conformance::harness::ProcessGuard;
+///
+/// let server = ProcessGuard::spawn(Command::new("sleep").arg("30"))?;
+/// assert!(server.id().is_some() && server.exited().is_none());
+/// server.kill(); // what dropping the guard does: no `sleep` is left behind
+/// assert_eq!(server.id(), None);
+///
+/// // A process that ends by itself: the guard reports how.
+/// let quick = ProcessGuard::spawn(Command::new("sh").args(["-c", "exit 3"]))?;
+/// let mut status = None;
+/// for _ in 0..500 {
+///     status = quick.exited();
+///     if status.is_some() {
+///         break;
+///     }
+///     std::thread::sleep(Duration::from_millis(10));
+/// }
+/// assert_eq!(status.and_then(|s| s.code()), Some(3));
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct ProcessGuard {
     child: Mutex<Option<Child>>,

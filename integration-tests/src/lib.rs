@@ -21,6 +21,9 @@
 //! they run in parallel and fail individually. The crate using the macro needs no Tokio
 //! dependency of its own.
 //!
+//! (The example is `no_run`: the macro expands to `#[test]` functions, which a doc test
+//! compiles but never runs. This crate's `tests/memory.rs` runs the suite this way.)
+//!
 //! ```no_run
 //! // tests/conformance.rs of a backend crate
 //! use std::sync::Arc;
@@ -113,27 +116,215 @@ pub mod scenarios;
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// A short name for messages (`memory`, `consul`, `etcd`).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let backend = InProcess(Memory::new());
+    /// assert_eq!(backend.name(), "memory");
+    /// // Messages about the backend name it, like the default partition()'s:
+    /// let err = backend.partition().await.unwrap_err();
+    /// assert!(err.contains("the memory test harness"), "{err}");
+    /// # Ok(())
+    /// # }
+    /// ```
     fn name(&self) -> &'static str;
 
     /// A registry client (a new one each call: scenarios use several to play several processes).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use waypost_core::Registration;
+    ///
+    /// let backend = InProcess(Memory::new());
+    /// // Two processes, two clients: both instances are listed.
+    /// let one = backend.registry().register(Registration::builder("users", "u1").port(80).build()?).await?;
+    /// let two = backend.registry().register(Registration::builder("users", "u2").port(81).build()?).await?;
+    /// assert_eq!(backend.discovery().instances(&"users".parse()?).await?.len(), 2);
+    /// # one.shutdown().await?;
+    /// # two.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     fn registry(&self) -> Arc<dyn Registry>;
 
     /// A discovery client.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use futures::StreamExt;
+    /// use waypost_core::{Registration, WatchEvent};
+    ///
+    /// let backend = InProcess(Memory::new());
+    /// let handle = backend.registry().register(Registration::builder("users", "u1").port(80).build()?).await?;
+    /// handle.wait_live().await;
+    /// // What the registry announced, the discovery finds: now, and as a watch's snapshot.
+    /// let users = "users".parse()?;
+    /// assert_eq!(backend.discovery().instances(&users).await?.len(), 1);
+    /// let mut watch = backend.discovery().watch(&users);
+    /// assert!(matches!(watch.next().await, Some(Ok(WatchEvent::Snapshot(all))) if all.len() == 1));
+    /// # handle.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     fn discovery(&self) -> Arc<dyn Discovery>;
 
     /// The TTL the expiry scenario registers with (the shortest the backend honours well).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// /// A backend that expires a registration 1 s after its last heartbeat.
+    /// struct Quick(InProcess);
+    /// #[async_trait]
+    /// impl Backend for Quick {
+    ///     fn name(&self) -> &'static str { "quick" }
+    ///     fn registry(&self) -> Arc<dyn Registry> { self.0.registry() }
+    ///     fn discovery(&self) -> Arc<dyn Discovery> { self.0.discovery() }
+    ///     async fn restart(&self) -> Result<(), String> { self.0.restart().await }
+    ///     fn ttl(&self) -> Duration { Duration::from_secs(1) }
+    /// }
+    /// let quick = Quick(InProcess(Memory::new()));
+    /// assert_eq!(quick.ttl(), Duration::from_secs(1));
+    /// assert_eq!(quick.0.ttl(), Duration::from_secs(2)); // the default
+    /// ```
     fn ttl(&self) -> Duration {
         Duration::from_secs(2)
     }
 
     /// How long after an abandoned registration's last heartbeat the backend must have removed
     /// it: a correctness bound, generous enough for a loaded CI machine.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// let backend = InProcess(Memory::new());
+    /// // The default: the TTL plus 3 s of slack.
+    /// assert_eq!(backend.expiry_bound(), backend.ttl() + Duration::from_secs(3));
+    /// ```
     fn expiry_bound(&self) -> Duration {
         self.ttl() + Duration::from_secs(3)
     }
 
     /// Makes the backend unavailable and brings it back the way a real restart does (a Consul
     /// `-dev` agent forgets everything; etcd keeps its data). Returns when it serves again.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use waypost_core::Registration;
+    ///
+    /// let backend = InProcess(Memory::new());
+    /// let users = "users".parse()?;
+    /// let handle = backend.registry().register(Registration::builder("users", "u1").port(80).build()?).await?;
+    /// backend.restart().await?;
+    /// // It serves again, and (like a Consul -dev agent) forgot the registration, which the handle
+    /// // makes again on its next heartbeat.
+    /// assert!(backend.discovery().instances(&users).await?.is_empty());
+    /// # handle.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     async fn restart(&self) -> Result<(), String>;
 
     /// Cuts the clients from [`registry`](Self::registry) and [`discovery`](Self::discovery)
@@ -143,6 +334,44 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// The default fails, naming the method: a backend's test harness that cannot do this fails
     /// the `outage_without_change` scenario rather than pass it unchecked.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// #     async fn partition(&self) -> Result<(), String> { self.0.set_available(false); Ok(()) }
+    /// #     async fn heal(&self) -> Result<(), String> { self.0.set_available(true); Ok(()) }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use waypost_core::{Error, Registration};
+    ///
+    /// // Here partition() and heal() switch the in-process registry off and on
+    /// // (Memory::set_available): it stops answering, and keeps its data.
+    /// let backend = InProcess(Memory::new());
+    /// let users = "users".parse()?;
+    /// let handle = backend.registry().register(Registration::builder("users", "u1").port(80).build()?).await?;
+    /// backend.partition().await?;
+    /// assert!(matches!(backend.discovery().instances(&users).await, Err(Error::Unavailable { .. })));
+    /// backend.heal().await?;
+    /// assert_eq!(backend.discovery().instances(&users).await?.len(), 1); // nothing was lost
+    /// # handle.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     async fn partition(&self) -> Result<(), String> {
         Err(format!(
             "the {} test harness does not implement Backend::partition",
@@ -151,6 +380,43 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Ends a [`partition`](Self::partition).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// /// A harness that cannot cut its clients off.
+    /// struct NoGate(InProcess);
+    /// #[async_trait]
+    /// impl Backend for NoGate {
+    ///     fn name(&self) -> &'static str { "no-gate" }
+    ///     fn registry(&self) -> Arc<dyn Registry> { self.0.registry() }
+    ///     fn discovery(&self) -> Arc<dyn Discovery> { self.0.discovery() }
+    ///     async fn restart(&self) -> Result<(), String> { self.0.restart().await }
+    /// }
+    /// // The defaults fail, naming what is missing.
+    /// let backend = NoGate(InProcess(Memory::new()));
+    /// let err = backend.heal().await.unwrap_err();
+    /// assert_eq!(err, "the no-gate test harness does not implement Backend::heal");
+    /// # Ok(())
+    /// # }
+    /// ```
     async fn heal(&self) -> Result<(), String> {
         Err(format!(
             "the {} test harness does not implement Backend::heal",
@@ -162,23 +428,128 @@ pub trait Backend: Send + Sync + 'static {
     /// unreachable (its backoff cap). After a [`heal`](Self::heal), a watch must say it is in
     /// sync again within this period (plus two seconds of slack for a loaded machine).
     /// Default 5 s.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// assert_eq!(InProcess(Memory::new()).retry_period(), Duration::from_secs(5));
+    /// ```
     fn retry_period(&self) -> Duration {
         Duration::from_secs(5)
     }
 
     /// How long a change (a registration, a deregistration) may take to show in
     /// [`Discovery::instances`] and in a watch. Default 10 s.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use waypost_conformance::scenarios::eventually;
+    /// use waypost_core::Registration;
+    ///
+    /// let backend = InProcess(Memory::new());
+    /// assert_eq!(backend.settle_bound(), Duration::from_secs(10));
+    /// // How scenarios wait for a change: polling, for at most the bound.
+    /// let handle = backend.registry().register(Registration::builder("users", "u1").port(80).build()?).await?;
+    /// let users = "users".parse()?;
+    /// let listed = eventually(backend.settle_bound(), "u1 is listed", || async {
+    ///     match backend.discovery().instances(&users).await {
+    ///         Ok(list) if !list.is_empty() => Ok(list.len()),
+    ///         other => Err(format!("{other:?}")),
+    ///     }
+    /// })
+    /// .await;
+    /// assert_eq!(listed, 1);
+    /// # handle.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     fn settle_bound(&self) -> Duration {
         Duration::from_secs(10)
     }
 
     /// How long after [`restart`](Self::restart) returns the registrations and watches may take
     /// to heal (reconnect backoff included). Default 30 s.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// assert_eq!(InProcess(Memory::new()).heal_bound(), Duration::from_secs(30));
+    /// ```
     fn heal_bound(&self) -> Duration {
         Duration::from_secs(30)
     }
 
     /// The host scenarios register their instances with. Default `127.0.0.1`.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// let backend = InProcess(Memory::new());
+    /// assert_eq!(backend.host(), "127.0.0.1");
+    /// ```
     fn host(&self) -> String {
         "127.0.0.1".to_owned()
     }
@@ -187,12 +558,77 @@ pub trait Backend: Send + Sync + 'static {
     /// is the registry ([`scenarios::REGISTRATION`]) are skipped, printing `reason`, and
     /// [`registry`](Self::registry) must return the test's *fixture*: a registry that puts
     /// instances where this backend's discovery finds them. Default `None`.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// use waypost_conformance::{run, scenarios};
+    ///
+    /// /// A discovery that only reads what something else wrote (DNS records, say); here the
+    /// /// in-process registry plays both the fixture and the records.
+    /// struct ReadOnly(InProcess);
+    /// #[async_trait]
+    /// impl Backend for ReadOnly {
+    ///     fn name(&self) -> &'static str { "read-only" }
+    ///     fn registry(&self) -> Arc<dyn Registry> { self.0.registry() }
+    ///     fn discovery(&self) -> Arc<dyn Discovery> { self.0.discovery() }
+    ///     async fn restart(&self) -> Result<(), String> { self.0.restart().await }
+    ///     fn discovery_only(&self) -> Option<&'static str> {
+    ///         Some("it only reads records; the registry is a test fixture")
+    ///     }
+    /// }
+    /// assert_eq!(InProcess(Memory::new()).discovery_only(), None); // the default
+    /// // A registration scenario is skipped for it, with the reason printed.
+    /// assert!(scenarios::REGISTRATION.contains(&"duplicate_ids"));
+    /// run(
+    ///     "duplicate_ids",
+    ///     || async { ReadOnly(InProcess(Memory::new())) },
+    ///     |backend| Box::pin(scenarios::duplicate_ids(backend)),
+    /// );
+    /// ```
     fn discovery_only(&self) -> Option<&'static str> {
         None
     }
 
     /// What the discovery reports of an instance, so that scenarios compare only that.
     /// Default [`Describes::Everything`].
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use waypost_conformance::{async_trait, Backend};
+    /// # use waypost_core::{Discovery, Registry};
+    /// # use waypost_memory::Memory;
+    /// # /// The in-process backend, as its own conformance test sets it up.
+    /// # struct InProcess(Memory);
+    /// # #[async_trait]
+    /// # impl Backend for InProcess {
+    /// #     fn name(&self) -> &'static str { "memory" }
+    /// #     fn registry(&self) -> Arc<dyn Registry> { Arc::new(self.0.clone()) }
+    /// #     fn discovery(&self) -> Arc<dyn Discovery> { Arc::new(self.0.clone()) }
+    /// #     async fn restart(&self) -> Result<(), String> {
+    /// #         self.0.restart(Duration::from_millis(50)).await;
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// use waypost_conformance::Describes;
+    /// assert_eq!(InProcess(Memory::new()).describes(), Describes::Everything);
+    /// ```
     fn describes(&self) -> Describes {
         Describes::Everything
     }
@@ -396,6 +832,8 @@ where
 ///
 /// A [discovery-only](Backend::discovery_only) backend needs no list for the registration
 /// scenarios: they are skipped with the reason the backend gives.
+///
+/// (`no_run`: the expansion is `#[test]` functions, which a doc test does not run.)
 ///
 /// ```no_run
 /// # use std::sync::Arc;
