@@ -37,24 +37,42 @@
 //! more than three instances: over UDP Consul trims answers to three records without marking
 //! them truncated (unless its `dns_config.enable_truncate` is set).
 //!
-//! ```no_run
+//! ```
+//! use std::time::Duration;
 //! use futures::StreamExt;
-//! use waypost_core::{Discovery, ServiceName};
+//! use waypost_core::{Discovery, Registration, Registry, ServiceName, WatchEvent};
 //! use waypost_dns::{Dns, Protocol};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A real Consul agent (`consul agent -dev`, started by the test harness) with one instance.
+//! let agent = waypost_conformance::consul_server::ConsulServer::start().await;
+//! let consul = waypost_consul::Consul::builder().address(agent.addr()).build()?;
+//! let reg = Registration::builder("users", "users-1").host("127.0.0.1").port(8080).build()?;
+//! let handle = consul.register(reg).await?;
+//!
 //! let dns = Dns::builder()
-//!     .server("127.0.0.1:8600".parse()?) // a Consul agent's DNS interface
+//!     .server(agent.dns_addr()) // the agent's DNS interface (port 8600 by default)
 //!     .domain("consul")
 //!     .protocol(Protocol::Tcp)
 //!     .build()?;
 //! let users: ServiceName = "users".parse()?;
-//! for instance in dns.instances(&users).await? {
-//!     println!("{} weight {}", instance.authority(), instance.weight());
-//! }
+//! // Consul answers for the instance once its check passed.
+//! let found = waypost_conformance::scenarios::eventually(Duration::from_secs(10), "users over DNS", || async {
+//!     match dns.instances(&users).await {
+//!         Ok(list) if !list.is_empty() => Ok(list),
+//!         other => Err(format!("{other:?}")),
+//!     }
+//! })
+//! .await;
+//! // DNS carries no instance id: the id is the address.
+//! assert_eq!(found[0].id().as_str(), "127.0.0.1:8080");
+//! assert_eq!(found[0].authority(), "127.0.0.1:8080");
+//!
 //! let mut watch = dns.watch(&users);
-//! println!("{:?}", watch.next().await); // Snapshot, then Synced, then changes
+//! assert!(matches!(watch.next().await, Some(Ok(WatchEvent::Snapshot(all))) if all == found));
+//! assert!(matches!(watch.next().await, Some(Ok(WatchEvent::Synced)))); // then only changes
+//! # handle.shutdown().await?;
 //! # Ok(())
 //! # }
 //! ```
