@@ -115,6 +115,18 @@ impl Consul {
         ConsulBuilder::default().from_env().build()
     }
 
+    /// The agent's address as configured (a URL, credentials in it redacted), for messages:
+    /// with a [TLS server name](ConsulBuilder::tls_server_name) requests still go there.
+    ///
+    /// ```
+    /// let consul = waypost_consul::Consul::builder().address("10.0.0.2:8500").build()?;
+    /// assert_eq!(consul.address(), "http://10.0.0.2:8500/");
+    /// # Ok::<(), waypost_core::Error>(())
+    /// ```
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
     fn new(api: Arc<Api>, address: String, b: ConsulBuilder) -> Self {
         Consul {
             address: address.into(),

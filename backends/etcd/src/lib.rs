@@ -209,6 +209,20 @@ impl Etcd {
         self.shared.ctx.layout.key(service, id)
     }
 
+    /// The cluster's client URLs, as configured.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), waypost_core::Error> {
+    /// let etcd = waypost_etcd::Etcd::builder().endpoints(["127.0.0.1:2379"]).connect().await?;
+    /// assert_eq!(etcd.endpoints(), ["127.0.0.1:2379"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn endpoints(&self) -> &[String] {
+        &self.shared.ctx.endpoints
+    }
+
     /// The key prefix, without a trailing slash.
     pub fn prefix(&self) -> &str {
         self.shared.ctx.layout.prefix()
