@@ -112,8 +112,12 @@ impl Session {
             Some("path") => Some(HashKey::Path),
             Some(header) => Some(HashKey::header(header).map_err(|e| e.to_string())?),
         };
-        let strategy = waypost::strategies::by_name(&args.load.strategy)
-            .ok_or_else(|| format!("strategy {:?} is not compiled in", args.load.strategy))?;
+        let strategy = args
+            .load
+            .strategy
+            .parse::<waypost::strategies::StrategyKind>()
+            .map_err(|e| e.to_string())?
+            .build();
         let tls = args.tls.read()?;
 
         let metrics = match &args.load.metrics_addr {
@@ -125,8 +129,16 @@ impl Session {
 
         let balancer = backend.balancer(&service, strategy);
         let waiting = Instant::now();
-        if !balancer.wait_ready(args.load.wait).await {
+        if let Err(why) = balancer.ready_within(args.load.wait).await {
             stop_demo(demo).await;
+            // The backend's own failure first (unreachable, token refused): "no instance" would
+            // send the user looking for a service that may well be running.
+            if let Some(explained) = backend.explain(&why) {
+                return Err(explained);
+            }
+            if why.reported() > 0 {
+                return Err(why.to_string());
+            }
             return Err(format!(
                 "no instance of {service} appeared within {:?}; start one, e.g. \
                  cargo run --example user-service --features consul -- --backend consul --name {service} --port 0",
@@ -397,7 +409,7 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("header name"), "{err}");
 
-        // An agent address where nothing listens: no instance ever appears.
+        // An agent address where nothing listens: said so, with the address and what to do.
         #[cfg(feature = "consul")]
         {
             let closed = std::net::TcpListener::bind("127.0.0.1:0")
@@ -416,10 +428,80 @@ mod tests {
             .unwrap();
             let err = run(args).await.unwrap_err();
             assert!(
-                err.contains("no instance of user-service appeared"),
+                err.contains(&format!(
+                    "the consul backend at http://{addr}/ is unreachable"
+                )),
                 "{err}"
             );
+            assert!(err.contains("--consul-addr"), "what to do: {err}");
+            assert!(!err.contains("no instance"), "{err}");
         }
+    }
+
+    /// The three reasons for no instance, each against a real Consul agent: it refuses the
+    /// token, it answers and has none, or (above) nothing listens at the address.
+    #[cfg(feature = "consul")]
+    #[tokio::test]
+    async fn a_refused_token_and_a_service_nobody_registered_are_told_apart() {
+        use waypost_conformance::consul_server::ConsulServer;
+        let acl = ConsulServer::start_with_acl().await;
+        let dir = std::env::temp_dir().join(format!("waypost-client-acl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let wrong = dir.join("wrong-token");
+        std::fs::write(&wrong, "00000000-0000-4000-8000-000000000bad").unwrap();
+        let url = format!(
+            "consul://{}?token_file={}",
+            acl.addr(),
+            wrong.to_str().unwrap()
+        );
+        let err = run(parse(&["--registry", &url, "--wait", "2s"]).unwrap())
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains(&format!(
+                "the consul backend at http://{}/ refused the credentials",
+                acl.addr()
+            )),
+            "{err}"
+        );
+        assert!(err.contains("CONSUL_HTTP_TOKEN"), "what to do: {err}");
+        assert!(err.contains("ACL not found"), "Consul's own answer: {err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let consul = ConsulServer::start().await;
+        let args = parse(&[
+            "--backend",
+            "consul",
+            "--consul-addr",
+            &consul.addr(),
+            "--service",
+            "nobody-here",
+            "--wait",
+            "1s",
+        ])
+        .unwrap();
+        let err = run(args).await.unwrap_err();
+        assert!(
+            err.contains("no instance of nobody-here appeared within 1s"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_registry_url_replaces_the_backend_flags() {
+        let report = run(parse(&["--registry", "memory://", "--requests", "6"]).unwrap())
+            .await
+            .unwrap();
+        assert_eq!((report.ok, report.errors), (6, 0), "{report:?}");
+        assert_eq!(
+            report.by_tier,
+            Some(BTreeMap::from([("memory".to_string(), 6)]))
+        );
+        let err = parse(&["--registry", "consul://h:1?datacenter=dc1"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown parameter"), "{err}");
+        assert!(parse(&["--registry", "memory://", "--backend", "etcd"]).is_err());
     }
 
     /// Checks a scrape taken after `report`'s requests (none of them retried) and before the
@@ -652,6 +734,14 @@ mod tests {
             &["--backend", "consul", "--consul-addr", &consul.addr()],
         )
         .await;
+    }
+
+    #[cfg(feature = "consul")]
+    #[tokio::test]
+    async fn reports_on_a_service_in_a_real_consul_agent_named_by_a_url() {
+        let consul = waypost_conformance::consul_server::ConsulServer::start().await;
+        let url = format!("consul://{}?dc=dc1", consul.addr());
+        exercise("users-consul-url", &["--registry", &url]).await;
     }
 
     /// `--datacenter dc1 --failover dc2` on two real Consul datacenters joined over the WAN:

@@ -104,10 +104,21 @@ fn user(id: u32, instance: &str) -> serde_json::Value {
 pub enum BackendKind {
     /// In-process: only this process sees its registrations.
     Memory,
-    /// A Consul agent (`--consul-addr` or `CONSUL_HTTP_ADDR`; token from `CONSUL_HTTP_TOKEN`).
+    /// A Consul agent (`--consul-addr` or `CONSUL_HTTP_ADDR`; token from `CONSUL_HTTP_TOKEN`
+    /// or `CONSUL_HTTP_TOKEN_FILE`).
     Consul,
     /// An etcd cluster (`--etcd-endpoints` or `ETCD_ENDPOINTS`).
     Etcd,
+}
+
+impl BackendKind {
+    fn name(self) -> &'static str {
+        match self {
+            BackendKind::Memory => "memory",
+            BackendKind::Consul => "consul",
+            BackendKind::Etcd => "etcd",
+        }
+    }
 }
 
 /// The backend options both examples accept.
@@ -116,6 +127,12 @@ pub struct BackendArgs {
     /// Registry and discovery backend.
     #[arg(long, value_enum, default_value = "memory")]
     pub backend: BackendKind,
+    /// The backend as a URL instead of --backend and its connection flags: memory://,
+    /// consul://127.0.0.1:8500?dc=dc1 (also scheme, passing, tag, token_file, ca_cert, ...),
+    /// etcd://h1:2379,h2:2379/prefix (see waypost::BackendConfig).
+    #[arg(long, value_name = "URL",
+          conflicts_with_all = ["backend", "consul_addr", "etcd_endpoints", "datacenter"])]
+    pub registry: Option<waypost::BackendConfig>,
     /// Consul agent address (host:port or URL); default CONSUL_HTTP_ADDR, else 127.0.0.1:8500.
     #[arg(long)]
     pub consul_addr: Option<String>,
@@ -139,6 +156,8 @@ pub struct BackendArgs {
 
 /// A connected backend.
 pub struct Backend {
+    /// The backend of `--backend` / `--registry`.
+    pub connected: waypost::Backend,
     pub registry: Arc<dyn Registry>,
     pub discovery: Arc<dyn Discovery>,
     /// What the client balances over, in failover order: one tier (`discovery`) unless
@@ -171,132 +190,210 @@ impl Backend {
     pub fn tier_names(&self) -> Vec<String> {
         self.tiers.iter().map(|(name, _)| name.clone()).collect()
     }
+
+    /// Where the backend of `--backend` / `--registry` is: the Consul agent's URL, the etcd
+    /// endpoints, or "in-process".
+    pub fn address(&self) -> String {
+        #[cfg(feature = "consul")]
+        if let Some(consul) = self.connected.as_consul() {
+            return consul.address().to_owned();
+        }
+        #[cfg(feature = "etcd")]
+        if let Some(etcd) = self.connected.as_etcd() {
+            return etcd.endpoints().join(",");
+        }
+        "in-process".into()
+    }
+
+    /// Why no instance came, when the backend is the reason: unreachable, or the credentials
+    /// refused, with what to do. `None` when the backend answered (and had no instance).
+    pub fn explain(&self, why: &waypost::NotReady) -> Option<String> {
+        let error = why.error()?;
+        let name = error.backend().unwrap_or(self.connected.name());
+        let at = if name == self.connected.name() {
+            format!(" at {}", self.address())
+        } else {
+            String::new()
+        };
+        let fix = |consul: &'static str, etcd: &'static str| match name {
+            "consul" => consul,
+            "etcd" => etcd,
+            _ => "check the backend's configuration",
+        };
+        Some(match error {
+            waypost::Error::Unavailable { .. } => format!(
+                "the {name} backend{at} is unreachable: start it, or point {} at it ({error})",
+                fix(
+                    "--consul-addr (or CONSUL_HTTP_ADDR, or --registry consul://host:port)",
+                    "--etcd-endpoints (or ETCD_ENDPOINTS, or --registry etcd://host:port)",
+                )
+            ),
+            waypost::Error::PermissionDenied { .. } => format!(
+                "the {name} backend{at} refused the credentials: {} ({error})",
+                fix(
+                    "give an ACL token that may read the service, with CONSUL_HTTP_TOKEN, \
+                     CONSUL_HTTP_TOKEN_FILE or --registry consul://...?token_file=<path>",
+                    "the etcd user needs read permission on the prefix",
+                )
+            ),
+            other => format!("the {name} backend{at} fails: {other}"),
+        })
+    }
 }
 
 impl BackendArgs {
-    /// Connects to the chosen backend. A backend not compiled in is an error that says which
-    /// feature to enable.
+    /// The backend of `--registry`, or the one `--backend` and its connection flags name.
+    pub fn config(&self) -> Result<waypost::BackendConfig, String> {
+        match &self.registry {
+            Some(config) => Ok(config.clone()),
+            None => self.config_of(self.backend),
+        }
+    }
+
+    /// Connects to the chosen backend, and with `--failover` / `--failover-backend` to its
+    /// tiers. A backend not compiled in is an error that says which feature to enable.
     pub async fn connect(&self) -> Result<Backend, String> {
-        if (self.datacenter.is_some() || !self.failover.is_empty())
-            && self.backend != BackendKind::Consul
-        {
+        let config = self.config()?;
+        if (self.datacenter.is_some() || !self.failover.is_empty()) && config.name() != "consul" {
             return Err(
                 "--datacenter and --failover name Consul datacenters: give --backend consul too"
                     .into(),
             );
         }
-        if self.failover_backend == Some(self.backend) {
+        if self.failover_backend.map(BackendKind::name) == Some(config.name()) {
             return Err(format!(
-                "--failover-backend {:?} is the --backend already: name the other one",
-                self.backend
+                "--failover-backend {} is the --backend already: name the other one",
+                config.name()
             ));
         }
-        let mut backend = self.connect_kind(self.backend).await?;
+        let connected = config.connect().await.map_err(|e| e.to_string())?;
+        let mut tiers = self.tiers(&config, &connected).await?;
         if let Some(kind) = self.failover_backend {
-            let next = self.connect_kind(kind).await?;
-            backend.tiers.extend(next.tiers);
+            let next = self.config_of(kind)?;
+            let next = next.connect().await.map_err(|e| e.to_string())?;
+            tiers.push((next.name().to_owned(), next.discovery()));
         }
-        Ok(backend)
-    }
-
-    async fn connect_kind(&self, kind: BackendKind) -> Result<Backend, String> {
-        match kind {
-            BackendKind::Memory => memory(),
-            BackendKind::Consul => self.consul(),
-            BackendKind::Etcd => self.etcd().await,
-        }
-    }
-
-    #[cfg(feature = "consul")]
-    fn consul(&self) -> Result<Backend, String> {
-        let builder = || {
-            let mut b = waypost::consul::Consul::builder().from_env();
-            if let Some(addr) = &self.consul_addr {
-                b = b.address(addr.clone());
-            }
-            b
-        };
-        let with_dc = |dc: Option<&String>| {
-            let mut b = builder();
-            if let Some(dc) = dc {
-                b = b.datacenter(dc.clone());
-            }
-            b
-        };
-        let consul = Arc::new(
-            with_dc(self.datacenter.as_ref())
-                .build()
-                .map_err(|e| e.to_string())?,
-        );
-        let failing_over = !self.failover.is_empty() || self.failover_backend.is_some();
-        let tiers: Vec<(String, Arc<dyn Discovery>)> = if failing_over {
-            // A tier's health is the share of its instances that are not critical: the tiers
-            // must see the critical ones too.
-            let mut tiers = Vec::new();
-            let first = self.datacenter.clone().unwrap_or_else(|| "consul".into());
-            for (name, dc) in std::iter::once((first, self.datacenter.as_ref()))
-                .chain(self.failover.iter().map(|dc| (dc.clone(), Some(dc))))
-            {
-                let tier = with_dc(dc)
-                    .passing_only(false)
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                tiers.push((name, Arc::new(tier) as Arc<dyn Discovery>));
-            }
-            tiers
-        } else {
-            vec![("consul".into(), consul.clone() as Arc<dyn Discovery>)]
-        };
         Ok(Backend {
-            registry: consul.clone(),
-            discovery: consul,
+            registry: connected.registry(),
+            discovery: connected.discovery(),
             tiers,
             #[cfg(feature = "memory")]
-            memory: None,
+            memory: connected.as_memory().cloned(),
+            connected,
         })
     }
 
-    #[cfg(not(feature = "consul"))]
-    fn consul(&self) -> Result<Backend, String> {
-        Err(missing_feature("consul"))
-    }
-
-    #[cfg(feature = "etcd")]
-    async fn etcd(&self) -> Result<Backend, String> {
-        let mut b = waypost::etcd::Etcd::builder().from_env();
-        if !self.etcd_endpoints.is_empty() {
-            b = b.endpoints(self.etcd_endpoints.clone());
+    /// One tier for the backend, or with `--failover` (or a failover backend after Consul) one
+    /// per Consul datacenter, each listing critical instances too: a tier's health is the share
+    /// of its instances that are not critical.
+    #[cfg_attr(not(feature = "consul"), allow(unused_variables))]
+    async fn tiers(
+        &self,
+        config: &waypost::BackendConfig,
+        connected: &waypost::Backend,
+    ) -> Result<Vec<(String, Arc<dyn Discovery>)>, String> {
+        #[cfg(feature = "consul")]
+        if let waypost::BackendConfig::Consul(consul) = config {
+            if !self.failover.is_empty() || self.failover_backend.is_some() {
+                let first = consul.get_datacenter().map(str::to_owned);
+                let named =
+                    std::iter::once((first.clone().unwrap_or_else(|| "consul".into()), first))
+                        .chain(
+                            self.failover
+                                .iter()
+                                .map(|dc| (dc.clone(), Some(dc.clone()))),
+                        );
+                let mut tiers = Vec::new();
+                for (name, dc) in named {
+                    let mut tier = consul.clone().passing_only(false);
+                    if let Some(dc) = dc {
+                        tier = tier.datacenter(dc);
+                    }
+                    let tier = waypost::BackendConfig::Consul(tier)
+                        .connect()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tiers.push((name, tier.discovery()));
+                }
+                return Ok(tiers);
+            }
         }
-        let etcd = Arc::new(b.connect().await.map_err(|e| e.to_string())?);
-        Ok(Backend {
-            registry: etcd.clone(),
-            discovery: etcd.clone(),
-            tiers: vec![("etcd".into(), etcd)],
-            #[cfg(feature = "memory")]
-            memory: None,
+        Ok(vec![(connected.name().to_owned(), connected.discovery())])
+    }
+
+    /// The backend URL that `kind` and the connection flags make.
+    fn config_of(&self, kind: BackendKind) -> Result<waypost::BackendConfig, String> {
+        let mut params = Vec::new();
+        let url = match kind {
+            BackendKind::Memory => "memory://".to_owned(),
+            BackendKind::Consul => {
+                let (scheme, addr) = match &self.consul_addr {
+                    Some(addr) => split_scheme(addr),
+                    None => (None, ""),
+                };
+                if let Some(scheme) = scheme {
+                    params.push(format!("scheme={scheme}"));
+                }
+                if let Some(dc) = &self.datacenter {
+                    params.push(format!("dc={}", plain("--datacenter", dc)?));
+                }
+                format!("consul://{addr}")
+            }
+            BackendKind::Etcd => {
+                let split: Vec<_> = self
+                    .etcd_endpoints
+                    .iter()
+                    .map(|e| split_scheme(e))
+                    .collect();
+                if let Some((scheme, _)) = split.first() {
+                    if split.iter().any(|(s, _)| s != scheme) {
+                        return Err("--etcd-endpoints mixes http:// and https://: use one".into());
+                    }
+                    if let Some(scheme) = scheme {
+                        params.push(format!("scheme={scheme}"));
+                    }
+                }
+                let hosts: Vec<&str> = split.iter().map(|(_, h)| *h).collect();
+                format!("etcd://{}", hosts.join(","))
+            }
+        };
+        let url = if params.is_empty() {
+            url
+        } else {
+            format!("{url}?{}", params.join("&"))
+        };
+        url.parse().map_err(|e| match e {
+            waypost::ConfigError::FeatureDisabled { scheme } => missing_feature(scheme),
+            e => format!("--backend {}: {e}", kind.name()),
         })
     }
+}
 
-    #[cfg(not(feature = "etcd"))]
-    async fn etcd(&self) -> Result<Backend, String> {
-        Err(missing_feature("etcd"))
+/// `http://host:port` → (`http`, `host:port`); `host:port` → (none, `host:port`).
+fn split_scheme(address: &str) -> (Option<&'static str>, &str) {
+    let address = address.trim().trim_end_matches('/');
+    if let Some(rest) = address.strip_prefix("https://") {
+        (Some("https"), rest)
+    } else if let Some(rest) = address.strip_prefix("http://") {
+        (Some("http"), rest)
+    } else {
+        (None, address)
     }
 }
 
-#[cfg(feature = "memory")]
-fn memory() -> Result<Backend, String> {
-    let memory = waypost::memory::Memory::new();
-    Ok(Backend {
-        registry: Arc::new(memory.clone()),
-        discovery: Arc::new(memory.clone()),
-        tiers: vec![("memory".into(), Arc::new(memory.clone()))],
-        memory: Some(memory),
-    })
-}
-
-#[cfg(not(feature = "memory"))]
-fn memory() -> Result<Backend, String> {
-    Err(missing_feature("memory"))
+/// A flag's value that goes into a URL as it is: letters, digits, `-`, `_`, `.`.
+fn plain<'a>(flag: &str, value: &'a str) -> Result<&'a str, String> {
+    if !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{flag} {value:?} is not a datacenter name (letters, digits, '-', '_', '.')"
+        ))
+    }
 }
 
 fn missing_feature(name: &str) -> String {
