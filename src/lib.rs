@@ -71,8 +71,8 @@
 //! | `metrics` | yes | metrics through the `metrics` facade (nothing is recorded without a recorder) |
 //! | `tower` | no | `tower`: a balancing tower `Service`, and a watch as a tower `Discover` |
 //! | `grpc` | no | `grpc`: a channel for tonic clients, balanced by a `Balancer` |
+//! | `full` | no | everything but `test-util` |
 //! | `test-util` | no | test aids of the in-process backend: `Memory::set_available`, `Memory::restart` |
-//! | `full` | no | everything |
 #![warn(missing_docs)]
 
 pub use waypost_core::*;
