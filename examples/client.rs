@@ -128,28 +128,15 @@ impl Session {
         let demo = demo_instances(&args, &backend).await?;
 
         let balancer = backend.balancer(&service, strategy);
-        let waiting = Instant::now();
-        if let Err(why) = balancer.ready_within(args.load.wait).await {
+        let start_one = format!(
+            "cargo run --example user-service --features consul -- --backend consul --name {service} --port 0"
+        );
+        if let Err(why) = backend
+            .ready(&balancer, &service, args.load.wait, &start_one)
+            .await
+        {
             stop_demo(demo).await;
-            // The backend's own failure first (unreachable, token refused): "no instance" would
-            // send the user looking for a service that may well be running.
-            if let Some(explained) = backend.explain(&why) {
-                return Err(explained);
-            }
-            if why.reported() > 0 {
-                return Err(why.to_string());
-            }
-            return Err(format!(
-                "no instance of {service} appeared within {:?}; start one, e.g. \
-                 cargo run --example user-service --features consul -- --backend consul --name {service} --port 0",
-                args.load.wait
-            ));
-        }
-        // With failover tiers, the first tier to answer must not take the traffic that is the
-        // preferred tier's: wait (within --wait) until every tier's watch has said where it
-        // stands.
-        while !balancer.status().in_sync && waiting.elapsed() < args.load.wait {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            return Err(why);
         }
         let mut builder = HttpClient::builder(balancer).request_timeout(args.load.timeout);
         if let Some(key) = hash_key.clone() {

@@ -239,6 +239,47 @@ impl Backend {
             other => format!("the {name} backend{at} fails: {other}"),
         })
     }
+
+    /// Waits up to `wait` for an instance of `service`, and then (within the same `wait`) for
+    /// every tier's watch to be in sync, so that with failover tiers the first tier to answer
+    /// does not take the preferred tier's first requests. If no instance came, says why, for a
+    /// person: the backend first (unreachable, credentials refused), then what it reported,
+    /// then "start one" with `start_one`, a command that would.
+    pub async fn ready(
+        &self,
+        balancer: &waypost::Balancer,
+        service: &waypost::ServiceName,
+        wait: Duration,
+        start_one: &str,
+    ) -> Result<(), String> {
+        let started = tokio::time::Instant::now();
+        if let Err(why) = balancer.ready_within(wait).await {
+            // "No instance" would send the user looking for a service that may well be
+            // running, when the backend is the reason.
+            if let Some(explained) = self.explain(&why) {
+                return Err(explained);
+            }
+            if why.reported() > 0 {
+                return Err(why.to_string());
+            }
+            return Err(format!(
+                "no instance of {service} appeared within {wait:?}; start one, e.g. {start_one}"
+            ));
+        }
+        let mut seen = balancer.generation();
+        while !balancer.status().in_sync {
+            let left = wait.saturating_sub(started.elapsed());
+            // A tier's first Synced may leave the set as it is: wake up now and then as well.
+            let step = left.min(Duration::from_millis(50));
+            if step.is_zero() {
+                break;
+            }
+            if let Ok(now) = tokio::time::timeout(step, balancer.changed(seen)).await {
+                seen = now;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl BackendArgs {

@@ -151,8 +151,12 @@ impl Session {
         // Bad input fails before anything listens or connects.
         let service = ServiceName::new(&args.service).map_err(|e| e.to_string())?;
         let key = args.load.key.as_deref().map(Key::parse).transpose()?;
-        let strategy = waypost::strategies::by_name(&args.load.strategy)
-            .ok_or_else(|| format!("strategy {:?} is not compiled in", args.load.strategy))?;
+        let strategy = args
+            .load
+            .strategy
+            .parse::<waypost::strategies::StrategyKind>()
+            .map_err(|e| e.to_string())?
+            .build();
         let ca = match &args.ca {
             Some(path) => Some(
                 std::fs::read(path)
@@ -169,14 +173,16 @@ impl Session {
         let demo = demo_instances(&args, &backend).await?;
 
         let balancer = backend.balancer(&service, strategy);
-        if !balancer.wait_ready(args.load.wait).await {
+        let start_one = format!(
+            "cargo run -p waypost-grpc-examples --example grpc-service -- --backend consul \
+             --name {service} --port 0"
+        );
+        if let Err(why) = backend
+            .ready(&balancer, &service, args.load.wait, &start_one)
+            .await
+        {
             stop_demo(demo).await;
-            return Err(format!(
-                "no instance of {service} appeared within {:?}; start one, e.g. \
-                 cargo run -p waypost-grpc-examples --example grpc-service -- --backend consul \
-                 --name {service} --port 0",
-                args.load.wait
-            ));
+            return Err(why);
         }
         let mut builder = GrpcChannel::builder(balancer)
             .connect_timeout(args.load.timeout.min(Duration::from_secs(1)))
@@ -504,7 +510,7 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("cannot read the CA"), "{err}");
 
-        // An agent address where nothing listens: no instance ever appears.
+        // An agent address where nothing listens: the client says so, not "no instance".
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -520,7 +526,8 @@ mod tests {
         ])
         .unwrap();
         let err = run(args).await.unwrap_err();
-        assert!(err.contains("no instance of user-grpc appeared"), "{err}");
+        assert!(err.contains("unreachable"), "{err}");
+        assert!(err.contains(&addr), "{err}");
     }
 
     /// Checks a scrape taken after `report`'s calls (none of them retried) and before the
