@@ -16,6 +16,9 @@
 //!   machine is otherwise idle; BENCHMARKS.md records the load.
 //! - `balancer_pick/<strategy>/<n>`: `Balancer::pick_with` and dropping the guard, i.e. the whole
 //!   request-path cost: snapshot load, pick, in-flight accounting.
+//! - `balancer_pick_excluding/<strategy>/<n>`: `Balancer::pick_excluding` and dropping the
+//!   guard: a retry avoiding the instance that the request's first pick chose (64 requests in
+//!   turn; for hashing strategies, each key's own instance, so every retry walks on).
 //! - `balancer_pick_tiered/<state>/<strategy>/<n>`: the same through a balancer with two
 //!   failover tiers of `n` instances each: `healthy` (the first tier takes everything) and
 //!   `spilling` (two thirds of the first tier critical: 47 % stays, 53 % spills).
@@ -35,7 +38,7 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use waypost_core::{Balancer, Health, WatchEvent};
+use waypost_core::{Balancer, Health, InstanceId, WatchEvent};
 
 use fixture::{context, endpoints, instances, is_hashing, SIZES};
 
@@ -98,6 +101,35 @@ fn balancer_pick(c: &mut Criterion) {
                 drop(black_box(balancer.pick_with(&context(hashing, i))));
             };
             c.benchmark_group("balancer_pick")
+                .bench_function(BenchmarkId::new(name, n), |b| {
+                    b.iter_custom(|iters| run(iters, 0, &one))
+                });
+        }
+    }
+}
+
+fn balancer_pick_excluding(c: &mut Criterion) {
+    for n in [10, 10_000] {
+        for name in waypost_strategies::names() {
+            let strategy = waypost_strategies::by_name(name).expect("names() lists it");
+            let balancer = Balancer::new(strategy);
+            balancer.apply(WatchEvent::Snapshot(instances(n)));
+            let hashing = is_hashing(name);
+            // 64 requests whose first attempt failed: each retry avoids the instance its own
+            // first pick chose (for a hashing strategy, its key's instance).
+            let tried: Vec<Vec<InstanceId>> = (0..64u64)
+                .map(|i| {
+                    let first = balancer.pick_with(&context(hashing, i)).expect("a pick");
+                    vec![first.instance().id().clone()]
+                })
+                .collect();
+            let one = |i: u64| {
+                let k = i % 64;
+                drop(black_box(
+                    balancer.pick_excluding(&context(hashing, k), &tried[k as usize]),
+                ));
+            };
+            c.benchmark_group("balancer_pick_excluding")
                 .bench_function(BenchmarkId::new(name, n), |b| {
                     b.iter_custom(|iters| run(iters, 0, &one))
                 });
@@ -180,6 +212,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = pick, balancer_pick, balancer_pick_tiered, seed_port
+    targets = pick, balancer_pick, balancer_pick_excluding, balancer_pick_tiered, seed_port
 }
 criterion_main!(benches);
