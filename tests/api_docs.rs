@@ -48,8 +48,6 @@ const NOT_YET: &[(&str, &str)] = &[
     // `no_run` only: they can run against a real etcd from waypost-conformance's harness.
     ("backends/etcd/src/builder.rs", "EtcdBuilder"),
     ("backends/etcd/src/lib.rs", "Etcd"),
-    ("src/grpc/mod.rs", "GrpcError"),
-    ("src/grpc/mod.rs", "GrpcChannelBuilder"),
 ];
 
 /// The source roots of the library crates, relative to the workspace root; `backends/*` is

@@ -313,8 +313,9 @@ impl BalancerBuilder {
     /// Adds a failover tier that follows `discovery.watch(service)`. Tiers are in the order
     /// added, the first one preferred: it takes all the traffic while its healthy share ×
     /// the [overprovisioning](Self::overprovisioning) factor covers 100 %, and what it cannot
-    /// take spills to the next ones (the rule is in [`TierStatus`]'s module docs and
-    /// [`Balancer::tiers`]). Each tier has its own strategy state and is fail-static on its
+    /// take spills to the next ones (the whole rule is in the crate docs'
+    /// [failover tiers](crate#failover-tiers) section; [`Balancer::tiers`] reports the shares).
+    /// Each tier has its own strategy state and is fail-static on its
     /// own; an instance id that a higher tier serves is left out of the lower ones, so an
     /// instance registered in two registries (a migration) is counted and served once.
     ///

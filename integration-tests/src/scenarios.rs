@@ -243,7 +243,7 @@ impl Mirror {
 
     /// Compares instances as `describes` says the backend reports them: for
     /// [`Describes::Address`], each instance is named by the id it was registered with (through
-    /// this module's [`register`]-time record of addresses) before the checks and the set see
+    /// this module's `register`-time record of addresses) before the checks and the set see
     /// it, so that scenarios speak of `a` and `b` whatever ids the discovery makes up.
     pub fn describing(mut self, describes: Describes) -> Self {
         self.describes = describes;

@@ -1,7 +1,7 @@
 //! Waypost as the channel of any tonic client (feature `grpc`).
 //!
 //! [`GrpcChannel`] is a `Clone` tower service that tonic-generated clients accept in place of
-//! tonic's `Channel` (`UsersClient::new(channel)`). It is a [`Balanced`](crate::tower::Balanced)
+//! tonic's `Channel` (`UsersClient::new(channel)`). It is a [`Balanced`]
 //! service over a Waypost [`Balancer`]: every call picks an instance with the balancer's
 //! strategy (any of them, consistent hashing by a metadata key included, the resilience layer
 //! too) and goes out on that instance's own lazily connecting tonic channel, so load-aware
@@ -11,7 +11,7 @@
 //! - **Per instance**: one `tonic::transport::Channel` (`connect_lazy`), with the connect
 //!   timeout and HTTP/2 keep-alive of the builder; `https` (rustls) when the instance's metadata
 //!   says `scheme=https` or the builder says so for all, trusting the builder's CA.
-//! - **Outcomes**: [`GrpcStatus`](crate::tower::GrpcStatus) reads the status of each call:
+//! - **Outcomes**: [`GrpcStatus`] reads the status of each call:
 //!   UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL and RESOURCE_EXHAUSTED, or a transport error, are
 //!   failures of the instance.
 //! - **Retries**, on another instance, within the attempts and the [`RetryBudget`]: after a
@@ -44,6 +44,19 @@ use crate::tower::{BalanceError, Balanced, Class, Classify, GrpcStatus, Retry, R
 pub use crate::SCHEME_METADATA;
 
 /// Why a channel could not be built, or a call failed before or outside the instance.
+///
+/// ```
+/// use waypost::grpc::{GrpcChannel, GrpcError};
+/// use waypost::strategies::RoundRobin;
+/// use waypost::Balancer;
+///
+/// let err = GrpcChannel::builder(Balancer::new(RoundRobin::new()))
+///     .hash_key("not a key")
+///     .build()
+///     .unwrap_err();
+/// assert!(matches!(err, GrpcError::Config { .. }));
+/// assert!(err.to_string().contains("not a metadata key"), "{err}");
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GrpcError {
@@ -205,6 +218,26 @@ impl fmt::Debug for GrpcChannel {
 }
 
 /// Options of a [`GrpcChannel`]; see [`GrpcChannel::builder`].
+///
+/// ```
+/// use std::time::Duration;
+/// use waypost::grpc::GrpcChannel;
+/// use waypost::strategies::RoundRobin;
+/// use waypost::Balancer;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let channel = GrpcChannel::builder(Balancer::new(RoundRobin::new()))
+///     .connect_timeout(Duration::from_millis(500))
+///     .hash_key("x-user-id")
+///     .idempotent("/users.Users/GetUser")
+///     .max_attempts(3)
+///     .build();
+/// assert!(channel.is_ok());
+/// // Retries need at least the first attempt.
+/// let none = GrpcChannel::builder(Balancer::new(RoundRobin::new())).max_attempts(0).build();
+/// assert!(none.unwrap_err().to_string().contains("max_attempts"));
+/// # }
+/// ```
 #[must_use]
 pub struct GrpcChannelBuilder {
     balancer: Balancer,
