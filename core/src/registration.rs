@@ -247,6 +247,26 @@ impl Registration {
 }
 
 /// Builds a validated [`Registration`]; see [`Registration::builder`].
+///
+/// ```
+/// use std::time::Duration;
+/// use waypost_core::{Field, HealthCheck, Registration};
+///
+/// let reg = Registration::builder("users", "users-1")
+///     .port(8080) // no host: the backend announces the machine's address
+///     .tag("v1")
+///     .weight(3)
+///     .check(HealthCheck::ttl(Duration::from_secs(10)))
+///     .deregister_critical_after(Duration::from_secs(90))
+///     .build()?;
+/// assert_eq!((reg.host(), reg.port()), (None, 8080));
+/// assert_eq!(reg.instance_or_host("10.0.0.7")?.authority(), "10.0.0.7:8080");
+///
+/// // A bad value fails here, before any I/O, naming the field.
+/// let err = Registration::builder("users", "users-1").port(0).build().unwrap_err();
+/// assert_eq!(err.field(), &Field::Port);
+/// # Ok::<(), waypost_core::ValidationError>(())
+/// ```
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct RegistrationBuilder {
