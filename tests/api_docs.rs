@@ -44,9 +44,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("core/src/strategy.rs", "Picker"),
     ("core/src/strategy.rs", "Picker::pick"),
     ("core/src/strategy.rs", "Picker::serving"),
-    // `no_run` only: they can run against a real etcd from waypost-conformance's harness.
-    ("backends/etcd/src/builder.rs", "EtcdBuilder"),
-    ("backends/etcd/src/lib.rs", "Etcd"),
 ];
 
 /// The source roots of the library crates, relative to the workspace root; `backends/*` is

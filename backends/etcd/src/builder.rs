@@ -19,21 +19,29 @@ pub const ENDPOINTS_ENV: &str = "ETCD_ENDPOINTS";
 
 /// Builds an [`Etcd`] client; see [`Etcd::builder`].
 ///
-/// ```no_run
+/// ```
 /// use std::time::Duration;
+/// use waypost_core::{Discovery, Error};
 /// use waypost_etcd::Etcd;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), waypost_core::Error> {
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let server = waypost_conformance::etcd_server::EtcdServer::start().await;
+/// # let endpoint = server.endpoint(); // a real etcd the example started
 /// let etcd = Etcd::builder()
-///     .endpoints(["http://10.0.0.1:2379", "http://10.0.0.2:2379"])
+///     .endpoints([endpoint.clone()])
 ///     .prefix("/my-company/services")
 ///     .lease_ttl(Duration::from_secs(15))
 ///     .request_timeout(Duration::from_secs(3))
-///     .from_env() // ETCD_ENDPOINTS, when set, replaces the endpoints above
 ///     .connect()
 ///     .await?;
-/// # drop(etcd);
+/// assert!(etcd.instances(&"users".parse()?).await?.is_empty());
+///
+/// // A mistake is found before any I/O, and says what fits.
+/// let none: [&str; 0] = [];
+/// let err = Etcd::builder().endpoints(none).connect().await.unwrap_err();
+/// assert!(matches!(err, Error::Config { .. }), "{err}");
+/// assert!(err.to_string().contains("ETCD_ENDPOINTS"), "{err}");
 /// # Ok(())
 /// # }
 /// ```

@@ -113,11 +113,27 @@ pub use record::{decode_record, encode_record, RecordError, SCHEMA_VERSION};
 /// A client of an etcd cluster: a [`Registry`] and a [`Discovery`]. Cheap to clone; clones
 /// share the connection and the counters.
 ///
-/// ```no_run
+/// ```
+/// use std::time::Duration;
+/// use waypost_core::{Discovery, HealthCheck, Registration, Registry};
+///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), waypost_core::Error> {
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let server = waypost_conformance::etcd_server::EtcdServer::start().await;
+/// # std::env::set_var("ETCD_ENDPOINTS", server.endpoint());
+/// // ETCD_ENDPOINTS names the cluster (here: a real etcd the example started).
 /// let etcd = waypost_etcd::Etcd::builder().from_env().connect().await?;
-/// println!("{etcd:?}, {} values skipped so far", etcd.skipped_records());
+/// let registration = Registration::builder("users", "users-1")
+///     .host("10.0.0.5")
+///     .port(8080)
+///     .check(HealthCheck::ttl(Duration::from_secs(10))) // the lease's TTL
+///     .build()?;
+/// let handle = etcd.register(registration).await?;
+/// let listed = etcd.instances(&"users".parse()?).await?;
+/// assert_eq!(listed[0].authority(), "10.0.0.5:8080");
+/// assert_eq!(etcd.skipped_records(), 0);
+/// handle.shutdown().await?; // revokes the lease: the key goes at once
+/// assert!(etcd.instances(&"users".parse()?).await?.is_empty());
 /// # Ok(())
 /// # }
 /// ```
