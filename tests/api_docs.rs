@@ -38,13 +38,7 @@ const CANNOT_RUN: &[(&str, &str, &str)] = &[];
 
 /// Items without a passing example yet, in files being rewritten as this list was made:
 /// (file, item). Remove an entry when its example is written.
-const NOT_YET: &[(&str, &str)] = &[
-    ("core/src/strategy.rs", "Strategy::name"),
-    ("core/src/strategy.rs", "Strategy::build"),
-    ("core/src/strategy.rs", "Picker"),
-    ("core/src/strategy.rs", "Picker::pick"),
-    ("core/src/strategy.rs", "Picker::serving"),
-];
+const NOT_YET: &[(&str, &str)] = &[];
 
 /// The source roots of the library crates, relative to the workspace root; `backends/*` is
 /// expanded to every backend.

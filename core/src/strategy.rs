@@ -31,9 +31,30 @@ use crate::endpoint::{clock_nanos, Endpoint};
 /// ```
 pub trait Strategy: Send + Sync + 'static {
     /// The strategy's name, as the examples and metrics spell it (`round-robin`, ...).
+    ///
+    /// ```
+    /// # use waypost_core::{Endpoint, PickContext, Picker, ServiceInstance, Strategy};
+    /// # struct First; struct FirstPicker;
+    /// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(FirstPicker) } }
+    /// # impl Picker for FirstPicker { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+    /// # let eps: Vec<Endpoint> = ["a", "b"].iter().map(|id| Endpoint::fresh(ServiceInstance::builder("s", *id).host("h").port(1).build().unwrap())).collect();
+    /// assert_eq!(First.name(), "first");
+    /// let balancer = waypost_core::Balancer::new(First);
+    /// assert_eq!(balancer.status().strategy, "first");
+    /// ```
     fn name(&self) -> &str;
 
     /// Prepares a picker for `endpoints` (sorted by id, never empty when the balancer calls).
+    ///
+    /// ```
+    /// # use waypost_core::{Endpoint, PickContext, Picker, ServiceInstance, Strategy};
+    /// # struct First; struct FirstPicker;
+    /// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(FirstPicker) } }
+    /// # impl Picker for FirstPicker { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+    /// # let eps: Vec<Endpoint> = ["a", "b"].iter().map(|id| Endpoint::fresh(ServiceInstance::builder("s", *id).host("h").port(1).build().unwrap())).collect();
+    /// let picker = First.build(&eps);
+    /// assert_eq!(picker.pick(&eps, &PickContext::new()), Some(0));
+    /// ```
     fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Picker>;
 }
 
@@ -57,8 +78,38 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
 
 /// Picks one endpoint of an immutable set. Runs on every request: must not lock, allocate or
 /// block. Always called with the same `endpoints` slice it was built for.
+///
+/// ```
+/// use waypost_core::{Endpoint, PickContext, Picker, ServiceInstance};
+///
+/// /// The endpoint whose index is the key's hash modulo the set's size.
+/// struct ByHash;
+/// impl Picker for ByHash {
+///     fn pick(&self, endpoints: &[Endpoint], ctx: &PickContext<'_>) -> Option<usize> {
+///         let n = endpoints.len() as u64;
+///         (n > 0).then(|| (ctx.hash().unwrap_or(0) % n) as usize)
+///     }
+/// }
+/// let eps: Vec<Endpoint> = ["a", "b", "c"]
+///     .iter()
+///     .map(|id| Endpoint::fresh(ServiceInstance::builder("s", *id).host("h").port(1).build().unwrap()))
+///     .collect();
+/// let ctx = PickContext::new().with_key(b"user-42");
+/// assert_eq!(ByHash.pick(&eps, &ctx), ByHash.pick(&eps, &ctx));
+/// assert_eq!(ByHash.pick(&[], &ctx), None);
+/// ```
 pub trait Picker: Send + Sync + 'static {
     /// The index into `endpoints` to use, or `None` if none fits the context.
+    ///
+    /// ```
+    /// # use waypost_core::{Endpoint, PickContext, Picker, ServiceInstance, Strategy};
+    /// # struct First; struct FirstPicker;
+    /// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(FirstPicker) } }
+    /// # impl Picker for FirstPicker { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+    /// # let eps: Vec<Endpoint> = ["a", "b"].iter().map(|id| Endpoint::fresh(ServiceInstance::builder("s", *id).host("h").port(1).build().unwrap())).collect();
+    /// assert_eq!(FirstPicker.pick(&eps, &PickContext::new()), Some(0));
+    /// assert_eq!(FirstPicker.pick(&[], &PickContext::new()), None);
+    /// ```
     fn pick(&self, endpoints: &[Endpoint], ctx: &PickContext<'_>) -> Option<usize>;
 
     /// The index to use for a retry that must avoid every endpoint for which `excluded(i)` is
@@ -125,6 +176,15 @@ pub trait Picker: Send + Sync + 'static {
     /// How many of `endpoints` picks choose from now (the `waypost_membership_served` gauge):
     /// all of them, unless the picker leaves some out (filtered, ejected; all again in panic
     /// mode). Read on the update side, never per pick.
+    ///
+    /// ```
+    /// # use waypost_core::{Endpoint, PickContext, Picker, ServiceInstance, Strategy};
+    /// # struct First; struct FirstPicker;
+    /// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(FirstPicker) } }
+    /// # impl Picker for FirstPicker { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+    /// # let eps: Vec<Endpoint> = ["a", "b"].iter().map(|id| Endpoint::fresh(ServiceInstance::builder("s", *id).host("h").port(1).build().unwrap())).collect();
+    /// assert_eq!(FirstPicker.serving(&eps), 2); // the default: every endpoint
+    /// ```
     fn serving(&self, endpoints: &[Endpoint]) -> usize {
         endpoints.len()
     }
