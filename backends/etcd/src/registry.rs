@@ -1,5 +1,6 @@
 //! Registration: a lease, the instance's key put with it, and a keep-alive that heals.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,9 +105,17 @@ pub(crate) async fn keep(
     mut ka: KeepAlive,
 ) -> Result<(), Error> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    // The key's guard runs beside the keep-alives, never in their way: a check of the key
+    // that waits on a silent server must not delay the beat that keeps the lease.
+    let current = Arc::new(AtomicI64::new(lease));
+    let guard = KeyGuard::spawn(ctx.clone(), entry.clone(), current.clone());
     loop {
         let reason = match hold(&ctx, &entry, lease, &mut ka).await {
-            Held::Stop(StopMode::Deregister) => return revoke(&ctx, lease).await,
+            Held::Stop(StopMode::Deregister) => {
+                // Stopped first, so that it cannot put back the key the revoke deletes.
+                drop(guard);
+                return revoke(&ctx, lease).await;
+            }
             Held::Stop(StopMode::Abandon) => return Ok(()),
             Held::Lost(reason) => reason,
         };
@@ -120,6 +129,7 @@ pub(crate) async fn keep(
             let attempt = tokio::select! {
                 mode = ka.stopped() => {
                     // The old lease may still hold the key (a silent stream, not an expiry).
+                    drop(guard);
                     return match mode {
                         StopMode::Deregister => revoke(&ctx, lease).await,
                         StopMode::Abandon => Ok(()),
@@ -132,6 +142,7 @@ pub(crate) async fn keep(
                     // The key now hangs on the new lease; the old one holds nothing.
                     revoke_in_background(&ctx, lease);
                     lease = new_lease;
+                    current.store(lease, Ordering::Release);
                     backoff.reset();
                     tracing::info!(key = %entry.key, lease, "etcd registration restored");
                     break;
@@ -140,6 +151,7 @@ pub(crate) async fn keep(
                     tracing::warn!(key = %entry.key, error = %e, "re-registering in etcd failed; retrying");
                     ka.set_recovering(format!("{reason}; re-registering failed: {e}"));
                     if let Some(mode) = ka.sleep(backoff.next_delay()).await {
+                        drop(guard);
                         return match mode {
                             StopMode::Deregister => revoke(&ctx, lease).await,
                             StopMode::Abandon => Ok(()),
@@ -182,36 +194,9 @@ async fn hold(ctx: &Ctx, entry: &Entry, lease: i64, ka: &mut KeepAlive) -> Held 
         },
     };
     ka.set_live();
-    // The key may be deleted by someone else while the lease lives (an operator's `etcdctl del`,
-    // a script cleaning up): a watch on it notices at once, and the key is put back. While the
-    // watch is down, each keep-alive round checks the key instead. An overwrite is left alone:
-    // it is how a second registration of the same id takes over (the last one wins).
-    let mut guard = KeyGuard { stream: None };
-    if let Err(held) = guard.open(ctx, entry, lease, ka).await {
-        return held;
-    }
-    let mut next_beat = tokio::time::Instant::now() + interval;
     loop {
-        // A deadline, not a sleep per turn: changes to the key must not push keep-alives back.
-        let change = tokio::select! {
-            mode = ka.stopped() => return Held::Stop(mode),
-            _ = tokio::time::sleep_until(next_beat) => None,
-            change = guard.changed() => Some(change),
-        };
-        match change {
-            Some(Ok(what)) => {
-                tracing::warn!(key = %entry.key, lease, "the registration's key was {what} by someone else; putting it back");
-                if let Err(held) = guard.restore(ctx, entry, lease, ka, what).await {
-                    return held;
-                }
-                continue;
-            }
-            Some(Err(reason)) => {
-                tracing::debug!(key = %entry.key, %reason, "the watch on the registration's key ended; checking on each keep-alive until it is back");
-                guard.stream = None;
-                continue;
-            }
-            None => next_beat = tokio::time::Instant::now() + interval,
+        if let Some(mode) = ka.sleep(interval).await {
+            return Held::Stop(mode);
         }
         let span = tracing::debug_span!("keep_alive", lease);
         let round = async {
@@ -241,142 +226,125 @@ async fn hold(ctx: &Ctx, entry: &Entry, lease: i64, ka: &mut KeepAlive) -> Held 
         if let Err(held) = round.instrument(span).await {
             return held;
         }
-        if guard.stream.is_none() {
-            if let Err(held) = guard.open(ctx, entry, lease, ka).await {
-                return held;
-            }
+    }
+}
+
+/// Keeps a registration's key as the registration put it: a key deleted by someone else while
+/// the lease lives (an operator's `etcdctl del`, a script cleaning up) is put back at once, on
+/// the registration's current lease. A watch on the key notices; while it cannot be opened,
+/// the key is read once per keep-alive interval instead. An overwrite is left alone: it is how
+/// a second registration of the same id takes over (the last one wins). Runs on a task of its
+/// own, stopped when dropped.
+struct KeyGuard {
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for KeyGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl KeyGuard {
+    fn spawn(ctx: Arc<Ctx>, entry: Entry, lease: Arc<AtomicI64>) -> KeyGuard {
+        let span = tracing::debug_span!("key_guard", key = %entry.key);
+        let task = tokio::spawn(guard_key(ctx, entry, lease).instrument(span));
+        KeyGuard {
+            task: task.abort_handle(),
         }
     }
 }
 
-/// What happened to a registration's key (for messages).
-type Foreign = &'static str;
-
-/// Keeps a registration's key as the registration put it.
-struct KeyGuard {
-    /// The watch on the key; `None` while it is down (each keep-alive round re-opens it).
-    stream: Option<etcd_client::WatchStream>,
-}
-
-impl KeyGuard {
-    /// Opens the watch (if it can), then reads the key and puts it back if it is gone:
-    /// watching first, so that a delete between the read and the watch is not missed.
-    async fn open(
-        &mut self,
-        ctx: &Ctx,
-        entry: &Entry,
-        lease: i64,
-        ka: &mut KeepAlive,
-    ) -> Result<(), Held> {
+async fn guard_key(ctx: Arc<Ctx>, entry: Entry, lease: Arc<AtomicI64>) {
+    let interval = entry.interval();
+    loop {
+        // Watching first, then reading: a delete between the two is not missed.
         let mut c = ctx.client.clone();
         let opened = timeout(
             ctx.request_timeout,
             c.watch(entry.key.clone(), Some(etcd_client::WatchOptions::new())),
         )
         .await;
-        self.stream = match opened {
+        let stream = match opened {
             Ok(Ok(stream)) => Some(stream),
             Ok(Err(e)) => {
-                tracing::debug!(key = %entry.key, error = %error::map("watch own key", e), "cannot watch the registration's key; checking it on each keep-alive");
+                tracing::debug!(error = %error::map("watch own key", e), "cannot watch the registration's key; reading it each interval");
                 None
             }
             Err(_) => None,
         };
-        let read = retry::call(
-            &ctx.client,
-            "read own key",
-            ctx.request_timeout,
-            ctx.attempts,
-            |mut c| {
-                let key = entry.key.clone();
-                async move { c.get(key, None).await }
-            },
-        )
-        .await;
-        let what = match read {
-            Ok(resp) if resp.kvs().is_empty() => "deleted",
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                // Not a reason to drop the lease: the next round reads again.
-                tracing::debug!(key = %entry.key, error = %e, "cannot read the registration's key");
-                self.stream = None;
-                return Ok(());
+        let mut c = ctx.client.clone();
+        match timeout(ctx.request_timeout, c.get(entry.key.clone(), None)).await {
+            Ok(Ok(resp)) if resp.kvs().is_empty() => {
+                restore(&ctx, &entry, &lease).await;
             }
-        };
-        tracing::warn!(key = %entry.key, lease, "the registration's key was {what} by someone else; putting it back");
-        self.restore(ctx, entry, lease, ka, what).await
-    }
-
-    /// The next delete of the key, or why the watch ended. Pending while there is no watch.
-    async fn changed(&mut self) -> Result<Foreign, String> {
-        let Some(stream) = self.stream.as_mut() else {
-            return std::future::pending().await;
-        };
-        loop {
-            let resp = match stream.message().await {
-                Ok(Some(resp)) => resp,
-                Ok(None) => return Err("the watch stream closed".into()),
-                Err(e) => return Err(format!("the watch stream failed: {e}")),
-            };
-            if resp.canceled() {
-                return Err(format!("the watch was cancelled: {}", resp.cancel_reason()));
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %error::map("read own key", e), "cannot read the registration's key");
             }
-            if resp
-                .events()
-                .iter()
-                .any(|ev| ev.event_type() == etcd_client::EventType::Delete)
-            {
-                return Ok("deleted");
+            Err(_) => tracing::debug!("no answer reading the registration's key"),
+        }
+        if let Some(mut stream) = stream {
+            loop {
+                let resp = match stream.message().await {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the watch on the registration's key failed");
+                        break;
+                    }
+                };
+                if resp.canceled() {
+                    break;
+                }
+                let deleted = resp
+                    .events()
+                    .iter()
+                    .any(|ev| ev.event_type() == etcd_client::EventType::Delete);
+                // A failed restore is tried again at the next read, an interval from now.
+                if deleted && !restore(&ctx, &entry, &lease).await {
+                    break;
+                }
             }
         }
+        tokio::time::sleep(interval).await;
     }
+}
 
-    /// Puts the key back with `lease`. A lease that is gone ends the hold (the registration
-    /// starts over with a new one); any other failure is retried on the next round, with the
-    /// registration reported recovering meanwhile.
-    async fn restore(
-        &mut self,
-        ctx: &Ctx,
-        entry: &Entry,
-        lease: i64,
-        ka: &mut KeepAlive,
-        what: Foreign,
-    ) -> Result<(), Held> {
-        let put = retry::call(
-            &ctx.client,
-            "put instance back",
-            ctx.request_timeout,
-            ctx.attempts,
-            |mut c| {
-                let (key, value) = (entry.key.clone(), entry.value.clone());
-                async move {
-                    c.put(
-                        key,
-                        value,
-                        Some(etcd_client::PutOptions::new().with_lease(lease)),
-                    )
-                    .await
-                }
-            },
-        )
-        .await;
-        match put {
-            Ok(_) => {
-                ka.set_live();
-                tracing::info!(key = %entry.key, lease, "the registration's key is back");
-                Ok(())
-            }
-            Err(Error::NotFound { .. }) => Err(Held::Lost(format!(
-                "the key was {what} by someone else and lease {lease:x} is gone"
-            ))),
-            Err(e) => {
-                ka.set_recovering(format!(
-                    "the key was {what} by someone else; putting it back failed: {e}"
-                ));
-                // Checked again on the next keep-alive round.
-                self.stream = None;
-                Ok(())
-            }
+/// Puts the key back with the registration's current lease. A lease that is gone is the
+/// keep-alive's to notice (it registers again, key included); any other failure is tried again
+/// at the next check. Whether the key is back.
+async fn restore(ctx: &Ctx, entry: &Entry, lease: &AtomicI64) -> bool {
+    let lease = lease.load(Ordering::Acquire);
+    tracing::warn!(
+        lease,
+        "the registration's key was deleted by someone else; putting it back"
+    );
+    let mut c = ctx.client.clone();
+    let put = timeout(
+        ctx.request_timeout,
+        c.put(
+            entry.key.clone(),
+            entry.value.clone(),
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        ),
+    )
+    .await;
+    match put {
+        Ok(Ok(_)) => {
+            tracing::info!(lease, "the registration's key is back");
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(lease, error = %error::map("put instance back", e), "putting the registration's key back failed; trying again at the next check");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                lease,
+                "no answer putting the registration's key back; trying again at the next check"
+            );
+            false
         }
     }
 }
