@@ -731,10 +731,11 @@ impl Balancer {
     /// Picks an instance other than those in `exclude` (for a retry on a different instance).
     /// Falls back to an excluded one only when nothing else exists.
     ///
-    /// With tiers, a retry stays in the tier of the last excluded instance while that tier has
-    /// failed fewer than two attempts and has an instance left, and then moves to the next
-    /// tier (then the ones before): a retry prefers locality once, and a tier that went away
-    /// costs at most two attempts.
+    /// With tiers, the first retry stays in the tier of the first attempt (another instance
+    /// there: locality), and later ones go on to the next tier (then the ones before), so
+    /// that a tier that went away costs a request at most two attempts there. A tier whose
+    /// every instance was tried is skipped. (An instance that left its tier since it was tried,
+    /// turned critical say, no longer places an attempt in any tier.)
     pub fn pick_excluding(
         &self,
         ctx: &PickContext<'_>,
@@ -746,35 +747,37 @@ impl Balancer {
         }
         if snap.tiers.len() == 1 {
             return match pick_excluding_in(&snap.tiers[0], ctx, exclude, true) {
-                Some(ep) => Ok(PickGuard::new(ep.clone(), 0)),
+                Some(ep) => Ok(self.guard(ep, 0)),
                 None => Err(self.none_fits(&snap)),
             };
         }
+        let n = snap.tiers.len();
         let tier_of = |id: &InstanceId| snap.tiers.iter().position(|t| t.find(id).is_some());
-        let last = exclude.last().and_then(tier_of);
-        let start = last.unwrap_or_else(|| self.choose_tier(&snap, ctx));
+        // Where the call started: the first attempt that can still be placed. Counting
+        // attempts by the tiers that hold them now would miss those whose instance has left,
+        // and let a dying tier take every attempt.
+        let start = match exclude.iter().find_map(tier_of) {
+            Some(home) if exclude.len() >= 2 => (home + 1) % n,
+            Some(home) => home,
+            None => self.choose_tier(&snap, ctx),
+        };
         let spent = |t: usize| {
             let tier = &snap.tiers[t];
             let tried = exclude.iter().filter(|id| tier.find(id).is_some()).count();
-            tried >= 2 || tried >= tier.endpoints.len()
+            tried >= tier.endpoints.len()
         };
-        for t in tier_order(start, snap.tiers.len()) {
+        for t in tier_order(start, n) {
             if spent(t) {
                 continue;
             }
             if let Some(ep) = pick_excluding_in(&snap.tiers[t], ctx, exclude, false) {
-                return Ok(PickGuard::new(ep.clone(), t));
+                return Ok(self.guard(ep, t));
             }
         }
-        // Every tier spent: whatever is left anywhere, then an excluded one.
-        for t in tier_order(start, snap.tiers.len()) {
-            if let Some(ep) = pick_excluding_in(&snap.tiers[t], ctx, exclude, false) {
-                return Ok(PickGuard::new(ep.clone(), t));
-            }
-        }
-        for t in tier_order(start, snap.tiers.len()) {
+        // Every tier spent: an excluded one rather than nothing.
+        for t in tier_order(start, n) {
             if let Some(ep) = pick_excluding_in(&snap.tiers[t], ctx, exclude, true) {
-                return Ok(PickGuard::new(ep.clone(), t));
+                return Ok(self.guard(ep, t));
             }
         }
         Err(self.none_fits(&snap))

@@ -419,3 +419,16 @@ async fn changed_wakes_on_a_new_set_and_not_on_a_resync_that_changes_nothing() {
     let next = tokio::time::timeout(Duration::from_millis(50), b.changed(now)).await;
     assert!(next.is_err());
 }
+
+#[test]
+fn a_retry_given_up_on_past_the_threshold_is_a_failure_too() {
+    let b = Balancer::builder(Rotate::default())
+        .cancel_is_failure_after(Duration::ZERO)
+        .build();
+    b.apply(WatchEvent::Snapshot(vec![inst("a"), inst("b")]));
+    let tried = vec!["a".parse().unwrap()];
+    let retry = b.pick_excluding(&PickContext::new(), &tried).unwrap();
+    assert_eq!(retry.instance().id().as_str(), "b");
+    drop(retry);
+    assert_eq!(b.endpoints()[1].state().failures(), 1);
+}

@@ -314,3 +314,19 @@ async fn tiers_follow_their_own_watches() {
     assert_eq!(b.pick().unwrap().tier(), 0);
     assert_eq!(b.tiers()[0].name, "dc1");
 }
+
+#[tokio::test]
+async fn a_tier_dying_between_attempts_still_sends_the_third_attempt_on() {
+    let b = tiered(&["dc1", "dc2"]);
+    feed(&b, 0, vec![up("a1"), up("a2"), up("a3")]);
+    feed(&b, 1, vec![up("b1"), up("b2")]);
+    let ctx = PickContext::new();
+    // a1 failed, then turned critical (it left dc1's served set); a2 failed too.
+    feed(&b, 0, vec![down("a1"), up("a2"), up("a3")]);
+    let tried: Vec<InstanceId> = ["a1", "a2"].iter().map(|i| i.parse().unwrap()).collect();
+    let third = b.pick_excluding(&ctx, &tried).unwrap();
+    assert_eq!(third.tier(), 1, "{}", third.instance().id());
+    // The first retry of a call still stays home.
+    let first: Vec<InstanceId> = vec!["a2".parse().unwrap()];
+    assert_eq!(b.pick_excluding(&ctx, &first).unwrap().tier(), 0);
+}
