@@ -25,6 +25,9 @@ struct Snapshot {
     tiers: Vec<Arc<TierSnapshot>>,
     /// Cumulative traffic thresholds, one per tier (see [`tiers::thresholds`]).
     thresholds: Vec<u64>,
+    /// With tiers, the ids each tier reports (critical ones included), sorted: so that a retry
+    /// can tell where an attempt went after its instance left the served set. Empty without.
+    reported: Vec<Arc<Vec<InstanceId>>>,
 }
 
 /// One tier's instances and the picker built over them.
@@ -427,6 +430,7 @@ impl BalancerBuilder {
                 current: ArcSwap::from_pointee(Snapshot {
                     tiers: names.iter().map(|_| empty()).collect(),
                     thresholds: first_only,
+                    reported: Vec::new(),
                 }),
                 updater: Mutex::new(Updater {
                     tiers: names
@@ -734,8 +738,8 @@ impl Balancer {
     /// With tiers, the first retry stays in the tier of the first attempt (another instance
     /// there: locality), and later ones go on to the next tier (then the ones before), so
     /// that a tier that went away costs a request at most two attempts there. A tier whose
-    /// every instance was tried is skipped. (An instance that left its tier since it was tried,
-    /// turned critical say, no longer places an attempt in any tier.)
+    /// every instance was tried is skipped. An attempt is placed by where its instance is
+    /// served or reported now (a tried instance that turned critical since still places it).
     pub fn pick_excluding(
         &self,
         ctx: &PickContext<'_>,
@@ -752,10 +756,18 @@ impl Balancer {
             };
         }
         let n = snap.tiers.len();
-        let tier_of = |id: &InstanceId| snap.tiers.iter().position(|t| t.find(id).is_some());
-        // Where the call started: the first attempt that can still be placed. Counting
-        // attempts by the tiers that hold them now would miss those whose instance has left,
-        // and let a dying tier take every attempt.
+        // An attempt's tier: where its instance is served, or reported (critical, say: it left
+        // the served set after it was tried).
+        let tier_of = |id: &InstanceId| {
+            (0..n).find(|&t| {
+                snap.tiers[t].find(id).is_some()
+                    || snap
+                        .reported
+                        .get(t)
+                        .is_some_and(|r| r.binary_search(id).is_ok())
+            })
+        };
+        // Where the call started: its first attempt that can still be placed.
         let start = match exclude.iter().find_map(tier_of) {
             Some(home) if exclude.len() >= 2 => (home + 1) % n,
             Some(home) => home,
@@ -920,6 +932,7 @@ impl Balancer {
         let old = self.shared.current.swap(Arc::new(Snapshot {
             tiers,
             thresholds: current.thresholds.clone(),
+            reported: current.reported.clone(),
         }));
         up.retired = Some(old);
         self.observe(&up);
@@ -1023,17 +1036,42 @@ impl Balancer {
         if many {
             self.shared.metrics.tier_shares(&shares);
         }
-        if !changed && thresholds == current.thresholds {
+        let reported: Vec<Arc<Vec<InstanceId>>> = if many {
+            up.tiers
+                .iter()
+                .enumerate()
+                .map(|(i, ts)| {
+                    let ids: Vec<InstanceId> = ts.reported.keys().cloned().collect();
+                    match current.reported.get(i) {
+                        Some(old) if **old == ids => old.clone(),
+                        _ => Arc::new(ids),
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let reported_changed = reported.len() != current.reported.len()
+            || reported
+                .iter()
+                .zip(&current.reported)
+                .any(|(a, b)| !Arc::ptr_eq(a, b));
+        let moved = changed || thresholds != current.thresholds;
+        if !moved && !reported_changed {
             return;
         }
         let n = next.iter().map(|t| t.endpoints.len()).sum();
         let old = self.shared.current.swap(Arc::new(Snapshot {
             tiers: next,
             thresholds,
+            reported,
         }));
         up.retired = Some(old);
-        self.shared.generation.fetch_add(1, Ordering::Release);
-        self.shared.ready.send_replace(n);
+        // What picks choose from is the same when only the reported ids moved.
+        if moved {
+            self.shared.generation.fetch_add(1, Ordering::Release);
+            self.shared.ready.send_replace(n);
+        }
     }
 
     /// The instances picks choose from now, tier by tier, each tier sorted by id; an id served

@@ -326,6 +326,10 @@ async fn a_tier_dying_between_attempts_still_sends_the_third_attempt_on() {
     let tried: Vec<InstanceId> = ["a1", "a2"].iter().map(|i| i.parse().unwrap()).collect();
     let third = b.pick_excluding(&ctx, &tried).unwrap();
     assert_eq!(third.tier(), 1, "{}", third.instance().id());
+    // Both tried ones critical now: still placed in dc1, so the call moves on.
+    feed(&b, 0, vec![down("a1"), down("a2"), up("a3")]);
+    let third = b.pick_excluding(&ctx, &tried).unwrap();
+    assert_eq!(third.tier(), 1, "{}", third.instance().id());
     // The first retry of a call still stays home.
     let first: Vec<InstanceId> = vec!["a2".parse().unwrap()];
     assert_eq!(b.pick_excluding(&ctx, &first).unwrap().tier(), 0);
