@@ -703,6 +703,34 @@ async fn connect_without_a_quorum_succeeds_and_reports_the_outage_until_it_ends(
     kept.shutdown().await.unwrap();
 }
 
+/// With `auth`, etcd hands out the token through its quorum: connecting with credentials
+/// while the quorum is lost fails (retryable), as `EtcdBuilder::connect` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_with_credentials_needs_a_quorum() {
+    let cluster = EtcdCluster::start(3).await;
+    let endpoints = cluster.endpoints();
+    let mut admin = etcd_client::Client::connect(endpoints.clone(), None)
+        .await
+        .unwrap();
+    let _ = admin.role_add("root").await;
+    admin.user_add("root", "root-pw", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    let connect = || {
+        Etcd::builder()
+            .endpoints(endpoints.clone())
+            .auth("root", "root-pw")
+            .connect_timeout(Duration::from_millis(500))
+            .request_timeout(Duration::from_secs(2))
+            .connect()
+    };
+    assert!(connect().await.is_ok(), "with a quorum");
+    let killed = cluster.kill_leader().await;
+    cluster.kill_member((killed + 1) % 3);
+    let err = connect().await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_values_are_skipped_and_counted() {
     let server = EtcdServer::start().await;
