@@ -294,13 +294,41 @@ fn ok_or_error(operation: &str, a: &Answer) -> Result<(), Error> {
         StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => Error::PermissionDenied {
             backend: BACKEND,
             operation: operation.to_owned(),
-            message: format!("HTTP {status}: {body}; set CONSUL_HTTP_TOKEN or .token()"),
+            message: format!(
+                "HTTP {status}: {body}; set CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE or .token()"
+            ),
         },
         StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
             Error::unavailable(BACKEND, operation, format!("HTTP {status}: {body}"))
         }
+        // The agent answered, but could not reach the servers it forwards to (its own, or
+        // another datacenter's for `?dc=`): an outage behind the agent, not a protocol fault.
+        StatusCode::INTERNAL_SERVER_ERROR if unreachable_behind_agent(&body) => Error::unavailable(
+            BACKEND,
+            operation,
+            format!(
+                "HTTP {status}: {body}; the agent answered but could not reach the Consul servers \
+                 (of its datacenter, or of the one asked for with ?dc=)"
+            ),
+        ),
         _ => Error::protocol(BACKEND, operation, format!("HTTP {status}: {body}")),
     })
+}
+
+/// Whether a 500's body is Consul saying that it could not reach its servers (what 1.8's
+/// agents answer when the servers, or a remote datacenter asked for with `?dc=`, are gone).
+/// "No path to datacenter" is not among them: it is also the answer for a datacenter name
+/// that does not exist, a mistake rather than an outage.
+fn unreachable_behind_agent(body: &str) -> bool {
+    [
+        "rpc error getting client",
+        "rpc error making call: EOF",
+        "rpc error making call: stream closed",
+        "No known Consul servers",
+        "No cluster leader",
+    ]
+    .iter()
+    .any(|m| body.contains(m))
 }
 
 fn content_type(h: &HeaderMap) -> String {
@@ -362,6 +390,21 @@ mod tests {
             ok_or_error("op", &answer(503)),
             Err(Error::Unavailable { .. })
         ));
+        // What an agent answers when its servers, or a remote datacenter, cannot be reached.
+        for body in [
+            "rpc error getting client: failed to get conn: dial tcp 127.0.0.1:1: connect: connection refused",
+            "rpc error making call: EOF",
+            "No cluster leader",
+        ] {
+            let a = Answer {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                headers: HeaderMap::new(),
+                body: body.as_bytes().to_vec(),
+            };
+            let err = ok_or_error("GET /v1/health/service/x", &a).unwrap_err();
+            assert!(matches!(err, Error::Unavailable { .. }), "{body}: {err}");
+            assert!(err.to_string().contains("could not reach"), "{err}");
+        }
     }
 
     #[test]

@@ -147,9 +147,17 @@ async fn next(watch: &mut waypost_core::Watch) -> Result<WatchEvent, Error> {
 #[tokio::test]
 async fn http_500_is_a_protocol_error_and_the_watch_keeps_going() {
     let (addr, seen) = fake(|_, n| match n {
-        0 => ready(status(500, "rpc error: No cluster leader", "text/plain")),
+        0 => ready(status(
+            500,
+            "unexpected: the state store is corrupt",
+            "text/plain",
+        )),
         1 => ready(health(10, json!([entry("a", 1)]))),
-        2..=4 => ready(status(500, "rpc error: No cluster leader", "text/plain")),
+        2..=4 => ready(status(
+            500,
+            "unexpected: the state store is corrupt",
+            "text/plain",
+        )),
         _ => async move {
             // Later blocking queries find nothing new: hold them a little, like a real agent.
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -161,7 +169,7 @@ async fn http_500_is_a_protocol_error_and_the_watch_keeps_going() {
     let consul = client(&addr).build().unwrap();
     let err = consul.instances(&users()).await.unwrap_err();
     assert!(matches!(err, Error::Protocol { .. }), "{err}");
-    assert!(err.to_string().contains("500") && err.to_string().contains("No cluster leader"));
+    assert!(err.to_string().contains("500") && err.to_string().contains("corrupt"));
 
     let mut watch = consul.watch(&users());
     assert_eq!(ids(&next_item(&mut watch).await.unwrap()), ["a"]);
