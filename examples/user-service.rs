@@ -20,10 +20,11 @@
 //! serves.
 //!
 //! Options: `--id` (default `<name>-<random hex>`), `--host` (the address registered; default:
-//! the backend's choice — Consul and etcd use this machine's first non-loopback IPv4, memory
-//! uses 127.0.0.1), `--bind` (the address listened on; default `--host` when it is an IP, else
-//! 0.0.0.0), `--ttl 10s` (TTL heartbeat check), `--zone`, and the backend options
-//! `--consul-addr` (or `CONSUL_HTTP_ADDR`), `--etcd-endpoints` (or `ETCD_ENDPOINTS`).
+//! the backend's choice — Consul and etcd use this machine's first IPv4 that is neither
+//! loopback nor link-local, memory uses 127.0.0.1), `--bind` (the address listened on; default
+//! `--host` when it is an IP, else 0.0.0.0), `--ttl 10s` (TTL heartbeat check), `--zone`, and
+//! the backend options `--consul-addr` (or `CONSUL_HTTP_ADDR`), `--etcd-endpoints` (or
+//! `ETCD_ENDPOINTS`).
 //! `--backend memory` registers in-process: useful only to try the output contract.
 //!
 //! `--metrics-addr 127.0.0.1:9100` serves Waypost's metrics (the registration's liveness and

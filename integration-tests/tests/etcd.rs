@@ -197,7 +197,8 @@ async fn registration_layout_default_host_and_revoke_on_shutdown() {
     .await;
     assert_eq!(seen.events[0], WatchEvent::Snapshot(vec![]));
 
-    // No host given: the machine's first non-loopback IPv4 (or 127.0.0.1), never 0.0.0.0.
+    // No host given: the machine's first IPv4 neither loopback nor link-local (or 127.0.0.1),
+    // never 0.0.0.0.
     let reg = Registration::builder("layout", "l-1")
         .port(8080)
         .tag("v1")

@@ -21,10 +21,11 @@
 //!
 //! The other options are `user-service`'s: `--id` (default `<name>-<random hex>`), `--host`
 //! (the address registered; default: the backend's choice — Consul and etcd use this machine's
-//! first non-loopback IPv4, memory uses 127.0.0.1), `--bind` (the address listened on; default
-//! `--host` when it is an IP, else 0.0.0.0), `--weight`, `--tag` and `--meta k=v` (repeatable),
-//! `--zone`, `--ttl 10s` (TTL heartbeat check), the backend options `--consul-addr` (or
-//! `CONSUL_HTTP_ADDR`), `--etcd-endpoints` (or `ETCD_ENDPOINTS`), and `--metrics-addr
+//! first IPv4 that is neither loopback nor link-local, memory uses 127.0.0.1), `--bind` (the
+//! address listened on; default `--host` when it is an IP, else 0.0.0.0), `--weight`, `--tag`
+//! and `--meta k=v` (repeatable), `--zone`, `--ttl 10s` (TTL heartbeat check), the backend
+//! options `--consul-addr` (or `CONSUL_HTTP_ADDR`), `--etcd-endpoints` (or `ETCD_ENDPOINTS`),
+//! and `--metrics-addr
 //! 127.0.0.1:9100` (the registration's metrics in Prometheus' text format at `GET /metrics`;
 //! port 0 picks a free port; the bound address is logged). `--backend memory` registers
 //! in-process: useful only to try the output contract. Logs go to stderr, filtered by `RUST_LOG`
