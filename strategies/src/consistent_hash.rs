@@ -1,7 +1,6 @@
 //! Ring hash (Ketama): requests with equal keys go to the same instance, and a change of the
 //! instance set moves only the keys it must.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -26,9 +25,11 @@ use crate::Rng;
 ///   balance gets coarser then. Past one point per unit of weight, every instance keeps at
 ///   least one point, and an update may move a few keys more than the minimum.
 /// - **Cost:** a pick is a bucket lookup plus a binary search within one small bucket of the
-///   sorted ring (usually one cache line): O(log n) at worst, no lock, no allocation. A build
-///   reuses the last ring's points for unchanged instances and hashes and sorts only the new
-///   ones' points: O(P) for P points (one pass), O(P log P) for the first build.
+///   sorted ring (usually one cache line): O(log n) at worst, no lock, no allocation. The ring
+///   is kept in chunks of about 256 points by hash range, shared between successive rings: a
+///   build that adds or removes a few instances hashes only their points and rewrites only the
+///   chunks those fall in, plus O(n) bookkeeping; the first build, and one that changes more
+///   than a quarter of the points, hashes and sorts all P points: O(P log P).
 /// - **No key:** a request without a key gets a random point, so keyless traffic spreads in
 ///   proportion to weight, like a weighted random pick. That is a choice, not an error.
 /// - **Retries:** a retry ([`Balancer::pick_excluding`](waypost_core::Balancer::pick_excluding))
@@ -56,18 +57,10 @@ pub struct ConsistentHash {
     points_per_weight: u32,
     max_points: usize,
     rng: Arc<Rng>,
-    /// The last ring built, so that the next build reuses the points of unchanged instances
-    /// instead of hashing and sorting everything again. Only builds take this lock.
+    /// The last ring built (if its endpoints were sorted by id, as balancers pass them), so
+    /// that the next build reuses the chunks of points it does not change instead of hashing
+    /// and sorting everything again. Only builds take this lock.
     last: Mutex<Option<Built>>,
-}
-
-/// What the next build needs from the last one.
-struct Built {
-    ids: Vec<InstanceId>,
-    /// Whether `ids` is strictly ascending (as balancers pass endpoints).
-    sorted: bool,
-    counts: Vec<u64>,
-    points: Arc<Vec<u64>>,
 }
 
 impl Clone for ConsistentHash {
@@ -220,103 +213,222 @@ impl ConsistentHash {
             .collect()
     }
 
-    /// The ring for `endpoints`, its points sorted by hash then owner, reusing `last`'s points of
-    /// every instance that kept its id and point count: one pass over the P points (which also
-    /// fills the bucket index), plus hashing and sorting only the changed instances' points.
-    fn ring(
+    /// The ring for `endpoints` from scratch: every point hashed and sorted. Slots are the
+    /// endpoints' indices.
+    fn scratch(
         &self,
         endpoints: &[Endpoint],
-        sorted: bool,
         counts: &[u64],
-        last: Option<&Built>,
-    ) -> Ring {
-        let (remap, kept) = carry_over(endpoints, sorted, counts, last);
-        let mut fresh = Vec::new();
+        sorted: bool,
+    ) -> (Ring, Option<Built>) {
+        let len = counts.iter().sum::<u64>() as usize;
+        let geometry = Geometry::for_len(len);
+        let mut points = Vec::with_capacity(len);
         let mut name = Vec::new();
-        for (i, ep) in endpoints.iter().enumerate().filter(|&(i, _)| !kept[i]) {
-            for replica in 0..counts[i] {
-                name.clear();
-                name.extend_from_slice(ep.id().as_str().as_bytes());
-                name.push(b'-');
-                push_decimal(&mut name, replica);
-                let hash = xxhash_rust::xxh3::xxh3_64(&name) >> 32;
-                fresh.push(hash << 32 | i as u64);
-            }
+        for (i, ep) in endpoints.iter().enumerate() {
+            for_each_point(&mut name, ep.id(), counts[i], |hash| {
+                points.push(hash << 32 | i as u64)
+            });
         }
-        fresh.sort_unstable();
-
-        let mut ring = RingBuilder::new(counts.iter().sum::<u64>() as usize);
-        let carried = last.map_or(&[][..], |l| &l.points[..]);
-        // The loop runs once per point (a million at 10,000 instances): keep it to a lookup, a
-        // compare against the next fresh point (rarely true) and the push.
-        let mut fresh = fresh.into_iter().peekable();
-        let mut next_fresh = fresh.peek().copied().unwrap_or(u64::MAX);
-        for &p in carried {
-            let owner = remap.get(p as u32 as usize).copied().unwrap_or(u32::MAX);
-            if owner == u32::MAX {
-                continue;
-            }
-            let p = p & !0xffff_ffff | u64::from(owner);
-            if next_fresh <= p {
-                while let Some(f) = fresh.next_if(|&f| f <= p) {
-                    ring.push(f);
-                }
-                next_fresh = fresh.peek().copied().unwrap_or(u64::MAX);
-            }
-            ring.push(p);
+        points.sort_unstable();
+        order_ties(&mut points, |slot| endpoints[slot].id().as_str());
+        let mut chunks = Vec::with_capacity(1 << geometry.chunk_bits);
+        let mut starts = vec![0; geometry.index_len()];
+        let mut at = 0;
+        for c in 0..1usize << geometry.chunk_bits {
+            let end = at + points[at..].partition_point(|&p| geometry.chunk_of(p) <= c);
+            geometry.index(c, &points[at..end], &mut starts);
+            chunks.push(Arc::from(&points[at..end]));
+            at = end;
         }
-        fresh.for_each(|f| ring.push(f));
-        ring.finish(Arc::clone(&self.rng))
+        let ring = Ring::new(
+            chunks.clone(),
+            starts.clone(),
+            (0..endpoints.len() as u32).collect(),
+            geometry,
+            len,
+            Arc::clone(&self.rng),
+        );
+        // Only a sorted set is matched against the next one (a merge of two sorted id lists);
+        // an unsorted one (or one with a repeated id) is rebuilt from scratch next time.
+        let built = sorted.then(|| Built {
+            ids: endpoints.iter().map(|e| Some(e.id().clone())).collect(),
+            counts: counts.to_vec(),
+            free: Vec::new(),
+            order: (0..endpoints.len() as u32).collect(),
+            geometry,
+            chunks,
+            starts,
+        });
+        (ring, built)
     }
-}
 
-/// For each of `last`'s instances, its index in `endpoints` if its points carry over (same id,
-/// same point count), else `u32::MAX`; and for each endpoint, whether its points carry over.
-/// Balancers pass endpoints sorted by id, so this is usually a merge of two sorted lists; a
-/// hash map handles any other order.
-fn carry_over(
-    endpoints: &[Endpoint],
-    sorted: bool,
-    counts: &[u64],
-    last: Option<&Built>,
-) -> (Vec<u32>, Vec<bool>) {
-    let mut kept = vec![false; endpoints.len()];
-    let Some(last) = last else {
-        return (Vec::new(), kept);
-    };
-    let mut remap = vec![u32::MAX; last.ids.len()];
-    let mut carry = |old: usize, new: usize| {
-        if counts[new] == last.counts[old] {
-            kept[new] = true;
-            remap[old] = new as u32;
+    /// The ring for `endpoints` (sorted by id) from `last`, updating `last` to match: only the
+    /// chunks that hold points of instances that came, left or changed their point count are
+    /// rewritten; the others are shared with the last ring. `None` (and `last` untouched) when a
+    /// build from scratch is cheaper or the chunk layout no longer suits the ring's size.
+    fn incremental(
+        &self,
+        endpoints: &[Endpoint],
+        counts: &[u64],
+        last: &mut Built,
+    ) -> Option<Ring> {
+        let len = counts.iter().sum::<u64>() as usize;
+        let geometry = last.geometry;
+        if !geometry.suits(len) {
+            return None;
         }
-    };
-    if sorted && last.sorted {
+        let mut slot_of = vec![u32::MAX; endpoints.len()];
+        let mut removed = Vec::new();
+        let mut added = Vec::new();
         let (mut old, mut new) = (0, 0);
-        while old < last.ids.len() && new < endpoints.len() {
-            match last.ids[old].as_str().cmp(endpoints[new].id().as_str()) {
-                std::cmp::Ordering::Less => old += 1,
-                std::cmp::Ordering::Greater => new += 1,
-                std::cmp::Ordering::Equal => {
-                    carry(old, new);
+        while old < last.order.len() || new < endpoints.len() {
+            let slot = last.order.get(old).copied();
+            let order = match (slot, endpoints.get(new)) {
+                (Some(s), Some(e)) => last.id(s).cmp(e.id().as_str()),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                _ => std::cmp::Ordering::Greater,
+            };
+            match (order, slot) {
+                (std::cmp::Ordering::Equal, Some(s)) => {
+                    if last.counts[s as usize] == counts[new] {
+                        slot_of[new] = s;
+                    } else {
+                        removed.push(s);
+                        added.push(new);
+                    }
                     old += 1;
+                    new += 1;
+                }
+                (std::cmp::Ordering::Less, Some(s)) => {
+                    removed.push(s);
+                    old += 1;
+                }
+                _ => {
+                    added.push(new);
                     new += 1;
                 }
             }
         }
-    } else {
-        let index: HashMap<&str, usize> = endpoints
+        let changed: u64 = removed
             .iter()
-            .enumerate()
-            .map(|(i, e)| (e.id().as_str(), i))
-            .collect();
-        for (old, id) in last.ids.iter().enumerate() {
-            if let Some(&new) = index.get(id.as_str()) {
-                carry(old, new);
+            .map(|&s| last.counts[s as usize])
+            .sum::<u64>()
+            + added.iter().map(|&i| counts[i]).sum::<u64>();
+        if changed as usize * 4 > len.max(1) {
+            return None;
+        }
+
+        let mut name = Vec::new();
+        let mut touched = Vec::new();
+        let mut gone = vec![false; last.ids.len()];
+        for &s in &removed {
+            gone[s as usize] = true;
+            if let Some(id) = &last.ids[s as usize] {
+                for_each_point(&mut name, id, last.counts[s as usize], |hash| {
+                    touched.push(geometry.chunk_of(hash << 32))
+                });
             }
         }
+        for &s in &removed {
+            last.ids[s as usize] = None;
+            last.counts[s as usize] = 0;
+            last.free.push(s);
+        }
+        let mut fresh = Vec::new();
+        for &i in &added {
+            let s = last.free.pop().unwrap_or_else(|| {
+                last.ids.push(None);
+                last.counts.push(0);
+                (last.ids.len() - 1) as u32
+            });
+            last.ids[s as usize] = Some(endpoints[i].id().clone());
+            last.counts[s as usize] = counts[i];
+            slot_of[i] = s;
+            for_each_point(&mut name, endpoints[i].id(), counts[i], |hash| {
+                fresh.push(hash << 32 | u64::from(s))
+            });
+        }
+        fresh.sort_unstable();
+        order_ties(&mut fresh, |s| last.id(s as u32));
+        touched.extend(fresh.iter().map(|&p| geometry.chunk_of(p)));
+        touched.sort_unstable();
+        touched.dedup();
+
+        let mut merged = Vec::new();
+        let mut at = 0;
+        for &c in &touched {
+            let end = at + fresh[at..].partition_point(|&p| geometry.chunk_of(p) <= c);
+            let mut kept = last.chunks[c]
+                .iter()
+                .copied()
+                .filter(|&p| !gone.get(p as u32 as usize).copied().unwrap_or(false))
+                .peekable();
+            let mut new = fresh[at..end].iter().copied().peekable();
+            merged.clear();
+            // A merge by (hash, id): coinciding points stay in id order.
+            loop {
+                let next = match (kept.peek(), new.peek()) {
+                    (Some(&k), Some(&f)) => {
+                        let k_first = (k >> 32, last.id(k as u32)) < (f >> 32, last.id(f as u32));
+                        if k_first {
+                            kept.next()
+                        } else {
+                            new.next()
+                        }
+                    }
+                    (Some(_), None) => kept.next(),
+                    (None, Some(_)) => new.next(),
+                    (None, None) => break,
+                };
+                merged.extend(next);
+            }
+            geometry.index(c, &merged, &mut last.starts);
+            last.chunks[c] = Arc::from(&merged[..]);
+            at = end;
+        }
+        let mut slots = vec![u32::MAX; last.ids.len()];
+        for (i, &s) in slot_of.iter().enumerate() {
+            slots[s as usize] = i as u32;
+        }
+        last.order = slot_of;
+        Some(Ring::new(
+            last.chunks.clone(),
+            last.starts.clone(),
+            slots,
+            geometry,
+            len,
+            Arc::clone(&self.rng),
+        ))
     }
-    (remap, kept)
+}
+
+/// Calls `f` with the hash of each of the `count` points of instance `id`: the top 32 bits of
+/// the XXH3 hash of `"<id>-<n>"`.
+fn for_each_point(name: &mut Vec<u8>, id: &InstanceId, count: u64, mut f: impl FnMut(u64)) {
+    for replica in 0..count {
+        name.clear();
+        name.extend_from_slice(id.as_str().as_bytes());
+        name.push(b'-');
+        push_decimal(name, replica);
+        f(xxhash_rust::xxh3::xxh3_64(name) >> 32);
+    }
+}
+
+/// Puts each run of coinciding points (sorted by hash) in the order of their owners' ids, then
+/// slots: the lowest id owns a shared point whatever the slots or the update history.
+fn order_ties<'a>(points: &mut [u64], id: impl Fn(usize) -> &'a str) {
+    let mut start = 0;
+    while start < points.len() {
+        let hash = points[start] >> 32;
+        let end = start + points[start..].partition_point(|&p| p >> 32 == hash);
+        if end - start > 1 {
+            points[start..end].sort_unstable_by(|&a, &b| {
+                (id(a as u32 as usize), a as u32).cmp(&(id(b as u32 as usize), b as u32))
+            });
+        }
+        start = end;
+    }
 }
 
 /// `n` in decimal, as `format!` would write it, without formatting machinery (a build hashes up
@@ -342,113 +454,200 @@ impl Strategy for ConsistentHash {
 
     fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Picker> {
         let counts = self.counts(endpoints);
-        // A poisoned lock only means a build panicked; the cache is then simply not reused.
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        // A build that panicked may have left the cache half-updated: start afresh.
+        let mut last = self.last.lock().unwrap_or_else(|poisoned| {
+            let mut last = poisoned.into_inner();
+            *last = None;
+            last
+        });
         let sorted = endpoints
             .windows(2)
             .all(|w| w[0].id().as_str() < w[1].id().as_str());
-        let ring = self.ring(endpoints, sorted, &counts, last.as_ref());
-        *last = Some(Built {
-            ids: endpoints.iter().map(|e| e.id().clone()).collect(),
-            sorted,
-            counts,
-            points: Arc::clone(&ring.points),
-        });
+        if sorted {
+            if let Some(ring) = last
+                .as_mut()
+                .and_then(|l| self.incremental(endpoints, &counts, l))
+            {
+                return Box::new(ring);
+            }
+        }
+        let (ring, built) = self.scratch(endpoints, &counts, sorted);
+        *last = built;
         Box::new(ring)
     }
 }
 
-/// The sorted ring as one array of packed points, `(hash << 32) | owner`, indexed by the top
-/// bits of the hash so that a search reads one small bucket: typically one cache line, which
-/// also holds the owners. Points are 32-bit, as in Ketama: at the default 2²⁰ points about a
-/// hundred coincide. Coinciding points are all kept, sorted by owner, so the search finds the
-/// lowest owner (the lowest id, in the balancer's sorted slices) whatever the update history,
-/// and removing that owner hands the point to the next.
+/// How a ring is cut: `2^chunk_bits` chunks by the top bits of the hash, each with an index of
+/// `2^bucket_bits` buckets by the next bits, about 256 points per chunk and 8 per bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geometry {
+    chunk_bits: u32,
+    bucket_bits: u32,
+}
+
+impl Geometry {
+    fn for_len(len: usize) -> Geometry {
+        let log = usize::BITS - 1 - len.max(1).leading_zeros();
+        let chunk_bits = log.saturating_sub(8).min(12);
+        let bucket_bits = log.saturating_sub(3 + chunk_bits).min(12);
+        Geometry {
+            chunk_bits,
+            bucket_bits,
+        }
+    }
+
+    /// Whether a ring of `len` points may keep this layout: until its size has halved or
+    /// doubled past the layout's own (so that a set hovering at a power of two is not rebuilt
+    /// from scratch on every update), buckets then hold 2 to 32 points.
+    fn suits(self, len: usize) -> bool {
+        [len / 2, len, len.saturating_mul(2)]
+            .iter()
+            .any(|&l| Geometry::for_len(l) == self)
+    }
+
+    /// The chunk of a packed point (or of a hash in the top 32 bits).
+    #[inline]
+    fn chunk_of(self, point: u64) -> usize {
+        // A u64 shift: 32 - 0 bits is still in range.
+        ((point >> 32) >> (32 - self.chunk_bits)) as usize
+    }
+
+    /// Entries of a ring's bucket index: `2^bucket_bits + 1` starts per chunk (the last one
+    /// the chunk's length).
+    #[inline]
+    fn index_len(self) -> usize {
+        (1usize << self.chunk_bits) * self.stride()
+    }
+
+    #[inline]
+    fn stride(self) -> usize {
+        (1usize << self.bucket_bits) + 1
+    }
+
+    /// Writes chunk `c`'s part of the bucket index for its `points` (sorted, all of chunk `c`).
+    fn index(self, c: usize, points: &[u64], starts: &mut [u32]) {
+        let buckets = 1usize << self.bucket_bits;
+        let starts = &mut starts[c * self.stride()..][..self.stride()];
+        let shift = 32 - self.chunk_bits - self.bucket_bits;
+        let mut b = 0;
+        for (i, &p) in points.iter().enumerate() {
+            let pb = ((p >> 32) >> shift) as usize & (buckets - 1);
+            while b <= pb {
+                starts[b] = i as u32;
+                b += 1;
+            }
+        }
+        starts[b..].fill(points.len() as u32);
+    }
+}
+
+/// The sorted ring as packed points, `(hash << 32) | slot`, cut by hash range into chunks that
+/// successive rings share (see [`Geometry`]), with one bucket index over all chunks (copied for
+/// each ring: 256 KiB at 2²⁰ points) so that a pick reads the index, then one cache line of
+/// points. A slot is an owner number that an instance keeps
+/// across updates, so that a point need not change when other instances come or go; `slots`
+/// maps it to the instance's index in this build's endpoints. Points are 32-bit, as in Ketama:
+/// at the default 2²⁰ points about a hundred coincide. Coinciding points are all kept, in id
+/// order, so the search finds the lowest id whatever the update history, and removing that
+/// owner hands the point to the next.
 struct Ring {
-    /// Shared with the strategy's cache of the last build.
-    points: Arc<Vec<u64>>,
-    /// `buckets[b]` = the first ring position whose hash has top bits ≥ `b`; one extra entry at
-    /// the end holds the ring's length.
-    buckets: Vec<u32>,
-    shift: u32,
+    chunks: Vec<Arc<[u64]>>,
+    /// Per chunk, where each bucket starts in it (see [`Geometry::index`]).
+    starts: Vec<u32>,
+    slots: Vec<u32>,
+    bucket_bits: u32,
+    bucket_shift: u32,
+    stride: usize,
+    len: usize,
     rng: Arc<Rng>,
 }
 
-/// Collects a ring's sorted points and fills the bucket index on the way, so that a build
-/// passes over the points only once.
-struct RingBuilder {
-    points: Vec<u64>,
-    buckets: Vec<u32>,
-    shift: u32,
+/// What the next build needs from the last one.
+struct Built {
+    /// Per slot: the instance's id, `None` for a free slot.
+    ids: Vec<Option<InstanceId>>,
+    /// Per slot: its point count (0 when free).
+    counts: Vec<u64>,
+    free: Vec<u32>,
+    /// The slot of each endpoint of the last build, in its order (ascending ids).
+    order: Vec<u32>,
+    geometry: Geometry,
+    chunks: Vec<Arc<[u64]>>,
+    starts: Vec<u32>,
 }
 
-impl RingBuilder {
-    fn new(len: usize) -> RingBuilder {
-        // About eight points (one cache line) per bucket, at most 2^17 buckets (512 KiB).
-        let bits = (usize::BITS - len.leading_zeros())
-            .saturating_sub(3)
-            .clamp(1, 17);
-        RingBuilder {
-            points: Vec::with_capacity(len),
-            buckets: Vec::with_capacity((1 << bits) + 1),
-            shift: 32 - bits,
-        }
-    }
-
-    /// Appends `point`, which must not sort before the last one.
-    #[inline]
-    fn push(&mut self, point: u64) {
-        // Every bucket up to this point's that has no start yet starts here.
-        let bucket = ((point >> 32) >> self.shift) as usize;
-        while self.buckets.len() <= bucket {
-            self.buckets.push(self.points.len() as u32);
-        }
-        self.points.push(point);
-    }
-
-    fn finish(mut self, rng: Arc<Rng>) -> Ring {
-        // Buckets past the last point, and the closing entry, start at the end.
-        let end = self.points.len() as u32;
-        self.buckets.resize((1 << (32 - self.shift)) + 1, end);
-        Ring {
-            points: Arc::new(self.points),
-            buckets: self.buckets,
-            shift: self.shift,
-            rng,
-        }
+impl Built {
+    fn id(&self, slot: u32) -> &str {
+        self.ids[slot as usize]
+            .as_ref()
+            .map_or("", |id| id.as_str())
     }
 }
 
 impl Ring {
-    /// The ring position of the first point at or after `hash` (wrapping around to 0).
+    fn new(
+        chunks: Vec<Arc<[u64]>>,
+        starts: Vec<u32>,
+        slots: Vec<u32>,
+        geometry: Geometry,
+        len: usize,
+        rng: Arc<Rng>,
+    ) -> Ring {
+        Ring {
+            chunks,
+            starts,
+            slots,
+            bucket_bits: geometry.bucket_bits,
+            bucket_shift: 32 - geometry.chunk_bits - geometry.bucket_bits,
+            stride: geometry.stride(),
+            len,
+            rng,
+        }
+    }
+
+    /// The chunk and position within it of the first point at or after `hash` (wrapping
+    /// around to the ring's first point).
     #[inline]
-    fn position_of(&self, hash: u64) -> Option<usize> {
-        let hash = hash >> 32;
-        let b = (hash >> self.shift) as usize;
-        let lo = *self.buckets.get(b)? as usize;
-        let hi = *self.buckets.get(b + 1)? as usize;
-        let pos = lo
-            + self
-                .points
-                .get(lo..hi)?
-                .partition_point(|&p| p >> 32 < hash);
-        // Past the last point: the ring wraps around to the first.
-        Some(if pos < self.points.len() { pos } else { 0 })
+    fn position_of(&self, hash: u64) -> Option<(usize, usize)> {
+        let h = hash >> 32;
+        // The top chunk_bits + bucket_bits bits: the chunk, then the bucket within it. The
+        // chunk's address and the bucket's start are independent loads.
+        let top = (h >> self.bucket_shift) as usize;
+        let c = top >> self.bucket_bits;
+        let i = c * self.stride + (top & ((1 << self.bucket_bits) - 1));
+        let points = self.chunks.get(c)?;
+        let lo = *self.starts.get(i)? as usize;
+        let hi = *self.starts.get(i + 1)? as usize;
+        let pos = lo + points.get(lo..hi)?.partition_point(|&p| p >> 32 < h);
+        if pos < points.len() {
+            return Some((c, pos));
+        }
+        // Past the chunk's last point: the next chunk that has one (usually the next chunk).
+        let n = self.chunks.len();
+        (1..=n)
+            .map(|d| (c + d) % n)
+            .find(|&c| !self.chunks[c].is_empty())
+            .map(|c| (c, 0))
     }
 
     #[inline]
-    fn owner_at(&self, pos: usize) -> usize {
-        self.points[pos] as u32 as usize
+    fn owner(&self, point: u64) -> Option<usize> {
+        self.slots.get(point as u32 as usize).map(|&i| i as usize)
+    }
+
+    fn points(&self, c: usize) -> &[u64] {
+        &self.chunks[c]
     }
 }
 
 impl Picker for Ring {
     fn pick(&self, endpoints: &[Endpoint], ctx: &PickContext<'_>) -> Option<usize> {
-        if endpoints.is_empty() || self.points.is_empty() {
+        if endpoints.is_empty() || self.len == 0 {
             return None;
         }
         let hash = ctx.hash().unwrap_or_else(|| self.rng.u64());
-        self.position_of(hash).map(|pos| self.owner_at(pos))
+        let (c, pos) = self.position_of(hash)?;
+        self.owner(self.points(c)[pos])
     }
 
     /// Walks the ring from the key's point to the first point whose owner is not excluded:
@@ -461,30 +660,36 @@ impl Picker for Ring {
         ctx: &PickContext<'_>,
         excluded: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
-        if endpoints.is_empty() || self.points.is_empty() {
+        if endpoints.is_empty() || self.len == 0 {
             return None;
         }
         let hash = ctx.hash().unwrap_or_else(|| self.rng.u64());
-        let start = self.position_of(hash)?;
-        let len = self.points.len();
+        let (start, pos) = self.position_of(hash)?;
+        let n = self.chunks.len();
+        let (before, after) = self.points(start).split_at(pos);
         let mut previous = usize::MAX;
-        (start..len).chain(0..start).find_map(|pos| {
-            let owner = self.owner_at(pos);
-            // Runs of one owner's points are common (a heavy instance): ask once per run.
-            if owner == previous {
-                return None;
-            }
-            previous = owner;
-            (!excluded(owner)).then_some(owner)
-        })
+        after
+            .iter()
+            .chain((1..n).flat_map(|d| self.points((start + d) % n)))
+            .chain(before)
+            .find_map(|&point| {
+                let owner = self.owner(point)?;
+                // Runs of one owner's points are common (a heavy instance): ask once per run.
+                if owner == previous {
+                    return None;
+                }
+                previous = owner;
+                (!excluded(owner)).then_some(owner)
+            })
     }
 }
 
 impl fmt::Debug for Ring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ring")
-            .field("points", &self.points.len())
-            .field("buckets", &(self.buckets.len() - 1))
+            .field("points", &self.len)
+            .field("chunks", &self.chunks.len())
+            .field("buckets_per_chunk", &(1usize << self.bucket_bits))
             .finish()
     }
 }
