@@ -543,7 +543,7 @@ impl Geometry {
 
 /// The sorted ring as packed points, `(hash << 32) | slot`, cut by hash range into chunks that
 /// successive rings share (see [`Geometry`]), with one bucket index over all chunks (copied for
-/// each ring: 256 KiB at 2²⁰ points) so that a pick reads the index, then one cache line of
+/// each ring: 264 KiB at 10,000 instances) so that a pick reads the index, then one cache line of
 /// points. A slot is an owner number that an instance keeps
 /// across updates, so that a point need not change when other instances come or go; `slots`
 /// maps it to the instance's index in this build's endpoints. Points are 32-bit, as in Ketama:

@@ -67,13 +67,14 @@ fn max_over_fair(set: &[ServiceInstance], owners: &[String]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn strategies() -> [(&'static str, Box<dyn Fn() -> Box<dyn Strategy>>); 2] {
+/// Makes a fresh strategy (one with no last build to reuse).
+type Make = fn() -> Box<dyn Strategy>;
+
+/// Each hashing strategy by name.
+fn strategies() -> [(&'static str, Make); 2] {
     [
-        (
-            "consistent-hash",
-            Box::new(|| Box::new(ConsistentHash::new())),
-        ),
-        ("maglev", Box::new(|| Box::new(Maglev::new()))),
+        ("consistent-hash", || Box::new(ConsistentHash::new())),
+        ("maglev", || Box::new(Maglev::new())),
     ]
 }
 
