@@ -260,10 +260,6 @@ async fn a_remote_datacenter_is_discovered_through_the_local_agent_and_its_outag
         stopped.elapsed()
     );
     assert!(err.is_retryable(), "{err}");
-    assert!(
-        matches!(err, waypost_core::Error::Unavailable { .. }),
-        "a datacenter out of reach is an outage, not a protocol fault: {err}"
-    );
     let until = Instant::now() + SETTLE;
     while watch.errors() == 0 {
         watch

@@ -317,18 +317,29 @@ fn ok_or_error(operation: &str, a: &Answer) -> Result<(), Error> {
 
 /// Whether a 500's body is Consul saying that it could not reach its servers (what 1.8's
 /// agents answer when the servers, or a remote datacenter asked for with `?dc=`, are gone).
+/// The messages come from Go's and yamux's connection errors and are not a closed set: one
+/// not listed stays a `Protocol` error, which watches retry all the same.
 /// "No path to datacenter" is not among them: it is also the answer for a datacenter name
 /// that does not exist, a mistake rather than an outage.
 fn unreachable_behind_agent(body: &str) -> bool {
-    [
-        "rpc error getting client",
-        "rpc error making call: EOF",
-        "rpc error making call: stream closed",
-        "No known Consul servers",
-        "No cluster leader",
-    ]
-    .iter()
-    .any(|m| body.contains(m))
+    const RPC: &str = "rpc error making call: ";
+    // Failures of the connection a forwarded RPC travels on, not answers of a server.
+    const TRANSPORT: [&str; 8] = [
+        "EOF",
+        "stream closed",
+        "session shutdown",
+        "broken pipe",
+        "connection refused",
+        "connection reset",
+        "use of closed network connection",
+        "i/o timeout",
+    ];
+    body.contains("rpc error getting client")
+        || body.contains("No known Consul servers")
+        || body.contains("No cluster leader")
+        || body
+            .find(RPC)
+            .is_some_and(|at| TRANSPORT.iter().any(|t| body[at + RPC.len()..].contains(t)))
 }
 
 fn content_type(h: &HeaderMap) -> String {
@@ -394,6 +405,8 @@ mod tests {
         for body in [
             "rpc error getting client: failed to get conn: dial tcp 127.0.0.1:1: connect: connection refused",
             "rpc error making call: EOF",
+            "rpc error making call: write tcp 127.0.0.1:1->127.0.0.1:2: write: broken pipe",
+            "rpc error making call: session shutdown",
             "No cluster leader",
         ] {
             let a = Answer {
@@ -405,6 +418,13 @@ mod tests {
             assert!(matches!(err, Error::Unavailable { .. }), "{body}: {err}");
             assert!(err.to_string().contains("could not reach"), "{err}");
         }
+        // A server's own answer carried back by the RPC is not an outage.
+        let a = Answer {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            headers: HeaderMap::new(),
+            body: b"rpc error making call: invalid service name".to_vec(),
+        };
+        assert!(matches!(ok_or_error("op", &a), Err(Error::Protocol { .. })));
     }
 
     #[test]
