@@ -311,28 +311,41 @@ async fn guard_key(ctx: Arc<Ctx>, entry: Entry, lease: Arc<AtomicI64>) {
     }
 }
 
-/// Puts the key back with the registration's current lease. A lease that is gone is the
-/// keep-alive's to notice (it registers again, key included); any other failure is tried again
-/// at the next check. Whether the key is back.
+/// Puts the key back with the registration's current lease, unless it is back already. A lease
+/// that is gone is the keep-alive's to notice (it registers again, key included); any other
+/// failure is tried again at the next check. Whether the key is back.
 async fn restore(ctx: &Ctx, entry: &Entry, lease: &AtomicI64) -> bool {
     let lease = lease.load(Ordering::Acquire);
     tracing::warn!(
         lease,
         "the registration's key was deleted by someone else; putting it back"
     );
-    let mut c = ctx.client.clone();
-    let put = timeout(
-        ctx.request_timeout,
-        c.put(
+    // Only if the key is still absent: one delete can be seen twice (by the read after the
+    // watch opened, and by the watch), and a second registration of the id may have put its
+    // own value meanwhile, which must win.
+    let txn = etcd_client::Txn::new()
+        .when([etcd_client::Compare::create_revision(
+            entry.key.clone(),
+            etcd_client::CompareOp::Equal,
+            0,
+        )])
+        .and_then([etcd_client::TxnOp::put(
             entry.key.clone(),
             entry.value.clone(),
             Some(etcd_client::PutOptions::new().with_lease(lease)),
-        ),
-    )
-    .await;
+        )]);
+    let mut c = ctx.client.clone();
+    let put = timeout(ctx.request_timeout, c.txn(txn)).await;
     match put {
-        Ok(Ok(_)) => {
+        Ok(Ok(resp)) if resp.succeeded() => {
             tracing::info!(lease, "the registration's key is back");
+            true
+        }
+        Ok(Ok(_)) => {
+            tracing::debug!(
+                lease,
+                "the registration's key is there again; left as it is"
+            );
             true
         }
         Ok(Err(e)) => {
