@@ -284,6 +284,45 @@ mod tests {
     use common::scrape::{self, Scrape};
     use waypost_conformance::scenarios::eventually;
 
+    type Running = (waypost::RegistrationHandle, common::UserService);
+
+    /// A user service on `listener` (plain or TLS), registered in `registry` as `id` of
+    /// `service` at the port it bound, with `scheme=https` when `https`.
+    async fn registered<L>(
+        registry: &dyn waypost::Registry,
+        service: &str,
+        id: &str,
+        listener: L,
+        https: bool,
+    ) -> Running
+    where
+        L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+    {
+        let server = common::UserService::start(listener, id).unwrap();
+        let mut reg = waypost::Registration::builder(service, id)
+            .host("127.0.0.1")
+            .port(server.addr().port());
+        if https {
+            reg = reg.meta(waypost::SCHEME_METADATA, "https");
+        }
+        (
+            registry.register(reg.build().unwrap()).await.unwrap(),
+            server,
+        )
+    }
+
+    async fn loopback() -> tokio::net::TcpListener {
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
+    }
+
+    /// Deregisters and stops what `registered` started.
+    async fn stop_all(running: Vec<Running>) {
+        for (handle, server) in running {
+            handle.shutdown().await.unwrap();
+            server.stop().await.unwrap();
+        }
+    }
+
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("client").chain(args.iter().copied()))
     }
@@ -679,14 +718,8 @@ mod tests {
         let mut running = Vec::new();
         let ids = [format!("{service}-a"), format!("{service}-b")];
         for id in &ids {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let server = common::UserService::start(listener, id).unwrap();
-            let reg = waypost::Registration::builder(service, id)
-                .host("127.0.0.1")
-                .port(server.addr().port())
-                .build()
-                .unwrap();
-            running.push((connected.registry.register(reg).await.unwrap(), server));
+            running
+                .push(registered(&*connected.registry, service, id, loopback().await, false).await);
         }
         // Both are listed before the client starts, so round robin splits evenly.
         let name: ServiceName = service.parse().unwrap();
@@ -706,10 +739,7 @@ mod tests {
         let scrape = scrape::get(session.metrics_addr().unwrap()).await;
         check_metrics(&scrape, service, &report, 2);
         session.stop().await;
-        for (handle, server) in running {
-            handle.shutdown().await.unwrap();
-            server.stop().await.unwrap();
-        }
+        stop_all(running).await;
     }
 
     #[cfg(feature = "consul")]
@@ -747,17 +777,9 @@ mod tests {
                     .build()
                     .unwrap();
                 let id = format!("{service}-{dc}");
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let server = common::UserService::start(listener, &id).unwrap();
-                let reg = waypost::Registration::builder(service, &id)
-                    .host("127.0.0.1")
-                    .port(server.addr().port())
-                    .build()
-                    .unwrap();
-                (consul.register(reg).await.unwrap(), server)
+                registered(&consul, service, &id, loopback().await, false).await
             }
         };
-        use waypost::Registry;
         let dc1_addr = dcs.addr("dc1");
         let args = || {
             parse(&[
@@ -776,7 +798,7 @@ mod tests {
             ])
             .unwrap()
         };
-        let (in_dc2, server2) = start("dc2").await;
+        let in_dc2 = start("dc2").await;
         let report = run(args()).await.unwrap();
         assert_eq!(report.errors, 0, "{report:?}");
         assert_eq!(
@@ -785,17 +807,14 @@ mod tests {
             "{report:?}"
         );
 
-        let (in_dc1, server1) = start("dc1").await;
+        let in_dc1 = start("dc1").await;
         let report = run(args()).await.unwrap();
         assert_eq!(
             report.by_tier,
             Some(BTreeMap::from([("dc1".to_string(), 30)])),
             "{report:?}"
         );
-        for (handle, server) in [(in_dc1, server1), (in_dc2, server2)] {
-            handle.shutdown().await.unwrap();
-            server.stop().await.unwrap();
-        }
+        stop_all(vec![in_dc1, in_dc2]).await;
     }
 
     #[cfg(feature = "etcd")]
@@ -815,7 +834,6 @@ mod tests {
     #[cfg(feature = "consul")]
     #[tokio::test]
     async fn ca_trusts_https_instances_and_without_it_they_are_refused() {
-        use waypost::Registry;
         let consul = waypost_conformance::consul_server::ConsulServer::start().await;
         let addr = consul.addr();
         let registry = waypost::consul::Consul::builder()
@@ -833,16 +851,8 @@ mod tests {
         let ids = [format!("{service}-a"), format!("{service}-b")];
         let mut running = Vec::new();
         for id in &ids {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let listener = tls::TlsListener::new(listener, config.clone()).unwrap();
-            let server = common::UserService::start(listener, id).unwrap();
-            let reg = waypost::Registration::builder(service, id)
-                .host("127.0.0.1")
-                .port(server.addr().port())
-                .meta(waypost::SCHEME_METADATA, "https")
-                .build()
-                .unwrap();
-            running.push((registry.register(reg).await.unwrap(), server));
+            let listener = tls::TlsListener::new(loopback().await, config.clone()).unwrap();
+            running.push(registered(&registry, service, id, listener, true).await);
         }
         let name: ServiceName = service.parse().unwrap();
         eventually(Duration::from_secs(10), "both listed", || async {
@@ -885,10 +895,7 @@ mod tests {
         let missing = files.write("not-a-ca.pem", "no certificate here");
         let err = run(args(Some(&missing))).await.unwrap_err();
         assert!(err.contains("no PEM certificate"), "{err}");
-        for (handle, server) in running {
-            handle.shutdown().await.unwrap();
-            server.stop().await.unwrap();
-        }
+        stop_all(running).await;
     }
 
     /// `--client-cert`/`--client-key`: an instance that requires a client certificate signed by
@@ -897,7 +904,6 @@ mod tests {
     #[cfg(feature = "consul")]
     #[tokio::test]
     async fn cert_and_key_present_a_client_certificate_to_instances_that_require_one() {
-        use waypost::Registry;
         let consul = waypost_conformance::consul_server::ConsulServer::start().await;
         let addr = consul.addr();
         let registry = waypost::consul::Consul::builder()
@@ -919,16 +925,8 @@ mod tests {
         let key_file = files.write("client-key.pem", &client_cert.key);
 
         let service = "users-mtls";
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let listener = tls::TlsListener::new(listener, config).unwrap();
-        let server = common::UserService::start(listener, "users-mtls-a").unwrap();
-        let reg = waypost::Registration::builder(service, "users-mtls-a")
-            .host("127.0.0.1")
-            .port(server.addr().port())
-            .meta(waypost::SCHEME_METADATA, "https")
-            .build()
-            .unwrap();
-        let handle = registry.register(reg).await.unwrap();
+        let listener = tls::TlsListener::new(loopback().await, config).unwrap();
+        let running = registered(&registry, service, "users-mtls-a", listener, true).await;
         let base = [
             "--backend",
             "consul",
@@ -953,8 +951,7 @@ mod tests {
         assert!(err.to_string().contains("client certificate"), "{err}");
         session.stop().await;
 
-        handle.shutdown().await.unwrap();
-        server.stop().await.unwrap();
+        stop_all(vec![running]).await;
     }
 
     #[tokio::test]
