@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use crate::clock::Stamp;
+
 use arc_swap::ArcSwap;
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -408,6 +410,8 @@ impl BalancerBuilder {
     }
 
     fn build_tiers(&self, names: &[String]) -> Balancer {
+        // The request path's clock calibrates once per process: here, not on the first pick.
+        crate::clock::warm_up();
         let empty = || {
             Arc::new(TierSnapshot {
                 picker: self.strategy.build(&[]),
@@ -1307,10 +1311,14 @@ fn pick_excluding_in<'a>(
 #[must_use = "the guard counts the call in flight until it is dropped"]
 pub struct PickGuard {
     endpoint: Endpoint,
-    started: Instant,
+    /// On the request path's clock (`crate::clock`), which costs a fraction of `Instant::now()`.
+    started: Stamp,
     tier: usize,
     /// Dropped without an outcome after this long, the call counts as a failure.
     fail_after: Option<Duration>,
+    /// The caller's deadline, on its own clock: compared only when the guard is dropped
+    /// without an outcome, so that setting it costs no clock read.
+    deadline: Option<Instant>,
     done: bool,
 }
 
@@ -1320,9 +1328,10 @@ impl PickGuard {
         endpoint.metrics().begin();
         PickGuard {
             endpoint,
-            started: Instant::now(),
+            started: Stamp::now(),
             tier,
             fail_after: None,
+            deadline: None,
             done: false,
         }
     }
@@ -1349,8 +1358,7 @@ impl PickGuard {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn set_deadline(&mut self, deadline: Instant) {
-        let after = deadline.saturating_duration_since(self.started);
-        self.fail_after = Some(self.fail_after.map_or(after, |a| a.min(after)));
+        self.deadline = Some(self.deadline.map_or(deadline, |d| d.min(deadline)));
     }
 
     /// The tier that served the pick: an index into [`Balancer::tiers`] (0 without tiers).
@@ -1369,8 +1377,12 @@ impl PickGuard {
     }
 
     /// Time since the pick.
+    ///
+    /// Measured on a calibrated CPU counter where the CPU has an invariant one (nanosecond
+    /// resolution, within a few parts per million of `Instant`), else on the OS monotonic
+    /// clock; see [`clock_nanos`](crate::clock_nanos).
     pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
+        self.started.until(Stamp::now())
     }
 
     /// The call succeeded.
@@ -1386,8 +1398,9 @@ impl PickGuard {
     /// Records `outcome` with the time since the pick as latency.
     pub fn record(mut self, outcome: Outcome) {
         self.done = true;
-        let sample = Some((outcome, self.started.elapsed()));
-        self.endpoint.state().end(sample);
+        let now = Stamp::now();
+        let sample = Some((outcome, self.started.until(now)));
+        self.endpoint.state().end_at(sample, now.nanos());
         self.endpoint.metrics().end(sample);
     }
 }
@@ -1401,12 +1414,32 @@ impl Drop for PickGuard {
         // instance: a cancelled call past the threshold is a slow failure, not "no outcome".
         // The caller started its clock a little before the pick: a drop within 1 % (at least
         // 1 ms) of the deadline is the caller's timeout, not an early cancel.
-        let outcome = self.fail_after.and_then(|after| {
-            let elapsed = self.started.elapsed();
+        let mut outcome = None;
+        if self.fail_after.is_some() || self.deadline.is_some() {
+            let now = Stamp::now();
+            let elapsed = self.started.until(now);
+            // The deadline as a time after the pick: the elapsed time plus what was left of it
+            // (or minus how long ago it passed).
+            let by_deadline = self.deadline.map(|d| {
+                let wall = Instant::now();
+                match d.checked_duration_since(wall) {
+                    Some(left) => elapsed + left,
+                    None => elapsed.saturating_sub(wall - d),
+                }
+            });
+            let after = match (self.fail_after, by_deadline) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => a.or(b).unwrap_or(Duration::MAX),
+            };
             let slack = (after / 100).max(Duration::from_millis(1));
-            (elapsed + slack >= after).then_some((Outcome::Failure, elapsed))
-        });
-        self.endpoint.state().end(outcome);
+            if elapsed.saturating_add(slack) >= after {
+                outcome = Some((Outcome::Failure, elapsed));
+                self.endpoint.state().end_at(outcome, now.nanos());
+            }
+        }
+        if outcome.is_none() {
+            self.endpoint.state().end(None);
+        }
         self.endpoint.metrics().end(outcome);
     }
 }

@@ -2,8 +2,10 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::Stamp;
 
 use crate::instance::{InstanceId, ServiceInstance, Weight};
 use crate::metrics::RequestMetrics;
@@ -24,20 +26,19 @@ use crate::metrics::RequestMetrics;
 /// ```
 pub const EWMA_DECAY: Duration = Duration::from_secs(10);
 
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
 /// Nanoseconds since a process-wide epoch: the time base of [`EndpointState`], so that time fits
 /// in an atomic. Tests pass their own values to the `*_at` methods to simulate a clock.
+///
+/// It reads the same clock as [`PickGuard`](crate::PickGuard)'s latencies: the CPU's invariant
+/// time-stamp counter where there is one, calibrated against the OS monotonic clock (see the
+/// [`quanta`] crate), else the OS monotonic clock itself.
 ///
 /// ```
 /// let a = waypost_core::clock_nanos();
 /// assert!(waypost_core::clock_nanos() >= a);
 /// ```
 pub fn clock_nanos() -> u64 {
-    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+    Stamp::now().nanos()
 }
 
 /// How a picked call ended.

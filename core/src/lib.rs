@@ -57,6 +57,7 @@
 
 mod backoff;
 mod balancer;
+mod clock;
 mod discovery;
 mod endpoint;
 mod error;

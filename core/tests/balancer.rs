@@ -367,6 +367,36 @@ fn a_guard_s_own_deadline_turns_a_late_cancel_into_a_failure() {
     assert_eq!(b.endpoints()[0].state().failures(), 1);
 }
 
+/// The guard's clock is not `Instant` (a calibrated CPU counter where there is one): the
+/// latency it records must still agree with `Instant`, between the same call measured from
+/// inside and from outside the guard's life, within 0.1 % and a microsecond.
+#[test]
+fn a_recorded_latency_agrees_with_instant() {
+    let b = Balancer::new(Rotate::default());
+    b.apply(WatchEvent::Snapshot(vec![inst("a")]));
+    let state = b.endpoints()[0].clone();
+    for ms in [2, 10, 30] {
+        let outer = std::time::Instant::now();
+        let guard = b.pick().unwrap();
+        let inner = std::time::Instant::now();
+        std::thread::sleep(Duration::from_millis(ms));
+        let inner = inner.elapsed();
+        let elapsed = guard.elapsed();
+        guard.success(); // each sample is longer than the last, so it replaces the estimate
+        let outer = outer.elapsed();
+        let recorded = state.state().ewma_latency().unwrap();
+        let slack = |d: Duration| d / 1000 + Duration::from_micros(1);
+        assert!(
+            recorded + slack(inner) >= inner && recorded <= outer + slack(outer),
+            "recorded {recorded:?}; Instant saw {inner:?} inside, {outer:?} outside"
+        );
+        assert!(
+            elapsed <= recorded + slack(recorded),
+            "{elapsed:?} > {recorded:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn ready_within_says_why_no_instance_came() {
     let wait = Duration::from_millis(20);
