@@ -36,12 +36,15 @@ fn client(server: &ConsulServer) -> Consul {
 struct ConsulBackend {
     server: ConsulServer,
     gate: Gate,
+    /// The clients' blocking-query slots: the default, or 0 (every watch shares the feed).
+    max_blocking_watches: usize,
 }
 
 impl ConsulBackend {
     fn client(&self) -> Consul {
         builder(&self.server)
             .address(self.gate.addr().to_string())
+            .max_blocking_watches(self.max_blocking_watches)
             .build()
             .unwrap()
     }
@@ -81,6 +84,10 @@ impl Backend for ConsulBackend {
 }
 
 async fn start() -> ConsulBackend {
+    start_with(waypost_consul::DEFAULT_MAX_BLOCKING_WATCHES).await
+}
+
+async fn start_with(max_blocking_watches: usize) -> ConsulBackend {
     let server = ConsulServer::start().await;
     let agent = server
         .addr()
@@ -89,10 +96,26 @@ async fn start() -> ConsulBackend {
     let gate = Gate::start(agent)
         .await
         .expect("a free loopback port for the gate");
-    ConsulBackend { server, gate }
+    ConsulBackend {
+        server,
+        gate,
+        max_blocking_watches,
+    }
 }
 
 waypost_conformance::conformance_tests!(start);
+
+/// The whole suite again with every watch on the shared feed (the two datacenter-wide blocking
+/// queries) instead of a blocking query of its own.
+mod shared_watch {
+    use super::*;
+
+    async fn start() -> ConsulBackend {
+        start_with(0).await
+    }
+
+    waypost_conformance::conformance_tests!(start);
+}
 
 fn name(s: &str) -> ServiceName {
     ServiceName::new(s).unwrap()
@@ -535,4 +558,81 @@ async fn ids_are(consul: &Consul, service: &str, want: &[&str]) -> Result<(), St
     } else {
         Err(format!("{got:?}"))
     }
+}
+
+/// Watches beyond the client's blocking queries learn every kind of change from the shared
+/// feed within seconds, though each would otherwise re-read only every `wait` (5 min here):
+/// registrations with and without a check (the latter named by no check: a sweep), a port
+/// change without a check, a health change, deregistrations of both kinds, and a tag change.
+/// A service nobody changed keeps its set, and every watch stays on its own service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_watches_see_every_kind_of_change() {
+    let server = ConsulServer::start().await;
+    let consul = builder(&server).max_blocking_watches(0).build().unwrap();
+    let register = |body: serde_json::Value| agent_put(&server, "/v1/agent/service/register", body);
+    register(json!({"ID": "still-1", "Name": "still", "Port": 1})).await;
+    let mut plain = Mirror::new("plain", consul.watch(&name("plain")));
+    let mut checked = Mirror::new("checked", consul.watch(&name("checked")));
+    let mut still = Mirror::new("still", consul.watch(&name("still")));
+    still
+        .wait_until(SETTLE, "the untouched service's snapshot", |s| s.len() == 1)
+        .await;
+    plain.wait_until(SETTLE, "a first answer", |_| true).await;
+    checked.wait_until(SETTLE, "a first answer", |_| true).await;
+
+    register(json!({"ID": "plain-1", "Name": "plain", "Port": 1001})).await;
+    plain
+        .wait_until(SETTLE, "a registration without a check", |s| {
+            s.get("plain-1").is_some_and(|i| i.port() == 1001)
+        })
+        .await;
+    register(json!({"ID": "plain-1", "Name": "plain", "Port": 1002})).await;
+    plain
+        .wait_until(SETTLE, "a port change without a check", |s| {
+            s.get("plain-1").is_some_and(|i| i.port() == 1002)
+        })
+        .await;
+    register(json!({"ID": "plain-1", "Name": "plain", "Port": 1002, "Tags": ["blue"]})).await;
+    plain
+        .wait_until(SETTLE, "a tag change", |s| {
+            s.get("plain-1").is_some_and(|i| i.has_tag("blue"))
+        })
+        .await;
+
+    register(json!({"ID": "checked-1", "Name": "checked", "Port": 2001,
+        "Check": {"TTL": "60s", "Status": "passing"}}))
+    .await;
+    checked
+        .wait_until(SETTLE, "a registration with a check", |s| {
+            s.get("checked-1").is_some()
+        })
+        .await;
+    agent_put(&server, "/v1/agent/check/fail/service:checked-1", json!({})).await;
+    checked
+        .wait_until(SETTLE, "a failing check hides the instance", |s| {
+            s.is_empty()
+        })
+        .await;
+    agent_put(&server, "/v1/agent/check/pass/service:checked-1", json!({})).await;
+    checked
+        .wait_until(SETTLE, "a passing check shows it again", |s| s.len() == 1)
+        .await;
+    agent_put(&server, "/v1/agent/service/deregister/checked-1", json!({})).await;
+    checked
+        .wait_until(SETTLE, "a deregistration with a check", |s| s.is_empty())
+        .await;
+    agent_put(&server, "/v1/agent/service/deregister/plain-1", json!({})).await;
+    plain
+        .wait_until(SETTLE, "a deregistration without a check", |s| s.is_empty())
+        .await;
+
+    assert_eq!(still.ids(), ["still-1"]);
+    assert_eq!(
+        (plain.errors(), checked.errors(), still.errors()),
+        (0, 0, 0)
+    );
+    assert!(plain
+        .log()
+        .iter()
+        .all(|e| e.id().map_or(true, |id| id.as_str() == "plain-1")));
 }

@@ -115,6 +115,42 @@ impl Api {
         })
     }
 
+    /// `GET` of one of the datacenter-wide lists the shared watch follows (`path`), blocking
+    /// when `index` is above 0: the answer's index and its body.
+    pub(crate) async fn list(
+        &self,
+        path: &[&str],
+        stale: bool,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(Option<u64>, Vec<u8>), Error> {
+        let op = format!("GET /{}", path.join("/"));
+        let mut url = self.url(path);
+        let mut timeout = self.request_timeout;
+        {
+            let mut qp = url.query_pairs_mut();
+            if let Some(dc) = &self.datacenter {
+                qp.append_pair("dc", dc);
+            }
+            if stale {
+                qp.append_key_only("stale");
+            }
+            if index > 0 {
+                qp.append_pair("index", &index.to_string());
+                qp.append_pair("wait", &crate::wire::go_duration(wait));
+                timeout = wait * 17 / 16 + self.request_timeout;
+            }
+        }
+        let a = self.send(&op, Method::GET, url, None, timeout).await?;
+        ok_or_error(&op, &a)?;
+        let index = a
+            .headers
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        Ok((index, a.body))
+    }
+
     /// `PUT /v1/agent/service/register`.
     pub(crate) async fn register(&self, reg: &ServiceRegistration) -> Result<(), Error> {
         let op = format!("register {} of {}", reg.id, reg.name);

@@ -60,7 +60,12 @@ pub struct ConsulBuilder {
     pub(crate) request_timeout: Duration,
     pub(crate) backoff: (Duration, Duration),
     pub(crate) rate_limit: (u32, Duration),
+    pub(crate) max_blocking_watches: usize,
 }
+
+/// How many watches of one client hold a blocking query of their own, unless
+/// [`ConsulBuilder::max_blocking_watches`] says otherwise.
+pub const DEFAULT_MAX_BLOCKING_WATCHES: usize = 32;
 
 impl Default for ConsulBuilder {
     fn default() -> Self {
@@ -82,6 +87,7 @@ impl Default for ConsulBuilder {
             request_timeout: Duration::from_secs(10),
             backoff: (Duration::from_millis(100), Duration::from_secs(10)),
             rate_limit: (5, Duration::from_secs(3)),
+            max_blocking_watches: DEFAULT_MAX_BLOCKING_WATCHES,
         }
     }
 }
@@ -98,6 +104,7 @@ impl fmt::Debug for ConsulBuilder {
             .field("stale", &self.stale)
             .field("cached", &self.cached)
             .field("wait", &self.wait)
+            .field("max_blocking_watches", &self.max_blocking_watches)
             .field("ca_cert", &self.ca_cert)
             .field("client_cert", &self.client_cert)
             .field("tls_server_name", &self.tls_server_name)
@@ -294,6 +301,26 @@ impl ConsulBuilder {
     /// limited.
     pub fn watch_rate_limit(mut self, burst: u32, refill: Duration) -> Self {
         self.rate_limit = (burst, refill);
+        self
+    }
+
+    /// How many of this client's watches (its clones' included) hold a blocking query of their
+    /// own (default [`DEFAULT_MAX_BLOCKING_WATCHES`]). Each holds one connection to the agent,
+    /// and an agent accepts 200 from one address by default (`limits.http_max_conns_per_client`),
+    /// so that a process watching hundreds of services cannot give each its own.
+    ///
+    /// Every further watch shares two datacenter-wide blocking queries that tell which services
+    /// changed (`/v1/health/state/any`, `/v1/catalog/services`) and re-reads its service only
+    /// then, at most 16 reads at a time. A change reaches it one round trip later than a
+    /// blocking query of its own would bring it; 0 makes every watch share them.
+    ///
+    /// ```
+    /// let consul = waypost_consul::Consul::builder().max_blocking_watches(0).build()?;
+    /// assert_eq!(format!("{consul:?}").contains("max_blocking_watches: 0"), true);
+    /// # Ok::<(), waypost_core::Error>(())
+    /// ```
+    pub fn max_blocking_watches(mut self, max: usize) -> Self {
+        self.max_blocking_watches = max;
         self
     }
 

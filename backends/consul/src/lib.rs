@@ -10,6 +10,11 @@
 //! - [`Discovery`]: `GET /v1/health/service/<name>` (passing only by default; tag filters,
 //!   datacenter, `?stale`, `?cached`). Watches use blocking queries that follow Consul's rules
 //!   (index tracking and reset, token-bucket pacing, diff before emitting, fail-static retries).
+//!   A client's first [`max_blocking_watches`](ConsulBuilder::max_blocking_watches) watches
+//!   (32 by default) hold a blocking query each; every further one waits on two
+//!   datacenter-wide blocking queries that tell which services changed, and then re-reads its
+//!   service, so that a process can watch a thousand services through one agent, which accepts
+//!   200 connections from one address by default.
 //! - Configuration the Consul CLI's way: `CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`,
 //!   `CONSUL_HTTP_TOKEN_FILE`, `CONSUL_HTTP_SSL`, `CONSUL_CACERT`, `CONSUL_CLIENT_CERT`,
 //!   `CONSUL_CLIENT_KEY`, `CONSUL_TLS_SERVER_NAME` (see [`ConsulBuilder::from_env`]).
@@ -36,6 +41,7 @@
 mod api;
 mod backoff;
 mod config;
+mod feed;
 mod registry;
 mod watch;
 mod wire;
@@ -48,7 +54,7 @@ use waypost_core::{
     ServiceName, Watch,
 };
 
-pub use config::{ConsulBuilder, DEFAULT_ADDRESS};
+pub use config::{ConsulBuilder, DEFAULT_ADDRESS, DEFAULT_MAX_BLOCKING_WATCHES};
 pub use wire::{WEIGHT_META_KEY, ZONE_META_KEY};
 
 use api::{Api, HealthQuery};
@@ -77,6 +83,9 @@ pub struct Consul {
     query: HealthQuery,
     wait: std::time::Duration,
     rate_limit: (u32, std::time::Duration),
+    max_blocking_watches: usize,
+    /// Blocking-query slots and the shared watch, common to every clone.
+    feed: Arc<feed::Feed>,
 }
 
 impl fmt::Debug for Consul {
@@ -88,6 +97,7 @@ impl fmt::Debug for Consul {
             .field("datacenter", &self.api.datacenter)
             .field("query", &self.query)
             .field("wait", &self.wait)
+            .field("max_blocking_watches", &self.max_blocking_watches)
             .finish_non_exhaustive()
     }
 }
@@ -128,7 +138,16 @@ impl Consul {
     }
 
     fn new(api: Arc<Api>, address: String, b: ConsulBuilder) -> Self {
+        let feed = Arc::new(feed::Feed::new(
+            api.clone(),
+            b.stale,
+            b.wait_clamped(),
+            b.rate_limit,
+            b.max_blocking_watches,
+        ));
         Consul {
+            feed,
+            max_blocking_watches: b.max_blocking_watches,
             address: address.into(),
             tls_server_name: b.tls_server_name.as_deref().map(Arc::from),
             query: HealthQuery {
@@ -167,6 +186,7 @@ impl Discovery for Consul {
     fn watch(&self, service: &ServiceName) -> Watch {
         watch::watch(
             self.api.clone(),
+            &self.feed,
             service.clone(),
             watch::WatchConfig {
                 query: self.query.clone(),

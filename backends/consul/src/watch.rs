@@ -10,6 +10,7 @@ use waypost_core::{Error, InstanceSet, ServiceName, Watch, WatchEvent};
 
 use crate::api::{Api, HealthAnswer, HealthQuery};
 use crate::backoff::TokenBucket;
+use crate::feed::{Feed, Wait};
 use waypost_core::Backoff;
 
 /// The index to send next, given the one sent and the one returned.
@@ -52,12 +53,22 @@ struct State {
     failing_since: Option<tokio::time::Instant>,
     /// `watch` {service, backend}: every item is produced inside it.
     span: Span,
+    /// A blocking query of its own, or wakes from the client's shared feed.
+    waits: Wait,
+    feed: Arc<Feed>,
 }
 
 /// The watch owns a handle on the connection: it runs for as long as its stream is held, even
 /// after the `Consul` that made it is dropped.
-pub(crate) fn watch(api: Arc<Api>, service: ServiceName, cfg: WatchConfig) -> Watch {
-    let span = tracing::info_span!("watch", service = %service, backend = crate::BACKEND);
+pub(crate) fn watch(
+    api: Arc<Api>,
+    feed: &Arc<Feed>,
+    service: ServiceName,
+    cfg: WatchConfig,
+) -> Watch {
+    let (waits, feed) = feed.wait_for();
+    let shared = matches!(waits, Wait::Shared(_));
+    let span = tracing::info_span!("watch", service = %service, backend = crate::BACKEND, shared);
     let state = State {
         backoff: api.backoff(),
         api,
@@ -77,6 +88,8 @@ pub(crate) fn watch(api: Arc<Api>, service: ServiceName, cfg: WatchConfig) -> Wa
         failures: 0,
         failing_since: None,
         span,
+        waits,
+        feed,
     };
     futures::stream::unfold(state, |mut st| async move {
         let span = st.span.clone();
@@ -99,7 +112,6 @@ impl State {
             if self.throttle {
                 self.bucket.take().await;
             }
-            let sent = self.index;
             // A query after an error reconnects and resyncs: its own span, so that the error,
             // the retries and the recovery read as one story.
             let span = if self.failures > 0 {
@@ -107,11 +119,34 @@ impl State {
             } else {
                 Span::none()
             };
-            let answer = self
-                .api
-                .health(&self.service, &self.query, sent, self.wait)
-                .instrument(span.clone())
-                .await;
+            let (sent, answer) = match &mut self.waits {
+                Wait::Blocking { .. } => {
+                    let sent = self.index;
+                    let answer = self
+                        .api
+                        .health(&self.service, &self.query, sent, self.wait)
+                        .instrument(span.clone())
+                        .await;
+                    (sent, answer)
+                }
+                Wait::Shared(sub) => {
+                    let sub = sub.get_or_insert_with(|| self.feed.subscribe(&self.service));
+                    // After a good answer, wait for the feed to name this service (or for
+                    // `wait`, when a blocking query would have returned); after an error, retry
+                    // at once (the backoff's delay has passed).
+                    if self.index > 0 && self.failures == 0 {
+                        sub.woken(self.wait).await;
+                    }
+                    sub.seen();
+                    let _permit = sub.fetch_permit().await;
+                    let answer = self
+                        .api
+                        .health(&self.service, &self.query, 0, self.wait)
+                        .instrument(span.clone())
+                        .await;
+                    (0, answer)
+                }
+            };
             span.in_scope(|| self.handle(sent, answer));
         }
     }

@@ -1,0 +1,420 @@
+//! Many watches through one agent: two datacenter-wide blocking queries that tell which
+//! services changed, so that a watch beyond the client's own blocking queries waits on them and
+//! re-reads its service only when it changed.
+//!
+//! An agent serves one blocking query per HTTP/1.1 connection and limits the connections of one
+//! client address (`limits.http_max_conns_per_client`, 200 by default), and Consul 1.8 has no
+//! streaming. So a client holds a few blocking queries of its own
+//! ([`max_blocking_watches`](crate::ConsulBuilder::max_blocking_watches)) and every further
+//! watch subscribes here. Two loops follow the datacenter:
+//!
+//! - `GET /v1/health/state/any` lists every check with its `ModifyIndex`. A check that
+//!   appeared, changed or went away names its service: a registration, a deregistration, a
+//!   re-registration and a health change of a service with a check all show here, at the write's
+//!   own index.
+//! - `GET /v1/catalog/services` moves with every write to the services table. A service whose
+//!   tags changed is named by the diff. A write that no check change explains at the same index
+//!   (an instance without a check was added or changed) names no service: every subscribed
+//!   watch re-reads (a sweep), with reads bounded by a semaphore.
+//!
+//! What cannot be told: a check-less write that lands in the same few milliseconds as another
+//! write (the catalog's index then names only the last). Each subscribed watch also re-reads
+//! every `wait`, as a blocking query returns every `wait`, which bounds that case.
+//!
+//! An error in either loop wakes every watch, so that each finds the outage itself, reports it
+//! and retries with its own backoff (keeping its last instances); the loop's recovery wakes them
+//! again, since changes may have been missed meanwhile.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+use waypost_core::{Backoff, Error, ServiceName};
+
+use crate::api::Api;
+use crate::backoff::TokenBucket;
+use crate::watch::next_index;
+use crate::BACKEND;
+
+/// How long the catalog loop waits for the checks loop to reach the catalog's index before it
+/// counts the write as unexplained (a sweep: correct, only dearer).
+const CORRELATE: Duration = Duration::from_millis(100);
+
+/// How many check-change indexes are remembered for correlating catalog writes.
+const EXPLAINED_KEPT: usize = 4096;
+
+/// Non-blocking reads of subscribed watches in flight at once: a sweep of a thousand services
+/// must stay well under the agent's per-client connection limit.
+pub(crate) const FETCHES: usize = 16;
+
+/// The shared part of one client (and its clones): blocking-query slots, the subscriptions and
+/// the loops that wake them.
+pub(crate) struct Feed {
+    api: Arc<Api>,
+    stale: bool,
+    wait: Duration,
+    rate_limit: (u32, Duration),
+    blocking: Arc<Semaphore>,
+    fetches: Arc<Semaphore>,
+    subs: Mutex<Subs>,
+}
+
+#[derive(Default)]
+struct Subs {
+    /// Per watched service: a generation bumped on every wake, and how many watches hold it.
+    services: HashMap<ServiceName, (watch::Sender<u64>, usize)>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// How a watch waits for its service to change.
+pub(crate) enum Wait {
+    /// A blocking query of its own; the permit is one of the client's slots.
+    Blocking {
+        /// Held, never read: dropping the watch frees the slot.
+        _slot: OwnedSemaphorePermit,
+    },
+    /// Woken by the feed; subscribes on its first poll (the loops need a runtime).
+    Shared(Option<Subscription>),
+}
+
+/// One watch's subscription to its service's wakes; unsubscribes when dropped.
+pub(crate) struct Subscription {
+    feed: Arc<Feed>,
+    service: ServiceName,
+    rx: watch::Receiver<u64>,
+}
+
+impl Subscription {
+    /// Marks every wake so far as seen: call before reading, so that a change during the read
+    /// wakes the watch again.
+    pub(crate) fn seen(&mut self) {
+        self.rx.borrow_and_update();
+    }
+
+    /// Until the next wake (at once if one came since [`seen`](Self::seen)), or `within`.
+    pub(crate) async fn woken(&mut self, within: Duration) {
+        let _ = tokio::time::timeout(within, self.rx.changed()).await;
+    }
+
+    /// A slot for one read.
+    pub(crate) async fn fetch_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.feed.fetches.clone().acquire_owned().await.ok()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.feed.unsubscribe(&self.service);
+    }
+}
+
+impl Feed {
+    pub(crate) fn new(
+        api: Arc<Api>,
+        stale: bool,
+        wait: Duration,
+        rate_limit: (u32, Duration),
+        max_blocking: usize,
+    ) -> Self {
+        Feed {
+            api,
+            stale,
+            wait,
+            rate_limit,
+            blocking: Arc::new(Semaphore::new(max_blocking)),
+            fetches: Arc::new(Semaphore::new(FETCHES)),
+            subs: Mutex::new(Subs::default()),
+        }
+    }
+
+    /// A blocking-query slot if one is free, else a subscription to come.
+    pub(crate) fn wait_for(self: &Arc<Self>) -> (Wait, Arc<Feed>) {
+        let wait = match self.blocking.clone().try_acquire_owned() {
+            Ok(_slot) => Wait::Blocking { _slot },
+            Err(_) => Wait::Shared(None),
+        };
+        (wait, self.clone())
+    }
+
+    /// Subscribes to `service`'s wakes, starting the loops if this is the first subscription.
+    pub(crate) fn subscribe(self: &Arc<Self>, service: &ServiceName) -> Subscription {
+        let mut subs = self.lock();
+        let rx = match subs.services.get_mut(service) {
+            Some((tx, count)) => {
+                *count += 1;
+                tx.subscribe()
+            }
+            None => {
+                let (tx, rx) = watch::channel(0);
+                subs.services.insert(service.clone(), (tx, 1));
+                rx
+            }
+        };
+        if subs.task.is_none() {
+            debug!("consul: starting the shared watch's catalog and checks queries");
+            subs.task = Some(tokio::spawn(run(self.clone())));
+        }
+        Subscription {
+            feed: self.clone(),
+            service: service.clone(),
+            rx,
+        }
+    }
+
+    fn unsubscribe(&self, service: &ServiceName) {
+        let mut subs = self.lock();
+        if let Some((_, count)) = subs.services.get_mut(service) {
+            *count -= 1;
+            if *count == 0 {
+                subs.services.remove(service);
+            }
+        }
+        if subs.services.is_empty() {
+            if let Some(task) = subs.task.take() {
+                task.abort();
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Subs> {
+        // The map stays consistent through a panic elsewhere: every update is one operation.
+        self.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the watches of each named service that has any.
+    fn wake<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let subs = self.lock();
+        for name in names {
+            if let Some((tx, _)) = ServiceName::new(name)
+                .ok()
+                .and_then(|n| subs.services.get(&n))
+            {
+                tx.send_modify(|g| *g += 1);
+            }
+        }
+    }
+
+    fn wake_all(&self, why: &str) {
+        let subs = self.lock();
+        debug!(
+            services = subs.services.len(),
+            "consul shared watch: every service re-reads ({why})"
+        );
+        for (tx, _) in subs.services.values() {
+            tx.send_modify(|g| *g += 1);
+        }
+    }
+}
+
+/// What the two loops share: the indexes at which checks changed, and how far the checks loop
+/// has read.
+struct Correlation {
+    explained: Mutex<BTreeSet<u64>>,
+    checks_index: watch::Sender<u64>,
+}
+
+impl Correlation {
+    fn explain(&self, indexes: impl IntoIterator<Item = u64>) {
+        let mut set = self.explained.lock().unwrap_or_else(|e| e.into_inner());
+        set.extend(indexes);
+        while set.len() > EXPLAINED_KEPT {
+            set.pop_first();
+        }
+    }
+
+    fn explains(&self, index: u64) -> bool {
+        self.explained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&index)
+    }
+}
+
+async fn run(feed: Arc<Feed>) {
+    let corr = Correlation {
+        explained: Mutex::new(BTreeSet::new()),
+        checks_index: watch::channel(0).0,
+    };
+    futures::future::join(catalog_loop(&feed, &corr), checks_loop(&feed, &corr)).await;
+}
+
+/// One loop's pacing and failure bookkeeping (rules 4–6 of watching Consul).
+struct Pace {
+    index: u64,
+    backoff: Backoff,
+    bucket: TokenBucket,
+    throttle: bool,
+    failing: bool,
+}
+
+impl Pace {
+    fn new(feed: &Feed) -> Self {
+        Pace {
+            index: 0,
+            backoff: feed.api.backoff(),
+            bucket: TokenBucket::new(
+                feed.rate_limit.0,
+                feed.rate_limit.1,
+                tokio::time::Instant::now(),
+            ),
+            throttle: false,
+            failing: false,
+        }
+    }
+
+    async fn query(&mut self, feed: &Feed, path: &[&str]) -> Option<(u64, u64, Vec<u8>)> {
+        if self.throttle {
+            self.bucket.take().await;
+        }
+        let sent = self.index;
+        match feed.api.list(path, feed.stale, sent, feed.wait).await {
+            Ok((returned, body)) => {
+                if self.failing {
+                    self.failing = false;
+                    info!(path = path.join("/"), "consul shared watch recovered");
+                    feed.wake_all("the shared watch recovered: changes may have been missed");
+                }
+                self.backoff.reset();
+                self.index = next_index(sent, returned);
+                Some((sent, self.index, body))
+            }
+            Err(e) => self.failed(feed, path, e).await,
+        }
+    }
+
+    async fn failed<T>(&mut self, feed: &Feed, path: &[&str], e: Error) -> Option<T> {
+        let delay = self.backoff.next_delay();
+        warn!(path = path.join("/"), retry_in = ?delay, "consul shared watch failed: {e}");
+        if !self.failing {
+            self.failing = true;
+            // Each watch reads its service now: it reports the outage and retries on its own.
+            feed.wake_all("the shared watch failed");
+        }
+        self.index = 0;
+        self.throttle = false;
+        tokio::time::sleep(delay).await;
+        None
+    }
+}
+
+fn bad_body(path: &[&str], e: serde_json::Error) -> Error {
+    Error::protocol(
+        BACKEND,
+        format!("GET /{}", path.join("/")),
+        format!("unexpected answer ({e}); retried"),
+    )
+}
+
+async fn catalog_loop(feed: &Feed, corr: &Correlation) {
+    const PATH: [&str; 3] = ["v1", "catalog", "services"];
+    let mut pace = Pace::new(feed);
+    let mut known: Option<HashMap<String, Vec<String>>> = None;
+    loop {
+        let Some((sent, index, body)) = pace.query(feed, &PATH).await else {
+            continue;
+        };
+        let services: HashMap<String, Vec<String>> = match serde_json::from_slice(&body) {
+            Ok(s) => s,
+            Err(e) => {
+                pace.failed::<()>(feed, &PATH, bad_body(&PATH, e)).await;
+                continue;
+            }
+        };
+        if let Some(old) = &known {
+            let changed = services
+                .iter()
+                .filter(|(name, tags)| old.get(*name) != Some(*tags))
+                .map(|(name, _)| name.as_str())
+                .chain(
+                    old.keys()
+                        .filter(|name| !services.contains_key(*name))
+                        .map(String::as_str),
+                );
+            feed.wake(changed);
+            if sent > 0 && index > sent && !explained(corr, index).await {
+                feed.wake_all("a catalog write that no check change explains");
+            }
+        }
+        known = Some(services);
+        // Rule 5: only a return that did not move the index can be a busy loop; a move is a
+        // write, if not always one to a watched service.
+        pace.throttle = index <= sent;
+    }
+}
+
+/// Whether a check change was seen at `index`, once the checks loop has read that far (or
+/// [`CORRELATE`] has passed).
+async fn explained(corr: &Correlation, index: u64) -> bool {
+    let mut rx = corr.checks_index.subscribe();
+    let _ = tokio::time::timeout(CORRELATE, rx.wait_for(|&i| i >= index)).await;
+    corr.explains(index)
+}
+
+/// A check as `/v1/health/state/any` lists it: only what tells a change.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Check {
+    node: String,
+    #[serde(rename = "CheckID")]
+    check_id: String,
+    #[serde(default)]
+    service_name: String,
+    #[serde(default)]
+    modify_index: u64,
+}
+
+async fn checks_loop(feed: &Feed, corr: &Correlation) {
+    const PATH: [&str; 4] = ["v1", "health", "state", "any"];
+    let mut pace = Pace::new(feed);
+    // (node, check id) → (service, modify index)
+    let mut known: Option<HashMap<(String, String), (String, u64)>> = None;
+    loop {
+        let Some((sent, index, body)) = pace.query(feed, &PATH).await else {
+            continue;
+        };
+        let checks: Vec<Check> = match serde_json::from_slice(&body) {
+            Ok(c) => c,
+            Err(e) => {
+                pace.failed::<()>(feed, &PATH, bad_body(&PATH, e)).await;
+                continue;
+            }
+        };
+        let checks: HashMap<(String, String), (String, u64)> = checks
+            .into_iter()
+            .map(|c| ((c.node, c.check_id), (c.service_name, c.modify_index)))
+            .collect();
+        if let Some(old) = &known {
+            let mut names: Vec<&str> = Vec::new();
+            let mut at = Vec::new();
+            for (key, (service, modified)) in &checks {
+                if old.get(key).map(|(_, m)| m) != Some(modified) {
+                    names.push(service);
+                    at.push(*modified);
+                }
+            }
+            for (key, (service, _)) in old {
+                if !checks.contains_key(key) {
+                    names.push(service);
+                    at.push(index);
+                }
+            }
+            corr.explain(at);
+            if names.iter().any(|n| n.is_empty()) {
+                // A node's own check: every service on it changed health.
+                feed.wake_all("a node check changed");
+            } else if names.is_empty() && sent > 0 && index > sent {
+                // The index moved with nothing to show for it: a check-less instance went away.
+                feed.wake_all("the checks' index moved without a visible change");
+            } else {
+                feed.wake(names);
+            }
+        }
+        known = Some(checks);
+        corr.checks_index.send_replace(index);
+        pace.throttle = index <= sent;
+    }
+}
