@@ -81,6 +81,7 @@ pub mod etcd_server;
 pub mod gate;
 pub mod harness;
 pub mod scenarios;
+pub mod sockets;
 
 /// A backend under test: a running server (or in-process state) and clients for it.
 ///
