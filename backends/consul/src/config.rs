@@ -65,7 +65,22 @@ pub struct ConsulBuilder {
 
 /// How many watches of one client hold a blocking query of their own, unless
 /// [`ConsulBuilder::max_blocking_watches`] says otherwise.
+///
+/// ```
+/// // With the shared watch's two queries and its reads, well under an agent's 200 connections
+/// // per client address.
+/// let in_flight = waypost_consul::DEFAULT_MAX_BLOCKING_WATCHES + 2 + waypost_consul::SHARED_WATCH_READS;
+/// assert!(in_flight < 100);
+/// ```
 pub const DEFAULT_MAX_BLOCKING_WATCHES: usize = 32;
+
+/// How many re-reads the watches on a client's shared watch make at once (after a change that
+/// names no service, every one of them re-reads).
+///
+/// ```
+/// assert_eq!(waypost_consul::SHARED_WATCH_READS, 16);
+/// ```
+pub const SHARED_WATCH_READS: usize = 16;
 
 impl Default for ConsulBuilder {
     fn default() -> Self {
@@ -428,6 +443,10 @@ impl ConsulBuilder {
         let mut http = reqwest::Client::builder()
             .use_rustls_tls()
             .connect_timeout(Duration::from_secs(3))
+            // A request that finds no idle connection opens one, and keeps it if an idle one
+            // came back first: without a cap, a burst of re-reads leaves the pool holding up to
+            // twice the requests in flight, against an agent's limit per client address.
+            .pool_max_idle_per_host(SHARED_WATCH_READS)
             .user_agent(concat!("waypost-consul/", env!("CARGO_PKG_VERSION")));
         let shown_address = redact_userinfo(base.as_str()).into_owned();
         if let (Some(name), "https") = (&self.tls_server_name, base.scheme()) {

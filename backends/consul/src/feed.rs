@@ -47,10 +47,6 @@ const CORRELATE: Duration = Duration::from_millis(100);
 /// How many check-change indexes are remembered for correlating catalog writes.
 const EXPLAINED_KEPT: usize = 4096;
 
-/// Non-blocking reads of subscribed watches in flight at once: a sweep of a thousand services
-/// must stay well under the agent's per-client connection limit.
-pub(crate) const FETCHES: usize = 16;
-
 /// The shared part of one client (and its clones): blocking-query slots, the subscriptions and
 /// the loops that wake them.
 pub(crate) struct Feed {
@@ -126,7 +122,7 @@ impl Feed {
             wait,
             rate_limit,
             blocking: Arc::new(Semaphore::new(max_blocking)),
-            fetches: Arc::new(Semaphore::new(FETCHES)),
+            fetches: Arc::new(Semaphore::new(crate::SHARED_WATCH_READS)),
             subs: Mutex::new(Subs::default()),
         }
     }

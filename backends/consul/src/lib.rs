@@ -54,7 +54,9 @@ use waypost_core::{
     ServiceName, Watch,
 };
 
-pub use config::{ConsulBuilder, DEFAULT_ADDRESS, DEFAULT_MAX_BLOCKING_WATCHES};
+pub use config::{
+    ConsulBuilder, DEFAULT_ADDRESS, DEFAULT_MAX_BLOCKING_WATCHES, SHARED_WATCH_READS,
+};
 pub use wire::{WEIGHT_META_KEY, ZONE_META_KEY};
 
 use api::{Api, HealthQuery};
