@@ -64,6 +64,10 @@ struct Subs {
     /// Per watched service: a generation bumped on every wake, and how many watches hold it.
     services: HashMap<ServiceName, (watch::Sender<u64>, usize)>,
     task: Option<JoinHandle<()>>,
+    /// Set once both loops have their first answer: the baseline that later answers are
+    /// compared with. A watch reads its service only after it, so that no change falls between
+    /// its read and the baseline.
+    baseline: Option<watch::Sender<bool>>,
 }
 
 /// How a watch waits for its service to change.
@@ -82,6 +86,7 @@ pub(crate) struct Subscription {
     feed: Arc<Feed>,
     service: ServiceName,
     rx: watch::Receiver<u64>,
+    baseline: watch::Receiver<bool>,
 }
 
 impl Subscription {
@@ -94,6 +99,12 @@ impl Subscription {
     /// Until the next wake (at once if one came since [`seen`](Self::seen)), or `within`.
     pub(crate) async fn woken(&mut self, within: Duration) {
         let _ = tokio::time::timeout(within, self.rx.changed()).await;
+    }
+
+    /// Until the feed has its baseline, or `within` (an agent that does not answer fails the
+    /// watch's own read, which reports it).
+    pub(crate) async fn baseline(&mut self, within: Duration) {
+        let _ = tokio::time::timeout(within, self.baseline.wait_for(|&b| b)).await;
     }
 
     /// A slot for one read.
@@ -150,14 +161,21 @@ impl Feed {
                 rx
             }
         };
-        if subs.task.is_none() {
-            debug!("consul: starting the shared watch's catalog and checks queries");
-            subs.task = Some(tokio::spawn(run(self.clone())));
-        }
+        let baseline = match &subs.baseline {
+            Some(tx) if subs.task.is_some() => tx.subscribe(),
+            _ => {
+                debug!("consul: starting the shared watch's catalog and checks queries");
+                let (tx, rx) = watch::channel(false);
+                subs.baseline = Some(tx.clone());
+                subs.task = Some(tokio::spawn(run(self.clone(), tx)));
+                rx
+            }
+        };
         Subscription {
             feed: self.clone(),
             service: service.clone(),
             rx,
+            baseline,
         }
     }
 
@@ -173,6 +191,7 @@ impl Feed {
             if let Some(task) = subs.task.take() {
                 task.abort();
             }
+            subs.baseline = None;
         }
     }
 
@@ -211,9 +230,19 @@ impl Feed {
 struct Correlation {
     explained: Mutex<BTreeSet<u64>>,
     checks_index: watch::Sender<u64>,
+    loops_with_baseline: std::sync::atomic::AtomicU8,
+    baseline: watch::Sender<bool>,
 }
 
 impl Correlation {
+    /// One loop has its first answer; with both, watches may read.
+    fn has_baseline(&self) {
+        use std::sync::atomic::Ordering;
+        if self.loops_with_baseline.fetch_add(1, Ordering::AcqRel) == 1 {
+            self.baseline.send_replace(true);
+        }
+    }
+
     fn explain(&self, indexes: impl IntoIterator<Item = u64>) {
         let mut set = self.explained.lock().unwrap_or_else(|e| e.into_inner());
         set.extend(indexes);
@@ -230,10 +259,12 @@ impl Correlation {
     }
 }
 
-async fn run(feed: Arc<Feed>) {
+async fn run(feed: Arc<Feed>, baseline: watch::Sender<bool>) {
     let corr = Correlation {
         explained: Mutex::new(BTreeSet::new()),
         checks_index: watch::channel(0).0,
+        loops_with_baseline: std::sync::atomic::AtomicU8::new(0),
+        baseline,
     };
     futures::future::join(catalog_loop(&feed, &corr), checks_loop(&feed, &corr)).await;
 }
@@ -335,6 +366,9 @@ async fn catalog_loop(feed: &Feed, corr: &Correlation) {
                 feed.wake_all("a catalog write that no check change explains");
             }
         }
+        if known.is_none() {
+            corr.has_baseline();
+        }
         known = Some(services);
         // Rule 5: only a return that did not move the index can be a busy loop; a move is a
         // write, if not always one to a watched service.
@@ -408,6 +442,9 @@ async fn checks_loop(feed: &Feed, corr: &Correlation) {
             } else {
                 feed.wake(names);
             }
+        }
+        if known.is_none() {
+            corr.has_baseline();
         }
         known = Some(checks);
         corr.checks_index.send_replace(index);

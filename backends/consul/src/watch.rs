@@ -130,7 +130,14 @@ impl State {
                     (sent, answer)
                 }
                 Wait::Shared(sub) => {
-                    let sub = sub.get_or_insert_with(|| self.feed.subscribe(&self.service));
+                    let sub = match sub {
+                        Some(sub) => sub,
+                        None => {
+                            let sub = sub.insert(self.feed.subscribe(&self.service));
+                            sub.baseline(self.api.request_timeout).await;
+                            sub
+                        }
+                    };
                     // After a good answer, wait for the feed to name this service (or for
                     // `wait`, when a blocking query would have returned); after an error, retry
                     // at once (the backoff's delay has passed).
