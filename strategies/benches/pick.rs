@@ -16,6 +16,9 @@
 //!   machine is otherwise idle; BENCHMARKS.md records the load.
 //! - `balancer_pick/<strategy>/<n>`: `Balancer::pick_with` and dropping the guard, i.e. the whole
 //!   request-path cost: snapshot load, pick, in-flight accounting.
+//! - `request_path_parts/<part>`: each part of what `balancer_pick` adds to `pick`, alone.
+//! - `balancer_pick_2threads/<strategy>/<n>`: the same, two threads picking through one
+//!   balancer at once, timed like `pick_2threads`.
 //! - `balancer_pick_excluding/<strategy>/<n>`: `Balancer::pick_excluding` and dropping the
 //!   guard: a retry avoiding the instance that the request's first pick chose (64 requests in
 //!   turn; for hashing strategies, each key's own instance, so every retry walks on).
@@ -103,6 +106,10 @@ fn balancer_pick(c: &mut Criterion) {
             c.benchmark_group("balancer_pick")
                 .bench_function(BenchmarkId::new(name, n), |b| {
                     b.iter_custom(|iters| run(iters, 0, &one))
+                });
+            c.benchmark_group("balancer_pick_2threads")
+                .bench_function(BenchmarkId::new(name, n), |b| {
+                    b.iter_custom(|iters| run_2threads(iters, &one))
                 });
         }
     }
@@ -201,6 +208,35 @@ fn seed_port(c: &mut Criterion) {
     }
 }
 
+/// What `balancer_pick` adds to `pick`, one part at a time (n=10,000, the picked endpoint
+/// warm in cache, one thread): the clock read it makes and the one it replaced, the snapshot
+/// load and release, the endpoint's reference count up and down, and the in-flight count up and
+/// down.
+fn request_path_parts(c: &mut Criterion) {
+    let balancer = Balancer::new(waypost_strategies::by_name("round-robin").expect("compiled in"));
+    balancer.apply(WatchEvent::Snapshot(instances(10_000)));
+    let endpoint = balancer.endpoints()[77].clone();
+    let snapshot = arc_swap::ArcSwap::from_pointee(balancer.endpoints());
+    let mut g = c.benchmark_group("request_path_parts");
+    g.bench_function("std_instant_now", |b| b.iter(|| black_box(Instant::now())));
+    g.bench_function("clock_nanos", |b| {
+        b.iter(|| black_box(waypost_core::clock_nanos()))
+    });
+    g.bench_function("snapshot_load", |b| {
+        b.iter(|| drop(black_box(snapshot.load())))
+    });
+    g.bench_function("endpoint_clone", |b| {
+        b.iter(|| drop(black_box(endpoint.clone())))
+    });
+    g.bench_function("in_flight", |b| {
+        b.iter(|| {
+            endpoint.state().begin();
+            endpoint.state().end(None);
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(300))
@@ -212,6 +248,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = pick, balancer_pick, balancer_pick_excluding, balancer_pick_tiered, seed_port
+    targets = pick, balancer_pick, balancer_pick_excluding, balancer_pick_tiered, seed_port,
+        request_path_parts
 }
 criterion_main!(benches);
