@@ -115,7 +115,10 @@ async fn a_thousand_services_through_one_agent_with_default_limits() {
     let bound = DEFAULT_MAX_BLOCKING_WATCHES + 2 + waypost_consul::SHARED_WATCH_READS;
     let held = established_to(port).unwrap().difference(&before).count();
     eprintln!("{held} connections to the agent");
-    assert!(held <= bound, "{held} connections to the agent, more than {bound}");
+    assert!(
+        held <= bound,
+        "{held} connections to the agent, more than {bound}"
+    );
     assert!(held <= AGENT_LIMIT / 4, "{held} connections to the agent");
 
     // A change to a service on the shared watch (beyond the first 32), and one with a query of
