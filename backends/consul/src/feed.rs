@@ -149,6 +149,7 @@ impl Feed {
 
     /// Subscribes to `service`'s wakes, starting the loops if this is the first subscription.
     pub(crate) fn subscribe(self: &Arc<Self>, service: &ServiceName) -> Subscription {
+        debug!(service = %service, "consul watch: no blocking-query slot left; on the shared watch");
         let mut subs = self.lock();
         let rx = match subs.services.get_mut(service) {
             Some((tx, count)) => {

@@ -67,8 +67,9 @@ pub(crate) fn watch(
     cfg: WatchConfig,
 ) -> Watch {
     let (waits, feed) = feed.wait_for();
-    let shared = matches!(waits, Wait::Shared(_));
-    let span = tracing::info_span!("watch", service = %service, backend = crate::BACKEND, shared);
+    // The same span as every backend's watch; whether it is on the shared watch is logged
+    // once, at debug, when it subscribes.
+    let span = tracing::info_span!("watch", service = %service, backend = crate::BACKEND);
     let state = State {
         backoff: api.backoff(),
         api,
