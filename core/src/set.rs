@@ -1,5 +1,6 @@
 //! The set of instances a watcher has delivered, and the difference to a newer set.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use crate::event::WatchEvent;
@@ -51,29 +52,52 @@ impl InstanceSet {
     /// afterwards the adds, updates and removals (in id order; nothing when nothing changed),
     /// followed by `Synced` when the watch had been [`interrupted`](Self::interrupted).
     pub fn sync(&mut self, current: impl IntoIterator<Item = ServiceInstance>) -> Vec<WatchEvent> {
-        let mut next: BTreeMap<InstanceId, ServiceInstance> = BTreeMap::new();
-        for inst in current {
-            next.insert(inst.id().clone(), inst);
-        }
+        // Collecting sorts (one pass over an answer already in id order) and builds the tree
+        // in bulk; of one id the last one wins.
+        let next: BTreeMap<InstanceId, ServiceInstance> = current
+            .into_iter()
+            .map(|inst| (inst.id().clone(), inst))
+            .collect();
         if !self.snapshot_sent {
             self.snapshot_sent = true;
             self.in_sync = true;
             self.by_id = next;
             return vec![WatchEvent::Snapshot(self.instances()), WatchEvent::Synced];
         }
+        // Both sides in id order: one walk over the two finds the difference. Removals are
+        // told first, then the adds and updates.
         let mut events = Vec::new();
-        for (id, old) in &self.by_id {
-            if !next.contains_key(id) {
-                events.push(WatchEvent::Removed(old.clone()));
+        let mut arrived = Vec::new();
+        let mut old = self.by_id.iter().peekable();
+        let mut new = next.iter().peekable();
+        loop {
+            let order = match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((a, _)), Some((b, _))) => a.cmp(b),
+            };
+            match order {
+                Ordering::Less => {
+                    if let Some((_, gone)) = old.next() {
+                        events.push(WatchEvent::Removed(gone.clone()));
+                    }
+                }
+                Ordering::Greater => {
+                    if let Some((_, added)) = new.next() {
+                        arrived.push(WatchEvent::Added(added.clone()));
+                    }
+                }
+                Ordering::Equal => {
+                    if let (Some((_, was)), Some((_, now))) = (old.next(), new.next()) {
+                        if was != now {
+                            arrived.push(WatchEvent::Updated(now.clone()));
+                        }
+                    }
+                }
             }
         }
-        for (id, new) in &next {
-            match self.by_id.get(id) {
-                None => events.push(WatchEvent::Added(new.clone())),
-                Some(old) if old != new => events.push(WatchEvent::Updated(new.clone())),
-                Some(_) => {}
-            }
-        }
+        events.append(&mut arrived);
         self.by_id = next;
         if !self.in_sync {
             self.in_sync = true;
@@ -170,6 +194,40 @@ mod tests {
             ]
         );
         assert!(s.sync(vec![inst("c", 1), inst("b", 2)]).is_empty());
+    }
+
+    #[test]
+    fn removals_come_first_then_adds_and_updates_in_id_order() {
+        let mut s = InstanceSet::new();
+        s.sync(vec![inst("b", 1), inst("c", 1), inst("e", 1)]);
+        // Given out of order, with an add before a removal in id order.
+        let ev = s.sync(vec![inst("d", 1), inst("c", 2), inst("a", 1)]);
+        assert_eq!(
+            ev,
+            vec![
+                WatchEvent::Removed(inst("b", 1)),
+                WatchEvent::Removed(inst("e", 1)),
+                WatchEvent::Added(inst("a", 1)),
+                WatchEvent::Updated(inst("c", 2)),
+                WatchEvent::Added(inst("d", 1)),
+            ]
+        );
+        assert_eq!(
+            s.instances(),
+            vec![inst("a", 1), inst("c", 2), inst("d", 1)]
+        );
+    }
+
+    #[test]
+    fn of_one_id_given_twice_the_last_counts() {
+        let mut s = InstanceSet::new();
+        s.sync(vec![inst("a", 1), inst("a", 2)]);
+        assert_eq!(s.instances(), vec![inst("a", 2)]);
+        assert_eq!(
+            s.sync(vec![inst("a", 2), inst("a", 3)]),
+            vec![WatchEvent::Updated(inst("a", 3))]
+        );
+        assert!(s.sync(vec![inst("a", 1), inst("a", 3)]).is_empty());
     }
 
     #[test]
