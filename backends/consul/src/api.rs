@@ -9,7 +9,7 @@ use reqwest::{Method, StatusCode, Url};
 use tracing::warn;
 use waypost_core::{Error, ServiceInstance, ServiceName};
 
-use crate::wire::{HealthEntry, ServiceRegistration};
+use crate::wire::{BadAnswer, HealthEntries, ServiceRegistration};
 use crate::BACKEND;
 use waypost_core::Backoff;
 
@@ -75,6 +75,25 @@ impl Api {
         url
     }
 
+    /// Sends a request; the answer's status and headers, its body still to come.
+    async fn start(
+        &self,
+        operation: &str,
+        method: Method,
+        url: Url,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, Error> {
+        let mut req = self.http.request(method, url).timeout(timeout);
+        if let Some(token) = &self.token {
+            req = req.header("X-Consul-Token", token.clone());
+        }
+        if let Some(body) = body {
+            req = req.header("Content-Type", "application/json").body(body);
+        }
+        req.send().await.map_err(|e| transport(operation, e))
+    }
+
     async fn send(
         &self,
         operation: &str,
@@ -83,36 +102,8 @@ impl Api {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<Answer, Error> {
-        let mut req = self.http.request(method, url).timeout(timeout);
-        if let Some(token) = &self.token {
-            req = req.header("X-Consul-Token", token.clone());
-        }
-        if let Some(body) = body {
-            req = req.header("Content-Type", "application/json").body(body);
-        }
-        let resp = req.send().await.map_err(|e| transport(operation, e))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    transport(operation, e)
-                } else {
-                    Error::protocol(
-                        BACKEND,
-                        operation,
-                        format!("the answer's body was cut off or unreadable ({e}); retried"),
-                    )
-                }
-            })?
-            .to_vec();
-        Ok(Answer {
-            status,
-            headers,
-            body,
-        })
+        let resp = self.start(operation, method, url, body, timeout).await?;
+        read_answer(operation, resp).await
     }
 
     /// `GET` of one of the datacenter-wide lists the shared watch follows (`path`), blocking
@@ -243,50 +234,50 @@ impl Api {
                 timeout = wait * 17 / 16 + self.request_timeout;
             }
         }
-        let a = self.send(&op, Method::GET, url, None, timeout).await?;
-        ok_or_error(&op, &a)?;
-        let index = a
-            .headers
+        let mut resp = self.start(&op, Method::GET, url, None, timeout).await?;
+        if !resp.status().is_success() {
+            let a = read_answer(&op, resp).await?;
+            return Err(status_error(&op, a.status, &a.body));
+        }
+        let index = resp
+            .headers()
             .get("X-Consul-Index")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let entries: Vec<serde_json::Value> = serde_json::from_slice(&a.body).map_err(|e| {
+        let bad = |e: BadAnswer, headers: &HeaderMap| {
             Error::protocol(
                 BACKEND,
                 &op,
                 format!(
-                    "expected a JSON array of health entries, got {} ({e}): {}",
-                    content_type(&a.headers),
-                    snippet(&a.body)
+                    "expected a JSON array of health entries, got {} ({}): {}",
+                    content_type(headers),
+                    e.reason,
+                    snippet(&e.head)
                 ),
             )
-        })?;
-        let instances = instances_of(service, entries, &q.tags);
+        };
+        // Read as it arrives: 10,000 instances are about 10 MB of JSON (20 MB from a `-dev`
+        // agent, which indents), neither held whole nor read only after the last byte.
+        let mut entries = HealthEntries::new(service);
+        while let Some(chunk) = resp.chunk().await.map_err(|e| unreadable(&op, e))? {
+            entries.feed(&chunk).map_err(|e| bad(e, resp.headers()))?;
+        }
+        let instances = settle(
+            service,
+            entries.finish().map_err(|e| bad(e, resp.headers()))?,
+            &q.tags,
+        );
         Ok(HealthAnswer { instances, index })
     }
 }
 
-/// The valid instances of `service` among `entries`, sorted by id, one per id (the healthiest
-/// of duplicates), carrying every tag of `tags`.
-fn instances_of(
+/// `instances` (of one answer) sorted by id, one per id (the healthiest of duplicates), each
+/// carrying every tag of `tags`.
+fn settle(
     service: &ServiceName,
-    entries: Vec<serde_json::Value>,
+    mut instances: Vec<ServiceInstance>,
     tags: &[String],
 ) -> Vec<ServiceInstance> {
-    let mut instances: Vec<ServiceInstance> = Vec::with_capacity(entries.len());
-    for value in entries {
-        // One bad foreign registration must not hide the valid ones.
-        let parsed = serde_json::from_value::<HealthEntry>(value)
-            .map_err(|e| e.to_string())
-            .and_then(HealthEntry::into_instance);
-        match parsed {
-            Ok(inst) if inst.service() != service => {
-                warn!(service = %service, other = %inst.service(), "consul listed an instance of another service; skipped");
-            }
-            Ok(inst) => instances.push(inst),
-            Err(why) => warn!(service = %service, "skipping an invalid consul entry: {why}"),
-        }
-    }
     // By id, and of one id the healthiest first (the one kept below): with
     // `passing_only(false)` a critical copy on a dead node must not hide a passing one.
     instances.sort_by(|a, b| a.id().cmp(b.id()).then_with(|| a.health().cmp(&b.health())));
@@ -320,13 +311,48 @@ fn transport(operation: &str, e: reqwest::Error) -> Error {
     }
 }
 
-fn ok_or_error(operation: &str, a: &Answer) -> Result<(), Error> {
-    let status = a.status;
-    if status.is_success() {
-        return Ok(());
+/// The whole answer at once: registrations, heartbeats, errors, the shared watch's lists.
+async fn read_answer(operation: &str, mut resp: reqwest::Response) -> Result<Answer, Error> {
+    let status = resp.status();
+    let headers = std::mem::take(resp.headers_mut());
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| unreadable(operation, e))?
+        // Takes over the buffer the body was collected into, without a copy.
+        .into();
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// A body that could not be read to its end.
+fn unreadable(operation: &str, e: reqwest::Error) -> Error {
+    if e.is_timeout() {
+        transport(operation, e)
+    } else {
+        Error::protocol(
+            BACKEND,
+            operation,
+            format!("the answer's body was cut off or unreadable ({e}); retried"),
+        )
     }
-    let body = snippet(&a.body);
-    Err(match status {
+}
+
+fn ok_or_error(operation: &str, a: &Answer) -> Result<(), Error> {
+    if a.status.is_success() {
+        Ok(())
+    } else {
+        Err(status_error(operation, a.status, &a.body))
+    }
+}
+
+/// The error an answer with a status other than success stands for.
+fn status_error(operation: &str, status: StatusCode, body: &[u8]) -> Error {
+    let body = snippet(body);
+    match status {
         StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => Error::PermissionDenied {
             backend: BACKEND,
             operation: operation.to_owned(),
@@ -348,7 +374,7 @@ fn ok_or_error(operation: &str, a: &Answer) -> Result<(), Error> {
             ),
         ),
         _ => Error::protocol(BACKEND, operation, format!("HTTP {status}: {body}")),
-    })
+    }
 }
 
 /// Whether a 500's body is Consul saying that it could not reach its servers (what 1.8's
@@ -463,6 +489,13 @@ mod tests {
         assert!(matches!(ok_or_error("op", &a), Err(Error::Protocol { .. })));
     }
 
+    fn instances_of(s: &ServiceName, entries: &[serde_json::Value]) -> Vec<ServiceInstance> {
+        let body = serde_json::to_vec(entries).unwrap();
+        let mut reader = HealthEntries::new(s);
+        reader.feed(&body).unwrap();
+        settle(s, reader.finish().unwrap(), &[])
+    }
+
     #[test]
     fn of_duplicate_ids_the_healthiest_is_kept() {
         let entry = |host: &str, status: &str| {
@@ -477,15 +510,14 @@ mod tests {
             vec![entry("10.0.0.1", "critical"), entry("10.0.0.2", "passing")],
             vec![entry("10.0.0.2", "passing"), entry("10.0.0.1", "critical")],
         ] {
-            let got = instances_of(&s, order, &[]);
+            let got = instances_of(&s, &order);
             assert_eq!(got.len(), 1);
             assert_eq!(got[0].host(), "10.0.0.2");
             assert_eq!(got[0].health(), waypost_core::Health::Passing);
         }
         let got = instances_of(
             &s,
-            vec![entry("10.0.0.1", "critical"), entry("10.0.0.2", "warning")],
-            &[],
+            &[entry("10.0.0.1", "critical"), entry("10.0.0.2", "warning")],
         );
         assert_eq!(got[0].health(), waypost_core::Health::Warning);
     }

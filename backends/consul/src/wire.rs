@@ -1,11 +1,12 @@
 //! Consul's JSON: the registration payload, and health entries turned into instances.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tracing::warn;
-use waypost_core::{Health, HealthCheck, Registration, ServiceInstance};
+use waypost_core::{Health, HealthCheck, Registration, ServiceInstance, ServiceName};
 
 /// The metadata key that carries an instance's zone: a registration's zone is written to
 /// `Meta.zone` (replacing a metadata pair of that name), and `Meta.zone` is read back as the
@@ -148,43 +149,82 @@ impl ServiceRegistration {
     }
 }
 
-/// One element of `GET /v1/health/service/<name>`.
+/// Text of the answer, borrowed from the body unless JSON escapes made it a copy.
+///
+/// `Cow<str>` borrows only as a plain field (serde special-cases it there); inside an `Option`
+/// or a `Vec` it is always a copy, hence this type.
+#[derive(Debug, Default)]
+pub(crate) struct Text<'a>(pub Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl Text<'_> {
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One element of `GET /v1/health/service/<name>`: only the fields Waypost reads, borrowed
+/// from the answer's body (an entry's other fields, the checks' `Output` among them, are
+/// skipped without being copied).
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "PascalCase")]
-pub(crate) struct HealthEntry {
-    #[serde(default)]
-    pub node: Option<Node>,
-    pub service: Service,
+pub(crate) struct HealthEntry<'a> {
+    #[serde(default, borrow)]
+    pub node: Option<Node<'a>>,
+    #[serde(borrow)]
+    pub service: Service<'a>,
     /// The node's checks (`serfHealth`, with an empty `ServiceID`) and the service's.
-    #[serde(default)]
-    pub checks: Option<Vec<EntryCheck>>,
+    #[serde(default, borrow)]
+    pub checks: Option<Vec<EntryCheck<'a>>>,
 }
 
 /// One element of a health entry's `Checks`.
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "PascalCase")]
-pub(crate) struct EntryCheck {
-    #[serde(rename = "CheckID", default)]
-    pub check_id: Option<String>,
-    #[serde(default)]
-    pub status: Option<String>,
+pub(crate) struct EntryCheck<'a> {
+    #[serde(rename = "CheckID", default, borrow)]
+    pub check_id: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    pub status: Option<Text<'a>>,
 }
 
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "PascalCase")]
-pub(crate) struct Node {
-    #[serde(default)]
-    pub address: Option<String>,
+pub(crate) struct Node<'a> {
+    #[serde(default, borrow)]
+    pub address: Option<Text<'a>>,
 }
 
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "PascalCase")]
-pub(crate) struct Service {
-    #[serde(rename = "ID")]
-    pub id: String,
-    pub service: String,
-    #[serde(default)]
-    pub address: Option<String>,
+pub(crate) struct Service<'a> {
+    #[serde(rename = "ID", borrow)]
+    pub id: Text<'a>,
+    #[serde(borrow)]
+    pub service: Text<'a>,
+    #[serde(default, borrow)]
+    pub address: Option<Text<'a>>,
     pub port: u32,
     #[serde(default)]
     pub tags: Option<Vec<String>>,
@@ -194,28 +234,30 @@ pub(crate) struct Service {
     pub weights: Option<Weights>,
 }
 
-impl HealthEntry {
-    /// The instance this entry describes, validated like any input.
+impl HealthEntry<'_> {
+    /// The instance this entry describes, validated like any input, as an instance of
+    /// `service` (the caller checked that the entry names it: sharing the name saves a copy
+    /// per instance).
     ///
     /// Address: `Service.Address`, else `Node.Address`. Weight: `Service.Weights.Passing` when
     /// set above Consul's default of 1, else `Meta.weight`, else a `weight:N` tag (read by the
     /// instance builder), else 1. Zone: `Meta.zone` (taken out of the metadata). Health: the
     /// worst status of all the entry's checks, node checks included (as Consul's `?passing`
     /// filter counts them); passing when it has none.
-    pub(crate) fn into_instance(self) -> Result<ServiceInstance, String> {
+    pub(crate) fn into_instance(self, service: &ServiceName) -> Result<ServiceInstance, String> {
         let health = aggregate_health(self.checks.as_deref().unwrap_or_default(), &self.service);
         let svc = self.service;
         let host = svc
             .address
-            .filter(|a| !a.is_empty())
+            .filter(|a| !a.0.is_empty())
             .or_else(|| self.node.and_then(|n| n.address))
             .unwrap_or_default();
         let port =
             u16::try_from(svc.port).map_err(|_| format!("port {} is out of range", svc.port))?;
         let mut meta = svc.meta.unwrap_or_default();
         let zone = meta.remove(ZONE_META_KEY);
-        let mut b = ServiceInstance::builder(svc.service, svc.id)
-            .host(host)
+        let mut b = ServiceInstance::builder(service.clone(), svc.id.0)
+            .host(host.0)
             .port(port)
             .tags(svc.tags.unwrap_or_default())
             .zone_opt(zone)
@@ -242,22 +284,239 @@ impl HealthEntry {
     }
 }
 
+/// Reads `GET /v1/health/service/<name>`'s JSON array as its bytes arrive, turning each entry
+/// into an instance as soon as it is complete: a large answer is never held whole, and most of
+/// it is read by the time its last byte is in.
+///
+/// An entry that is not a valid instance of the service (a foreign registration with a bad
+/// port, an entry of the wrong shape) is skipped and logged, never hiding the others; an answer
+/// that is not a JSON array, or is cut off, fails as a whole.
+pub(crate) struct HealthEntries<'s> {
+    service: &'s ServiceName,
+    /// Text received and not yet read: at most one entry and the chunk it ends in. Checked
+    /// as UTF-8 once, as it arrives, so that reading its strings does not check them again.
+    buf: String,
+    /// The next byte of `buf` to read.
+    pos: usize,
+    /// The start of a character the last chunk cut in two (at most 3 bytes).
+    cut: Vec<u8>,
+    expect: Expect,
+    instances: Vec<ServiceInstance>,
+    /// The answer's first bytes, for error messages.
+    head: Vec<u8>,
+    /// How many bytes of text were taken in, for error messages.
+    received: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// `[`.
+    Open,
+    /// An entry or `]`.
+    FirstEntry,
+    /// An entry.
+    Entry,
+    /// `,` or `]`.
+    Separator,
+    /// Nothing but whitespace.
+    End,
+}
+
+/// Why an answer could not be read.
+#[derive(Debug)]
+pub(crate) struct BadAnswer {
+    pub reason: String,
+    /// The answer's first bytes.
+    pub head: Vec<u8>,
+}
+
+/// When a buffer's read part is compacted away: often enough that the buffer stays about one
+/// chunk long, rarely enough that the move is cheap.
+const COMPACT_AFTER: usize = 64 << 10;
+
+/// How many of an answer's first bytes an error message may quote.
+const HEAD_MAX: usize = 256;
+
+impl<'s> HealthEntries<'s> {
+    /// A reader of the answer for `service`; entries of other services are skipped.
+    pub(crate) fn new(service: &'s ServiceName) -> Self {
+        HealthEntries {
+            service,
+            buf: String::new(),
+            pos: 0,
+            cut: Vec::new(),
+            expect: Expect::Open,
+            instances: Vec::new(),
+            head: Vec::new(),
+            received: 0,
+        }
+    }
+
+    /// Takes in the next bytes of the answer, and reads every entry they complete.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Result<(), BadAnswer> {
+        if self.head.len() < HEAD_MAX {
+            let n = bytes.len().min(HEAD_MAX - self.head.len());
+            self.head.extend_from_slice(&bytes[..n]);
+        }
+        if self.pos >= COMPACT_AFTER {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.take_text(bytes).map_err(|reason| self.bad(reason))?;
+        self.read(false).map_err(|reason| self.bad(reason))
+    }
+
+    /// Appends `bytes` to the text, keeping a character they end inside for the next chunk.
+    fn take_text(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let joined;
+        let mut bytes = bytes;
+        if !self.cut.is_empty() {
+            self.cut.extend_from_slice(bytes);
+            joined = std::mem::take(&mut self.cut);
+            bytes = &joined;
+        }
+        let (text, cut) = match std::str::from_utf8(bytes) {
+            Ok(text) => (text, &[][..]),
+            // Cut inside a character: the rest of it comes with the next chunk.
+            Err(e) if e.error_len().is_none() => {
+                let (valid, cut) = bytes.split_at(e.valid_up_to());
+                (std::str::from_utf8(valid).map_err(|e| e.to_string())?, cut)
+            }
+            Err(e) => {
+                return Err(format!(
+                    "not UTF-8 at byte {}",
+                    self.received + e.valid_up_to()
+                ))
+            }
+        };
+        self.received += text.len();
+        self.buf.push_str(text);
+        self.cut.extend_from_slice(cut);
+        Ok(())
+    }
+
+    /// The instances of the whole answer, in the order they came.
+    pub(crate) fn finish(mut self) -> Result<Vec<ServiceInstance>, BadAnswer> {
+        if !self.cut.is_empty() {
+            return Err(self.bad("the answer ends inside a UTF-8 character".to_owned()));
+        }
+        self.read(true).map_err(|reason| self.bad(reason))?;
+        if self.expect != Expect::End {
+            return Err(self.bad("the answer ends before its closing ']'".to_owned()));
+        }
+        Ok(self.instances)
+    }
+
+    fn bad(&self, reason: String) -> BadAnswer {
+        BadAnswer {
+            reason,
+            head: self.head.clone(),
+        }
+    }
+
+    /// Reads as far as the bytes go; `all` when no more will come.
+    fn read(&mut self, all: bool) -> Result<(), String> {
+        loop {
+            let bytes = self.buf.as_bytes();
+            while bytes.get(self.pos).is_some_and(u8::is_ascii_whitespace) {
+                self.pos += 1;
+            }
+            let Some(&next) = bytes.get(self.pos) else {
+                return Ok(());
+            };
+            match (self.expect, next) {
+                // Every step moves past an ASCII byte or a whole value: `pos` stays on a
+                // character boundary of `buf`.
+                (Expect::Open, b'[') => self.expect = Expect::FirstEntry,
+                (Expect::FirstEntry | Expect::Separator, b']') => self.expect = Expect::End,
+                (Expect::Separator, b',') => self.expect = Expect::Entry,
+                (Expect::FirstEntry | Expect::Entry, _) => {
+                    if !self.entry(all)? {
+                        return Ok(());
+                    }
+                    self.expect = Expect::Separator;
+                    continue;
+                }
+                (Expect::Open, _) => return Err("not a JSON array".to_owned()),
+                (Expect::End, _) => return Err("more after the closing ']'".to_owned()),
+                (Expect::Separator, _) => {
+                    let found = self.buf.get(self.pos..).and_then(|r| r.chars().next());
+                    return Err(format!(
+                        "expected ',' or ']' after an entry, found {}",
+                        found.map_or_else(String::new, |c| format!("{c:?}"))
+                    ));
+                }
+            }
+            self.pos += 1;
+        }
+    }
+
+    /// Reads the entry at `pos`, if its bytes are all in; whether it was.
+    fn entry(&mut self, all: bool) -> Result<bool, String> {
+        use serde_json::error::Category;
+        let rest = self.buf.get(self.pos..).unwrap_or_default();
+        let mut typed = serde_json::Deserializer::from_str(rest).into_iter::<HealthEntry<'_>>();
+        let parsed = typed.next();
+        let mut end = typed.byte_offset();
+        let outcome = match parsed {
+            Some(Ok(entry)) => Ok(entry),
+            Some(Err(e)) if e.classify() == Category::Data => {
+                // The wrong shape: step over the entry, keep the reason.
+                let mut any =
+                    serde_json::Deserializer::from_str(rest).into_iter::<serde::de::IgnoredAny>();
+                match any.next() {
+                    Some(Ok(_)) => {
+                        end = any.byte_offset();
+                        Err(e.to_string())
+                    }
+                    Some(Err(e)) if e.classify() == Category::Eof && !all => return Ok(false),
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => return Ok(false),
+                }
+            }
+            Some(Err(e)) if e.classify() == Category::Eof && !all => return Ok(false),
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Ok(false),
+        };
+        // A value that ends where the bytes end may go on in the next chunk (a number).
+        if end == rest.len() && !all {
+            return Ok(false);
+        }
+        let service = self.service;
+        let instance = outcome.and_then(|entry| {
+            if entry.service.service.0 != service.as_str() {
+                warn!(service = %service, other = %entry.service.service.0, "consul listed an instance of another service; skipped");
+                return Ok(None);
+            }
+            entry.into_instance(service).map(Some)
+        });
+        match instance {
+            Ok(Some(inst)) => self.instances.push(inst),
+            Ok(None) => {}
+            // One bad foreign registration must not hide the valid ones.
+            Err(why) => warn!(service = %service, "skipping an invalid consul entry: {why}"),
+        }
+        self.pos += end;
+        Ok(true)
+    }
+}
+
 /// The worst of `checks`' statuses: critical over warning over passing. A status this crate
 /// does not know (Consul reports maintenance as a critical check, but a future one may not) is
 /// counted as critical: an instance is not served on a status nobody understood.
 fn aggregate_health(checks: &[EntryCheck], svc: &Service) -> Health {
     let mut worst = Health::Passing;
     for check in checks {
-        let status = check.status.as_deref().unwrap_or_default();
+        let status = check.status.as_ref().map_or("", Text::as_str);
         let health = match status {
             "passing" => Health::Passing,
             "warning" => Health::Warning,
             "critical" => Health::Critical,
             _ => {
                 warn!(
-                    service = %svc.service,
-                    id = %svc.id,
-                    check = ?check.check_id.as_deref().unwrap_or_default(),
+                    service = %svc.service.as_str(),
+                    id = %svc.id.as_str(),
+                    check = ?check.check_id.as_ref().map_or("", Text::as_str),
                     ?status,
                     "consul check status not understood; counting the instance as critical"
                 );
@@ -290,7 +549,7 @@ mod tests {
     fn entry(json: &str) -> Result<ServiceInstance, String> {
         serde_json::from_str::<HealthEntry>(json)
             .map_err(|e| e.to_string())?
-            .into_instance()
+            .into_instance(&ServiceName::new("s").map_err(|e| e.to_string())?)
     }
 
     #[test]
@@ -484,5 +743,129 @@ mod tests {
         assert_eq!(go_duration(Duration::from_millis(3333)), "3333ms");
         // Consul parses Go durations: a TTL under a second keeps its precision.
         assert_eq!(go_duration(Duration::from_millis(500)), "500ms");
+    }
+
+    fn svc() -> ServiceName {
+        ServiceName::new("s").unwrap()
+    }
+
+    fn valid(id: &str, port: u16) -> String {
+        format!(
+            r#"{{"Node":{{"Node":"n1","Address":"10.0.0.1","Meta":{{"k":"v"}}}},
+            "Service":{{"ID":"{id}","Service":"s","Address":"","Port":{port},"Tags":[],
+            "Meta":{{"note":"é漢 🎉"}},"Weights":{{"Passing":1,"Warning":1}},"Proxy":{{"Expose":{{}}}}}},
+            "Checks":[{{"CheckID":"serfHealth","Status":"passing","Output":"alive, \"ok\" ✓"}}]}}"#
+        )
+    }
+
+    /// Reads `body` in the given pieces.
+    fn read_in(pieces: &[&[u8]]) -> Result<Vec<ServiceInstance>, BadAnswer> {
+        let service = svc();
+        let mut reader = HealthEntries::new(&service);
+        for piece in pieces {
+            reader.feed(piece)?;
+        }
+        reader.finish()
+    }
+
+    fn ids(got: &[ServiceInstance]) -> Vec<&str> {
+        got.iter().map(|i| i.id().as_str()).collect()
+    }
+
+    #[test]
+    fn an_answer_reads_the_same_however_it_is_cut_into_chunks() {
+        let body = format!(
+            " [ {} ,\n{},{}\n ] \n",
+            valid("a", 1),
+            valid("b\\u002dc", 2),
+            valid("d", 3)
+        );
+        let body = body.as_bytes();
+        let whole = read_in(&[body]).unwrap();
+        assert_eq!(ids(&whole), ["a", "b-c", "d"]);
+        assert_eq!(whole[0].host(), "10.0.0.1");
+        assert_eq!(whole[0].metadata()["note"], "é漢 🎉");
+        for at in 0..=body.len() {
+            let got = read_in(&[&body[..at], &body[at..]]).unwrap();
+            assert_eq!(got, whole, "split at {at}");
+        }
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(read_in(&bytes).unwrap(), whole);
+        assert!(read_in(&[b"[]"]).unwrap().is_empty());
+        assert!(read_in(&[b" [", b" ", b"]"]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn entries_of_the_wrong_shape_or_service_are_skipped_and_nothing_else_is_lost() {
+        let body = format!(
+            r#"[{},{{"Service":{{"ID":"x","Service":"s","Port":"eighty"}}}},56,"str",null,[1,2],
+            {{"Checks":{{}},"Service":{{"ID":"y","Service":"s","Address":"h","Port":1}}}},
+            {{"Service":{{"ID":"z","Service":"other","Address":"h","Port":1}}}},
+            {{"Service":{{"ID":"p0","Service":"s","Address":"h","Port":0}}}},{}]"#,
+            valid("a", 1),
+            valid("b", 2)
+        );
+        let body = body.as_bytes();
+        for at in 0..=body.len() {
+            // Split inside `56` too: the number must not be read as `5`.
+            let got = read_in(&[&body[..at], &body[at..]]).unwrap();
+            assert_eq!(ids(&got), ["a", "b"], "split at {at}");
+        }
+    }
+
+    #[test]
+    fn an_answer_that_is_no_array_or_is_cut_off_fails_as_a_whole() {
+        let one = valid("a", 1);
+        for bad in [
+            "{}".to_owned(),
+            r#""x""#.to_owned(),
+            "".to_owned(),
+            format!("[{one}"),
+            format!("[{one},"),
+            format!("[{one}] x"),
+            format!("[{one}][]"),
+            format!("[{one} {one}]"),
+            r#"[{"Service":}]"#.to_owned(),
+            r#"[{"Service":{"ID":"a""#.to_owned(),
+            "[1,]".to_owned(),
+            "[,1]".to_owned(),
+            format!("[{one}é]"),
+        ] {
+            let err = read_in(&[bad.as_bytes()]).unwrap_err();
+            assert!(!err.reason.is_empty(), "{bad}");
+            assert_eq!(err.head, bad.as_bytes()[..bad.len().min(HEAD_MAX)], "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_answer_that_is_not_utf8_fails_as_a_whole() {
+        let mut bad = format!("[{}]", valid("a", 1)).into_bytes();
+        let at = bad.len() - 10;
+        bad[at] = 0xff;
+        assert!(read_in(&[&bad]).unwrap_err().reason.contains("UTF-8"));
+        // Cut inside a character, and never finished.
+        let cut = "[\"é".as_bytes();
+        let err = read_in(&[&cut[..cut.len() - 1]]).unwrap_err();
+        assert!(err.reason.contains("UTF-8"), "{}", err.reason);
+    }
+
+    #[test]
+    fn a_large_answer_is_never_held_whole() {
+        let entries: Vec<String> = (0..4000).map(|i| valid(&format!("i{i:04}"), 1)).collect();
+        let body = format!("[{}]", entries.join(","));
+        let service = svc();
+        let mut reader = HealthEntries::new(&service);
+        let chunk = 16 << 10;
+        for piece in body.as_bytes().chunks(chunk) {
+            reader.feed(piece).unwrap();
+            // What is kept: the read part until it is compacted, and the unread rest.
+            assert!(
+                reader.buf.len() <= COMPACT_AFTER + 2 * chunk,
+                "{}",
+                reader.buf.len()
+            );
+        }
+        assert!(body.len() > 10 * (COMPACT_AFTER + 2 * chunk));
+        assert_eq!(reader.finish().unwrap().len(), 4000);
     }
 }
