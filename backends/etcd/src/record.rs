@@ -187,13 +187,24 @@ impl Layout {
         key: &[u8],
         value: &[u8],
     ) -> Result<ServiceInstance, RecordError> {
-        let prefix = self.service_prefix(service);
-        let rest = key
-            .strip_prefix(prefix.as_bytes())
-            .ok_or_else(|| RecordError::Key(String::from_utf8_lossy(key).into_owned()))?;
-        let id = InstanceId::from_bytes(rest)
-            .map_err(|e| RecordError::Key(format!("{}: {e}", String::from_utf8_lossy(key))))?;
+        let id = self.instance_id(service, key)?;
         decode_record(service.as_str(), id.as_str(), value)
+    }
+
+    /// The instance id in a key found under `service_prefix(service)`.
+    pub(crate) fn instance_id(
+        &self,
+        service: &ServiceName,
+        key: &[u8],
+    ) -> Result<InstanceId, RecordError> {
+        let rest = key
+            .strip_prefix(self.prefix.as_bytes())
+            .and_then(|k| k.strip_prefix(b"/"))
+            .and_then(|k| k.strip_prefix(service.as_str().as_bytes()))
+            .and_then(|k| k.strip_prefix(b"/"))
+            .ok_or_else(|| RecordError::Key(String::from_utf8_lossy(key).into_owned()))?;
+        InstanceId::from_bytes(rest)
+            .map_err(|e| RecordError::Key(format!("{}: {e}", String::from_utf8_lossy(key))))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Listing a service's instances and watching them change, resumed by revision.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -331,9 +331,11 @@ impl Watcher {
             }
             return;
         }
+        let mut touched = BTreeSet::new();
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
             self.last_revision = self.last_revision.max(kv.mod_revision());
+            touched.insert(kv.key().to_vec());
             match ev.event_type() {
                 EventType::Put => match decode(&self.ctx, &self.service, kv) {
                     Some(inst) => {
@@ -349,7 +351,31 @@ impl Watcher {
                 }
             }
         }
-        self.emit();
+        self.emit_touched(touched);
+    }
+
+    /// Queues what changed at `keys` since it was delivered (nothing where nothing did): one
+    /// event costs work in proportion to it, not to the set.
+    fn emit_touched(&mut self, keys: BTreeSet<Vec<u8>>) {
+        if !self.delivered.is_in_sync() {
+            // What was delivered is the whole set only once a re-list was told.
+            return self.emit();
+        }
+        for key in keys {
+            // A key that names no valid instance id never held an instance.
+            let Ok(id) = self.ctx.layout.instance_id(&self.service, &key) else {
+                continue;
+            };
+            let event = match (self.delivered.get(id.as_str()), self.current.get(&key)) {
+                (Some(was), Some(now)) if was == now => continue,
+                (Some(_), Some(now)) => WatchEvent::Updated(now.clone()),
+                (None, Some(now)) => WatchEvent::Added(now.clone()),
+                (Some(was), None) => WatchEvent::Removed(was.clone()),
+                (None, None) => continue,
+            };
+            self.delivered.apply(&event);
+            self.pending.push_back(Ok(event));
+        }
     }
 
     /// Queues the difference between what was delivered and `current` (nothing if none).
