@@ -27,20 +27,20 @@
 //! the watch streams; the balancer's own status only shows an error until the watch is in sync
 //! again), connections, CPU and memory, and the propagation quantiles.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::error::Error;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use waypost_conformance::consul_server::ConsulServer;
 use waypost_conformance::etcd_server::EtcdServer;
 use waypost_conformance::sockets::established_to;
+use waypost_conformance::watch_errors::CountingDiscovery;
 use waypost_core::{
-    async_trait, Balancer, Discovery, Endpoint, FailStatic, HealthCheck, PickContext, Picker,
-    Registration, Registry, ServiceInstance, ServiceName, Watch,
+    Balancer, Discovery, FailStatic, HealthCheck, Registration, Registry, ServiceInstance,
+    ServiceName,
 };
+use waypost_strategies::RoundRobin;
 
 /// How long one change may take to reach its balancer before it counts as missed.
 const CHANGE_BOUND: Duration = Duration::from_secs(5);
@@ -50,93 +50,6 @@ const MAX_MISSES: usize = 5;
 const SEED_CONCURRENCY: usize = 32;
 
 type BoxError = Box<dyn Error + Send + Sync>;
-
-/// Every error the watches yielded, by service.
-#[derive(Default)]
-struct Errors {
-    total: AtomicU64,
-    /// Services whose watch yielded at least one error.
-    services: Mutex<BTreeSet<String>>,
-    /// Messages (the service name replaced by `<service>`), with how often each came.
-    messages: Mutex<BTreeMap<String, u64>>,
-}
-
-impl Errors {
-    fn record(&self, service: &str, error: &waypost_core::Error) {
-        self.total.fetch_add(1, Ordering::Relaxed);
-        lock(&self.services).insert(service.to_owned());
-        let message = without_index(&error.to_string().replace(service, "<service>"));
-        *lock(&self.messages).entry(message).or_default() += 1;
-    }
-
-    fn services(&self) -> usize {
-        lock(&self.services).len()
-    }
-}
-
-/// `message` with Consul's `index=<n>` written `index=<n>`, so that one failure reads as one.
-fn without_index(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(at) = rest.find("index=") {
-        let (head, tail) = rest.split_at(at + "index=".len());
-        out.push_str(head);
-        out.push_str("<n>");
-        rest = tail.trim_start_matches(|c: char| c.is_ascii_digit());
-    }
-    out.push_str(rest);
-    out
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A discovery whose watches record every error they yield in `errors`.
-struct Counted {
-    inner: Arc<dyn Discovery>,
-    errors: Arc<Errors>,
-}
-
-#[async_trait]
-impl Discovery for Counted {
-    async fn instances(
-        &self,
-        service: &ServiceName,
-    ) -> Result<Vec<ServiceInstance>, waypost_core::Error> {
-        self.inner.instances(service).await
-    }
-
-    fn watch(&self, service: &ServiceName) -> Watch {
-        let errors = self.errors.clone();
-        let name = service.to_string();
-        self.inner
-            .watch(service)
-            .inspect(move |item| {
-                if let Err(e) = item {
-                    errors.record(&name, e);
-                }
-            })
-            .boxed()
-    }
-}
-
-/// Picking does not matter here: the smallest strategy will do.
-struct First;
-struct FirstPicker;
-impl waypost_core::Strategy for First {
-    fn name(&self) -> &str {
-        "first"
-    }
-    fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> {
-        Box::new(FirstPicker)
-    }
-}
-impl Picker for FirstPicker {
-    fn pick(&self, endpoints: &[Endpoint], _: &PickContext<'_>) -> Option<usize> {
-        (!endpoints.is_empty()).then_some(0)
-    }
-}
 
 enum Server {
     Consul(ConsulServer),
@@ -478,18 +391,15 @@ async fn main() -> Result<(), BoxError> {
         || -> Result<usize, BoxError> { Ok(established_to(port)?.difference(&before).count()) };
     let cpu_before = cpu_time()?;
 
-    let errors = Arc::new(Errors::default());
     let started = Instant::now();
     let (discovery, _) = server.client().await?;
-    let discovery = Counted {
-        inner: discovery,
-        errors: errors.clone(),
-    };
+    let discovery = CountingDiscovery::new(discovery);
+    let errors = discovery.errors();
     let mut balancers = Vec::with_capacity(n);
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
     for i in 0..n {
         let service = ServiceName::new(service_name(i))?;
-        let balancer = Balancer::watch(&discovery, &service, First);
+        let balancer = Balancer::watch(&discovery, &service, RoundRobin::default());
         let (b, tx) = (balancer.clone(), ready_tx.clone());
         tokio::spawn(async move {
             b.ready().await;
@@ -520,7 +430,7 @@ async fn main() -> Result<(), BoxError> {
     let cpu_ready = cpu_time()? - cpu_before;
     let held_at_ready = connections()?;
     peak = peak.max(held_at_ready);
-    let errors_at_ready = (errors.services(), errors.total.load(Ordering::Relaxed));
+    let errors_at_ready = (errors.services(), errors.total());
     ready_times.sort();
     let ready = ready_times.len();
 
@@ -578,7 +488,7 @@ async fn main() -> Result<(), BoxError> {
     println!(
         "| the same, by the end of the run | {} ({} errors) |",
         errors.services(),
-        errors.total.load(Ordering::Relaxed)
+        errors.total()
     );
     println!("| balancers fail-static on a backend error at the end | {fail_static_errors} |");
     println!("| balancers serving nothing at the end | {not_serving} |");
@@ -596,7 +506,7 @@ async fn main() -> Result<(), BoxError> {
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
-    let messages = lock(&errors.messages);
+    let messages = errors.messages();
     if !messages.is_empty() {
         let mut by_count: Vec<_> = messages.iter().collect();
         by_count.sort_by(|a, b| b.1.cmp(a.1));

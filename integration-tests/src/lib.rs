@@ -82,6 +82,7 @@ pub mod gate;
 pub mod harness;
 pub mod scenarios;
 pub mod sockets;
+pub mod watch_errors;
 
 /// A backend under test: a running server (or in-process state) and clients for it.
 ///

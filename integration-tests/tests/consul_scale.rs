@@ -6,7 +6,6 @@
 //!
 //! Needs a `consul` binary: `eval "$(scripts/fetch-servers)"`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +14,9 @@ use serde_json::json;
 use waypost_conformance::consul_server::ConsulServer;
 use waypost_conformance::scenarios::eventually;
 use waypost_conformance::sockets::established_to;
+use waypost_conformance::watch_errors::CountingDiscovery;
 use waypost_consul::{Consul, DEFAULT_MAX_BLOCKING_WATCHES};
-use waypost_core::{Balancer, Discovery, ServiceName};
+use waypost_core::{Balancer, ServiceName};
 use waypost_strategies::RoundRobin;
 
 const SERVICES: usize = 1000;
@@ -78,21 +78,12 @@ async fn a_thousand_services_through_one_agent_with_default_limits() {
         .expect("the harness's address is host:port");
     let before = established_to(port).unwrap();
     let consul = Consul::builder().address(server.addr()).build().unwrap();
-    let errors = Arc::new(AtomicUsize::new(0));
+    let discovery = CountingDiscovery::new(Arc::new(consul));
+    let errors = discovery.errors();
     let balancers: Vec<Balancer> = (0..SERVICES)
         .map(|i| {
             let name = ServiceName::new(service(i)).unwrap();
-            let errors = errors.clone();
-            let watch = consul
-                .watch(&name)
-                .inspect(move |item| {
-                    if let Err(e) = item {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("{name}: {e}");
-                    }
-                })
-                .boxed();
-            Balancer::builder(RoundRobin::default()).build_from_watch(watch)
+            Balancer::watch(&discovery, &name, RoundRobin::default())
         })
         .collect();
 
@@ -108,7 +99,7 @@ async fn a_thousand_services_through_one_agent_with_default_limits() {
         assert_eq!(ids, [format!("{}-1", service(i))]);
         assert!(b.status().in_sync, "{}: {:?}", service(i), b.status());
     }
-    assert_eq!(errors.load(Ordering::Relaxed), 0, "watch errors");
+    assert_eq!(errors.total(), 0, "watch errors: {:?}", errors.messages());
 
     // In flight at once: the client's own blocking queries and the shared watch's two; its
     // re-reads are over, and the pool keeps no more idle connections than it makes at once.
@@ -163,5 +154,5 @@ async fn a_thousand_services_through_one_agent_with_default_limits() {
         .await;
     }
     assert!(balancers.iter().all(|b| b.endpoints().len() == 1));
-    assert_eq!(errors.load(Ordering::Relaxed), 0, "watch errors");
+    assert_eq!(errors.total(), 0, "watch errors: {:?}", errors.messages());
 }

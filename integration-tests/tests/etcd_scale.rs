@@ -5,72 +5,22 @@
 //! hang.
 
 use std::error::Error;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use waypost_conformance::etcd_server::EtcdServer;
 use waypost_conformance::sockets::established_to;
-use waypost_core::{
-    async_trait, Balancer, Discovery, Endpoint, PickContext, Picker, ServiceInstance, ServiceName,
-    Watch,
-};
+use waypost_conformance::watch_errors::CountingDiscovery;
+use waypost_core::{Balancer, ServiceInstance, ServiceName};
 use waypost_etcd::etcd_client;
+use waypost_strategies::RoundRobin;
 
 const SERVICES: usize = 1000;
 /// Only against a hang: on an idle machine every balancer is ready within half a second.
 const HANG_BOUND: Duration = Duration::from_secs(60);
 
 type BoxError = Box<dyn Error + Send + Sync>;
-
-/// A discovery whose watches count every error they yield (the balancer's status shows one
-/// only until the watch is in sync again), keeping the first message.
-struct Counted {
-    inner: waypost_etcd::Etcd,
-    errors: Arc<AtomicU64>,
-    first: Arc<Mutex<Option<String>>>,
-}
-
-#[async_trait]
-impl Discovery for Counted {
-    async fn instances(
-        &self,
-        service: &ServiceName,
-    ) -> Result<Vec<ServiceInstance>, waypost_core::Error> {
-        self.inner.instances(service).await
-    }
-
-    fn watch(&self, service: &ServiceName) -> Watch {
-        let (errors, first, name) = (self.errors.clone(), self.first.clone(), service.clone());
-        self.inner
-            .watch(service)
-            .inspect(move |item| {
-                if let Err(e) = item {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    let mut first = first.lock().unwrap_or_else(|p| p.into_inner());
-                    first.get_or_insert_with(|| format!("{name}: {e}"));
-                }
-            })
-            .boxed()
-    }
-}
-
-struct First;
-struct FirstPicker;
-impl waypost_core::Strategy for First {
-    fn name(&self) -> &str {
-        "first"
-    }
-    fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> {
-        Box::new(FirstPicker)
-    }
-}
-impl Picker for FirstPicker {
-    fn pick(&self, endpoints: &[Endpoint], _: &PickContext<'_>) -> Option<usize> {
-        (!endpoints.is_empty()).then_some(0)
-    }
-}
 
 fn service(i: usize) -> String {
     format!("svc-{i:04}")
@@ -130,17 +80,14 @@ async fn a_thousand_services_through_one_client_on_one_connection() -> Result<()
         .endpoints(server.endpoints())
         .connect()
         .await?;
-    let discovery = Counted {
-        inner: etcd,
-        errors: Arc::new(AtomicU64::new(0)),
-        first: Arc::new(Mutex::new(None)),
-    };
+    let discovery = CountingDiscovery::new(Arc::new(etcd));
+    let errors = discovery.errors();
     let balancers: Vec<Balancer> = (0..SERVICES)
         .map(|i| {
             Ok(Balancer::watch(
                 &discovery,
                 &ServiceName::new(service(i))?,
-                First,
+                RoundRobin::default(),
             ))
         })
         .collect::<Result<_, waypost_core::Error>>()?;
@@ -182,15 +129,11 @@ async fn a_thousand_services_through_one_client_on_one_connection() -> Result<()
         panic!("{behind} of {SERVICES} balancers did not see their second instance");
     }
 
-    let errors = discovery.errors.load(Ordering::Relaxed);
-    let first = discovery
-        .first
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
     assert_eq!(
-        errors, 0,
-        "the watches yielded {errors} errors, the first: {first:?}"
+        errors.total(),
+        0,
+        "the watches yielded errors: {:?}",
+        errors.messages()
     );
     for b in &balancers {
         let status = b.status();
