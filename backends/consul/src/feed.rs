@@ -22,10 +22,13 @@
 //! every `wait`, as a blocking query returns every `wait`, which bounds that case.
 //!
 //! An error in either loop wakes every watch, so that each finds the outage itself, reports it
-//! and retries with its own backoff (keeping its last instances); the loop's recovery wakes them
+//! and retries with its own backoff (keeping its last instances). While a loop fails, a watch
+//! whose reads still succeed (a token that may read its service but not the checks list) re-reads
+//! at the backoff's longest delay instead of every `wait`. The loop's recovery wakes them all
 //! again, since changes may have been missed meanwhile.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -68,6 +71,8 @@ struct Subs {
     /// compared with. A watch reads its service only after it, so that no change falls between
     /// its read and the baseline.
     baseline: Option<watch::Sender<bool>>,
+    /// How many of the current task's two loops are failing.
+    failing: Arc<AtomicUsize>,
 }
 
 /// How a watch waits for its service to change.
@@ -87,6 +92,9 @@ pub(crate) struct Subscription {
     service: ServiceName,
     rx: watch::Receiver<u64>,
     baseline: watch::Receiver<bool>,
+    failing: Arc<AtomicUsize>,
+    /// How often a watch re-reads while the shared watch fails (the backoff's longest delay).
+    degraded: Duration,
 }
 
 impl Subscription {
@@ -96,13 +104,21 @@ impl Subscription {
         self.rx.borrow_and_update();
     }
 
-    /// Until the next wake (at once if one came since [`seen`](Self::seen)), or `within`.
+    /// Until the next wake (at once if one came since [`seen`](Self::seen)), or `within`. While
+    /// the shared watch fails (it cannot tell of changes, though the agent may still answer
+    /// reads, as when a token may read services but not the checks list), at most the backoff's
+    /// longest delay: the watch polls rather than go stale.
     pub(crate) async fn woken(&mut self, within: Duration) {
+        let within = if self.failing.load(Ordering::Relaxed) > 0 {
+            within.min(self.degraded)
+        } else {
+            within
+        };
         let _ = tokio::time::timeout(within, self.rx.changed()).await;
     }
 
-    /// Until the feed has its baseline, or `within` (an agent that does not answer fails the
-    /// watch's own read, which reports it).
+    /// Until the feed has its baseline or fails, or `within` (an agent that does not answer
+    /// fails the watch's own read, which reports it).
     pub(crate) async fn baseline(&mut self, within: Duration) {
         let _ = tokio::time::timeout(within, self.baseline.wait_for(|&b| b)).await;
     }
@@ -168,7 +184,12 @@ impl Feed {
                 debug!("consul: starting the shared watch's catalog and checks queries");
                 let (tx, rx) = watch::channel(false);
                 subs.baseline = Some(tx.clone());
-                subs.task = Some(tokio::spawn(run(self.clone(), tx)));
+                subs.failing = Arc::new(AtomicUsize::new(0));
+                let task = Task {
+                    baseline: tx,
+                    failing: subs.failing.clone(),
+                };
+                subs.task = Some(tokio::spawn(run(self.clone(), task)));
                 rx
             }
         };
@@ -177,6 +198,8 @@ impl Feed {
             service: service.clone(),
             rx,
             baseline,
+            failing: subs.failing.clone(),
+            degraded: self.api.backoff.1,
         }
     }
 
@@ -238,7 +261,6 @@ struct Correlation {
 impl Correlation {
     /// One loop has its first answer; with both, watches may read.
     fn has_baseline(&self) {
-        use std::sync::atomic::Ordering;
         if self.loops_with_baseline.fetch_add(1, Ordering::AcqRel) == 1 {
             self.baseline.send_replace(true);
         }
@@ -260,18 +282,30 @@ impl Correlation {
     }
 }
 
-async fn run(feed: Arc<Feed>, baseline: watch::Sender<bool>) {
+/// What one run of the loops tells the watches besides wakes.
+struct Task {
+    /// `true` once watches may read: both loops have their baseline, or one failed.
+    baseline: watch::Sender<bool>,
+    failing: Arc<AtomicUsize>,
+}
+
+async fn run(feed: Arc<Feed>, task: Task) {
     let corr = Correlation {
         explained: Mutex::new(BTreeSet::new()),
         checks_index: watch::channel(0).0,
         loops_with_baseline: std::sync::atomic::AtomicU8::new(0),
-        baseline,
+        baseline: task.baseline.clone(),
     };
-    futures::future::join(catalog_loop(&feed, &corr), checks_loop(&feed, &corr)).await;
+    futures::future::join(
+        catalog_loop(&feed, &corr, &task),
+        checks_loop(&feed, &corr, &task),
+    )
+    .await;
 }
 
 /// One loop's pacing and failure bookkeeping (rules 4–6 of watching Consul).
-struct Pace {
+struct Pace<'a> {
+    task: &'a Task,
     index: u64,
     backoff: Backoff,
     bucket: TokenBucket,
@@ -279,9 +313,10 @@ struct Pace {
     failing: bool,
 }
 
-impl Pace {
-    fn new(feed: &Feed) -> Self {
+impl<'a> Pace<'a> {
+    fn new(feed: &Feed, task: &'a Task) -> Self {
         Pace {
+            task,
             index: 0,
             backoff: feed.api.backoff(),
             bucket: TokenBucket::new(
@@ -303,6 +338,7 @@ impl Pace {
             Ok((returned, body)) => {
                 if self.failing {
                     self.failing = false;
+                    self.task.failing.fetch_sub(1, Ordering::Relaxed);
                     info!(path = path.join("/"), "consul shared watch recovered");
                     feed.wake_all("the shared watch recovered: changes may have been missed");
                 }
@@ -319,7 +355,10 @@ impl Pace {
         warn!(path = path.join("/"), retry_in = ?delay, "consul shared watch failed: {e}");
         if !self.failing {
             self.failing = true;
-            // Each watch reads its service now: it reports the outage and retries on its own.
+            self.task.failing.fetch_add(1, Ordering::Relaxed);
+            // Each watch reads its service now: it reports the outage and retries on its own,
+            // or, if the agent still answers it, polls until the shared watch recovers.
+            self.task.baseline.send_replace(true);
             feed.wake_all("the shared watch failed");
         }
         self.index = 0;
@@ -337,9 +376,9 @@ fn bad_body(path: &[&str], e: serde_json::Error) -> Error {
     )
 }
 
-async fn catalog_loop(feed: &Feed, corr: &Correlation) {
+async fn catalog_loop(feed: &Feed, corr: &Correlation, task: &Task) {
     const PATH: [&str; 3] = ["v1", "catalog", "services"];
-    let mut pace = Pace::new(feed);
+    let mut pace = Pace::new(feed, task);
     let mut known: Option<HashMap<String, Vec<String>>> = None;
     loop {
         let Some((sent, index, body)) = pace.query(feed, &PATH).await else {
@@ -398,9 +437,9 @@ struct Check {
     modify_index: u64,
 }
 
-async fn checks_loop(feed: &Feed, corr: &Correlation) {
+async fn checks_loop(feed: &Feed, corr: &Correlation, task: &Task) {
     const PATH: [&str; 4] = ["v1", "health", "state", "any"];
-    let mut pace = Pace::new(feed);
+    let mut pace = Pace::new(feed, task);
     // (node, check id) → (service, modify index)
     let mut known: Option<HashMap<(String, String), (String, u64)>> = None;
     loop {

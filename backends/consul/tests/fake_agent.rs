@@ -525,3 +525,48 @@ async fn query_options_reach_the_agent() {
     assert_eq!(seen[1].query, "passing=true");
     assert_eq!(seen[1].token, None);
 }
+
+/// A watch on the shared watch (no blocking-query slot) whose datacenter-wide queries are
+/// refused while its own service's reads are answered (a token that may read the service but
+/// not the checks list): it reads at once rather than wait for a baseline that never comes,
+/// and then polls at the backoff's longest delay instead of going stale until `wait` (5 min).
+#[tokio::test]
+async fn a_shared_watch_whose_feed_is_refused_polls_its_service() {
+    let since = std::time::Instant::now();
+    let (addr, seen) = fake(move |req, _| {
+        let r = match req.path.as_str() {
+            "/v1/health/state/any" | "/v1/catalog/services" => {
+                status(403, "Permission denied", "text/plain")
+            }
+            _ if since.elapsed() < Duration::from_millis(300) => health(5, json!([entry("a", 1)])),
+            _ => health(6, json!([entry("a", 1), entry("b", 2)])),
+        };
+        ready(r)
+    })
+    .await;
+    let consul = client(&addr).max_blocking_watches(0).build().unwrap();
+    let mut watch = consul.watch(&users());
+    assert_eq!(ids(&next(&mut watch).await.unwrap()), ["a"]);
+    assert!(
+        since.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        since.elapsed()
+    );
+    let ev = next(&mut watch).await.unwrap();
+    assert!(
+        matches!(&ev, WatchEvent::Added(i) if i.id().as_str() == "b"),
+        "{ev:?}"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().any(|s| s.path == "/v1/health/state/any"));
+    // Reads of the service itself never block: the feed, not the read, waits for changes.
+    let reads: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.path == "/v1/health/service/users")
+        .collect();
+    assert!(reads.len() >= 2, "{seen:?}");
+    assert!(
+        reads.iter().all(|s| s.param("index").is_none()),
+        "{reads:?}"
+    );
+}
