@@ -643,6 +643,7 @@ impl Discovery for Backend {
 /// | `client_cert`, `client_key` | PEM files of a client certificate and its key (both) | [`client_cert`](Self::client_cert) |
 /// | `tls_server_name` | the name to verify the agent's certificate against | [`tls_server_name`](Self::tls_server_name) |
 /// | `default_host` | the address of registrations that name no host | [`default_host`](Self::default_host) |
+/// | `max_blocking_watches` | watches with a blocking query of their own (default 32); the rest share two | [`max_blocking_watches`](Self::max_blocking_watches) |
 ///
 /// Values are percent-encoded where they hold `&`, `=`, `%`, `#` or spaces. An ACL token
 /// itself never goes into a URL: give a `token_file`, the variables, or
@@ -683,6 +684,7 @@ pub struct ConsulConfig {
     client_cert: Option<(PathBuf, PathBuf)>,
     tls_server_name: Option<String>,
     default_host: Option<String>,
+    max_blocking_watches: Option<usize>,
 }
 
 #[cfg(feature = "consul")]
@@ -700,6 +702,7 @@ const CONSUL_PARAMETERS: &[&str] = &[
     "client_key",
     "tls_server_name",
     "default_host",
+    "max_blocking_watches",
 ];
 
 #[cfg(feature = "consul")]
@@ -903,6 +906,24 @@ impl ConsulConfig {
         self
     }
 
+    /// How many watches hold a blocking query of their own (`max_blocking_watches=`; see
+    /// [`ConsulBuilder::max_blocking_watches`](crate::consul::ConsulBuilder::max_blocking_watches)).
+    ///
+    /// ```
+    /// let c = waypost::ConsulConfig::new().max_blocking_watches(8);
+    /// assert_eq!(c.to_string(), "consul://?max_blocking_watches=8");
+    /// assert_eq!(
+    ///     "consul://?max_blocking_watches=8".parse::<waypost::BackendConfig>()?,
+    ///     waypost::BackendConfig::Consul(c)
+    /// );
+    /// assert!("consul://?max_blocking_watches=many".parse::<waypost::BackendConfig>().is_err());
+    /// # Ok::<(), waypost::ConfigError>(())
+    /// ```
+    pub fn max_blocking_watches(mut self, max: usize) -> Self {
+        self.max_blocking_watches = Some(max);
+        self
+    }
+
     /// The Consul builder this configuration makes: the environment's variables, then what
     /// this configuration sets. For settings a URL has no parameter for.
     ///
@@ -958,6 +979,9 @@ impl ConsulConfig {
         if let Some(host) = &self.default_host {
             b = b.default_host(host.clone());
         }
+        if let Some(max) = self.max_blocking_watches {
+            b = b.max_blocking_watches(max);
+        }
         b
     }
 
@@ -1007,6 +1031,7 @@ impl ConsulConfig {
         };
         c.tls_server_name = params.text("tls_server_name")?;
         c.default_host = params.text("default_host")?;
+        c.max_blocking_watches = params.count("max_blocking_watches")?;
         Ok(c)
     }
 }
@@ -1043,7 +1068,11 @@ impl fmt::Display for ConsulConfig {
             q.path("client_key", Some(key))?;
         }
         q.opt("tls_server_name", self.tls_server_name.as_deref())?;
-        q.opt("default_host", self.default_host.as_deref())
+        q.opt("default_host", self.default_host.as_deref())?;
+        q.opt(
+            "max_blocking_watches",
+            self.max_blocking_watches.map(|n| n.to_string()).as_deref(),
+        )
     }
 }
 
@@ -1602,6 +1631,16 @@ impl Params {
             .transpose()
     }
 
+    #[cfg_attr(not(feature = "consul"), allow(dead_code))] // Consul's parameters only.
+    fn count(&mut self, name: &'static str) -> Result<Option<usize>, ConfigError> {
+        self.one(name)?
+            .map(|v| {
+                v.parse::<usize>()
+                    .map_err(|_| bad_value(self.scheme, name, v, "a whole number such as 0 or 32"))
+            })
+            .transpose()
+    }
+
     fn duration(&mut self, name: &'static str) -> Result<Option<Duration>, ConfigError> {
         self.one(name)?
             .map(|v| {
@@ -1763,6 +1802,18 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "consul")]
+    fn max_blocking_watches_reaches_the_client_builder() {
+        let Ok(BackendConfig::Consul(c)) = parse("consul://?max_blocking_watches=0") else {
+            panic!("a consul URL");
+        };
+        let builder = format!("{:?}", c.to_builder());
+        assert!(builder.contains("max_blocking_watches: 0"), "{builder}");
+        let err = parse("consul://?max_blocking_watches=-1").unwrap_err();
+        assert!(err.to_string().contains("max_blocking_watches"), "{err}");
+    }
+
+    #[test]
     #[cfg(all(feature = "memory", feature = "consul", feature = "etcd"))]
     fn every_scheme_round_trips_through_display() {
         for url in [
@@ -1770,7 +1821,7 @@ mod tests {
             "consul://",
             "consul://127.0.0.1:8500",
             "consul://[::1]:8500?dc=dc1",
-            "consul://consul.internal:8501?scheme=https&dc=eu-1&passing=false&tag=v2&tag=canary&stale=true&cached=false&wait=90s&token_file=/run/t&ca_cert=/etc/ca%20bundle.pem&client_cert=/c.pem&client_key=/k.pem&tls_server_name=server.eu-1.consul&default_host=10.0.0.7",
+            "consul://consul.internal:8501?scheme=https&dc=eu-1&passing=false&tag=v2&tag=canary&stale=true&cached=false&wait=90s&token_file=/run/t&ca_cert=/etc/ca%20bundle.pem&client_cert=/c.pem&client_key=/k.pem&tls_server_name=server.eu-1.consul&default_host=10.0.0.7&max_blocking_watches=0",
             "consul://h:1?tag=a%26b%3Dc%25",
             "etcd://",
             "etcd://127.0.0.1:2379",
