@@ -58,6 +58,7 @@ pub(crate) struct Feed {
     wait: Duration,
     rate_limit: (u32, Duration),
     blocking: Arc<Semaphore>,
+    max_blocking: usize,
     fetches: Arc<Semaphore>,
     subs: Mutex<Subs>,
 }
@@ -83,7 +84,10 @@ pub(crate) enum Wait {
         _slot: OwnedSemaphorePermit,
     },
     /// Woken by the feed; subscribes on its first poll (the loops need a runtime).
-    Shared(Option<Subscription>),
+    Shared {
+        feed: Arc<Feed>,
+        subscription: Option<Subscription>,
+    },
 }
 
 /// One watch's subscription to its service's wakes; unsubscribes when dropped.
@@ -149,18 +153,26 @@ impl Feed {
             wait,
             rate_limit,
             blocking: Arc::new(Semaphore::new(max_blocking)),
+            max_blocking,
             fetches: Arc::new(Semaphore::new(crate::SHARED_WATCH_READS)),
             subs: Mutex::new(Subs::default()),
         }
     }
 
     /// A blocking-query slot if one is free, else a subscription to come.
-    pub(crate) fn wait_for(self: &Arc<Self>) -> (Wait, Arc<Feed>) {
-        let wait = match self.blocking.clone().try_acquire_owned() {
+    pub(crate) fn wait_for(self: &Arc<Self>) -> Wait {
+        match self.blocking.clone().try_acquire_owned() {
             Ok(_slot) => Wait::Blocking { _slot },
-            Err(_) => Wait::Shared(None),
-        };
-        (wait, self.clone())
+            Err(_) => Wait::Shared {
+                feed: self.clone(),
+                subscription: None,
+            },
+        }
+    }
+
+    /// How many watches may hold a blocking query of their own.
+    pub(crate) fn max_blocking(&self) -> usize {
+        self.max_blocking
     }
 
     /// Subscribes to `service`'s wakes, starting the loops if this is the first subscription.
@@ -187,6 +199,7 @@ impl Feed {
                 subs.failing = Arc::new(AtomicUsize::new(0));
                 let task = Task {
                     baseline: tx,
+                    loops_with_baseline: AtomicUsize::new(0),
                     failing: subs.failing.clone(),
                 };
                 subs.task = Some(tokio::spawn(run(self.clone(), task)));
@@ -254,18 +267,9 @@ impl Feed {
 struct Correlation {
     explained: Mutex<BTreeSet<u64>>,
     checks_index: watch::Sender<u64>,
-    loops_with_baseline: std::sync::atomic::AtomicU8,
-    baseline: watch::Sender<bool>,
 }
 
 impl Correlation {
-    /// One loop has its first answer; with both, watches may read.
-    fn has_baseline(&self) {
-        if self.loops_with_baseline.fetch_add(1, Ordering::AcqRel) == 1 {
-            self.baseline.send_replace(true);
-        }
-    }
-
     fn explain(&self, indexes: impl IntoIterator<Item = u64>) {
         let mut set = self.explained.lock().unwrap_or_else(|e| e.into_inner());
         set.extend(indexes);
@@ -286,15 +290,23 @@ impl Correlation {
 struct Task {
     /// `true` once watches may read: both loops have their baseline, or one failed.
     baseline: watch::Sender<bool>,
+    loops_with_baseline: AtomicUsize,
     failing: Arc<AtomicUsize>,
+}
+
+impl Task {
+    /// One loop has its first answer; with both, watches may read.
+    fn has_baseline(&self) {
+        if self.loops_with_baseline.fetch_add(1, Ordering::AcqRel) == 1 {
+            self.baseline.send_replace(true);
+        }
+    }
 }
 
 async fn run(feed: Arc<Feed>, task: Task) {
     let corr = Correlation {
         explained: Mutex::new(BTreeSet::new()),
         checks_index: watch::channel(0).0,
-        loops_with_baseline: std::sync::atomic::AtomicU8::new(0),
-        baseline: task.baseline.clone(),
     };
     futures::future::join(
         catalog_loop(&feed, &corr, &task),
@@ -407,7 +419,7 @@ async fn catalog_loop(feed: &Feed, corr: &Correlation, task: &Task) {
             }
         }
         if known.is_none() {
-            corr.has_baseline();
+            task.has_baseline();
         }
         known = Some(services);
         // Rule 5: only a return that did not move the index can be a busy loop; a move is a
@@ -484,7 +496,7 @@ async fn checks_loop(feed: &Feed, corr: &Correlation, task: &Task) {
             }
         }
         if known.is_none() {
-            corr.has_baseline();
+            task.has_baseline();
         }
         known = Some(checks);
         corr.checks_index.send_replace(index);

@@ -85,7 +85,6 @@ pub struct Consul {
     query: HealthQuery,
     wait: std::time::Duration,
     rate_limit: (u32, std::time::Duration),
-    max_blocking_watches: usize,
     /// Blocking-query slots and the shared watch, common to every clone.
     feed: Arc<feed::Feed>,
 }
@@ -99,7 +98,7 @@ impl fmt::Debug for Consul {
             .field("datacenter", &self.api.datacenter)
             .field("query", &self.query)
             .field("wait", &self.wait)
-            .field("max_blocking_watches", &self.max_blocking_watches)
+            .field("max_blocking_watches", &self.feed.max_blocking())
             .finish_non_exhaustive()
     }
 }
@@ -149,7 +148,6 @@ impl Consul {
         ));
         Consul {
             feed,
-            max_blocking_watches: b.max_blocking_watches,
             address: address.into(),
             tls_server_name: b.tls_server_name.as_deref().map(Arc::from),
             query: HealthQuery {

@@ -55,7 +55,6 @@ struct State {
     span: Span,
     /// A blocking query of its own, or wakes from the client's shared feed.
     waits: Wait,
-    feed: Arc<Feed>,
 }
 
 /// The watch owns a handle on the connection: it runs for as long as its stream is held, even
@@ -66,7 +65,7 @@ pub(crate) fn watch(
     service: ServiceName,
     cfg: WatchConfig,
 ) -> Watch {
-    let (waits, feed) = feed.wait_for();
+    let waits = feed.wait_for();
     // The same span as every backend's watch; whether it is on the shared watch is logged
     // once, at debug, when it subscribes.
     let span = tracing::info_span!("watch", service = %service, backend = crate::BACKEND);
@@ -90,7 +89,6 @@ pub(crate) fn watch(
         failing_since: None,
         span,
         waits,
-        feed,
     };
     futures::stream::unfold(state, |mut st| async move {
         let span = st.span.clone();
@@ -130,11 +128,11 @@ impl State {
                         .await;
                     (sent, answer)
                 }
-                Wait::Shared(sub) => {
-                    let sub = match sub {
+                Wait::Shared { feed, subscription } => {
+                    let sub = match subscription {
                         Some(sub) => sub,
                         None => {
-                            let sub = sub.insert(self.feed.subscribe(&self.service));
+                            let sub = subscription.insert(feed.subscribe(&self.service));
                             sub.baseline(self.api.request_timeout).await;
                             sub
                         }
