@@ -110,15 +110,25 @@ async fn consul_ten_thousand_instances_arrive_and_a_change_after_them_is_told() 
         .check(HealthCheck::ttl(Duration::from_secs(10)))
         .build()
         .unwrap();
-    let handle = consul.register(probe).await.unwrap();
+    a_probe_after_the_bulk_is_told(&consul, &mut watch, probe).await;
+}
+
+/// Registers `probe` (of "big", port 30,000) and shuts it down: `watch` tells exactly one
+/// `Added` and one `Removed`, and a read in between has the bulk and the probe.
+async fn a_probe_after_the_bulk_is_told<B: Registry + Discovery>(
+    backend: &B,
+    watch: &mut Watch,
+    probe: Registration,
+) {
+    let handle = backend.register(probe).await.unwrap();
     assert_eq!(
-        next(&mut watch).await,
+        next(watch).await,
         WatchEvent::Added(instance("big", "probe", 30_000))
     );
-    assert_eq!(consul.instances(&name("big")).await.unwrap().len(), N + 1);
+    assert_eq!(backend.instances(&name("big")).await.unwrap().len(), N + 1);
     handle.shutdown().await.unwrap();
     assert_eq!(
-        next(&mut watch).await,
+        next(watch).await,
         WatchEvent::Removed(instance("big", "probe", 30_000))
     );
 }
@@ -165,17 +175,7 @@ async fn etcd_ten_thousand_instances_arrive_and_a_change_after_them_is_told() {
         .port(30_000)
         .build()
         .unwrap();
-    let handle = etcd.register(probe).await.unwrap();
-    assert_eq!(
-        next(&mut watch).await,
-        WatchEvent::Added(instance("big", "probe", 30_000))
-    );
-    assert_eq!(etcd.instances(&name("big")).await.unwrap().len(), N + 1);
-    handle.shutdown().await.unwrap();
-    assert_eq!(
-        next(&mut watch).await,
-        WatchEvent::Removed(instance("big", "probe", 30_000))
-    );
+    a_probe_after_the_bulk_is_told(&etcd, &mut watch, probe).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
