@@ -237,17 +237,9 @@ fn request_path_parts(c: &mut Criterion) {
     g.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .sample_size(20)
-        .without_plots()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = fixture::criterion_config(20);
     targets = pick, balancer_pick, balancer_pick_excluding, balancer_pick_tiered, seed_port,
         request_path_parts
 }

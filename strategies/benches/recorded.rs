@@ -92,17 +92,9 @@ fn with_recorder(c: &mut Criterion) {
     drop(scraper);
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .sample_size(20)
-        .without_plots()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = fixture::criterion_config(20);
     targets = without_recorder, with_recorder
 }
 criterion_main!(benches);

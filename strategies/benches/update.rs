@@ -225,17 +225,9 @@ fn update(c: &mut Criterion) {
     }
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .sample_size(10)
-        .without_plots()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = fixture::criterion_config(10);
     targets = update
 }
 criterion_main!(benches);

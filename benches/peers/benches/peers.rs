@@ -245,17 +245,9 @@ fn tower(c: &mut Criterion) {
     }
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1))
-        .sample_size(20)
-        .without_plots()
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = fixture::criterion_config(20);
     targets = waypost, pingora, tower
 }
 criterion_main!(benches);
