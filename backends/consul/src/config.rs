@@ -326,8 +326,9 @@ impl ConsulBuilder {
     ///
     /// Every further watch shares two datacenter-wide blocking queries that tell which services
     /// changed (`/v1/health/state/any`, `/v1/catalog/services`) and re-reads its service only
-    /// then, at most 16 reads at a time. A change reaches it one round trip later than a
-    /// blocking query of its own would bring it; 0 makes every watch share them.
+    /// then, at most 16 reads at a time. A change reaches it a few milliseconds later than a
+    /// blocking query of its own would bring it (the shared query's answer and one more read;
+    /// 6–10 ms p50 against about 1 ms in BENCHMARKS.md); 0 makes every watch share them.
     ///
     /// ```
     /// let consul = waypost_consul::Consul::builder().max_blocking_watches(0).build()?;
