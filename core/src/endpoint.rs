@@ -443,6 +443,24 @@ impl Endpoint {
     pub fn shared_state(&self) -> &Arc<EndpointState> {
         &self.0.state
     }
+
+    /// Whether `a` and `b` are one endpoint (clones of each other), told without reading
+    /// either. An endpoint's instance and weight never change once it is made (a balancer
+    /// makes a new endpoint for a changed instance), so a strategy can keep what it computed
+    /// for an endpoint for as long as it holds a clone of it.
+    ///
+    /// ```
+    /// use waypost_core::{Endpoint, ServiceInstance};
+    /// let inst = ServiceInstance::builder("s", "a").host("h").port(1).build()?;
+    /// let a = Endpoint::fresh(inst.clone());
+    /// assert!(Endpoint::ptr_eq(&a, &a.clone()));
+    /// // The same instance in another endpoint is another endpoint.
+    /// assert!(!Endpoint::ptr_eq(&a, &Endpoint::fresh(inst)));
+    /// # Ok::<(), waypost_core::ValidationError>(())
+    /// ```
+    pub fn ptr_eq(a: &Endpoint, b: &Endpoint) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
 }
 
 impl fmt::Debug for Endpoint {
