@@ -249,6 +249,60 @@ fn maglev_removing_one_of_n_disrupts_little_beyond_its_own_entries() {
     assert!(after.iter().all(|o| o.as_str() != gone.id().as_str()));
 }
 
+/// A build reuses the last build's permutations; after adds, removes and a weight change, the
+/// table must still be the one a balancer that never saw the earlier sets builds.
+#[test]
+fn maglev_after_updates_serves_the_table_of_a_fresh_build() {
+    let m = 10_007u64;
+    let weighted = |n: usize| -> Vec<ServiceInstance> {
+        (0..n)
+            .map(|i| inst(&format!("i{i:03}"), 1 + (i % 5) as u32))
+            .collect()
+    };
+    let all = weighted(120);
+    let updated = balancer(Maglev::new().table_size(10_000), all[..100].to_vec());
+    updated.apply_all([
+        WatchEvent::Removed(all[0].clone()),
+        WatchEvent::Removed(all[57].clone()),
+        WatchEvent::Added(all[110].clone()),
+    ]);
+    updated.apply(WatchEvent::Added(all[105].clone()));
+    updated.apply(WatchEvent::Updated(inst("i042", 9)));
+    updated.apply(WatchEvent::Removed(all[99].clone()));
+
+    let mut last: Vec<ServiceInstance> = all[..100]
+        .iter()
+        .filter(|i| !["i000", "i057", "i099"].contains(&i.id().as_str()))
+        .cloned()
+        .chain([all[105].clone(), all[110].clone()])
+        .map(|i| {
+            if i.id().as_str() == "i042" {
+                inst("i042", 9)
+            } else {
+                i
+            }
+        })
+        .collect();
+    last.reverse();
+    let fresh = balancer(Maglev::new().table_size(10_000), last);
+    let table_updated = table(&updated, m);
+    assert_eq!(table_updated, table(&fresh, m));
+    // The weight change took: i042 (weight 3 before) now holds a weight-9 share.
+    let share = shares(&table_updated)["i042"];
+    assert!(share > 8.0 * share_of_weight_1(&table_updated), "{share}");
+}
+
+/// The mean share of the table held by the weight-1 instances (ids i000, i005, ...).
+fn share_of_weight_1(table: &[String]) -> f64 {
+    let s = shares(table);
+    let ones: Vec<f64> = s
+        .iter()
+        .filter(|(id, _)| id[1..].parse::<usize>().is_ok_and(|i| i % 5 == 0))
+        .map(|(_, &v)| v)
+        .collect();
+    ones.iter().sum::<f64>() / ones.len() as f64
+}
+
 #[test]
 fn maglev_without_a_key_picks_at_random_in_proportion_to_weight() {
     let set = vec![inst("light", 1), inst("heavy", 3)];
