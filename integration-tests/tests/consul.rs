@@ -636,3 +636,63 @@ async fn shared_watches_see_every_kind_of_change() {
         .iter()
         .all(|e| e.id().map_or(true, |id| id.as_str() == "plain-1")));
 }
+
+/// The shared watch's loops run in a task on the runtime of the first watch that subscribed.
+/// When that runtime shuts down while watches remain, the task ends with it. The next watch to
+/// wait starts it again on its own runtime, so the watches kept (and new ones) still learn of
+/// changes within seconds. Without that they would re-read only every `wait` (5 min here) or,
+/// taking the task for failing, every backoff's longest delay (60 s here).
+#[test]
+fn a_shared_watch_outlives_the_runtime_that_started_it() {
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = main.block_on(ConsulServer::start());
+    let consul = Consul::builder()
+        .address(server.addr())
+        .retry_backoff(Duration::from_millis(50), Duration::from_secs(60))
+        .max_blocking_watches(0)
+        .build()
+        .unwrap();
+    let first = tokio::runtime::Runtime::new().unwrap();
+    let early = first.block_on(async {
+        let mut early = consul.watch(&name("early"));
+        let answer = tokio::time::timeout(SETTLE, futures::StreamExt::next(&mut early))
+            .await
+            .expect("a first answer within SETTLE");
+        assert!(matches!(answer, Some(Ok(_))), "{answer:?}");
+        // The watch as it was, its first event put back.
+        let watch: waypost_core::Watch = Box::pin(futures::StreamExt::chain(
+            futures::stream::iter(answer),
+            early,
+        ));
+        watch
+    });
+    drop(first);
+
+    main.block_on(async {
+        let mut early = Mirror::new("early", early);
+        let mut late = Mirror::new("late", consul.watch(&name("late")));
+        late.wait_until(SETTLE, "a first answer", |_| true).await;
+        let register =
+            |body: serde_json::Value| agent_put(&server, "/v1/agent/service/register", body);
+        register(json!({"ID": "late-1", "Name": "late", "Port": 1})).await;
+        late.wait_until(
+            SETTLE,
+            "a registration, told by the restarted shared watch",
+            |s| s.get("late-1").is_some(),
+        )
+        .await;
+        register(json!({"ID": "early-1", "Name": "early", "Port": 2,
+            "Check": {"TTL": "60s", "Status": "passing"}}))
+        .await;
+        early
+            .wait_until(SETTLE, "a registration, seen by the watch kept", |s| {
+                s.get("early-1").is_some()
+            })
+            .await;
+        assert_eq!(late.ids(), ["late-1"]);
+    });
+}

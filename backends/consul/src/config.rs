@@ -329,6 +329,8 @@ impl ConsulBuilder {
     /// then, at most 16 reads at a time. A change reaches it a few milliseconds later than a
     /// blocking query of its own would bring it (the shared query's answer and one more read;
     /// 6–10 ms p50 against about 1 ms in BENCHMARKS.md); 0 makes every watch share them.
+    /// The shared queries run in a task on the runtime of the watch that started them; if that
+    /// runtime shuts down while other watches remain, the next of them starts the task again.
     ///
     /// ```
     /// let consul = waypost_consul::Consul::builder().max_blocking_watches(0).build()?;

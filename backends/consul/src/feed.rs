@@ -26,6 +26,12 @@
 //! whose reads still succeed (a token that may read its service but not the checks list) re-reads
 //! at the backoff's longest delay instead of every `wait`. The loop's recovery wakes them all
 //! again, since changes may have been missed meanwhile.
+//!
+//! The loops run in a task spawned on the runtime of the first watch that subscribed. If that
+//! task ends while watches remain (its runtime shut down, or it panicked), the next watch that
+//! waits or subscribes starts it again on its own runtime, waits for the new baseline and
+//! re-reads. After a panic that happens at most once per backoff's longest delay, and
+//! meanwhile every watch re-reads at that delay.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,6 +41,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use waypost_core::{Backoff, Error, ServiceName};
 
@@ -67,13 +74,30 @@ pub(crate) struct Feed {
 struct Subs {
     /// Per watched service: a generation bumped on every wake, and how many watches hold it.
     services: HashMap<ServiceName, (watch::Sender<u64>, usize)>,
-    task: Option<JoinHandle<()>>,
+    /// The loops' task, from its start until the last watch unsubscribes (it may have ended
+    /// before: see [`Running::ended`]).
+    task: Option<Running>,
+    /// When the last task was started.
+    started: Option<Instant>,
+}
+
+/// One start of the loops' task, and what watches read of it.
+struct Running {
+    handle: JoinHandle<()>,
     /// Set once both loops have their first answer: the baseline that later answers are
     /// compared with. A watch reads its service only after it, so that no change falls between
     /// its read and the baseline.
-    baseline: Option<watch::Sender<bool>>,
-    /// How many of the current task's two loops are failing.
+    baseline: watch::Sender<bool>,
+    /// How many of the task's two loops are failing.
     failing: Arc<AtomicUsize>,
+    /// Closed when the task ends, however it ends (its sender lives in the task's future).
+    alive: watch::Receiver<()>,
+}
+
+impl Running {
+    fn ended(&self) -> bool {
+        self.alive.has_changed().is_err()
+    }
 }
 
 /// How a watch waits for its service to change.
@@ -96,9 +120,6 @@ pub(crate) struct Subscription {
     service: ServiceName,
     rx: watch::Receiver<u64>,
     baseline: watch::Receiver<bool>,
-    failing: Arc<AtomicUsize>,
-    /// How often a watch re-reads while the shared watch fails (the backoff's longest delay).
-    degraded: Duration,
 }
 
 impl Subscription {
@@ -110,15 +131,48 @@ impl Subscription {
 
     /// Until the next wake (at once if one came since [`seen`](Self::seen)), or `within`. While
     /// the shared watch fails (it cannot tell of changes, though the agent may still answer
-    /// reads, as when a token may read services but not the checks list), at most the backoff's
-    /// longest delay: the watch polls rather than go stale.
+    /// reads, as when a token may read services but not the checks list) or its task has
+    /// ended, at most the backoff's longest delay: the watch polls rather than go stale. A task
+    /// that ended is started again here (see the module's text); the watch then returns after
+    /// the new baseline, to read what it may have missed.
     pub(crate) async fn woken(&mut self, within: Duration) {
-        let within = if self.failing.load(Ordering::Relaxed) > 0 {
-            within.min(self.degraded)
+        let (restarted, alive, failing) = {
+            let mut subs = self.feed.lock();
+            let restarted = self.feed.ensure_running(&mut subs);
+            match &subs.task {
+                Some(run) if !run.ended() => {
+                    if restarted {
+                        self.baseline = run.baseline.subscribe();
+                    }
+                    let failing = run.failing.load(Ordering::Relaxed) > 0;
+                    (restarted, Some(run.alive.clone()), failing)
+                }
+                _ => (false, None, true),
+            }
+        };
+        if restarted {
+            self.baseline(self.feed.api.request_timeout).await;
+            return;
+        }
+        let within = if failing {
+            within.min(self.feed.api.backoff.1)
         } else {
             within
         };
-        let _ = tokio::time::timeout(within, self.rx.changed()).await;
+        let ended = async {
+            match alive {
+                // Resolves only when the task ends: its sender never sends.
+                Some(mut alive) => {
+                    let _ = alive.changed().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.rx.changed() => {}
+            () = ended => {}
+            () = tokio::time::sleep(within) => {}
+        }
     }
 
     /// Until the feed has its baseline or fails, or `within` (an agent that does not answer
@@ -175,7 +229,8 @@ impl Feed {
         self.max_blocking
     }
 
-    /// Subscribes to `service`'s wakes, starting the loops if this is the first subscription.
+    /// Subscribes to `service`'s wakes, starting the loops if this is the first subscription
+    /// (or if their task ended).
     pub(crate) fn subscribe(self: &Arc<Self>, service: &ServiceName) -> Subscription {
         debug!(service = %service, "consul watch: no blocking-query slot left; on the shared watch");
         let mut subs = self.lock();
@@ -190,30 +245,75 @@ impl Feed {
                 rx
             }
         };
-        let baseline = match &subs.baseline {
-            Some(tx) if subs.task.is_some() => tx.subscribe(),
-            _ => {
-                debug!("consul: starting the shared watch's catalog and checks queries");
-                let (tx, rx) = watch::channel(false);
-                subs.baseline = Some(tx.clone());
-                subs.failing = Arc::new(AtomicUsize::new(0));
-                let task = Task {
-                    baseline: tx,
-                    loops_with_baseline: AtomicUsize::new(0),
-                    failing: subs.failing.clone(),
-                };
-                subs.task = Some(tokio::spawn(run(self.clone(), task)));
-                rx
-            }
+        self.ensure_running(&mut subs);
+        let baseline = match &subs.task {
+            Some(run) if !run.ended() => run.baseline.subscribe(),
+            // Started less than the backoff's longest delay ago and ended already: reading
+            // at once is all a watch can do.
+            _ => watch::channel(true).1,
         };
         Subscription {
             feed: self.clone(),
             service: service.clone(),
             rx,
             baseline,
-            failing: subs.failing.clone(),
-            degraded: self.api.backoff.1,
         }
+    }
+
+    /// Starts the loops' task if none runs: the first time, after the last watch left, or
+    /// after it ended. A task that panicked is started again at most once per backoff's longest
+    /// delay (a bug that panics at once must not turn into a loop of starts); one whose runtime
+    /// shut down, at once. Whether it started one.
+    fn ensure_running(self: &Arc<Self>, subs: &mut Subs) -> bool {
+        let now = Instant::now();
+        if let Some(run) = &mut subs.task {
+            if !run.ended() {
+                return false;
+            }
+            // The task has ended, so its output is ready (or, a moment after the end, about to
+            // be: then it counts as a panic, the cautious choice).
+            let panicked = !matches!(
+                futures::FutureExt::now_or_never(&mut run.handle),
+                Some(Err(e)) if e.is_cancelled()
+            );
+            let recently = subs
+                .started
+                .is_some_and(|at| now.duration_since(at) < self.api.backoff.1);
+            if panicked && recently {
+                return false;
+            }
+            warn!(
+                panicked,
+                "consul shared watch: its task ended ({}); starting it again",
+                if panicked {
+                    "it panicked"
+                } else {
+                    "its runtime shut down"
+                }
+            );
+        } else {
+            debug!("consul: starting the shared watch's catalog and checks queries");
+        }
+        let (baseline, _) = watch::channel(false);
+        let (alive_tx, alive) = watch::channel(());
+        let failing = Arc::new(AtomicUsize::new(0));
+        let task = Task {
+            baseline: baseline.clone(),
+            loops_with_baseline: AtomicUsize::new(0),
+            failing: failing.clone(),
+            _alive: alive_tx,
+        };
+        if let Some(old) = subs.task.take() {
+            old.handle.abort();
+        }
+        subs.task = Some(Running {
+            handle: tokio::spawn(run(self.clone(), task)),
+            baseline,
+            failing,
+            alive,
+        });
+        subs.started = Some(now);
+        true
     }
 
     fn unsubscribe(&self, service: &ServiceName) {
@@ -225,10 +325,9 @@ impl Feed {
             }
         }
         if subs.services.is_empty() {
-            if let Some(task) = subs.task.take() {
-                task.abort();
+            if let Some(run) = subs.task.take() {
+                run.handle.abort();
             }
-            subs.baseline = None;
         }
     }
 
@@ -292,6 +391,8 @@ struct Task {
     baseline: watch::Sender<bool>,
     loops_with_baseline: AtomicUsize,
     failing: Arc<AtomicUsize>,
+    /// Dropped with the task's future, however the task ends: closes [`Running::alive`].
+    _alive: watch::Sender<()>,
 }
 
 impl Task {
