@@ -570,3 +570,52 @@ async fn a_shared_watch_whose_feed_is_refused_polls_its_service() {
         "{reads:?}"
     );
 }
+
+/// A watch on the shared watch reads its service only once both datacenter-wide queries have
+/// their first answer, the baseline that later answers are compared with. Had it read before, a
+/// change landing between its read and the baseline would be in neither diff, and missed until
+/// the next `wait`. Here the checks query answers 300 ms late: the watch's first read comes
+/// after both answers, not at once.
+#[tokio::test]
+async fn a_shared_watch_reads_its_service_after_the_feeds_baseline() {
+    let answered = Arc::new(AtomicUsize::new(0));
+    let at_first_read: Arc<Mutex<Option<usize>>> = Arc::new(Mutex::new(None));
+    let (addr, _) = fake({
+        let (answered, at_first_read) = (answered.clone(), at_first_read.clone());
+        move |req, _| {
+            let (answered, at_first_read) = (answered.clone(), at_first_read.clone());
+            async move {
+                let blocking = req.param("index").is_some();
+                match req.path.as_str() {
+                    "/v1/health/state/any" | "/v1/catalog/services" if blocking => {
+                        // Nothing changes: a blocking query waits (longer than the test).
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        health(5, json!([]))
+                    }
+                    "/v1/health/state/any" => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        health(5, json!([]))
+                    }
+                    "/v1/catalog/services" => {
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        health(5, json!({}))
+                    }
+                    _ => {
+                        at_first_read
+                            .lock()
+                            .unwrap()
+                            .get_or_insert(answered.load(Ordering::SeqCst));
+                        health(5, json!([entry("a", 1)]))
+                    }
+                }
+            }
+            .boxed()
+        }
+    })
+    .await;
+    let consul = client(&addr).max_blocking_watches(0).build().unwrap();
+    let mut watch = consul.watch(&users());
+    assert_eq!(ids(&next(&mut watch).await.unwrap()), ["a"]);
+    assert_eq!(*at_first_read.lock().unwrap(), Some(2));
+}
