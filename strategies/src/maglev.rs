@@ -29,9 +29,10 @@ use crate::Rng;
 ///   M instances some get none. Pick a larger prime with [`table_size`](Self::table_size) for
 ///   big sets; a build costs O(M log M). Entries take two bytes while the set has at most
 ///   65,536 instances (128 KiB at the default size), four past that.
-/// - **Updates:** a build reuses the permutations of the endpoints the last build had (it
-///   keeps clones of them until the next one), so an update hashes only the instances that
-///   changed, then fills the table again.
+/// - **Updates:** a build reuses the permutations of the endpoints that an earlier build had
+///   (it keeps clones of the last four builds' endpoints, one set per failover tier of a
+///   balancer), so an update hashes only the instances that changed, then fills the table
+///   again.
 /// - **No key:** a request without a key takes a random entry, which is a weighted random
 ///   pick. That is a choice, not an error.
 /// - **Retries:** a retry ([`Balancer::pick_excluding`](waypost_core::Balancer::pick_excluding))
@@ -57,12 +58,13 @@ use crate::Rng;
 pub struct Maglev {
     table_size: u32,
     rng: Arc<Rng>,
-    /// The last build's endpoints and their permutations. Only builds take this lock.
-    last: Mutex<Last>,
+    /// The last builds' endpoints and their permutations, the latest first (at most
+    /// [`KEPT`]). Only builds take this lock.
+    last: Mutex<Vec<Last>>,
 }
 
 impl Clone for Maglev {
-    /// The same settings and randomness; the clone keeps its own last build.
+    /// The same settings and randomness; the clone keeps its own last builds.
     fn clone(&self) -> Self {
         Maglev {
             table_size: self.table_size,
@@ -176,15 +178,19 @@ impl Strategy for Maglev {
     }
 
     fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Picker> {
-        // A build that panicked may have left the last one half-updated: start afresh.
-        let mut last = self.last.lock().unwrap_or_else(|poisoned| {
-            let mut last = poisoned.into_inner();
-            *last = Last::default();
-            last
+        // A build that panicked may have left one half-updated: start afresh.
+        let mut kept = self.last.lock().unwrap_or_else(|poisoned| {
+            let mut kept = poisoned.into_inner();
+            kept.clear();
+            kept
         });
+        let mut last = match closest(&kept, endpoints, self.table_size) {
+            Some(i) => kept.remove(i),
+            None => Last::default(),
+        };
         last.update(endpoints, self.table_size);
         let rng = Arc::clone(&self.rng);
-        if endpoints.len() <= 1 << 16 {
+        let picker: Box<dyn Picker> = if endpoints.len() <= 1 << 16 {
             Box::new(Table::<u16> {
                 entries: populate(&last.permutations, self.table_size),
                 rng,
@@ -194,7 +200,10 @@ impl Strategy for Maglev {
                 entries: populate(&last.permutations, self.table_size),
                 rng,
             })
-        }
+        };
+        kept.insert(0, last);
+        kept.truncate(KEPT);
+        picker
     }
 }
 
@@ -222,7 +231,48 @@ impl Permutation {
     }
 }
 
-/// The endpoints of the last build and their permutations, for the table size `size`.
+/// How many builds' endpoints a [`Maglev`] keeps. A balancer with failover tiers builds a
+/// picker per tier with one strategy, and a change rebuilds only the tier it touches: with one
+/// set per tier kept, each tier's build finds its own.
+const KEPT: usize = 4;
+
+/// Which of the kept builds shares most of a few sampled endpoints (the first, the middle and
+/// the last) with `endpoints`, if any does: the tiers of a balancer are disjoint, so this tells
+/// them apart. A sample counts when it is the very endpoint at about the same place in the kept
+/// build (a small change moves the others by a few places; compared without reading either),
+/// or, failing that, where its id is found there (kept builds are in id order when their
+/// endpoints were).
+fn closest(kept: &[Last], endpoints: &[Endpoint], size: u32) -> Option<usize> {
+    const NEAR: usize = 2;
+    let n = endpoints.len();
+    let samples: Vec<usize> = match n {
+        0 => return None,
+        1 => vec![0],
+        _ => vec![0, n / 2, n - 1],
+    };
+    let holds = |last: &Last, at: usize| {
+        let e = &endpoints[at];
+        // The same relative place in the kept build.
+        let there = at * last.endpoints.len() / n;
+        let near = &last.endpoints
+            [there.saturating_sub(NEAR)..(there + NEAR + 1).min(last.endpoints.len())];
+        near.iter().any(|o| Endpoint::ptr_eq(o, e))
+            || last
+                .endpoints
+                .binary_search_by(|o| o.id().cmp(e.id()))
+                .is_ok_and(|i| Endpoint::ptr_eq(&last.endpoints[i], e))
+    };
+    kept.iter()
+        .enumerate()
+        .filter(|(_, last)| last.size == size)
+        .map(|(i, last)| (samples.iter().filter(|&&at| holds(last, at)).count(), i))
+        .filter(|&(shared, _)| shared > 0)
+        // The most shared; of equals, the latest.
+        .max_by_key(|&(shared, i)| (shared, std::cmp::Reverse(i)))
+        .map(|(_, i)| i)
+}
+
+/// The endpoints of one build and their permutations, for the table size `size`.
 #[derive(Default)]
 struct Last {
     size: u32,
@@ -231,12 +281,13 @@ struct Last {
 }
 
 impl Last {
-    /// Makes this the build of `endpoints`: an endpoint the last build had keeps its
-    /// permutation, found by identity ([`Endpoint::ptr_eq`]) without reading the endpoint.
-    /// (Reading every id to hash it again took about 0.2 ms of a 1.1 ms build at 10,000
-    /// instances in a balancer, whose endpoints are spread over the heap.) The endpoints are expected in id order, as balancers pass them: the last
-    /// build's are matched in step, and one that is gone is passed over by comparing ids
-    /// there. In any other order the ones out of step are hashed again, nothing worse.
+    /// Makes this the build of `endpoints`: an endpoint this build had keeps its permutation,
+    /// found by identity ([`Endpoint::ptr_eq`]) without reading the endpoint. (Reading every
+    /// id to hash it again took about 0.2 ms of a 1.1 ms build at 10,000 instances in a
+    /// balancer, whose endpoints are spread over the heap.) The endpoints are expected in id
+    /// order, as balancers pass them: the kept ones are matched in step, and one that is gone
+    /// is passed over by comparing ids there. In any other order the ones out of step are
+    /// hashed again, nothing worse.
     fn update(&mut self, endpoints: &[Endpoint], size: u32) {
         if self.size != size {
             *self = Last {
@@ -873,5 +924,42 @@ mod tests {
         assert_eq!(last.permutations, permutations(&set, 65_537));
         last.update(&[], size);
         check(&last, &[]);
+    }
+
+    /// A balancer with failover tiers builds each tier's picker with the same strategy, one
+    /// tier at a time: each build must find the kept set of its own tier, not the last one
+    /// built, or every update would hash the whole tier again.
+    #[test]
+    fn each_tier_finds_its_own_kept_build() {
+        let size = 10_007;
+        let all = endpoints(&(1..=10).cycle().take(90).collect::<Vec<_>>());
+        // Two disjoint sets, each in id order, as a balancer's tiers are.
+        let mut dc1: Vec<Endpoint> = all.iter().step_by(3).cloned().collect();
+        let mut dc2: Vec<Endpoint> = all.iter().skip(1).step_by(3).cloned().collect();
+        let maglev = Maglev::new().table_size(size);
+        maglev.build(&dc1);
+        maglev.build(&dc2);
+        dc1.remove(5);
+        assert_eq!(
+            closest(&maglev.last.lock().unwrap(), &dc1, size),
+            Some(1),
+            "dc1's build is the older one kept"
+        );
+        maglev.build(&dc1);
+        dc2.pop();
+        assert_eq!(closest(&maglev.last.lock().unwrap(), &dc2, size), Some(1));
+        maglev.build(&dc2);
+        let kept = maglev.last.lock().unwrap();
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept[0].permutations, permutations(&dc2, size));
+        assert_eq!(kept[1].permutations, permutations(&dc1, size));
+        // A set that shares nothing with either starts afresh; another table size too.
+        assert_eq!(closest(&kept, &endpoints(&[1, 2]), size), None);
+        assert_eq!(closest(&kept, &dc1, 65_537), None);
+        drop(kept);
+        for _ in 0..KEPT + 2 {
+            maglev.build(&endpoints(&[1, 2, 3]));
+        }
+        assert_eq!(maglev.last.lock().unwrap().len(), KEPT);
     }
 }
