@@ -72,7 +72,7 @@
 //! | `tower` | no | `tower`: a balancing tower `Service`, and a watch as a tower `Discover` |
 //! | `grpc` | no | `grpc`: a channel for tonic clients, balanced by a `Balancer` |
 //! | `full` | no | everything but `test-util` |
-//! | `test-util` | no | test aids of the in-process backend: `Memory::set_available`, `Memory::restart` |
+//! | `test-util` | no | test aids: the in-process backend's `Memory::set_available` and `Memory::restart`, and `testing::First` |
 #![warn(missing_docs)]
 
 pub use waypost_core::*;

@@ -14,25 +14,10 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use waypost::http::{Hedge, HttpClient, HttpClientBuilder, RetryBudget, StatusCode};
-use waypost::{Balancer, Endpoint, PickContext, Picker, ServiceInstance, Strategy, WatchEvent};
+use waypost::{Balancer, ServiceInstance, WatchEvent};
 use waypost_conformance::scenarios::eventually;
-
-/// Always the first instance by id, so that the held one ("a-held") is tried first.
-struct First;
-struct FirstPicker;
-impl Strategy for First {
-    fn name(&self) -> &str {
-        "first"
-    }
-    fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> {
-        Box::new(FirstPicker)
-    }
-}
-impl Picker for FirstPicker {
-    fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> {
-        (!e.is_empty()).then_some(0)
-    }
-}
+// Always the first instance by id, so that the held one ("a-held") is tried first.
+use waypost::testing::First;
 
 /// A server that reads each request and answers `200 held` only once released (or `500` once
 /// told to fail); a request whose connection closes before that counts as cancelled.

@@ -69,6 +69,8 @@ mod registration;
 mod registry;
 mod set;
 mod strategy;
+#[cfg(feature = "test-util")]
+pub mod testing;
 mod tiers;
 
 pub use backoff::Backoff;

@@ -5,26 +5,8 @@ use std::time::Duration;
 use metrics::with_local_recorder;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::{CompositeKey, MetricKind};
-use waypost_core::{
-    Balancer, Endpoint, Error, PickContext, Picker, RegistrationHandle, ServiceInstance,
-    ServiceName, Strategy, WatchEvent,
-};
-
-struct First;
-struct FirstPicker;
-impl Strategy for First {
-    fn name(&self) -> &str {
-        "first"
-    }
-    fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> {
-        Box::new(FirstPicker)
-    }
-}
-impl Picker for FirstPicker {
-    fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> {
-        (!e.is_empty()).then_some(0)
-    }
-}
+use waypost_core::testing::First;
+use waypost_core::{Balancer, Error, RegistrationHandle, ServiceInstance, ServiceName, WatchEvent};
 
 fn inst(id: &str) -> ServiceInstance {
     ServiceInstance::builder("users", id)

@@ -29,11 +29,13 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio::sync::Notify;
+// Propagation does not depend on the strategy: the smallest one will do.
 use waypost_conformance::consul_server::ConsulServer;
 use waypost_conformance::etcd_server::EtcdServer;
+use waypost_core::testing::First;
 use waypost_core::{
-    async_trait, Balancer, Discovery, Endpoint, HealthCheck, PickContext, Picker, Registration,
-    Registry, ServiceInstance, ServiceName, Watch,
+    async_trait, Balancer, Discovery, HealthCheck, Registration, Registry, ServiceInstance,
+    ServiceName, Watch,
 };
 
 /// A bound on every wait: a change that takes longer is reported as an error, not measured.
@@ -62,23 +64,6 @@ impl<D: Discovery> Discovery for Observed<D> {
             inner.poll_next_unpin(cx)
         })
         .boxed()
-    }
-}
-
-/// Propagation does not depend on the strategy: the smallest one will do.
-struct First;
-struct FirstPicker;
-impl waypost_core::Strategy for First {
-    fn name(&self) -> &str {
-        "first"
-    }
-    fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> {
-        Box::new(FirstPicker)
-    }
-}
-impl Picker for FirstPicker {
-    fn pick(&self, endpoints: &[Endpoint], _: &PickContext<'_>) -> Option<usize> {
-        (!endpoints.is_empty()).then_some(0)
     }
 }
 

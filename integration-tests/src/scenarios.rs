@@ -37,12 +37,14 @@ use futures::future::join_all;
 use futures::StreamExt;
 use tokio::time::Instant;
 use waypost_core::{
-    Balancer, Endpoint, FailStatic, Field, HealthCheck, InstanceSet, Liveness, PickContext, Picker,
-    Registration, RegistrationBuilder, RegistrationHandle, ServiceInstance, ServiceName, Strategy,
-    Watch, WatchEvent, Weight,
+    Balancer, FailStatic, Field, HealthCheck, InstanceSet, Liveness, Registration,
+    RegistrationBuilder, RegistrationHandle, ServiceInstance, ServiceName, Watch, WatchEvent,
+    Weight,
 };
 
 use crate::{Backend, Describes};
+// The smallest strategy, for scenarios that only watch a balancer's status.
+use waypost_core::testing::First;
 
 /// The names of all scenarios, in the order [`conformance_tests!`](crate::conformance_tests)
 /// declares them.
@@ -1241,27 +1243,6 @@ pub async fn outage_without_change<B: Backend + ?Sized>(backend: &B) {
     .await;
     if let Err(e) = handle.shutdown().await {
         panic!("[{}] shutdown after the outage failed: {e}", backend.name());
-    }
-}
-
-/// Picks the first instance: the smallest strategy, for scenarios that only watch a balancer's
-/// status.
-struct First;
-
-struct FirstPicker;
-
-impl Strategy for First {
-    fn name(&self) -> &str {
-        "first"
-    }
-    fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> {
-        Box::new(FirstPicker)
-    }
-}
-
-impl Picker for FirstPicker {
-    fn pick(&self, endpoints: &[Endpoint], _: &PickContext<'_>) -> Option<usize> {
-        (!endpoints.is_empty()).then_some(0)
     }
 }
 

@@ -14,22 +14,8 @@ use waypost_core::{
 
 use super::*;
 
-/// Always the first instance by id: makes "the failing one is tried first" deterministic.
-struct First;
-struct FirstPicker;
-impl Strategy for First {
-    fn name(&self) -> &str {
-        "first"
-    }
-    fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> {
-        Box::new(FirstPicker)
-    }
-}
-impl Picker for FirstPicker {
-    fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> {
-        (!e.is_empty()).then_some(0)
-    }
-}
+// Always the first instance by id: makes "the failing one is tried first" deterministic.
+use waypost_core::testing::First;
 
 /// Remembers the hash of the last pick's context.
 struct SeeKey(Arc<AtomicU64>);
