@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use waypost_core::{Endpoint, InstanceId, PickContext, Picker, Strategy};
 
+use crate::kept;
 use crate::Rng;
 
 /// Ring hash in the Ketama style: each instance owns points on a 64-bit ring, as many as
@@ -57,10 +58,11 @@ pub struct ConsistentHash {
     points_per_weight: u32,
     max_points: usize,
     rng: Arc<Rng>,
-    /// The last ring built (if its endpoints were sorted by id, as balancers pass them), so
-    /// that the next build reuses the chunks of points it does not change instead of hashing
-    /// and sorting everything again. Only builds take this lock.
-    last: Mutex<Option<Built>>,
+    /// The last rings built (those whose endpoints were sorted by id, as balancers pass them),
+    /// the latest first, at most [`KEPT`](kept::KEPT), one per failover tier: so that the next
+    /// build reuses the chunks of points it does not change instead of hashing and sorting
+    /// everything again. Only builds take this lock.
+    last: Mutex<Vec<Built>>,
 }
 
 impl Clone for ConsistentHash {
@@ -70,7 +72,7 @@ impl Clone for ConsistentHash {
             points_per_weight: self.points_per_weight,
             max_points: self.max_points,
             rng: Arc::clone(&self.rng),
-            last: Mutex::new(None),
+            last: Mutex::default(),
         }
     }
 }
@@ -105,7 +107,7 @@ impl ConsistentHash {
             points_per_weight: Self::DEFAULT_POINTS_PER_WEIGHT,
             max_points: Self::DEFAULT_MAX_POINTS,
             rng: Arc::new(Rng::new()),
-            last: Mutex::new(None),
+            last: Mutex::default(),
         }
     }
 
@@ -455,24 +457,37 @@ impl Strategy for ConsistentHash {
     fn build(&self, endpoints: &[Endpoint]) -> Box<dyn Picker> {
         let counts = self.counts(endpoints);
         // A build that panicked may have left the cache half-updated: start afresh.
-        let mut last = self.last.lock().unwrap_or_else(|poisoned| {
-            let mut last = poisoned.into_inner();
-            *last = None;
-            last
+        let mut kept = self.last.lock().unwrap_or_else(|poisoned| {
+            let mut kept = poisoned.into_inner();
+            kept.clear();
+            kept
         });
         let sorted = endpoints
             .windows(2)
             .all(|w| w[0].id().as_str() < w[1].id().as_str());
         if sorted {
-            if let Some(ring) = last
-                .as_mut()
-                .and_then(|l| self.incremental(endpoints, &counts, l))
-            {
-                return Box::new(ring);
+            // A kept ring holds a sampled endpoint when it has its id.
+            let closest = kept::closest(&kept, endpoints.len(), |built: &Built, at| {
+                let id = endpoints[at].id().as_str();
+                built
+                    .order
+                    .binary_search_by(|&s| built.id(s).cmp(id))
+                    .is_ok()
+            });
+            if let Some(i) = closest {
+                let ring = self.incremental(endpoints, &counts, &mut kept[i]);
+                // This set's ring: kept first if updated, else replaced by the one from scratch.
+                let built = kept.remove(i);
+                if let Some(ring) = ring {
+                    kept::keep(&mut kept, built);
+                    return Box::new(ring);
+                }
             }
         }
         let (ring, built) = self.scratch(endpoints, &counts, sorted);
-        *last = built;
+        if let Some(built) = built {
+            kept::keep(&mut kept, built);
+        }
         Box::new(ring)
     }
 }
@@ -691,5 +706,41 @@ impl fmt::Debug for Ring {
             .field("chunks", &self.chunks.len())
             .field("buckets_per_chunk", &(1usize << self.bucket_bits))
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoints(ids: impl Iterator<Item = usize>) -> Vec<Endpoint> {
+        ids.map(|i| {
+            let instance = waypost_core::ServiceInstance::builder("s", format!("i{i:05}"))
+                .host("10.0.0.1")
+                .port(80)
+                .build()
+                .unwrap();
+            Endpoint::fresh(instance)
+        })
+        .collect()
+    }
+
+    /// Each tier of a balancer finds its own kept ring, and updates it in place: two tiers
+    /// built in turn keep two rings, the one just built first.
+    #[test]
+    fn each_tier_updates_its_own_kept_ring() {
+        let strategy = ConsistentHash::new();
+        let dc1 = endpoints((0..300).step_by(2));
+        let mut dc2 = endpoints((1..300).step_by(2));
+        let _ = strategy.build(&dc1);
+        let _ = strategy.build(&dc2);
+        dc2.remove(7);
+        let _ = strategy.build(&dc2);
+        let _ = strategy.build(&dc1[1..]);
+        let kept = strategy.last.lock().unwrap();
+        let sizes: Vec<usize> = kept.iter().map(|b| b.order.len()).collect();
+        assert_eq!(sizes, [149, 149]);
+        assert_eq!(kept[0].id(kept[0].order[0]), "i00002");
+        assert_eq!(kept[1].id(kept[1].order[0]), "i00001");
     }
 }

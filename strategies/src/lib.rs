@@ -64,6 +64,9 @@ pub use maglev::Maglev;
 #[cfg(feature = "resilience")]
 pub mod resilience;
 
+#[cfg(any(feature = "consistent-hash", feature = "maglev"))]
+mod kept;
+
 mod kind;
 pub use kind::{by_name, names, ParseStrategyError, StrategyKind};
 

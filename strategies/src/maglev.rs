@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use waypost_core::{Endpoint, PickContext, Picker, Strategy};
 
+use crate::kept;
 use crate::rng::rehash;
 use crate::Rng;
 
@@ -59,7 +60,7 @@ pub struct Maglev {
     table_size: u32,
     rng: Arc<Rng>,
     /// The last builds' endpoints and their permutations, the latest first (at most
-    /// [`KEPT`]). Only builds take this lock.
+    /// [`KEPT`](kept::KEPT), one per failover tier). Only builds take this lock.
     last: Mutex<Vec<Last>>,
 }
 
@@ -201,8 +202,7 @@ impl Strategy for Maglev {
                 rng,
             })
         };
-        kept.insert(0, last);
-        kept.truncate(KEPT);
+        kept::keep(&mut kept, last);
         picker
     }
 }
@@ -231,45 +231,25 @@ impl Permutation {
     }
 }
 
-/// How many builds' endpoints a [`Maglev`] keeps. A balancer with failover tiers builds a
-/// picker per tier with one strategy, and a change rebuilds only the tier it touches: with one
-/// set per tier kept, each tier's build finds its own.
-const KEPT: usize = 4;
-
-/// Which of the kept builds shares most of a few sampled endpoints (the first, the middle and
-/// the last) with `endpoints`, if any does: the tiers of a balancer are disjoint, so this tells
-/// them apart. A sample counts when it is the very endpoint at about the same place in the kept
-/// build (a small change moves the others by a few places; compared without reading either),
-/// or, failing that, where its id is found there (kept builds are in id order when their
-/// endpoints were).
+/// Which of the kept builds is this set's (see [`kept::closest`]): a sample counts when it is
+/// the very endpoint at about the same place in the kept build (a small change moves the others
+/// by a few places; compared without reading either) or, failing that, where its id is found
+/// there (kept builds are in id order when their endpoints were).
 fn closest(kept: &[Last], endpoints: &[Endpoint], size: u32) -> Option<usize> {
     const NEAR: usize = 2;
     let n = endpoints.len();
-    let samples: Vec<usize> = match n {
-        0 => return None,
-        1 => vec![0],
-        _ => vec![0, n / 2, n - 1],
-    };
-    let holds = |last: &Last, at: usize| {
+    kept::closest(kept, n, |last, at| {
         let e = &endpoints[at];
-        // The same relative place in the kept build.
         let there = at * last.endpoints.len() / n;
         let near = &last.endpoints
             [there.saturating_sub(NEAR)..(there + NEAR + 1).min(last.endpoints.len())];
-        near.iter().any(|o| Endpoint::ptr_eq(o, e))
-            || last
-                .endpoints
-                .binary_search_by(|o| o.id().cmp(e.id()))
-                .is_ok_and(|i| Endpoint::ptr_eq(&last.endpoints[i], e))
-    };
-    kept.iter()
-        .enumerate()
-        .filter(|(_, last)| last.size == size)
-        .map(|(i, last)| (samples.iter().filter(|&&at| holds(last, at)).count(), i))
-        .filter(|&(shared, _)| shared > 0)
-        // The most shared; of equals, the latest.
-        .max_by_key(|&(shared, i)| (shared, std::cmp::Reverse(i)))
-        .map(|(_, i)| i)
+        last.size == size
+            && (near.iter().any(|o| Endpoint::ptr_eq(o, e))
+                || last
+                    .endpoints
+                    .binary_search_by(|o| o.id().cmp(e.id()))
+                    .is_ok_and(|i| Endpoint::ptr_eq(&last.endpoints[i], e)))
+    })
 }
 
 /// The endpoints of one build and their permutations, for the table size `size`.
@@ -957,9 +937,9 @@ mod tests {
         assert_eq!(closest(&kept, &endpoints(&[1, 2]), size), None);
         assert_eq!(closest(&kept, &dc1, 65_537), None);
         drop(kept);
-        for _ in 0..KEPT + 2 {
+        for _ in 0..kept::KEPT + 2 {
             maglev.build(&endpoints(&[1, 2, 3]));
         }
-        assert_eq!(maglev.last.lock().unwrap().len(), KEPT);
+        assert_eq!(maglev.last.lock().unwrap().len(), kept::KEPT);
     }
 }

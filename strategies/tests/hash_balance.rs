@@ -204,6 +204,40 @@ fn a_picker_built_step_by_step_picks_what_one_built_from_scratch_picks() {
     }
 }
 
+/// A balancer with failover tiers builds each tier's picker with one strategy, one tier at a
+/// time, and a change rebuilds only its tier. Each strategy keeps one build per tier; through
+/// alternating updates of two tiers (the same endpoints kept, as a balancer keeps them), each
+/// tier's picker still picks what one built from scratch for its set picks.
+#[test]
+fn two_tiers_updated_in_turn_pick_what_fresh_builds_pick() {
+    for (name, make) in strategies() {
+        let n = 2_000;
+        let all = endpoints(&set(n, true));
+        // Two disjoint tiers, each in id order.
+        let mut dc1: Vec<Endpoint> = all.iter().step_by(2).cloned().collect();
+        let mut dc2: Vec<Endpoint> = all.iter().skip(1).step_by(2).cloned().collect();
+        let strategy = make();
+        let _ = strategy.build(&dc1);
+        let _ = strategy.build(&dc2);
+        let mut check = |tier: &[Endpoint], label: &str| {
+            let stepwise = strategy.build(tier);
+            let at_once = make().build(tier);
+            assert_eq!(
+                owners(stepwise.as_ref(), tier, 1 << 16),
+                owners(at_once.as_ref(), tier, 1 << 16),
+                "{name}, {label}"
+            );
+        };
+        for round in 0..3 {
+            dc1.remove(10 + round);
+            check(&dc1, "dc1 after a removal");
+            dc2.insert(0, Endpoint::fresh(inst(n + round, 3)));
+            dc2.sort_by(|a, b| a.id().cmp(b.id()));
+            check(&dc2, "dc2 after an addition");
+        }
+    }
+}
+
 #[test]
 fn a_ring_that_shrinks_and_grows_across_its_layouts_stays_the_ring_of_its_set() {
     // From 1,200 instances down to 100 and back to 700 one at a time: the ring's chunk layout
