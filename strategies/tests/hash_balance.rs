@@ -219,7 +219,7 @@ fn two_tiers_updated_in_turn_pick_what_fresh_builds_pick() {
         let strategy = make();
         let _ = strategy.build(&dc1);
         let _ = strategy.build(&dc2);
-        let mut check = |tier: &[Endpoint], label: &str| {
+        let check = |tier: &[Endpoint], label: &str| {
             let stepwise = strategy.build(tier);
             let at_once = make().build(tier);
             assert_eq!(
