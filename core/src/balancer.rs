@@ -875,7 +875,7 @@ impl Balancer {
         drop(current);
         if changed {
             up.updates += 1;
-            self.publish(&mut up);
+            self.publish(&mut up, tier);
         }
         self.observe(&up);
     }
@@ -943,26 +943,36 @@ impl Balancer {
     }
 
     /// Rebuilds what changed: each tier's served set (healthy instances that no higher tier
-    /// serves, or the last set when fail-static), the tiers' shares, and the snapshot.
-    fn publish(&self, up: &mut Updater) {
+    /// serves, or the last set when fail-static), the tiers' shares, and the snapshot. Only
+    /// tier `from`'s reported set changed, so the tiers above it serve what they served.
+    fn publish(&self, up: &mut Updater, from: usize) {
         let current = self.shared.current.load_full();
         let many = up.tiers.len() > 1;
-        let mut above: std::collections::BTreeSet<InstanceId> = Default::default();
         let mut next: Vec<Arc<TierSnapshot>> = Vec::with_capacity(up.tiers.len());
         let mut changed = false;
-        for (i, ts) in up.tiers.iter_mut().enumerate() {
+        for i in 0..up.tiers.len() {
             let old = &current.tiers[i];
-            // One pass, without a list of the counted ones (at 10,000 instances that list was
-            // 4 % of an update).
-            let mut counted = 0;
-            let healthy: Vec<Endpoint> = ts
-                .reported
-                .values()
-                .filter(|e| !many || !above.contains(e.id()))
-                .inspect(|_| counted += 1)
-                .filter(|e| e.instance().health().is_serving())
-                .cloned()
-                .collect();
+            if i < from {
+                // Neither its reported set nor those of the tiers above it changed.
+                next.push(old.clone());
+                continue;
+            }
+            let (higher, rest) = up.tiers.split_at_mut(i);
+            let ts = &mut rest[0];
+            // What the tiers above serve, in id order as the reported set is, so that one walk
+            // along both leaves those out: no set of ids to build and look up.
+            let mut above = served_above(higher, &next).into_iter().peekable();
+            let (counted, healthy) = if above.peek().is_none() {
+                // Without tiers, the walk as it was before them.
+                healthy_of(ts.reported.values())
+            } else {
+                let not_above = |e: &&Endpoint| {
+                    let id = e.id();
+                    while above.next_if(|a| *a < id).is_some() {}
+                    above.peek() != Some(&id)
+                };
+                healthy_of(ts.reported.values().filter(not_above))
+            };
             let keep = if healthy.is_empty()
                 && self.shared.keep_last_on_empty
                 && !old.endpoints.is_empty()
@@ -1013,16 +1023,6 @@ impl Balancer {
                     }
                 }
             }
-            if many {
-                // What this tier serves healthy, not what it keeps fail-static: an instance that
-                // left this registry and lives on in a lower one is that one's to serve.
-                above.extend(
-                    ts.reported
-                        .values()
-                        .filter(|e| e.instance().health().is_serving())
-                        .map(|e| e.id().clone()),
-                );
-            }
         }
         let counts: Vec<Counts> = up.tiers.iter().map(|t| t.counts).collect();
         let shares = if many {
@@ -1045,12 +1045,14 @@ impl Balancer {
             up.tiers
                 .iter()
                 .enumerate()
-                .map(|(i, ts)| {
-                    let ids: Vec<InstanceId> = ts.reported.keys().cloned().collect();
-                    match current.reported.get(i) {
-                        Some(old) if **old == ids => old.clone(),
-                        _ => Arc::new(ids),
+                .map(|(i, ts)| match current.reported.get(i) {
+                    // Compared before collected: the ids are the same `Arc`s, equal at a glance.
+                    Some(old)
+                        if old.len() == ts.reported.len() && old.iter().eq(ts.reported.keys()) =>
+                    {
+                        old.clone()
                     }
+                    _ => Arc::new(ts.reported.keys().cloned().collect()),
                 })
                 .collect()
         } else {
@@ -1256,8 +1258,43 @@ fn tier_order(first: usize, n: usize) -> impl Iterator<Item = usize> {
 fn same_endpoints(a: &[Endpoint], b: &[Endpoint]) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|(x, y)| {
-            Arc::ptr_eq(x.shared_state(), y.shared_state()) && x.instance() == y.instance()
+            Endpoint::ptr_eq(x, y)
+                || (Arc::ptr_eq(x.shared_state(), y.shared_state()) && x.instance() == y.instance())
         })
+}
+
+/// How many of `counted` there are, and the healthy ones as the snapshot's list.
+fn healthy_of<'a>(counted: impl Iterator<Item = &'a Endpoint>) -> (usize, Vec<Endpoint>) {
+    let mut count = 0;
+    let healthy = counted
+        .inspect(|_| count += 1)
+        .filter(|e| e.instance().health().is_serving())
+        .cloned()
+        .collect();
+    (count, healthy)
+}
+
+/// The ids that the tiers above one serve healthy, in id order: what each of them serves unless
+/// it keeps its last set fail-static (an instance that left a registry and lives on in a lower
+/// one is that one's to serve). `next` holds their snapshots, built or kept by this publish.
+fn served_above<'a>(higher: &[TierState], next: &'a [Arc<TierSnapshot>]) -> Vec<&'a InstanceId> {
+    let mut ids: Vec<&InstanceId> = higher
+        .iter()
+        .zip(next)
+        .filter(|(ts, _)| {
+            !matches!(
+                ts.fail_static,
+                Some(FailStatic::EmptyPush | FailStatic::NoneHealthy)
+            )
+        })
+        .flat_map(|(_, tier)| tier.endpoints.iter().map(Endpoint::id))
+        .collect();
+    // One tier's are in id order already.
+    if higher.len() > 1 {
+        ids.sort_unstable();
+        ids.dedup();
+    }
+    ids
 }
 
 /// A pick in one tier that avoids `exclude`: the strategy's own answer for a retry

@@ -244,6 +244,35 @@ async fn an_instance_in_two_tiers_is_served_and_counted_once() {
     assert_eq!(ids, ["a", "e", "m"]);
 }
 
+/// With three tiers an instance may be in several: the highest tier that has it healthy serves
+/// it, whichever tier changes (a change to a lower tier leaves the higher ones as they were; a
+/// change to a higher one redraws the lower ones).
+#[tokio::test]
+async fn an_instance_in_three_tiers_is_served_by_the_highest_that_has_it_healthy() {
+    let b = tiered(&["dc1", "dc2", "dc3"]);
+    let ids = |b: &Balancer| -> Vec<String> {
+        b.instances().iter().map(|i| i.id().to_string()).collect()
+    };
+    let serving = |b: &Balancer| -> Vec<usize> { b.tiers().iter().map(|t| t.serving).collect() };
+    feed(&b, 0, vec![up("a"), up("m")]);
+    feed(&b, 1, vec![up("m"), up("x"), up("b")]);
+    feed(&b, 2, vec![up("c"), up("m"), up("x")]);
+    assert_eq!(ids(&b), ["a", "m", "b", "x", "c"]);
+    assert_eq!(serving(&b), [2, 2, 1]);
+    // A change to the lowest tier alone.
+    feed(&b, 2, vec![up("c"), up("m"), up("x"), up("z")]);
+    assert_eq!(ids(&b), ["a", "m", "b", "x", "c", "z"]);
+    assert_eq!(serving(&b), [2, 2, 2]);
+    // "m" critical in the first tier: the second serves it; "x" leaves the second: the third.
+    feed(&b, 0, vec![up("a"), down("m")]);
+    assert_eq!(ids(&b), ["a", "b", "m", "x", "c", "z"]);
+    feed(&b, 1, vec![up("m"), up("b")]);
+    assert_eq!(ids(&b), ["a", "b", "m", "c", "x", "z"]);
+    assert_eq!(serving(&b), [1, 2, 3]);
+    let reported: Vec<usize> = b.tiers().iter().map(|t| t.reported).collect();
+    assert_eq!(reported, [2, 2, 3]);
+}
+
 #[tokio::test]
 async fn a_key_lands_in_the_same_tier_and_instance_every_time() {
     let b = tiered(&["dc1", "dc2"]);

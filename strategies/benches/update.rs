@@ -19,6 +19,10 @@
 //! is one that ended up releasing the last reference to a replaced snapshot, i.e. paid for the
 //! update's clean-up on the request path.
 //!
+//! `update_two_tiers/<strategy>/10000`: a balancer with two failover tiers of 10,000 instances
+//! each (disjoint ids, as two datacenters'), one single-instance change per iteration, to the
+//! first tier and to the second in turn (`Balancer::apply_to`); no picking thread.
+//!
 //! Settings: warm-up 300 ms, measurement 1 s, 10 samples (criterion's minimum).
 
 mod fixture;
@@ -225,9 +229,51 @@ fn update(c: &mut Criterion) {
     }
 }
 
+fn update_two_tiers(c: &mut Criterion) {
+    // A runtime only for the tiers' (never-ending, silent) watches that the builder spawns.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime");
+    let _entered = runtime.enter();
+    let silent = || -> waypost_core::Watch { Box::pin(futures::stream::pending()) };
+    let extra = [instance(2 * N), instance(2 * N + 1)];
+    for name in ["round-robin", "consistent-hash", "maglev"] {
+        let Some(strategy) = waypost_strategies::by_name(name) else {
+            continue;
+        };
+        let balancer = Balancer::builder(strategy)
+            .tier_from_watch("dc1", silent())
+            .tier_from_watch("dc2", silent())
+            .build();
+        balancer.apply_to(0, [WatchEvent::Snapshot(instances(N))]);
+        balancer.apply_to(
+            1,
+            [WatchEvent::Snapshot((N..2 * N).map(instance).collect())],
+        );
+        c.benchmark_group("update_two_tiers")
+            .bench_function(BenchmarkId::new(name, N), |b| {
+                let mut k = 0usize;
+                b.iter(|| {
+                    let tier = k % 2;
+                    let inst = extra[tier].clone();
+                    balancer.apply_to(
+                        tier,
+                        [if (k / 2) % 2 == 0 {
+                            WatchEvent::Added(inst)
+                        } else {
+                            WatchEvent::Removed(inst)
+                        }],
+                    );
+                    k += 1;
+                })
+            });
+    }
+}
+
 criterion_group! {
     name = benches;
     config = fixture::criterion_config(10);
-    targets = update
+    targets = update, update_two_tiers
 }
 criterion_main!(benches);
