@@ -964,14 +964,14 @@ impl Balancer {
             let mut above = served_above(higher, &next).into_iter().peekable();
             let (counted, healthy) = if above.peek().is_none() {
                 // Without tiers, the walk as it was before them.
-                healthy_of(ts.reported.values())
+                healthy_of(ts.reported.values(), ts.reported.len())
             } else {
                 let not_above = |e: &&Endpoint| {
                     let id = e.id();
                     while above.next_if(|a| *a < id).is_some() {}
                     above.peek() != Some(&id)
                 };
-                healthy_of(ts.reported.values().filter(not_above))
+                healthy_of(ts.reported.values().filter(not_above), ts.reported.len())
             };
             let keep = if healthy.is_empty()
                 && self.shared.keep_last_on_empty
@@ -1263,14 +1263,22 @@ fn same_endpoints(a: &[Endpoint], b: &[Endpoint]) -> bool {
         })
 }
 
-/// How many of `counted` there are, and the healthy ones as the snapshot's list.
-fn healthy_of<'a>(counted: impl Iterator<Item = &'a Endpoint>) -> (usize, Vec<Endpoint>) {
+/// How many of `counted` there are, and the healthy ones as the snapshot's list. Room is made
+/// for `room` at once (the list is then filled without growing), and what is left unused is
+/// given back: the snapshot keeps it until the next update.
+fn healthy_of<'a>(
+    counted: impl Iterator<Item = &'a Endpoint>,
+    room: usize,
+) -> (usize, Vec<Endpoint>) {
     let mut count = 0;
-    let healthy = counted
-        .inspect(|_| count += 1)
-        .filter(|e| e.instance().health().is_serving())
-        .cloned()
-        .collect();
+    let mut healthy = Vec::with_capacity(room);
+    for e in counted {
+        count += 1;
+        if e.instance().health().is_serving() {
+            healthy.push(e.clone());
+        }
+    }
+    healthy.shrink_to_fit();
     (count, healthy)
 }
 
