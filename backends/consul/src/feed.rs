@@ -79,11 +79,15 @@ struct Subs {
     task: Option<Running>,
     /// When the last task was started.
     started: Option<Instant>,
+    /// How many tasks were started: each one's number.
+    starts: u64,
 }
 
 /// One start of the loops' task, and what watches read of it.
 struct Running {
     handle: JoinHandle<()>,
+    /// Which start this is (see [`Subs::starts`]).
+    start: u64,
     /// Set once both loops have their first answer: the baseline that later answers are
     /// compared with. A watch reads its service only after it, so that no change falls between
     /// its read and the baseline.
@@ -120,6 +124,8 @@ pub(crate) struct Subscription {
     service: ServiceName,
     rx: watch::Receiver<u64>,
     baseline: watch::Receiver<bool>,
+    /// The start of the task whose baseline this watch read after.
+    start: u64,
 }
 
 impl Subscription {
@@ -133,24 +139,29 @@ impl Subscription {
     /// the shared watch fails (it cannot tell of changes, though the agent may still answer
     /// reads, as when a token may read services but not the checks list) or its task has
     /// ended, at most the backoff's longest delay: the watch polls rather than go stale. A task
-    /// that ended is started again here (see the module's text); the watch then returns after
-    /// the new baseline, to read what it may have missed.
+    /// that ended is started again here (see the module's text). After a start since its last
+    /// read (its own or another watch's), the watch returns once the new baseline is there, to
+    /// read what it may have missed.
     pub(crate) async fn woken(&mut self, within: Duration) {
-        let (restarted, alive, failing) = {
+        let (fresh, alive, failing) = {
             let mut subs = self.feed.lock();
-            let restarted = self.feed.ensure_running(&mut subs);
+            self.feed.ensure_running(&mut subs);
             match &subs.task {
                 Some(run) if !run.ended() => {
-                    if restarted {
+                    // Started since this watch last read (by it or by another): what it read
+                    // may predate the new baseline.
+                    let fresh = run.start != self.start;
+                    if fresh {
                         self.baseline = run.baseline.subscribe();
+                        self.start = run.start;
                     }
                     let failing = run.failing.load(Ordering::Relaxed) > 0;
-                    (restarted, Some(run.alive.clone()), failing)
+                    (fresh, Some(run.alive.clone()), failing)
                 }
                 _ => (false, None, true),
             }
         };
-        if restarted {
+        if fresh {
             self.baseline(self.feed.api.request_timeout).await;
             return;
         }
@@ -246,29 +257,30 @@ impl Feed {
             }
         };
         self.ensure_running(&mut subs);
-        let baseline = match &subs.task {
-            Some(run) if !run.ended() => run.baseline.subscribe(),
+        let (baseline, start) = match &subs.task {
+            Some(run) if !run.ended() => (run.baseline.subscribe(), run.start),
             // Started less than the backoff's longest delay ago and ended already: reading
             // at once is all a watch can do.
-            _ => watch::channel(true).1,
+            _ => (watch::channel(true).1, 0),
         };
         Subscription {
             feed: self.clone(),
             service: service.clone(),
             rx,
             baseline,
+            start,
         }
     }
 
     /// Starts the loops' task if none runs: the first time, after the last watch left, or
     /// after it ended. A task that panicked is started again at most once per backoff's longest
     /// delay (a bug that panics at once must not turn into a loop of starts); one whose runtime
-    /// shut down, at once. Whether it started one.
-    fn ensure_running(self: &Arc<Self>, subs: &mut Subs) -> bool {
+    /// shut down, at once.
+    fn ensure_running(self: &Arc<Self>, subs: &mut Subs) {
         let now = Instant::now();
         if let Some(run) = &mut subs.task {
             if !run.ended() {
-                return false;
+                return;
             }
             // The task has ended, so its output is ready (or, a moment after the end, about to
             // be: then it counts as a panic, the cautious choice).
@@ -280,7 +292,7 @@ impl Feed {
                 .started
                 .is_some_and(|at| now.duration_since(at) < self.api.backoff.1);
             if panicked && recently {
-                return false;
+                return;
             }
             warn!(
                 panicked,
@@ -306,14 +318,15 @@ impl Feed {
         if let Some(old) = subs.task.take() {
             old.handle.abort();
         }
+        subs.starts += 1;
         subs.task = Some(Running {
             handle: tokio::spawn(run(self.clone(), task)),
+            start: subs.starts,
             baseline,
             failing,
             alive,
         });
         subs.started = Some(now);
-        true
     }
 
     fn unsubscribe(&self, service: &ServiceName) {
