@@ -13,7 +13,7 @@ pub const DEFAULT_OVERPROVISIONING: u32 = 140;
 /// number and takes the first tier whose cumulative threshold lies above it.
 pub(crate) const WHOLE: u64 = 1 << 32;
 
-/// One tier's counts, the input of [`spill`].
+/// One tier's counts, the input of [`shares`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Counts {
     /// Instances the tier reports that no higher tier serves.

@@ -10,7 +10,7 @@ use crate::rng::Rng;
 ///
 /// Calls in flight are counted by the [`PickGuard`](waypost_core::PickGuard) a pick returns
 /// (from the pick until the guard records an outcome or is dropped), in the instance's
-/// [`EndpointState`](waypost_core::EndpointState), so they survive instance-set updates. Loads
+/// [`EndpointState`], so they survive instance-set updates. Loads
 /// are compared as `in_flight / weight` by cross-multiplication (exact, no float).
 ///
 /// Ties are broken fairly: the scan starts at a random instance (the thread's own generator) and
