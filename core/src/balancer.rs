@@ -961,7 +961,9 @@ impl Balancer {
             let ts = &mut rest[0];
             // What the tiers above serve, in id order as the reported set is, so that one walk
             // along both leaves those out: no set of ids to build and look up.
-            let mut above = served_above(higher, &next).into_iter().peekable();
+            let mut above = served_above(higher, &next, &ts.reported)
+                .into_iter()
+                .peekable();
             let (counted, healthy) = if above.peek().is_none() {
                 // Without tiers, the walk as it was before them.
                 healthy_of(ts.reported.values(), ts.reported.len())
@@ -1046,6 +1048,8 @@ impl Balancer {
                 .iter()
                 .enumerate()
                 .map(|(i, ts)| match current.reported.get(i) {
+                    // Only tier `from` reported anything new.
+                    Some(old) if i != from => old.clone(),
                     // Compared before collected: the ids are the same `Arc`s, equal at a glance.
                     Some(old)
                         if old.len() == ts.reported.len() && old.iter().eq(ts.reported.keys()) =>
@@ -1282,11 +1286,22 @@ fn healthy_of<'a>(
     (count, healthy)
 }
 
-/// The ids that the tiers above one serve healthy, in id order: what each of them serves unless
-/// it keeps its last set fail-static (an instance that left a registry and lives on in a lower
-/// one is that one's to serve). `next` holds their snapshots, built or kept by this publish.
-fn served_above<'a>(higher: &[TierState], next: &'a [Arc<TierSnapshot>]) -> Vec<&'a InstanceId> {
-    let mut ids: Vec<&InstanceId> = higher
+/// The ids within `reported`'s range that the tiers above serve healthy, in id order: what
+/// each of them serves unless it keeps its last set fail-static (an instance that left a
+/// registry and lives on in a lower one is that one's to serve). `next` holds their snapshots,
+/// built or kept by this publish, each in id order: the part of each within the range is found
+/// by binary search, so that a tier whose instances are named apart (as different datacenters'
+/// often are) costs a few comparisons, not a walk along all of them.
+fn served_above<'a>(
+    higher: &[TierState],
+    next: &'a [Arc<TierSnapshot>],
+    reported: &BTreeMap<InstanceId, Endpoint>,
+) -> Vec<&'a InstanceId> {
+    let (Some((low, _)), Some((high, _))) = (reported.first_key_value(), reported.last_key_value())
+    else {
+        return Vec::new();
+    };
+    let mut within = higher
         .iter()
         .zip(next)
         .filter(|(ts, _)| {
@@ -1295,10 +1310,21 @@ fn served_above<'a>(higher: &[TierState], next: &'a [Arc<TierSnapshot>]) -> Vec<
                 Some(FailStatic::EmptyPush | FailStatic::NoneHealthy)
             )
         })
-        .flat_map(|(_, tier)| tier.endpoints.iter().map(Endpoint::id))
-        .collect();
-    // One tier's are in id order already.
-    if higher.len() > 1 {
+        .map(|(_, tier)| {
+            let eps = &tier.endpoints[..];
+            let from = eps.partition_point(|e| e.id() < low);
+            let to = from + eps[from..].partition_point(|e| e.id() <= high);
+            &eps[from..to]
+        })
+        .filter(|eps| !eps.is_empty())
+        .peekable();
+    let Some(first) = within.next() else {
+        return Vec::new();
+    };
+    let mut ids: Vec<&InstanceId> = first.iter().map(Endpoint::id).collect();
+    // One tier's are in id order already; more are merged.
+    if within.peek().is_some() {
+        ids.extend(within.flat_map(|eps| eps.iter().map(Endpoint::id)));
         ids.sort_unstable();
         ids.dedup();
     }

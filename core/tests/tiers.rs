@@ -273,6 +273,23 @@ async fn an_instance_in_three_tiers_is_served_by_the_highest_that_has_it_healthy
     assert_eq!(reported, [2, 2, 3]);
 }
 
+/// An instance at either end of a lower tier's ids, also in a higher tier, is left to the
+/// higher one (the higher tier's part within the lower's range is found by its ends).
+#[tokio::test]
+async fn an_instance_at_the_ends_of_a_lower_tier_is_left_to_the_higher_one() {
+    let b = tiered(&["dc1", "dc2"]);
+    feed(&b, 0, vec![up("a"), up("m"), up("z")]);
+    feed(&b, 1, vec![up("m"), up("p"), up("z")]);
+    let ids: Vec<String> = b.instances().iter().map(|i| i.id().to_string()).collect();
+    assert_eq!(ids, ["a", "m", "z", "p"]);
+    let t = b.tiers();
+    assert_eq!((t[1].reported, t[1].serving), (1, 1));
+    feed(&b, 1, vec![up("a"), up("b"), up("m")]);
+    let t = b.tiers();
+    assert_eq!((t[1].reported, t[1].serving), (1, 1));
+    assert_eq!(b.instances().len(), 4);
+}
+
 #[tokio::test]
 async fn a_key_lands_in_the_same_tier_and_instance_every_time() {
     let b = tiered(&["dc1", "dc2"]);
