@@ -201,6 +201,8 @@ impl Drop for Agent {
 pub struct ConsulServer {
     agent: Agent,
     acl_token: Option<String>,
+    /// For [`put`](Self::put): one client, so that a test's many writes share connections.
+    http: reqwest::Client,
 }
 
 impl std::fmt::Debug for ConsulServer {
@@ -241,6 +243,10 @@ impl ConsulServer {
             let server = ConsulServer {
                 agent: Agent::new(bin.clone()),
                 acl_token: acl_token.clone(),
+                http: reqwest::Client::builder()
+                    .no_proxy()
+                    .build()
+                    .expect("a plain HTTP client builds"),
             };
             match server.agent.spawn_and_wait(server.command()).await {
                 Ok(()) => return server,
@@ -264,6 +270,26 @@ impl ConsulServer {
     /// The HTTP base URL, `http://127.0.0.1:<port>`.
     pub fn http_url(&self) -> String {
         self.agent.http_url()
+    }
+
+    /// `PUT <path>` on the agent's HTTP API with `body` as JSON (with the bootstrap token, if
+    /// the agent has ACLs): what a test does by hand to register, fail a check or deregister.
+    ///
+    /// # Panics
+    /// Unless the agent answers with a success.
+    pub async fn put(&self, path: &str, body: serde_json::Value) {
+        let mut req = self
+            .http
+            .put(format!("{}{path}", self.http_url()))
+            .json(&body);
+        if let Some(token) = &self.acl_token {
+            req = req.header("X-Consul-Token", token);
+        }
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("PUT {path}: {e}"));
+        assert!(resp.status().is_success(), "PUT {path}: {}", resp.status());
     }
 
     /// The bootstrap token of an agent started with [`start_with_acl`](Self::start_with_acl).

@@ -145,16 +145,6 @@ async fn agent_get(server: &ConsulServer, path: &str, token: Option<&str>) -> se
     req.send().await.unwrap().json().await.unwrap()
 }
 
-async fn agent_put(server: &ConsulServer, path: &str, body: serde_json::Value) {
-    let resp = reqwest::Client::new()
-        .put(format!("{}{path}", server.http_url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "{path}: {}", resp.status());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_tags_meta_and_zone_round_trip() {
     let server = ConsulServer::start().await;
@@ -215,22 +205,22 @@ async fn foreign_registrations_weight_fallbacks_and_bad_entries() {
     let server = ConsulServer::start().await;
     let consul = client(&server);
     // Registered by some other tool: no Address (Node.Address is used), weight in Meta or a tag.
-    agent_put(
-        &server,
-        "/v1/agent/service/register",
-        json!({"ID": "meta-w", "Name": "legacy", "Port": 9001, "Meta": {"weight": "7"}}),
-    )
-    .await;
-    agent_put(&server, "/v1/agent/service/register",
+    server
+        .put(
+            "/v1/agent/service/register",
+            json!({"ID": "meta-w", "Name": "legacy", "Port": 9001, "Meta": {"weight": "7"}}),
+        )
+        .await;
+    server.put("/v1/agent/service/register",
         json!({"ID": "tag-w", "Name": "legacy", "Address": "127.0.0.2", "Port": 9002, "Tags": ["weight:4"]})).await;
     // Bad data that Consul accepts: must be skipped, never hide the valid ones.
-    agent_put(
-        &server,
-        "/v1/agent/service/register",
-        json!({"ID": "bad id", "Name": "legacy", "Address": "127.0.0.3", "Port": 9003}),
-    )
-    .await;
-    agent_put(&server, "/v1/agent/service/register",
+    server
+        .put(
+            "/v1/agent/service/register",
+            json!({"ID": "bad id", "Name": "legacy", "Address": "127.0.0.3", "Port": 9003}),
+        )
+        .await;
+    server.put("/v1/agent/service/register",
         json!({"ID": "bad-weight", "Name": "legacy", "Address": "127.0.0.3", "Port": 9004, "Meta": {"weight": "heavy"}})).await;
 
     let got = consul.instances(&name("legacy")).await.unwrap();
@@ -569,7 +559,7 @@ async fn ids_are(consul: &Consul, service: &str, want: &[&str]) -> Result<(), St
 async fn shared_watches_see_every_kind_of_change() {
     let server = ConsulServer::start().await;
     let consul = builder(&server).max_blocking_watches(0).build().unwrap();
-    let register = |body: serde_json::Value| agent_put(&server, "/v1/agent/service/register", body);
+    let register = |body: serde_json::Value| server.put("/v1/agent/service/register", body);
     register(json!({"ID": "still-1", "Name": "still", "Port": 1})).await;
     let mut plain = Mirror::new("plain", consul.watch(&name("plain")));
     let mut checked = Mirror::new("checked", consul.watch(&name("checked")));
@@ -607,21 +597,29 @@ async fn shared_watches_see_every_kind_of_change() {
             s.get("checked-1").is_some()
         })
         .await;
-    agent_put(&server, "/v1/agent/check/fail/service:checked-1", json!({})).await;
+    server
+        .put("/v1/agent/check/fail/service:checked-1", json!({}))
+        .await;
     checked
         .wait_until(SETTLE, "a failing check hides the instance", |s| {
             s.is_empty()
         })
         .await;
-    agent_put(&server, "/v1/agent/check/pass/service:checked-1", json!({})).await;
+    server
+        .put("/v1/agent/check/pass/service:checked-1", json!({}))
+        .await;
     checked
         .wait_until(SETTLE, "a passing check shows it again", |s| s.len() == 1)
         .await;
-    agent_put(&server, "/v1/agent/service/deregister/checked-1", json!({})).await;
+    server
+        .put("/v1/agent/service/deregister/checked-1", json!({}))
+        .await;
     checked
         .wait_until(SETTLE, "a deregistration with a check", |s| s.is_empty())
         .await;
-    agent_put(&server, "/v1/agent/service/deregister/plain-1", json!({})).await;
+    server
+        .put("/v1/agent/service/deregister/plain-1", json!({}))
+        .await;
     plain
         .wait_until(SETTLE, "a deregistration without a check", |s| s.is_empty())
         .await;
@@ -676,8 +674,7 @@ fn a_shared_watch_outlives_the_runtime_that_started_it() {
         let mut early = Mirror::new("early", early);
         let mut late = Mirror::new("late", consul.watch(&name("late")));
         late.wait_until(SETTLE, "a first answer", |_| true).await;
-        let register =
-            |body: serde_json::Value| agent_put(&server, "/v1/agent/service/register", body);
+        let register = |body: serde_json::Value| server.put("/v1/agent/service/register", body);
         register(json!({"ID": "late-1", "Name": "late", "Port": 1})).await;
         late.wait_until(
             SETTLE,

@@ -58,15 +58,6 @@ async fn healths_are(d: &Consul, service: &str, want: &[(&str, Health)]) -> Resu
     }
 }
 
-async fn agent_put(base_url: &str, path: &str, body: Option<serde_json::Value>) {
-    let mut req = reqwest::Client::new().put(format!("{base_url}{path}"));
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().await.unwrap();
-    assert!(resp.status().is_success(), "{path}: {}", resp.status());
-}
-
 /// `inst` as it was registered: the same in every respect but the health Consul reports.
 fn as_passing(inst: &ServiceInstance) -> ServiceInstance {
     inst.to_builder().health(Health::Passing).build().unwrap()
@@ -161,19 +152,16 @@ async fn expired_ttl_is_listed_critical_with_passing_only_false_and_dropped_by_d
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warning_check_is_listed_warning_and_recovers_to_passing() {
     let server = ConsulServer::start().await;
-    let url = server.http_url();
     let passing = builder(server.addr()).build().unwrap();
     let all = builder(server.addr()).passing_only(false).build().unwrap();
     // Registered by another tool, its TTL check set to warning.
-    agent_put(
-        &url,
-        "/v1/agent/service/register",
-        Some(
+    server
+        .put(
+            "/v1/agent/service/register",
             json!({"ID": "w-1", "Name": "warned", "Address": "127.0.0.1", "Port": 9801,
             "Check": {"CheckID": "service:w-1", "TTL": "60s", "Status": "warning"}}),
-        ),
-    )
-    .await;
+        )
+        .await;
     healths_are(&all, "warned", &[("w-1", Health::Warning)])
         .await
         .unwrap();
@@ -186,7 +174,9 @@ async fn a_warning_check_is_listed_warning_and_recovers_to_passing() {
             s.get("w-1").map(ServiceInstance::health) == Some(Health::Warning)
         })
         .await;
-    agent_put(&url, "/v1/agent/check/pass/service:w-1", None).await;
+    server
+        .put("/v1/agent/check/pass/service:w-1", json!({}))
+        .await;
     all_watch
         .wait_until(SETTLE, "w-1 passing", |s| {
             s.get("w-1").map(ServiceInstance::health) == Some(Health::Passing)

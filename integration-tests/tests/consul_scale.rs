@@ -31,16 +31,6 @@ fn service(i: usize) -> String {
     format!("svc-{i:04}")
 }
 
-async fn put(http: &reqwest::Client, server: &ConsulServer, path: &str, body: serde_json::Value) {
-    let resp = http
-        .put(format!("{}{path}", server.http_url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "{path}: {}", resp.status());
-}
-
 fn register_body(service: &str, id: &str, port: u16) -> serde_json::Value {
     json!({"ID": id, "Name": service, "Address": "127.0.0.1", "Port": port,
         "Check": {"TTL": "10m", "Status": "passing"}})
@@ -49,19 +39,17 @@ fn register_body(service: &str, id: &str, port: u16) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_services_through_one_agent_with_default_limits() {
     let server = ConsulServer::start().await;
-    let http = reqwest::Client::new();
     futures::stream::iter(0..SERVICES)
         .map(|i| {
-            let (http, server) = (&http, &server);
+            let server = &server;
             async move {
                 let name = service(i);
-                put(
-                    http,
-                    server,
-                    "/v1/agent/service/register",
-                    register_body(&name, &format!("{name}-1"), 1000 + i as u16),
-                )
-                .await;
+                server
+                    .put(
+                        "/v1/agent/service/register",
+                        register_body(&name, &format!("{name}-1"), 1000 + i as u16),
+                    )
+                    .await;
                 Ok::<_, ()>(())
             }
         })
@@ -116,13 +104,12 @@ async fn a_thousand_services_through_one_agent_with_default_limits() {
     // its own, each reach their balancer and no other.
     for i in [7, 777] {
         let name = service(i);
-        put(
-            &http,
-            &server,
-            "/v1/agent/service/register",
-            register_body(&name, &format!("{name}-2"), 9000),
-        )
-        .await;
+        server
+            .put(
+                "/v1/agent/service/register",
+                register_body(&name, &format!("{name}-2"), 9000),
+            )
+            .await;
         eventually(
             BOUND,
             format!("{name}'s second instance is served"),
@@ -134,13 +121,9 @@ async fn a_thousand_services_through_one_agent_with_default_limits() {
             },
         )
         .await;
-        put(
-            &http,
-            &server,
-            &format!("/v1/agent/service/deregister/{name}-2"),
-            json!({}),
-        )
-        .await;
+        server
+            .put(&format!("/v1/agent/service/deregister/{name}-2"), json!({}))
+            .await;
         eventually(
             BOUND,
             format!("{name}'s second instance is dropped"),
