@@ -136,12 +136,11 @@ impl Server {
                                     .host("127.0.0.1")
                                     .port(seed_port(i))
                                     .build()?;
-                            // The documented layout: <prefix>/<service>/<id>, no lease.
-                            let key = format!(
-                                "{}/{}/{}",
+                            // Written as a registrar outside Waypost would: no lease.
+                            let key = waypost_etcd::record_key(
                                 waypost_etcd::DEFAULT_PREFIX,
                                 instance.service(),
-                                instance.id()
+                                instance.id(),
                             );
                             client
                                 .put(key, waypost_etcd::encode_record(&instance), None)

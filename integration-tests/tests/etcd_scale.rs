@@ -37,11 +37,10 @@ async fn put_all(client: &etcd_client::Client, id: &str) -> Result<(), BoxError>
                     .host("127.0.0.1")
                     .port(10_000 + i as u16)
                     .build()?;
-                let key = format!(
-                    "{}/{}/{}",
+                let key = waypost_etcd::record_key(
                     waypost_etcd::DEFAULT_PREFIX,
                     instance.service(),
-                    instance.id()
+                    instance.id(),
                 );
                 client
                     .put(key, waypost_etcd::encode_record(&instance), None)

@@ -108,7 +108,7 @@ use waypost_core::{
 
 pub use builder::{EtcdBuilder, DEFAULT_LEASE_TTL, DEFAULT_PREFIX, ENDPOINTS_ENV};
 pub use etcd_client;
-pub use record::{decode_record, encode_record, RecordError, SCHEMA_VERSION};
+pub use record::{decode_record, encode_record, record_key, RecordError, SCHEMA_VERSION};
 
 /// A client of an etcd cluster: a [`Registry`] and a [`Discovery`]. Cheap to clone; clones
 /// share the connection and the counters.

@@ -93,6 +93,19 @@ pub fn encode_record(instance: &ServiceInstance) -> String {
     serde_json::to_string(&record).unwrap_or_default()
 }
 
+/// The key that instance `id` of `service` is stored under below `prefix` (trailing slashes
+/// ignored): `<prefix>/<service>/<id>`. With [`encode_record`], what a writer outside Waypost
+/// puts; [`Etcd::key`](crate::Etcd::key) gives the same for the client's own prefix.
+///
+/// ```
+/// let key = waypost_etcd::record_key("/waypost/services/", &"users".parse()?, &"users-1".parse()?);
+/// assert_eq!(key, "/waypost/services/users/users-1");
+/// # Ok::<(), waypost_core::ValidationError>(())
+/// ```
+pub fn record_key(prefix: &str, service: &ServiceName, id: &InstanceId) -> String {
+    format!("{}/{}/{}", prefix.trim_end_matches('/'), service, id)
+}
+
 /// Reads the record stored under `<prefix>/<service>/<id>`: valid JSON, schema
 /// [`SCHEMA_VERSION`], the same service and id as the key, and every field valid.
 ///
@@ -171,7 +184,7 @@ impl Layout {
 
     /// The key of one instance.
     pub(crate) fn key(&self, service: &ServiceName, id: &InstanceId) -> String {
-        format!("{}/{}/{}", self.prefix, service, id)
+        record_key(&self.prefix, service, id)
     }
 
     /// The prefix of every key of `service`, with the trailing slash so that `users` does not
