@@ -157,15 +157,21 @@ async fn etcd_bulk(etcd: &Etcd, raw: &mut Client, service: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_ten_thousand_instances_arrive_and_a_change_after_them_is_told() {
-    let server = EtcdServer::start().await;
+/// Waypost's client for `server`, and a plain one that writes as another tool would.
+async fn clients(server: &EtcdServer) -> (Etcd, Client) {
     let etcd = Etcd::builder()
         .endpoints(server.endpoints())
         .connect()
         .await
         .unwrap();
-    let mut raw = Client::connect([server.endpoint()], None).await.unwrap();
+    let raw = Client::connect([server.endpoint()], None).await.unwrap();
+    (etcd, raw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_ten_thousand_instances_arrive_and_a_change_after_them_is_told() {
+    let server = EtcdServer::start().await;
+    let (etcd, mut raw) = clients(&server).await;
     etcd_bulk(&etcd, &mut raw, "big").await;
     let mut watch = etcd.watch(&name("big"));
     first_snapshot_is_the_bulk(&mut watch, "big").await;
@@ -181,12 +187,7 @@ async fn etcd_ten_thousand_instances_arrive_and_a_change_after_them_is_told() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_one_response_with_several_changes_tells_each_and_only_them() {
     let server = EtcdServer::start().await;
-    let etcd = Etcd::builder()
-        .endpoints(server.endpoints())
-        .connect()
-        .await
-        .unwrap();
-    let mut raw = Client::connect([server.endpoint()], None).await.unwrap();
+    let (etcd, mut raw) = clients(&server).await;
     let svc = name("multi");
     let key = |id: &str| etcd.key(&svc, &id.parse().unwrap());
     let (kept, updated, deleted, spoiled) = (
