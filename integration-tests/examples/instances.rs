@@ -514,18 +514,25 @@ async fn agent_times(
 /// Writes bulk instance 0 again with a new meta value, which answers every blocking query on
 /// the service.
 async fn flush(http: &reqwest::Client, base: &str, round: usize) -> Result<(), Box<dyn Error>> {
-    let resp = http
-        .put(format!("{base}/v1/catalog/register"))
-        .json(&serde_json::json!({
-            "Node": "bulk-0", "Address": bulk_host(0), "SkipNodeUpdate": true,
-            "Service": {"ID": bulk_id(0), "Service": SERVICE, "Address": bulk_host(0),
-                        "Port": 20_000, "Weights": {"Passing": 1, "Warning": 1},
-                        "Meta": {"round": round.to_string()}}}))
-        .send()
-        .await?;
+    let body = serde_json::json!({
+        "Node": "bulk-0", "Address": bulk_host(0), "SkipNodeUpdate": true,
+        "Service": {"ID": bulk_id(0), "Service": SERVICE, "Address": bulk_host(0),
+                    "Port": 20_000, "Weights": {"Passing": 1, "Warning": 1},
+                    "Meta": {"round": round.to_string()}}});
+    put_json(http, base, "/v1/catalog/register", &body).await
+}
+
+/// `PUT <base><path>` with `body` as JSON; an error with the agent's answer unless it succeeds.
+async fn put_json(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<(), Box<dyn Error>> {
+    let resp = http.put(format!("{base}{path}")).json(body).send().await?;
     if !resp.status().is_success() {
         let status = resp.status();
-        return Err(format!("PUT /v1/catalog/register: {status}: {}", resp.text().await?).into());
+        return Err(format!("PUT {path}: {status}: {}", resp.text().await?).into());
     }
     Ok(())
 }
@@ -563,15 +570,13 @@ async fn bulk_consul(http: &reqwest::Client, base: &str, n: usize) -> Result<(),
     // Node by node, so that a node's operations come before its services'.
     for node in 0..n.div_ceil(PER_NODE) {
         for batch in node_ops(node, n).chunks(CONSUL_TXN_OPS) {
-            let resp = http
-                .put(format!("{base}/v1/txn"))
-                .json(&batch)
-                .send()
-                .await?;
-            if !resp.status().is_success() {
-                let status = resp.status();
-                return Err(format!("PUT /v1/txn: {status}: {}", resp.text().await?).into());
-            }
+            put_json(
+                http,
+                base,
+                "/v1/txn",
+                &serde_json::Value::from(batch.to_vec()),
+            )
+            .await?;
         }
     }
     Ok(())
