@@ -96,6 +96,9 @@ struct Running {
     failing: Arc<AtomicUsize>,
     /// Closed when the task ends, however it ends (its sender lives in the task's future).
     alive: watch::Receiver<()>,
+    /// Whether the task, once ended, panicked: read from the handle once, since a handle
+    /// cannot be polled again after it gave its output.
+    panicked: Option<bool>,
 }
 
 impl Running {
@@ -284,10 +287,12 @@ impl Feed {
             }
             // The task has ended, so its output is ready (or, a moment after the end, about to
             // be: then it counts as a panic, the cautious choice).
-            let panicked = !matches!(
-                futures::FutureExt::now_or_never(&mut run.handle),
-                Some(Err(e)) if e.is_cancelled()
-            );
+            let panicked = *run.panicked.get_or_insert_with(|| {
+                !matches!(
+                    futures::FutureExt::now_or_never(&mut run.handle),
+                    Some(Err(e)) if e.is_cancelled()
+                )
+            });
             let recently = subs
                 .started
                 .is_some_and(|at| now.duration_since(at) < self.api.backoff.1);
@@ -325,6 +330,7 @@ impl Feed {
             baseline,
             failing,
             alive,
+            panicked: None,
         });
         subs.started = Some(now);
     }
@@ -615,5 +621,115 @@ async fn checks_loop(feed: &Feed, corr: &Correlation, task: &Task) {
         known = Some(checks);
         corr.checks_index.send_replace(index);
         pace.throttle = index <= sent;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LONGEST: Duration = Duration::from_secs(60);
+
+    /// A feed whose agent refuses connections: its loops fail and back off, which these
+    /// tests do not look at.
+    fn feed() -> Arc<Feed> {
+        crate::Consul::builder()
+            .address("http://127.0.0.1:9")
+            .retry_backoff(Duration::from_millis(10), LONGEST)
+            .build()
+            .expect("a valid address")
+            .feed
+    }
+
+    fn name(s: &str) -> ServiceName {
+        ServiceName::new(s).expect("a valid name")
+    }
+
+    /// How the replaced task ends.
+    enum End {
+        Panic,
+        /// What a runtime's shutdown leaves (the test with a real agent shuts one down).
+        Cancel,
+    }
+
+    /// Puts in place of the running task one that ended as `end` says, once it has ended.
+    async fn replace_task(feed: &Feed, end: End) {
+        let (alive_tx, alive) = watch::channel(());
+        let cancel = matches!(end, End::Cancel);
+        let handle = tokio::spawn(async move {
+            let _alive = alive_tx;
+            match end {
+                End::Panic => panic!("a bug in the loops"),
+                End::Cancel => std::future::pending::<()>().await,
+            }
+        });
+        if cancel {
+            handle.abort();
+        }
+        while !handle.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        let mut subs = feed.lock();
+        let old = subs
+            .task
+            .take()
+            .expect("a task runs while a watch subscribes");
+        old.handle.abort();
+        subs.task = Some(Running {
+            handle,
+            start: old.start,
+            baseline: old.baseline,
+            failing: old.failing,
+            alive,
+            panicked: None,
+        });
+    }
+
+    fn start(feed: &Feed) -> (u64, bool) {
+        let subs = feed.lock();
+        let run = subs.task.as_ref().expect("a task");
+        (run.start, run.ended())
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panicked_is_started_again_only_after_the_longest_backoff() {
+        let feed = feed();
+        let _first = feed.subscribe(&name("a"));
+        assert_eq!(start(&feed), (1, false));
+
+        replace_task(&feed, End::Panic).await;
+        assert_eq!(start(&feed), (1, true));
+        // Started less than the longest backoff ago: a bug that panics at once must not turn
+        // into a loop of starts.
+        let second = feed.subscribe(&name("b"));
+        assert_eq!(start(&feed), (1, true), "not started again yet");
+        assert_eq!(
+            second.start, 0,
+            "the watch reads at once, with no baseline to wait for"
+        );
+        drop(second);
+        // More watches meanwhile change nothing (the handle's output was read once).
+        let _again = feed.subscribe(&name("b"));
+        assert_eq!(start(&feed), (1, true), "still not started again");
+
+        // Once the longest backoff has passed since the last start, the next watch starts it.
+        let earlier = Instant::now().checked_sub(LONGEST).expect("the clock runs");
+        feed.lock().started = Some(earlier);
+        let third = feed.subscribe(&name("c"));
+        assert_eq!(start(&feed), (2, false), "started again");
+        assert_eq!(
+            third.start, 2,
+            "the watch waits for the new task's baseline"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_task_whose_runtime_ended_it_is_started_again_at_once() {
+        let feed = feed();
+        let _first = feed.subscribe(&name("a"));
+        replace_task(&feed, End::Cancel).await;
+        assert_eq!(start(&feed), (1, true));
+        let _second = feed.subscribe(&name("b"));
+        assert_eq!(start(&feed), (2, false), "started again at once");
     }
 }
