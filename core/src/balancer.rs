@@ -1363,7 +1363,8 @@ fn pick_excluding_in<'a>(
 /// counts as cancelled (no outcome), unless it ran past its deadline
 /// ([`set_deadline`](Self::set_deadline),
 /// [`cancel_is_failure_after`](BalancerBuilder::cancel_is_failure_after)): then it is a
-/// failure.
+/// failure. A call whose answer streams marks its first response with
+/// [`responded`](Self::responded) and stays in flight until its stream ends.
 ///
 /// ```
 /// # use waypost_core::*;
@@ -1391,6 +1392,8 @@ pub struct PickGuard {
     /// The caller's deadline, on its own clock: compared only when the guard is dropped
     /// without an outcome, so that setting it costs no clock read.
     deadline: Option<Instant>,
+    /// When the answer began ([`PickGuard::responded`]): the end of the latency recorded.
+    responded: Option<Stamp>,
     done: bool,
 }
 
@@ -1404,6 +1407,7 @@ impl PickGuard {
             tier,
             fail_after: None,
             deadline: None,
+            responded: None,
             done: false,
         }
     }
@@ -1467,13 +1471,45 @@ impl PickGuard {
         self.record(Outcome::Failure);
     }
 
-    /// Records `outcome` with the time since the pick as latency.
+    /// Records `outcome` with the time since the pick as latency (up to
+    /// [`responded`](Self::responded), if it was called).
     pub fn record(mut self, outcome: Outcome) {
         self.done = true;
-        let now = Stamp::now();
-        let sample = Some((outcome, self.started.until(now)));
-        self.endpoint.state().end_at(sample, now.nanos());
+        let end = self.responded.unwrap_or_else(Stamp::now);
+        let sample = Some((outcome, self.started.until(end)));
+        self.endpoint.state().end_at(sample, end.nanos());
         self.endpoint.metrics().end(sample);
+    }
+
+    /// The answer began to arrive (a response's head, say) and streams on: the latency
+    /// recorded with the outcome is the time up to now, while the call stays in flight until
+    /// the outcome is recorded at the stream's end (a failure then, if the stream fails). From
+    /// now on, dropped without an outcome, the call counts as a success: the instance
+    /// answered, whatever the caller did with the answer (its deadline no longer applies).
+    /// Calling it again changes nothing.
+    ///
+    /// ```
+    /// # use waypost_core::*;
+    /// # struct First; struct P;
+    /// # impl Strategy for First { fn name(&self) -> &str { "first" } fn build(&self, _: &[Endpoint]) -> Box<dyn Picker> { Box::new(P) } }
+    /// # impl Picker for P { fn pick(&self, e: &[Endpoint], _: &PickContext<'_>) -> Option<usize> { (!e.is_empty()).then_some(0) } }
+    /// # let balancer = Balancer::new(First);
+    /// # balancer.apply(WatchEvent::Snapshot(vec![ServiceInstance::builder("s", "a").host("h").port(1).build()?]));
+    /// let mut guard = balancer.pick()?;
+    /// guard.responded();
+    /// let to_response = guard.elapsed(); // later than the response: an upper bound
+    /// let endpoint = guard.endpoint().clone();
+    /// std::thread::sleep(std::time::Duration::from_millis(20)); // the stream goes on
+    /// assert_eq!(endpoint.state().in_flight(), 1);
+    /// guard.success();
+    /// assert_eq!(endpoint.state().in_flight(), 0);
+    /// assert!(endpoint.state().ewma_latency().unwrap() <= to_response);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn responded(&mut self) {
+        if self.responded.is_none() {
+            self.responded = Some(Stamp::now());
+        }
     }
 }
 
@@ -1487,6 +1523,13 @@ impl Drop for PickGuard {
         // The caller started its clock a little before the pick: a drop within 1 % (at least
         // 1 ms) of the deadline is the caller's timeout, not an early cancel.
         let mut outcome = None;
+        if let Some(end) = self.responded {
+            // The instance answered: what the caller did with the answer is not its doing.
+            let sample = Some((Outcome::Success, self.started.until(end)));
+            self.endpoint.state().end_at(sample, end.nanos());
+            self.endpoint.metrics().end(sample);
+            return;
+        }
         if self.fail_after.is_some() || self.deadline.is_some() {
             let now = Stamp::now();
             let elapsed = self.started.until(now);

@@ -367,6 +367,47 @@ fn a_guard_s_own_deadline_turns_a_late_cancel_into_a_failure() {
     assert_eq!(b.endpoints()[0].state().failures(), 1);
 }
 
+/// A streamed answer: the latency ends at the first response, the call stays in flight until
+/// the stream ends, and a failure at the end counts; dropped after its response, past the
+/// threshold and the deadline, the call is the instance's success.
+#[test]
+fn a_responded_call_keeps_its_latency_and_stays_in_flight_until_its_end() {
+    let b = Balancer::builder(Rotate::default())
+        .cancel_is_failure_after(Duration::ZERO)
+        .build();
+    b.apply(WatchEvent::Snapshot(vec![inst("a")]));
+    let state = b.endpoints()[0].clone();
+
+    let mut guard = b.pick().unwrap();
+    guard.responded();
+    let to_response = guard.elapsed();
+    std::thread::sleep(Duration::from_millis(30));
+    guard.responded(); // a second mark moves nothing
+    assert_eq!(state.state().in_flight(), 1, "in flight while it streams");
+    guard.failure(); // the stream failed at its end
+    assert_eq!(
+        (state.state().in_flight(), state.state().failures()),
+        (0, 1)
+    );
+    let recorded = state.state().ewma_latency().unwrap();
+    assert!(recorded <= to_response, "{recorded:?} > {to_response:?}");
+
+    let mut dropped = b.pick().unwrap();
+    dropped.set_deadline(std::time::Instant::now());
+    dropped.responded();
+    std::thread::sleep(Duration::from_millis(5));
+    drop(dropped);
+    assert_eq!(
+        (
+            state.state().in_flight(),
+            state.state().failures(),
+            state.state().successes()
+        ),
+        (0, 1, 1),
+        "dropped after its response: a success, not a timeout"
+    );
+}
+
 /// The guard's clock is not `Instant` (a calibrated CPU counter where there is one): the
 /// latency it records must still agree with `Instant`, between the same call measured from
 /// inside and from outside the guard's life, within 0.1 % and a microsecond.

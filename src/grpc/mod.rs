@@ -13,7 +13,11 @@
 //!   says `scheme=https` or the builder says so for all, trusting the builder's CA.
 //! - **Outcomes**: [`GrpcStatus`] reads the status of each call:
 //!   UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL and RESOURCE_EXHAUSTED, or a transport error, are
-//!   failures of the instance.
+//!   failures of the instance. A call stays in flight until its response body ends, so that a
+//!   stream counts for least-connections and p2c as long as it lasts; its latency is the time
+//!   to its response's head. At the end, the same statuses in the trailers, or a stream that
+//!   breaks, make the call a failure ([`GrpcStatus::of_trailers`]); a response dropped before
+//!   its end is a success (the instance answered).
 //! - **Retries**, on another instance, within the attempts and the [`RetryBudget`]: after a
 //!   connect error (the call never left) for any method, and after any failure for the methods
 //!   marked [`idempotent`](GrpcChannelBuilder::idempotent). A request is repeatable when its
@@ -34,7 +38,7 @@ use futures::FutureExt;
 use http_body_util::BodyExt;
 use tonic::body::Body;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use waypost_core::{Balancer, PickContext, ServiceInstance};
+use waypost_core::{Balancer, Outcome, PickContext, PickGuard, ServiceInstance};
 
 use crate::retry::RetryBudget;
 use crate::tower::{BalanceError, Balanced, Class, Classify, GrpcStatus, Retry, Route};
@@ -91,15 +95,72 @@ impl Route<Request> for MetadataKey {
 }
 
 /// [`GrpcStatus`], and transport errors that prove the call never left (a refused or timed-out
-/// connection) as retryable for every method.
+/// connection) as retryable for every method. A response classified a success keeps its call
+/// in flight until its body ends ([`Streamed`]).
 struct Classifier;
 
-impl<B: 'static> Classify<http::Response<B>, tonic::transport::Error> for Classifier {
-    fn classify(&self, result: Result<&http::Response<B>, &tonic::transport::Error>) -> Class {
+impl Classify<http::Response<Body>, tonic::transport::Error> for Classifier {
+    fn classify(&self, result: Result<&http::Response<Body>, &tonic::transport::Error>) -> Class {
         match result {
             Err(e) if never_connected(e) => Class::failure(Retry::NotSent),
             other => GrpcStatus.classify(other),
         }
+    }
+
+    fn finish(&self, response: http::Response<Body>, guard: PickGuard) -> http::Response<Body> {
+        response.map(|body| {
+            Body::new(Streamed {
+                body,
+                call: Some(guard),
+            })
+        })
+    }
+}
+
+/// A response body that holds its call until it ends: then the trailers' status is the
+/// call's outcome ([`GrpcStatus::of_trailers`]), and a body that breaks (a reset stream, a
+/// lost connection) a failure. Dropped before its end, the call is a success: the instance
+/// answered (see [`PickGuard::responded`]).
+struct Streamed {
+    body: Body,
+    call: Option<PickGuard>,
+}
+
+impl Streamed {
+    fn end(&mut self, outcome: Outcome) {
+        if let Some(call) = self.call.take() {
+            call.record(outcome);
+        }
+    }
+}
+
+impl http_body::Body for Streamed {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(trailers) = f.trailers_ref() {
+                    self.end(GrpcStatus::of_trailers(trailers).outcome);
+                }
+            }
+            Some(Err(_)) => self.end(Outcome::Failure),
+            None => self.end(Outcome::Success),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -1,6 +1,6 @@
 //! Deciding from a response whether the call succeeded, and whether it may be retried.
 
-use waypost_core::Outcome;
+use waypost_core::{Outcome, PickGuard};
 
 /// What a finished call tells the balancer: its [`Outcome`] (for load-aware strategies and
 /// outlier ejection) and whether another instance may be tried.
@@ -149,6 +149,61 @@ pub trait Classify<Res, E>: Send + Sync + 'static {
     /// assert_eq!(class, Class::failure(Retry::IfIdempotent));
     /// ```
     fn classify(&self, result: Result<&Res, &E>) -> Class;
+
+    /// Hands on the response of a call classified a success, with the call's guard, which
+    /// has taken the latency at the response ([`PickGuard::responded`]); the call is in
+    /// flight while the guard lives. The default records the success at once. A classifier
+    /// of responses that stream on keeps the guard in the response instead, so that the call
+    /// counts as in flight until the stream ends, and a failure at its end counts (as
+    /// `waypost::grpc::GrpcChannel` does with the status in a gRPC stream's trailers).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::io::Error;
+    /// use tower::{service_fn, ServiceExt};
+    /// use waypost::strategies::RoundRobin;
+    /// use waypost::tower::{Balanced, Class, Classify, Retry};
+    /// use waypost::{Balancer, PickGuard, ServiceInstance, WatchEvent};
+    ///
+    /// /// An answer that streams on after it arrived: the call lasts as long as it does.
+    /// struct Streaming {
+    ///     call: Option<PickGuard>,
+    /// }
+    ///
+    /// struct KeepsTheCall;
+    ///
+    /// impl Classify<Streaming, Error> for KeepsTheCall {
+    ///     fn classify(&self, result: Result<&Streaming, &Error>) -> Class {
+    ///         match result {
+    ///             Ok(_) => Class::SUCCESS,
+    ///             Err(_) => Class::failure(Retry::IfIdempotent),
+    ///         }
+    ///     }
+    ///     fn finish(&self, mut response: Streaming, guard: PickGuard) -> Streaming {
+    ///         response.call = Some(guard); // a failure at the end would call guard.failure()
+    ///         response
+    ///     }
+    /// }
+    ///
+    /// let balancer = Balancer::new(RoundRobin::new());
+    /// let a = ServiceInstance::builder("feed", "a").host("10.0.0.1").port(80).build()?;
+    /// balancer.apply(WatchEvent::Snapshot(vec![a]));
+    /// let make = |_: &ServiceInstance| service_fn(|_: ()| async { Ok::<_, Error>(Streaming { call: None }) });
+    /// let svc = Balanced::builder(balancer.clone(), make).classify(KeepsTheCall).build();
+    ///
+    /// let stream = svc.oneshot(()).await?;
+    /// let state = balancer.endpoints()[0].clone();
+    /// assert_eq!(state.state().in_flight(), 1, "in flight while it streams");
+    /// drop(stream);
+    /// assert_eq!((state.state().in_flight(), state.state().successes()), (0, 1));
+    /// # Ok(())
+    /// # }
+    /// ```
+    fn finish(&self, response: Res, guard: PickGuard) -> Res {
+        guard.success();
+        response
+    }
 }
 
 impl<F, Res, E> Classify<Res, E> for F
@@ -214,7 +269,9 @@ where
 ///
 /// It reads the headers, where a call that fails before any message carries its status (a
 /// "trailers-only" response, which is how servers answer most errors). A status that arrives
-/// in the trailers after messages (a stream that fails midway) is not seen here.
+/// in the trailers after messages (a stream that fails midway) is not seen by it:
+/// `waypost::grpc::GrpcChannel` reads that one too, at the stream's end, with
+/// [`GrpcStatus::of_trailers`].
 ///
 /// ```
 /// use waypost::tower::{Classify, GrpcStatus};
@@ -237,16 +294,45 @@ where
             Ok(r) => r,
             Err(_) => return Class::failure(Retry::IfIdempotent),
         };
-        let code = response
-            .headers()
+        match GrpcStatus::of_status(response.headers()) {
+            Some(class) => class,
+            None if response.status().is_server_error() => Class::failure(Retry::IfIdempotent),
+            None => Class::SUCCESS,
+        }
+    }
+}
+
+impl GrpcStatus {
+    /// The class of a gRPC stream's trailers (the status of a call that ended after its
+    /// messages): a failure for the statuses above, else (OK, the caller's own errors, no
+    /// status) a success. A stream that already sent messages is never retried, so the
+    /// class says [`Retry::Never`].
+    ///
+    /// ```
+    /// use waypost::tower::{Class, GrpcStatus, Retry};
+    /// let mut trailers = http::HeaderMap::new();
+    /// trailers.insert("grpc-status", "14".parse().unwrap());
+    /// assert_eq!(GrpcStatus::of_trailers(&trailers), Class::failure(Retry::Never));
+    /// trailers.insert("grpc-status", "0".parse().unwrap());
+    /// assert_eq!(GrpcStatus::of_trailers(&trailers), Class::SUCCESS);
+    /// ```
+    pub fn of_trailers(trailers: &http::HeaderMap) -> Class {
+        match GrpcStatus::of_status(trailers) {
+            Some(_) => Class::failure(Retry::Never),
+            None => Class::SUCCESS,
+        }
+    }
+
+    /// The class its `grpc-status` gives, if it is one of the instance's failures.
+    fn of_status(headers: &http::HeaderMap) -> Option<Class> {
+        let code = headers
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u32>().ok());
         match code {
-            Some(14) => Class::failure(Retry::IfIdempotent),
-            Some(4 | 8 | 13) => Class::failure(Retry::Never),
-            _ if response.status().is_server_error() => Class::failure(Retry::IfIdempotent),
-            _ => Class::SUCCESS,
+            Some(14) => Some(Class::failure(Retry::IfIdempotent)),
+            Some(4 | 8 | 13) => Some(Class::failure(Retry::Never)),
+            _ => None,
         }
     }
 }

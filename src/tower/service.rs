@@ -207,7 +207,8 @@ struct Inner<M, S, C, X, Req> {
 /// - **Outcomes**: when the response future completes, the [`Classify`] decides success or
 ///   failure and the latency is recorded, for load-aware strategies and outlier ejection. A
 ///   future dropped before it completes (a timeout around the call, a client that went away)
-///   counts as cancelled.
+///   counts as cancelled. A success ends there too, unless the classifier keeps the call in
+///   flight in its response until the response is done with ([`Classify::finish`]: a stream).
 /// - **Routing**: the hash key and the zone come from the request, through a [`Route`].
 /// - **Retries** (off unless [`retries`](BalancedBuilder::retries) is set): a failure the
 ///   classifier allows is repeated on another instance, within the attempts and the shared
@@ -612,19 +613,27 @@ where
                 .as_ref()
                 .is_some_and(|r| (r.idempotent)(&current));
             let picked = self.pick(&current, &tried)?;
-            let (guard, mut svc) = self.ready_instance(picked).await?;
+            let (mut guard, mut svc) = self.ready_instance(picked).await?;
             let instance = guard.instance().id().clone();
             // Dropped before it completes, the guard records a cancelled call.
             let result = svc.call(current).await;
+            // The latency ends here, even if the response streams on.
+            guard.responded();
             let class = self.classify.classify(result.as_ref());
-            guard.record(class.outcome);
             if class.outcome == waypost_core::Outcome::Success {
-                return result.map_err(|source| BalanceError::Inner {
-                    instance,
-                    gave_up: GaveUp::AttemptsExhausted,
-                    source,
-                });
+                return match result {
+                    Ok(response) => Ok(self.classify.finish(response, guard)),
+                    Err(source) => {
+                        guard.success();
+                        Err(BalanceError::Inner {
+                            instance,
+                            gave_up: GaveUp::AttemptsExhausted,
+                            source,
+                        })
+                    }
+                };
             }
+            guard.record(class.outcome);
             let next = match (&self.retries, class.retry, spare) {
                 (None, ..) => Err(GaveUp::AttemptsExhausted),
                 (Some(_), Retry::Never, _) => Err(GaveUp::NotRetryable),

@@ -96,7 +96,8 @@ struct ControlInner {
 }
 
 impl Control {
-    /// While `true`, every call fails with `UNAVAILABLE` (after the delay, if any).
+    /// While `true`, every call fails with `UNAVAILABLE` (after the delay, if any), and a
+    /// stream already under way fails so at its next message.
     pub fn set_unavailable(&self, unavailable: bool) {
         self.inner.unavailable.store(unavailable, Ordering::SeqCst);
     }
@@ -222,19 +223,27 @@ impl users::users_server::Users for UsersServer {
         _: Request<ListUsersRequest>,
     ) -> Result<Response<UserStream>, Status> {
         self.begin().await?;
-        let (instance, delay) = (self.instance.clone(), self.delay);
+        let server = self.clone();
         // The first message is sent at once (`begin` waited already), the others after the
-        // delay each.
+        // delay each. Once the instance is unavailable, the stream fails at its next message
+        // (the status goes in the trailers).
         let stream = futures::stream::unfold(1u32, move |id| {
-            let instance = instance.clone();
+            let server = server.clone();
             async move {
                 if id > USERS {
                     return None;
                 }
-                if let Some(delay) = delay.filter(|_| id > 1) {
+                if let Some(delay) = server.delay.filter(|_| id > 1) {
                     tokio::time::sleep(delay).await;
                 }
-                Some((Ok(user(id, &instance)), id + 1))
+                if id > 1 && server.control.is_unavailable() {
+                    let failed = server.status(
+                        Code::Unavailable,
+                        format!("instance {} became unavailable", server.instance),
+                    );
+                    return Some((Err(failed), USERS + 1));
+                }
+                Some((Ok(user(id, &server.instance)), id + 1))
             }
         });
         Ok(self.response(Box::pin(stream) as UserStream))

@@ -9,7 +9,10 @@
 //! 4. an instance removed while the channel is idle is never used afterwards, and changes are
 //!    applied while idle, with no queue that grows;
 //! 5. a dead instance stops getting traffic (outcomes plus the resilience wrapper's ejection)
-//!    and gets it back after it recovers.
+//!    and gets it back after it recovers;
+//! 6. a stream counts as in flight for as long as it lasts (least-connections sends other
+//!    calls elsewhere meanwhile), and one that fails midway, its status in the trailers, is a
+//!    failure of the instance.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,13 +22,13 @@ use tokio::time::Instant;
 use waypost::grpc::GrpcChannel;
 use waypost::memory::Memory;
 use waypost::strategies::resilience::{OutlierEjection, Resilient};
-use waypost::strategies::{ConsistentHash, Maglev, P2cEwma, RoundRobin};
+use waypost::strategies::{ConsistentHash, LeastConnections, Maglev, P2cEwma, RoundRobin};
 use waypost::{
     Balancer, Discovery, HealthCheck, Registration, RegistrationHandle, Registry, ServiceName,
     Strategy,
 };
 use waypost_grpc_examples::users::users_client::UsersClient;
-use waypost_grpc_examples::users::GetUserRequest;
+use waypost_grpc_examples::users::{GetUserRequest, ListUsersRequest};
 use waypost_grpc_examples::{serve, server_tls, Control, Serving, UsersServer};
 
 struct Instance {
@@ -385,4 +388,107 @@ async fn calls_given_up_on_past_the_threshold_count_as_failures_of_the_slow_inst
             Some(_) => assert_eq!(state, 10, "each give-up is a failure"),
         }
     }
+}
+
+/// The endpoint of instance `id`: (in flight, successes, failures).
+fn counts(b: &Balancer, id: &str) -> (u64, u64, u64) {
+    let endpoints = b.endpoints();
+    let e = endpoints
+        .iter()
+        .find(|e| e.id().as_str() == id)
+        .unwrap_or_else(|| panic!("no endpoint {id}: {:?}", b.status()));
+    let s = e.state();
+    (s.in_flight(), s.successes(), s.failures())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_in_flight_until_it_ends_and_its_trailers_give_its_outcome() {
+    let memory = Memory::new();
+    // 5 ms between messages: a stream of 100 lasts about half a second.
+    let s = instance(&memory, "stream", "s", Some(Duration::from_millis(5)), None).await;
+    let b = balancer(&memory, "stream", RoundRobin::new(), 1).await;
+    let mut client = UsersClient::new(GrpcChannel::builder(b.clone()).build().unwrap());
+
+    // Read to its end: in flight until then, then a success.
+    let mut stream = client
+        .watch_users(ListUsersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    assert_eq!(counts(&b, "s"), (1, 0, 0), "in flight while it streams");
+    let mut read = 1;
+    while stream.message().await.unwrap().is_some() {
+        read += 1;
+    }
+    assert_eq!(read, 100);
+    assert_eq!(counts(&b, "s"), (0, 1, 0));
+
+    // Fails midway: UNAVAILABLE in the trailers, after messages.
+    let mut stream = client
+        .watch_users(ListUsersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    s.control.set_unavailable(true);
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended well after its instance became unavailable"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(counts(&b, "s"), (0, 1, 1), "a failure of the instance");
+    s.control.set_unavailable(false);
+
+    // Dropped midway by the caller: the instance answered, a success.
+    let mut stream = client
+        .watch_users(ListUsersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    drop(stream);
+    assert_eq!(counts(&b, "s"), (0, 2, 1));
+
+    // A unary call ends with its trailers too (status OK): a success, nothing left in flight.
+    let user = client.get_user(GetUserRequest { id: 7 }).await.unwrap();
+    assert_eq!(user.into_inner().id, 7);
+    assert_eq!(counts(&b, "s"), (0, 3, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_sends_calls_away_from_an_instance_busy_with_a_stream() {
+    let memory = Memory::new();
+    let _a = instance(&memory, "busy", "a", Some(Duration::from_millis(50)), None).await;
+    let _b = instance(&memory, "busy", "b", Some(Duration::from_millis(50)), None).await;
+    let b = balancer(&memory, "busy", LeastConnections::new(), 2).await;
+    let mut client = UsersClient::new(GrpcChannel::builder(b.clone()).build().unwrap());
+
+    let mut stream = client
+        .watch_users(ListUsersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let streaming = stream.message().await.unwrap().unwrap().instance;
+    let other = if streaming == "a" { "b" } else { "a" };
+    // One at a time, while the stream stays open: each call sees the stream's instance with
+    // one call in flight and the other with none.
+    for _ in 0..6 {
+        let served = client
+            .get_user(GetUserRequest { id: 1 })
+            .await
+            .unwrap()
+            .into_inner()
+            .instance;
+        assert_eq!(
+            served, other,
+            "a call went to {streaming}, busy with a stream"
+        );
+    }
+    assert_eq!(counts(&b, &streaming).0, 1);
+    drop(stream);
+    assert_eq!(counts(&b, &streaming).0, 0);
 }
