@@ -229,6 +229,9 @@ async fn no_hedge_before_its_delay() {
     assert_eq!(response.instance().id().as_str(), "a-held");
     assert_eq!(response.attempts(), 1);
     assert_eq!(fast_hits.load(Ordering::SeqCst), 0);
+    // In flight until its body is read.
+    assert_eq!(state(&balancer, "a-held"), (1, 0, 0));
+    response.text().await.unwrap();
     assert_eq!(state(&balancer, "a-held"), (0, 1, 0));
 }
 

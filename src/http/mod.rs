@@ -15,9 +15,10 @@
 //!   resolver of your choice.
 //! - Outcomes reach the pick guard: a 5xx answer, a connect error or a timeout is a failure,
 //!   any other answer a success, with its latency — so least-connections, P2C/EWMA and outlier
-//!   ejection see real results. The outcome is recorded when the response headers arrive: the
-//!   in-flight count and the latency cover the time to the first byte of the answer, not the
-//!   time the caller takes to read the body.
+//!   ejection see real results. The latency is the time to the response's head; the call
+//!   stays in flight until its body is read ([`Response::text`], `bytes`, `json`), or the
+//!   response is dropped or handed out with [`Response::into_inner`]. A body that breaks off
+//!   (the connection lost, a timeout) is a failure of the instance.
 //! - Retries go to a *different* instance ([`Balancer::pick_excluding`]), bounded by
 //!   [`max_attempts`](HttpClientBuilder::max_attempts), by a [`RetryBudget`] and by the overall
 //!   [`request_timeout`](HttpClientBuilder::request_timeout):

@@ -249,13 +249,16 @@ impl RequestBuilder {
                     let Attempt { guard, instance, tier, limit, .. } = running.swap_remove(i);
                     let failure = match result {
                         Ok(response) if !response.status().is_server_error() => {
+                            let mut guard = guard;
+                            guard.responded();
                             if let Some(h) = hedge {
                                 h.observe(guard.elapsed());
                             }
-                            guard.success();
                             // The attempts still out are dropped with `running`: their
                             // connections close and their guards count them as cancelled.
-                            return Ok(self.response(response, instance, tier, attempts));
+                            // This one stays in flight until its body is read.
+                            let response = self.response(response, instance, tier, attempts);
+                            return Ok(response.with_call(guard));
                         }
                         Ok(response) => {
                             if let Some(h) = hedge {

@@ -5,7 +5,7 @@ use std::fmt;
 use bytes::Bytes;
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
-use waypost_core::ServiceInstance;
+use waypost_core::{PickGuard, ServiceInstance};
 
 use super::error::{HttpError, TransportError};
 
@@ -44,6 +44,9 @@ pub struct Response {
     method: Method,
     path: String,
     attempts: u32,
+    /// The call, in flight until the body is read (or the response dropped); `None` once its
+    /// outcome was recorded (a 5xx answer returned after the retries gave up).
+    call: Option<PickGuard>,
 }
 
 impl fmt::Debug for Response {
@@ -73,7 +76,14 @@ impl Response {
             method,
             path,
             attempts,
+            call: None,
         }
+    }
+
+    /// Keeps `call` in flight until the body is read: its outcome is the body's.
+    pub(crate) fn with_call(mut self, call: PickGuard) -> Self {
+        self.call = Some(call);
+        self
     }
 
     /// The status code.
@@ -120,18 +130,25 @@ impl Response {
     }
 
     /// The body as text.
+    ///
+    /// The call counts as in flight until the body is read: a body that breaks off (the
+    /// connection lost, a timeout) is a failure of the instance, like an error answer. The
+    /// latency recorded is the time to the response's head. A response dropped unread is a
+    /// success.
     pub async fn text(self) -> Result<String, HttpError> {
         let (fail, inner) = self.split();
         inner.text().await.map_err(fail)
     }
 
-    /// The body as bytes.
+    /// The body as bytes (the call in flight until then, as for [`text`](Self::text)).
     pub async fn bytes(self) -> Result<Bytes, HttpError> {
         let (fail, inner) = self.split();
         inner.bytes().await.map_err(fail)
     }
 
-    /// The body decoded from JSON.
+    /// The body decoded from JSON (the call in flight until then, as for
+    /// [`text`](Self::text); a body that does not decode is the caller's type's concern, not
+    /// a failure of the instance).
     pub async fn json<T: serde::de::DeserializeOwned>(self) -> Result<T, HttpError> {
         let (fail, inner) = self.split();
         inner.json().await.map_err(fail)
@@ -139,25 +156,78 @@ impl Response {
 
     /// The underlying `reqwest` response (to stream the body, for instance): one of the two
     /// reqwest types that are part of this API on purpose (see
-    /// [`waypost::http::reqwest`](super::reqwest)).
+    /// [`waypost::http::reqwest`](super::reqwest)). The call ends here, as a success: what
+    /// the body does afterwards is not counted.
     pub fn into_inner(self) -> reqwest::Response {
         self.inner
     }
 
-    fn split(self) -> (impl FnOnce(reqwest::Error) -> HttpError, reqwest::Response) {
+    /// The body's reader, and what turns its error into the client's, recording the call's
+    /// outcome on the way: a success, unless the body broke off.
+    fn split(self) -> (impl FnOnce(reqwest::Error) -> HttpError, BodyCall) {
         let Response {
             inner,
             instance,
             method,
             path,
+            call,
             ..
         } = self;
-        let fail = move |source| HttpError::Body {
+        let fail = move |source: reqwest::Error| HttpError::Body {
             method,
             path,
             instance: instance.id().clone(),
             source: TransportError::new(source),
         };
-        (fail, inner)
+        (fail, BodyCall { inner, call })
     }
+}
+
+/// A response whose body is read, with the call it ends.
+struct BodyCall {
+    inner: reqwest::Response,
+    call: Option<PickGuard>,
+}
+
+impl BodyCall {
+    async fn text(self) -> Result<String, reqwest::Error> {
+        let result = self.inner.text().await;
+        end(self.call, &result);
+        result
+    }
+
+    async fn bytes(self) -> Result<Bytes, reqwest::Error> {
+        let result = self.inner.bytes().await;
+        end(self.call, &result);
+        result
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(self) -> Result<T, reqwest::Error> {
+        let result = self.inner.json().await;
+        end(self.call, &result);
+        result
+    }
+}
+
+/// Records the outcome of a call by its body: a failure if the body broke off, a success if
+/// it was read (even if it is no JSON of the caller's type).
+fn end<T>(call: Option<PickGuard>, body: &Result<T, reqwest::Error>) {
+    if let Some(call) = call {
+        match body {
+            Err(e) if !is_json(e) => call.failure(),
+            _ => call.success(),
+        }
+    }
+}
+
+/// Whether `error` is the JSON decoder's (reqwest calls a broken body a decode error too).
+fn is_json(error: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if e.is::<serde_json::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }

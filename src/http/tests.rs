@@ -43,6 +43,8 @@ enum Behavior {
     Fail,
     /// Answers 200 after this long.
     Slow(Duration),
+    /// Answers 200 with a body that breaks off after its first part.
+    BreaksOff,
 }
 
 struct Server {
@@ -63,6 +65,19 @@ async fn server(behavior: Behavior) -> Server {
                 Behavior::Slow(d) => {
                     tokio::time::sleep(d).await;
                     AxumStatus::OK.into_response()
+                }
+                Behavior::BreaksOff => {
+                    use futures::StreamExt;
+                    // The break comes after a pause, so that the head and the first part
+                    // leave before it.
+                    let first = futures::stream::once(async {
+                        Ok(bytes::Bytes::from_static(b"the first part"))
+                    });
+                    let parts = first.chain(futures::stream::once(async {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Err(std::io::Error::other("the instance broke off"))
+                    }));
+                    (AxumStatus::OK, axum::body::Body::from_stream(parts)).into_response()
                 }
             }
         }
@@ -148,6 +163,54 @@ async fn outcomes_reach_the_endpoint_state() {
     assert_eq!(s.state().in_flight(), 0);
 }
 
+/// The call is in flight until its body is read, and a body that breaks off is a failure of
+/// the instance; one read whole, or dropped unread, a success.
+#[tokio::test]
+async fn a_call_lasts_until_its_body_is_read_and_a_broken_body_is_a_failure() {
+    let ok = server(Behavior::Ok).await;
+    let broken = server(Behavior::BreaksOff).await;
+    let b = balancer(First, vec![instance("a", ok.addr)]);
+    let client = HttpClient::builder(b.clone())
+        .max_attempts(1)
+        .build()
+        .unwrap();
+    let counts = |id: &str| {
+        let e = state(&b, id);
+        let s = e.state();
+        (s.in_flight(), s.successes(), s.failures())
+    };
+
+    let r = client.post("/x").body("hello").send().await.unwrap();
+    assert_eq!(counts("a"), (1, 0, 0), "in flight until the body is read");
+    assert_eq!(r.text().await.unwrap(), "hello");
+    assert_eq!(counts("a"), (0, 1, 0));
+    drop(client.get("/x").send().await.unwrap());
+    assert_eq!(
+        counts("a"),
+        (0, 2, 0),
+        "dropped unread: the instance answered"
+    );
+    let not_json = client.post("/x").body("{not json").send().await.unwrap();
+    assert!(not_json.json::<serde_json::Value>().await.is_err());
+    assert_eq!(
+        counts("a"),
+        (0, 3, 0),
+        "read whole: the caller's type is not the instance's fault"
+    );
+
+    b.apply(WatchEvent::Snapshot(vec![instance("b", broken.addr)]));
+    let r = client.get("/x").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(counts("b"), (1, 0, 0));
+    let err = r.bytes().await.unwrap_err();
+    assert!(matches!(err, HttpError::Body { .. }), "{err:?}");
+    assert_eq!(
+        counts("b"),
+        (0, 0, 1),
+        "a body that broke off is the instance's failure"
+    );
+}
+
 #[tokio::test]
 async fn a_failing_get_is_retried_on_another_instance() {
     let bad = server(Behavior::Fail).await;
@@ -163,6 +226,7 @@ async fn a_failing_get_is_retried_on_another_instance() {
     assert_eq!(r.attempts(), 2);
     assert_eq!(bad.hits.load(Ordering::SeqCst), 1);
     assert_eq!(state(&b, "a-bad").state().failures(), 1);
+    r.text().await.unwrap(); // the call ends with its body
     assert_eq!(state(&b, "b-ok").state().successes(), 1);
 }
 
