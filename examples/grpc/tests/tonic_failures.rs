@@ -28,7 +28,7 @@ use waypost::{
     Strategy,
 };
 use waypost_grpc_examples::users::users_client::UsersClient;
-use waypost_grpc_examples::users::{GetUserRequest, ListUsersRequest};
+use waypost_grpc_examples::users::{GetUserRequest, ListUsersRequest, User};
 use waypost_grpc_examples::{serve, server_tls, Control, Serving, UsersServer};
 
 struct Instance {
@@ -401,6 +401,19 @@ fn counts(b: &Balancer, id: &str) -> (u64, u64, u64) {
     (s.in_flight(), s.successes(), s.failures())
 }
 
+/// Starts a `WatchUsers` stream and reads its first message.
+async fn open_stream(
+    client: &mut UsersClient<GrpcChannel>,
+) -> (tonic::codec::Streaming<User>, User) {
+    let mut stream = client
+        .watch_users(ListUsersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("a first message");
+    (stream, first)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_is_in_flight_until_it_ends_and_its_trailers_give_its_outcome() {
     let memory = Memory::new();
@@ -410,12 +423,7 @@ async fn a_stream_is_in_flight_until_it_ends_and_its_trailers_give_its_outcome()
     let mut client = UsersClient::new(GrpcChannel::builder(b.clone()).build().unwrap());
 
     // Read to its end: in flight until then, then a success.
-    let mut stream = client
-        .watch_users(ListUsersRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(stream.message().await.unwrap().is_some());
+    let mut stream = open_stream(&mut client).await.0;
     assert_eq!(counts(&b, "s"), (1, 0, 0), "in flight while it streams");
     let mut read = 1;
     while stream.message().await.unwrap().is_some() {
@@ -425,12 +433,7 @@ async fn a_stream_is_in_flight_until_it_ends_and_its_trailers_give_its_outcome()
     assert_eq!(counts(&b, "s"), (0, 1, 0));
 
     // Fails midway: UNAVAILABLE in the trailers, after messages.
-    let mut stream = client
-        .watch_users(ListUsersRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(stream.message().await.unwrap().is_some());
+    let mut stream = open_stream(&mut client).await.0;
     s.control.set_unavailable(true);
     let status = loop {
         match stream.message().await {
@@ -444,12 +447,7 @@ async fn a_stream_is_in_flight_until_it_ends_and_its_trailers_give_its_outcome()
     s.control.set_unavailable(false);
 
     // Dropped midway by the caller: the instance answered, a success.
-    let mut stream = client
-        .watch_users(ListUsersRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(stream.message().await.unwrap().is_some());
+    let stream = open_stream(&mut client).await.0;
     drop(stream);
     assert_eq!(counts(&b, "s"), (0, 2, 1));
 
@@ -467,12 +465,8 @@ async fn least_connections_sends_calls_away_from_an_instance_busy_with_a_stream(
     let b = balancer(&memory, "busy", LeastConnections::new(), 2).await;
     let mut client = UsersClient::new(GrpcChannel::builder(b.clone()).build().unwrap());
 
-    let mut stream = client
-        .watch_users(ListUsersRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let streaming = stream.message().await.unwrap().unwrap().instance;
+    let (stream, first) = open_stream(&mut client).await;
+    let streaming = first.instance;
     let other = if streaming == "a" { "b" } else { "a" };
     // One at a time, while the stream stays open: each call sees the stream's instance with
     // one call in flight and the other with none.
