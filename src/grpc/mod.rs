@@ -10,7 +10,9 @@
 //!
 //! - **Per instance**: one `tonic::transport::Channel` (`connect_lazy`), with the connect
 //!   timeout and HTTP/2 keep-alive of the builder; `https` (rustls) when the instance's metadata
-//!   says `scheme=https` or the builder says so for all, trusting the builder's CA.
+//!   says `scheme=https` or the builder says so for all, trusting the builder's CA and
+//!   presenting its client certificate ([`identity`](GrpcChannelBuilder::identity)) to
+//!   instances that require one.
 //! - **Outcomes**: [`GrpcStatus`] reads the status of each call:
 //!   UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL and RESOURCE_EXHAUSTED, or a transport error, are
 //!   failures of the instance. A call stays in flight until its response body ends, so that a
@@ -37,7 +39,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use http_body_util::BodyExt;
 use tonic::body::Body;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use waypost_core::{Balancer, Outcome, PickContext, PickGuard, ServiceInstance};
 
 use crate::retry::RetryBudget;
@@ -185,6 +187,18 @@ fn never_connected(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// `error` and its causes, as one line.
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
+
 /// Makes each instance's lazily connecting channel.
 struct Maker {
     connect_timeout: Duration,
@@ -307,6 +321,8 @@ pub struct GrpcChannelBuilder {
     https: bool,
     ca: Vec<Vec<u8>>,
     tls_domain: Option<String>,
+    /// The client certificate (chain) and its private key, PEM, for mutual TLS.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
     hash_key: Option<String>,
     idempotent: HashSet<String>,
     max_attempts: u32,
@@ -319,6 +335,7 @@ impl fmt::Debug for GrpcChannelBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .field("https", &self.https)
             .field("ca_certificates", &self.ca.len())
+            .field("identity", &self.identity.is_some())
             .field("hash_key", &self.hash_key)
             .field("idempotent", &self.idempotent)
             .field("max_attempts", &self.max_attempts)
@@ -345,6 +362,7 @@ impl GrpcChannel {
             https: false,
             ca: Vec::new(),
             tls_domain: None,
+            identity: None,
             hash_key: None,
             idempotent: HashSet::new(),
             max_attempts: 3,
@@ -377,6 +395,26 @@ impl GrpcChannelBuilder {
     /// TLS channel without a CA trusts no server.
     pub fn ca_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.ca.push(pem.into());
+        self
+    }
+
+    /// Presents this client certificate (chain) and its private key, both PEM, to TLS
+    /// instances that ask for one (mutual TLS). An unusable pair fails
+    /// [`build`](Self::build) with [`GrpcError::Config`].
+    ///
+    /// ```
+    /// use waypost::grpc::{GrpcChannel, GrpcError};
+    /// use waypost::strategies::RoundRobin;
+    /// let balancer = waypost::Balancer::new(RoundRobin::new());
+    /// let err = GrpcChannel::builder(balancer)
+    ///     .identity("no certificate", "no key")
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert!(matches!(err, GrpcError::Config { .. }));
+    /// assert!(err.to_string().contains("identity"), "{err}");
+    /// ```
+    pub fn identity(mut self, cert_pem: impl AsRef<[u8]>, key_pem: impl AsRef<[u8]>) -> Self {
+        self.identity = Some((cert_pem.as_ref().to_vec(), key_pem.as_ref().to_vec()));
         self
     }
 
@@ -428,14 +466,32 @@ impl GrpcChannelBuilder {
                 message: "max_attempts is 0: give at least 1 (1 disables retries)".into(),
             });
         }
-        let tls = (!self.ca.is_empty() || self.tls_domain.is_some()).then(|| {
+        let configured =
+            !self.ca.is_empty() || self.tls_domain.is_some() || self.identity.is_some();
+        let tls = configured.then(|| {
             let mut tls =
                 ClientTlsConfig::new().ca_certificates(self.ca.iter().map(Certificate::from_pem));
             if let Some(d) = &self.tls_domain {
                 tls = tls.domain_name(d.clone());
             }
+            if let Some((cert, key)) = &self.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
             tls
         });
+        if let Some(tls) = &tls {
+            // Parsed here, so that a bad certificate or key is this error and not, later,
+            // every call to a TLS instance failing.
+            Endpoint::from_static("https://127.0.0.1")
+                .tls_config(tls.clone())
+                .map_err(|e| GrpcError::Config {
+                    message: format!(
+                        "the TLS settings (ca_certificate, tls_domain, identity) are unusable: \
+                         {}; give PEM certificates and a PEM private key",
+                        with_causes(&e)
+                    ),
+                })?;
+        }
         let maker = Maker {
             connect_timeout: self.connect_timeout,
             keep_alive: self.keep_alive,

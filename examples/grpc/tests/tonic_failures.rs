@@ -5,7 +5,7 @@
 //! 1. load-aware strategies see real in-flight counts and latency: a slow instance gets clearly
 //!    less p2c-ewma traffic (tonic's P2C reads a load of 0 for every connection: random);
 //! 2. any Waypost strategy works, consistent-hash and maglev by a metadata key;
-//! 3. TLS to the instances;
+//! 3. TLS to the instances, mutual TLS too;
 //! 4. an instance removed while the channel is idle is never used afterwards, and changes are
 //!    applied while idle, with no queue that grows;
 //! 5. a dead instance stops getting traffic (outcomes plus the resilience wrapper's ejection)
@@ -30,6 +30,9 @@ use waypost::{
 use waypost_grpc_examples::users::users_client::UsersClient;
 use waypost_grpc_examples::users::{GetUserRequest, ListUsersRequest, User};
 use waypost_grpc_examples::{serve, server_tls, Control, Serving, UsersServer};
+
+#[path = "../../common/test_ca.rs"]
+mod test_ca;
 
 struct Instance {
     serving: Serving,
@@ -243,6 +246,53 @@ async fn tls_to_the_instances_with_a_custom_ca() {
         matches!(err.code(), tonic::Code::Unknown | tonic::Code::Unavailable),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_presents_the_channels_client_certificate() {
+    let ca = test_ca::Ca::new("grpc test CA");
+    let clients = test_ca::Ca::new("grpc client CA");
+    let issued = ca.server("127.0.0.1");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls = server_tls(&issued.cert, &issued.key)
+        .client_ca_root(tonic::transport::Certificate::from_pem(clients.pem()));
+    let server = UsersServer::new("mtls", None, false).unwrap();
+    let serving = serve(listener, server, Some(tls)).await.unwrap();
+    let memory = Memory::new();
+    let reg = Registration::builder("mtls", "mtls")
+        .host("127.0.0.1")
+        .port(serving.addr().port())
+        .meta("scheme", "https")
+        .build()
+        .unwrap();
+    let _registration = memory.register(reg).await.unwrap();
+    let b = balancer(&memory, "mtls", RoundRobin::new(), 1).await;
+
+    let me = clients.client("client.waypost.test");
+    let with_identity = GrpcChannel::builder(b.clone())
+        .ca_certificate(ca.pem())
+        .identity(&me.cert, &me.key)
+        .build()
+        .unwrap();
+    let (by, errors) = send(&with_identity, 10, 2).await;
+    assert_eq!((errors, by.get("mtls")), (0, Some(&10)), "{by:?}");
+
+    // Without a client certificate, and with one the server's CA did not sign, the server
+    // refuses the handshake: every call fails.
+    let stranger = test_ca::Ca::new("another CA").client("client.waypost.test");
+    for channel in [
+        GrpcChannel::builder(b.clone()).ca_certificate(ca.pem()),
+        GrpcChannel::builder(b.clone())
+            .ca_certificate(ca.pem())
+            .identity(&stranger.cert, &stranger.key),
+    ] {
+        let (by, errors) = send(&channel.max_attempts(1).build().unwrap(), 4, 1).await;
+        assert_eq!(errors, 4, "{by:?}");
+    }
+    assert!(GrpcChannel::builder(b)
+        .identity(&me.cert, "not a key")
+        .build()
+        .is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
