@@ -22,7 +22,9 @@
 //! metadata `x-user-id: <n>`); `--key <metadata-key>` sends that metadata key with value
 //! `user-<n>` and hashes it. `GetUser` is declared idempotent, so a call may be retried on
 //! another instance. `--ca ca.pem` trusts that CA for instances registered with metadata
-//! `scheme=https` (as `grpc-service --tls-cert ... --tls-key ...` registers them).
+//! `scheme=https` (as `grpc-service --tls-cert ... --tls-key ...` registers them), and
+//! `--client-cert F --client-key F` presents a client certificate to instances that require
+//! one (mutual TLS).
 //!
 //! `--backend memory` starts three in-process instances (weights 1, 2, 3) to talk to, so the
 //! client can be tried without any server. `--duration 30s` sends until that much time has
@@ -33,10 +35,12 @@
 
 #[path = "../../common/mod.rs"]
 mod common;
+#[cfg(test)]
+#[path = "../../common/test_ca.rs"]
+mod test_ca;
 
 use common::Report;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -63,9 +67,8 @@ struct Args {
     service: String,
     #[command(flatten)]
     load: LoadArgs,
-    /// Trust this CA (PEM) for instances registered with metadata scheme=https.
-    #[arg(long, value_name = "FILE")]
-    ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: common::ClientTlsArgs,
 }
 
 /// What a call hashes on.
@@ -157,13 +160,7 @@ impl Session {
             .parse::<waypost::strategies::StrategyKind>()
             .map_err(|e| e.to_string())?
             .build();
-        let ca = match &args.ca {
-            Some(path) => Some(
-                std::fs::read(path)
-                    .map_err(|e| format!("cannot read the CA {}: {e}", path.display()))?,
-            ),
-            None => None,
-        };
+        let tls = args.tls.read()?;
 
         let metrics = match &args.load.metrics_addr {
             Some(addr) => Some(common::MetricsServer::start(addr).await?),
@@ -190,8 +187,11 @@ impl Session {
         if let Some(key) = &key {
             builder = builder.hash_key(key.metadata_key());
         }
-        if let Some(ca) = ca {
+        if let Some(ca) = tls.ca {
             builder = builder.ca_certificate(ca);
+        }
+        if let Some((cert, key)) = &tls.identity {
+            builder = builder.identity(cert, key);
         }
         let channel = match builder.build() {
             Ok(channel) => channel,
@@ -334,6 +334,7 @@ mod tests {
 
     use super::*;
     use common::scrape::{self, Scrape};
+    use std::path::PathBuf;
     use waypost_conformance::scenarios::eventually;
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
@@ -361,7 +362,7 @@ mod tests {
         .unwrap();
         assert_eq!(args.backend.backend, common::BackendKind::Consul);
         assert_eq!((args.load.requests, args.load.concurrency), (600, 4));
-        assert_eq!(args.ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(args.tls.ca, Some(PathBuf::from("ca.pem")));
         let names = waypost::strategies::names();
         assert!(
             names.contains(&"maglev") && names.contains(&"p2c-ewma"),
@@ -665,21 +666,18 @@ mod tests {
         backend: &common::Backend,
         service: &str,
         id: &str,
-        tls: Option<(&str, &str)>,
+        tls: Option<tonic::transport::ServerTlsConfig>,
     ) -> (waypost::RegistrationHandle, Serving) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = serve(
-            listener,
-            UsersServer::new(id, None, false).unwrap(),
-            tls.map(|(cert, key)| waypost_grpc_examples::server_tls(cert, key)),
-        )
-        .await
-        .unwrap();
+        let https = tls.is_some();
+        let server = serve(listener, UsersServer::new(id, None, false).unwrap(), tls)
+            .await
+            .unwrap();
         let mut reg = waypost::Registration::builder(service, id)
             .host("127.0.0.1")
             .port(server.addr().port())
             .meta("protocol", "grpc");
-        if tls.is_some() {
+        if https {
             reg = reg.meta("scheme", "https");
         }
         let handle = backend
@@ -781,7 +779,8 @@ mod tests {
         let ids = ["grpc-tls-a", "grpc-tls-b"];
         let mut running = Vec::new();
         for id in ids {
-            running.push(instance(&connected, service, id, Some((&cert_pem, &key_pem))).await);
+            let tls = waypost_grpc_examples::server_tls(&cert_pem, &key_pem);
+            running.push(instance(&connected, service, id, Some(tls)).await);
         }
         listed(&connected, service, 2).await;
 
@@ -811,5 +810,42 @@ mod tests {
             server.stop().await.unwrap();
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    #[tokio::test]
+    async fn a_client_certificate_reaches_instances_that_require_one_in_a_real_consul_agent() {
+        let consul = waypost_conformance::consul_server::ConsulServer::start().await;
+        let consul_addr = consul.addr();
+        let ca = test_ca::Ca::new("grpc-client test CA");
+        let clients = test_ca::Ca::new("grpc-client test client CA");
+        let server = ca.server("127.0.0.1");
+        let me = clients.client("grpc-client.waypost.test");
+        let files = test_ca::Files::new("grpc-client-mtls");
+        let ca_file = files.write("ca.pem", &ca.pem());
+        let cert_file = files.write("client.pem", &me.cert);
+        let key_file = files.write("client-key.pem", &me.key);
+
+        let service = "grpc-mtls";
+        let base = ["--backend", "consul", "--consul-addr", &consul_addr];
+        let connected = parse(&base).unwrap().backend.connect().await.unwrap();
+        let tls = waypost_grpc_examples::server_tls(&server.cert, &server.key)
+            .client_ca_root(tonic::transport::Certificate::from_pem(clients.pem()));
+        let (handle, serving) = instance(&connected, service, "grpc-mtls-a", Some(tls)).await;
+        listed(&connected, service, 1).await;
+
+        let mut args = base.to_vec();
+        args.extend_from_slice(&["--service", service, "--requests", "10", "--ca", &ca_file]);
+        let mut with_cert = args.clone();
+        with_cert.extend_from_slice(&["--client-cert", &cert_file, "--client-key", &key_file]);
+        let report = run(parse(&with_cert).unwrap()).await.unwrap();
+        assert_eq!((report.ok, report.errors), (10, 0), "{report:?}");
+
+        // Without the certificate the instance refuses the handshake: nothing is answered.
+        args.extend_from_slice(&["--timeout", "2s"]);
+        let report = run(parse(&args).unwrap()).await.unwrap();
+        assert_eq!(report.ok, 0, "{report:?}");
+        assert!(report.errors > 0, "{report:?}");
+
+        handle.shutdown().await.unwrap();
+        serving.stop().await.unwrap();
     }
 }

@@ -17,7 +17,9 @@
 //! metadata `protocol=grpc` (so `--meta protocol=...` is refused, as is `--meta scheme=...`).
 //!
 //! `--tls-cert cert.pem --tls-key key.pem` serves TLS instead of plaintext and registers the
-//! metadata `scheme=https` too, so that clients know to connect with TLS.
+//! metadata `scheme=https` too, so that clients know to connect with TLS. `--tls-client-ca
+//! ca.pem` also requires every client to present a certificate signed by that CA (mutual TLS;
+//! `grpc-client --client-cert F --client-key F`).
 //!
 //! The other options are `user-service`'s: `--id` (default `<name>-<random hex>`), `--host`
 //! (the address registered; default: the backend's choice — Consul and etcd use this machine's
@@ -33,9 +35,11 @@
 
 #[path = "../../common/mod.rs"]
 mod common;
+#[cfg(test)]
+#[path = "../../common/test_ca.rs"]
+mod test_ca;
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -53,12 +57,8 @@ struct Args {
     name: String,
     #[command(flatten)]
     instance: InstanceArgs,
-    /// Serve TLS with this certificate (chain), PEM; registers metadata scheme=https.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// The private key of --tls-cert, PEM.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    tls: common::ServeTlsArgs,
 }
 
 impl Args {
@@ -102,13 +102,14 @@ async fn run(
     Service::start(args).await?.serve(shutdown, emit).await
 }
 
-/// Reads the TLS certificate and key files.
-fn read_tls(cert: &PathBuf, key: &PathBuf) -> Result<tonic::transport::ServerTlsConfig, String> {
-    let read = |path: &PathBuf, what: &str| {
-        std::fs::read(path)
-            .map_err(|e| format!("cannot read the TLS {what} {}: {e}", path.display()))
-    };
-    Ok(server_tls(read(cert, "certificate")?, read(key, "key")?))
+/// The TLS a service serves, from the files' contents: its certificate, and with a client CA,
+/// mutual TLS.
+fn server_tls_of(pem: common::ServerPem) -> tonic::transport::ServerTlsConfig {
+    let tls = server_tls(pem.cert, pem.key);
+    match pem.client_ca {
+        Some(ca) => tls.client_ca_root(tonic::transport::Certificate::from_pem(ca)),
+        None => tls,
+    }
 }
 
 /// A registered, serving gRPC user service.
@@ -127,10 +128,7 @@ impl Service {
     async fn start(args: Args) -> Result<Service, String> {
         // Bad input fails before anything listens or connects.
         waypost::ServiceName::new(&args.name).map_err(|e| e.to_string())?;
-        let tls = match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => Some(read_tls(cert, key)?),
-            _ => None,
-        };
+        let tls = args.tls.read()?.map(server_tls_of);
         let id = args.instance.id_for(&args.name);
         let users = UsersServer::new(id.as_str(), None, false)
             .map_err(|e| format!("instance id {id:?} cannot be sent as gRPC metadata: {e}"))?;
@@ -221,6 +219,7 @@ mod tests {
     use super::*;
     use common::scrape::{self, Scrape};
     use serde_json::json;
+    use std::path::PathBuf;
     use std::sync::Arc;
     use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
     use tonic::Code;
@@ -263,7 +262,7 @@ mod tests {
         assert_eq!(args.instance.meta, [("zone".to_owned(), "a".to_owned())]);
         assert_eq!(args.instance.ttl, Duration::from_secs(10));
         assert_eq!(args.instance.zone.as_deref(), Some("z1"));
-        assert_eq!(args.tls_cert, None);
+        assert_eq!(args.tls.tls_cert, None);
 
         let args = parse(&[
             "--backend",
@@ -283,7 +282,9 @@ mod tests {
         assert!(parse(&["--tls-cert", "c.pem"]).is_err());
         assert!(parse(&["--tls-key", "k.pem"]).is_err());
         let args = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
-        assert_eq!(args.tls_key, Some(PathBuf::from("k.pem")));
+        assert_eq!(args.tls.tls_key, Some(PathBuf::from("k.pem")));
+        // A client CA only with a certificate to serve.
+        assert!(parse(&["--tls-client-ca", "ca.pem"]).is_err());
     }
 
     /// A service running in a task, its output lines on a channel.
@@ -538,38 +539,47 @@ mod tests {
         .await;
     }
 
-    /// A directory of its own under the system's temporary directory, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(what: &str) -> TempDir {
-            let dir = std::env::temp_dir().join(format!(
-                "waypost-grpc-{what}-{}-{:08x}",
-                std::process::id(),
-                fastrand::u32(..)
-            ));
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
+    /// One GetUser call over TLS to `addr`, trusting `ca`, presenting `identity`: the
+    /// instance that answered, or why none did.
+    async fn get_user_over_tls(
+        addr: &str,
+        ca: &str,
+        identity: Option<&test_ca::Issued>,
+    ) -> Result<String, String> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name("127.0.0.1");
+        if let Some(i) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(&i.cert, &i.key));
         }
+        let channel = Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        UsersClient::new(channel)
+            .get_user(GetUserRequest { id: 9 })
+            .await
+            .map(|r| r.into_inner().instance)
+            .map_err(|status| status.to_string())
     }
 
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    #[tokio::test]
-    async fn tls_serves_to_a_client_with_the_ca_and_registers_scheme_https() {
-        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-        let cert_pem = cert.cert.pem();
-        let dir = TempDir::new("tls");
-        let (cert_file, key_file) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
-        std::fs::write(&cert_file, &cert_pem).unwrap();
-        std::fs::write(&key_file, cert.key_pair.serialize_pem()).unwrap();
-
-        let (name, id) = ("grpc-tls", "grpc-tls-1");
-        let mut running = spawn(&[
+    /// Starts a service that serves TLS with `server`'s certificate (requiring client
+    /// certificates signed by `client_ca`, if given); its registered address.
+    async fn spawn_tls(
+        name: &str,
+        id: &str,
+        server: &test_ca::Issued,
+        client_ca: Option<&str>,
+    ) -> (Running, String) {
+        let files = test_ca::Files::new(&format!("grpc-service-{id}"));
+        let cert = files.write("cert.pem", &server.cert);
+        let key = files.write("key.pem", &server.key);
+        let mut args = vec![
             "--name",
             name,
             "--id",
@@ -577,12 +587,44 @@ mod tests {
             "--host",
             "127.0.0.1",
             "--tls-cert",
-            cert_file.to_str().unwrap(),
+            &cert,
             "--tls-key",
-            key_file.to_str().unwrap(),
-        ])
-        .await;
+            &key,
+        ];
+        let client_ca = client_ca.map(|pem| files.write("client-ca.pem", pem));
+        if let Some(ca) = &client_ca {
+            args.extend(["--tls-client-ca", ca.as_str()]);
+        }
+        let mut running = spawn(&args).await;
         let addr = registered(&running.lines.recv().await.unwrap(), id, name);
+        (running, addr)
+    }
+
+    #[tokio::test]
+    async fn tls_client_ca_requires_clients_to_present_a_certificate() {
+        let ca = test_ca::Ca::new("grpc-service test CA");
+        let clients = test_ca::Ca::new("grpc-service test client CA");
+        let server = ca.server("127.0.0.1");
+        let (name, id) = ("grpc-mtls", "grpc-mtls-1");
+        let (running, addr) = spawn_tls(name, id, &server, Some(&clients.pem())).await;
+
+        let me = clients.client("client.waypost.test");
+        let answered = get_user_over_tls(&addr, &ca.pem(), Some(&me)).await;
+        assert_eq!(answered.as_deref(), Ok(id));
+        let stranger = test_ca::Ca::new("another CA").client("client.waypost.test");
+        for identity in [None, Some(&stranger)] {
+            let refused = get_user_over_tls(&addr, &ca.pem(), identity).await;
+            assert!(refused.is_err(), "{refused:?}");
+        }
+        shut_down(running, id, name).await;
+    }
+
+    #[tokio::test]
+    async fn tls_serves_to_a_client_with_the_ca_and_registers_scheme_https() {
+        let ca = test_ca::Ca::new("grpc-service test CA");
+        let (name, id) = ("grpc-tls", "grpc-tls-1");
+        let (running, addr) = spawn_tls(name, id, &ca.server("127.0.0.1"), None).await;
+        let cert_pem = ca.pem();
 
         let channel = Endpoint::from_shared(format!("https://{addr}"))
             .unwrap()
@@ -648,10 +690,9 @@ mod tests {
         .unwrap_err();
         assert!(err.contains("cannot read the TLS certificate"), "{err}");
 
-        let dir = TempDir::new("bad-tls");
-        let junk = dir.0.join("junk.pem");
-        std::fs::write(&junk, "not PEM").unwrap();
-        let junk = junk.to_str().unwrap();
+        let files = test_ca::Files::new("grpc-service-bad-tls");
+        let junk = files.write("junk.pem", "not PEM");
+        let junk = junk.as_str();
         let err = run(
             parse(&["--host", "127.0.0.1", "--tls-cert", junk, "--tls-key", junk]).unwrap(),
             async {},
