@@ -244,13 +244,10 @@ impl Maker {
     }
 }
 
-type Inner = Balanced<
-    Box<dyn Fn(&ServiceInstance) -> Channel + Send + Sync>,
-    Channel,
-    Request,
-    Classifier,
-    MetadataKey,
->;
+/// Makes an instance's channel.
+type MakeChannel = Box<dyn Fn(&ServiceInstance) -> Channel + Send + Sync>;
+
+type Inner = Balanced<MakeChannel, Channel, Request, Classifier, MetadataKey>;
 
 /// A channel for tonic clients that balances every call over a Waypost [`Balancer`]; see the
 /// [module docs](self). Cheap to clone; clones share everything.
@@ -323,6 +320,11 @@ pub struct GrpcChannelBuilder {
     tls_domain: Option<String>,
     /// The client certificate (chain) and its private key, PEM, for mutual TLS.
     identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The caller's own maker of each instance's channel ([`GrpcChannelBuilder::channel_for`]).
+    own_channels: Option<MakeChannel>,
+    /// The options given that configure the channels Waypost makes, refused with
+    /// `own_channels`.
+    channel_options: Vec<&'static str>,
     hash_key: Option<String>,
     idempotent: HashSet<String>,
     max_attempts: u32,
@@ -336,6 +338,7 @@ impl fmt::Debug for GrpcChannelBuilder {
             .field("https", &self.https)
             .field("ca_certificates", &self.ca.len())
             .field("identity", &self.identity.is_some())
+            .field("own_channels", &self.own_channels.is_some())
             .field("hash_key", &self.hash_key)
             .field("idempotent", &self.idempotent)
             .field("max_attempts", &self.max_attempts)
@@ -363,6 +366,8 @@ impl GrpcChannel {
             ca: Vec::new(),
             tls_domain: None,
             identity: None,
+            own_channels: None,
+            channel_options: Vec::new(),
             hash_key: None,
             idempotent: HashSet::new(),
             max_attempts: 3,
@@ -375,6 +380,7 @@ impl GrpcChannelBuilder {
     /// The time limit for connecting to an instance (default 1 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self.channel_options.push("connect_timeout");
         self
     }
 
@@ -382,12 +388,14 @@ impl GrpcChannelBuilder {
     /// long is closed (default 20 s).
     pub fn keep_alive(mut self, interval: Duration) -> Self {
         self.keep_alive = interval;
+        self.channel_options.push("keep_alive");
         self
     }
 
     /// Use TLS to every instance, not only to those whose metadata says `scheme=https`.
     pub fn https(mut self, on: bool) -> Self {
         self.https = on;
+        self.channel_options.push("https");
         self
     }
 
@@ -395,6 +403,7 @@ impl GrpcChannelBuilder {
     /// TLS channel without a CA trusts no server.
     pub fn ca_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.ca.push(pem.into());
+        self.channel_options.push("ca_certificate");
         self
     }
 
@@ -415,12 +424,56 @@ impl GrpcChannelBuilder {
     /// ```
     pub fn identity(mut self, cert_pem: impl AsRef<[u8]>, key_pem: impl AsRef<[u8]>) -> Self {
         self.identity = Some((cert_pem.as_ref().to_vec(), key_pem.as_ref().to_vec()));
+        self.channel_options.push("identity");
         self
     }
 
     /// The name the instances' TLS certificates must carry, when it is not their host.
     pub fn tls_domain(mut self, name: impl Into<String>) -> Self {
         self.tls_domain = Some(name.into());
+        self.channel_options.push("tls_domain");
+        self
+    }
+
+    /// Makes each instance's tonic `Channel` with `make` instead of Waypost's own: for a
+    /// connector of your own (a proxy, a Unix socket, another TLS setup), or channel settings
+    /// Waypost does not expose. Picking, outcomes, streams and retries stay Waypost's. `make`
+    /// is called on the first call an instance gets, from within that call, so it should
+    /// return at once with a lazily connecting channel (`Endpoint::connect_lazy`,
+    /// `connect_with_connector_lazy`). The options that configure Waypost's own channels
+    /// ([`connect_timeout`](Self::connect_timeout), [`keep_alive`](Self::keep_alive),
+    /// [`https`](Self::https), [`ca_certificate`](Self::ca_certificate),
+    /// [`identity`](Self::identity), [`tls_domain`](Self::tls_domain)) then belong on your
+    /// endpoints, and [`build`](Self::build) refuses them here.
+    ///
+    /// ```
+    /// use tonic::transport::Endpoint;
+    /// use waypost::grpc::{GrpcChannel, GrpcError};
+    /// use waypost::strategies::RoundRobin;
+    /// use waypost::{Balancer, ServiceInstance};
+    ///
+    /// let own = |i: &ServiceInstance| {
+    ///     Endpoint::from_shared(format!("http://{}", i.authority()))
+    ///         .expect("an instance's address is a URI")
+    ///         .initial_stream_window_size(1 << 20)
+    ///         .connect_lazy()
+    /// };
+    /// let balancer = Balancer::new(RoundRobin::new());
+    /// assert!(GrpcChannel::builder(balancer.clone()).channel_for(own).build().is_ok());
+    ///
+    /// let err = GrpcChannel::builder(balancer)
+    ///     .channel_for(own)
+    ///     .ca_certificate("...")
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert!(matches!(err, GrpcError::Config { .. }));
+    /// assert!(err.to_string().contains("set them on your endpoints"), "{err}");
+    /// ```
+    pub fn channel_for(
+        mut self,
+        make: impl Fn(&ServiceInstance) -> Channel + Send + Sync + 'static,
+    ) -> Self {
+        self.own_channels = Some(Box::new(make));
         self
     }
 
@@ -466,6 +519,18 @@ impl GrpcChannelBuilder {
                 message: "max_attempts is 0: give at least 1 (1 disables retries)".into(),
             });
         }
+        if self.own_channels.is_some() && !self.channel_options.is_empty() {
+            let mut given = self.channel_options.clone();
+            given.sort_unstable();
+            given.dedup();
+            return Err(GrpcError::Config {
+                message: format!(
+                    "{} configure the channels Waypost makes, and channel_for makes your own: \
+                     set them on your endpoints instead",
+                    given.join(", ")
+                ),
+            });
+        }
         let configured =
             !self.ca.is_empty() || self.tls_domain.is_some() || self.identity.is_some();
         let tls = configured.then(|| {
@@ -492,14 +557,18 @@ impl GrpcChannelBuilder {
                     ),
                 })?;
         }
-        let maker = Maker {
-            connect_timeout: self.connect_timeout,
-            keep_alive: self.keep_alive,
-            https: self.https,
-            tls,
+        let make: MakeChannel = match self.own_channels {
+            Some(own) => own,
+            None => {
+                let maker = Maker {
+                    connect_timeout: self.connect_timeout,
+                    keep_alive: self.keep_alive,
+                    https: self.https,
+                    tls,
+                };
+                Box::new(move |i: &ServiceInstance| maker.channel(i))
+            }
         };
-        let make: Box<dyn Fn(&ServiceInstance) -> Channel + Send + Sync> =
-            Box::new(move |i: &ServiceInstance| maker.channel(i));
         let idempotent = Arc::new(self.idempotent);
         let inner = Balanced::builder(self.balancer, make)
             .classify(Classifier)

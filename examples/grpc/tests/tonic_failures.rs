@@ -5,7 +5,8 @@
 //! 1. load-aware strategies see real in-flight counts and latency: a slow instance gets clearly
 //!    less p2c-ewma traffic (tonic's P2C reads a load of 0 for every connection: random);
 //! 2. any Waypost strategy works, consistent-hash and maglev by a metadata key;
-//! 3. TLS to the instances, mutual TLS too;
+//! 3. TLS to the instances, mutual TLS too, and channels of one's own (tonic's balanced
+//!    channel takes no custom connector);
 //! 4. an instance removed while the channel is idle is never used afterwards, and changes are
 //!    applied while idle, with no queue that grows;
 //! 5. a dead instance stops getting traffic (outcomes plus the resilience wrapper's ejection)
@@ -293,6 +294,50 @@ async fn mutual_tls_presents_the_channels_client_certificate() {
         .identity(&me.cert, "not a key")
         .build()
         .is_err());
+}
+
+/// The registry says where an instance is; a maker of one's own may send its calls elsewhere
+/// (here: the real server, where the registry names a port nothing listens on, as a proxy or
+/// a sidecar would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_for_makes_each_instances_channel() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = UsersServer::new("real", None, false).unwrap();
+    let serving = serve(listener, server, None).await.unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let memory = Memory::new();
+    let reg = Registration::builder("own", "own-a")
+        .host("127.0.0.1")
+        .port(closed.port())
+        .build()
+        .unwrap();
+    let _registration = memory.register(reg).await.unwrap();
+    let b = balancer(&memory, "own", RoundRobin::new(), 1).await;
+
+    let real = serving.addr();
+    let made = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = made.clone();
+    let own = GrpcChannel::builder(b.clone())
+        .channel_for(move |i| {
+            seen.lock().unwrap().push(i.id().to_string());
+            tonic::transport::Endpoint::from_shared(format!("http://{real}"))
+                .unwrap()
+                .connect_lazy()
+        })
+        .build()
+        .unwrap();
+    let (by, errors) = send(&own, 10, 2).await;
+    assert_eq!((errors, by.get("real")), (0, Some(&10)), "{by:?}");
+    assert_eq!(*made.lock().unwrap(), ["own-a"], "one channel per instance");
+
+    // Waypost's own channel goes where the registry says: nothing answers there.
+    let plain = GrpcChannel::builder(b).max_attempts(1).build().unwrap();
+    let (by, errors) = send(&plain, 2, 1).await;
+    assert_eq!(errors, 2, "{by:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
