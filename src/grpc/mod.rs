@@ -12,7 +12,8 @@
 //!   timeout and HTTP/2 keep-alive of the builder; `https` (rustls) when the instance's metadata
 //!   says `scheme=https` or the builder says so for all, trusting the builder's CA and
 //!   presenting its client certificate ([`identity`](GrpcChannelBuilder::identity)) to
-//!   instances that require one.
+//!   instances that require one. Or the channel of your own maker
+//!   ([`channel_for`](GrpcChannelBuilder::channel_for)).
 //! - **Outcomes**: [`GrpcStatus`] reads the status of each call:
 //!   UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL and RESOURCE_EXHAUSTED, or a transport error, are
 //!   failures of the instance. A call stays in flight until its response body ends, so that a
