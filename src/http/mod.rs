@@ -16,7 +16,8 @@
 //! - Outcomes reach the pick guard: a 5xx answer, a connect error or a timeout is a failure,
 //!   any other answer a success, with its latency — so least-connections, P2C/EWMA and outlier
 //!   ejection see real results. The latency is the time to the response's head; the call
-//!   stays in flight until its body is read ([`Response::text`], `bytes`, `json`), or the
+//!   stays in flight until its body is read ([`Response::text`], `bytes`, `json`, or
+//!   [`chunk`](Response::chunk) by chunk to its end), or the
 //!   response is dropped or handed out with [`Response::into_inner`]. A body that breaks off
 //!   (the connection lost, a timeout) is a failure of the instance.
 //! - Retries go to a *different* instance ([`Balancer::pick_excluding`]), bounded by

@@ -154,10 +154,64 @@ impl Response {
         inner.json().await.map_err(fail)
     }
 
-    /// The underlying `reqwest` response (to stream the body, for instance): one of the two
-    /// reqwest types that are part of this API on purpose (see
-    /// [`waypost::http::reqwest`](super::reqwest)). The call ends here, as a success: what
-    /// the body does afterwards is not counted.
+    /// The body's next chunk, `None` at its end: for a body too large to hold at once, or one
+    /// that streams on. The call stays in flight until the end (or until the response is
+    /// dropped), and a body that breaks off is a failure of the instance, as for
+    /// [`text`](Self::text).
+    ///
+    /// ```
+    /// # use waypost::http::HttpClient;
+    /// # use waypost::strategies::RoundRobin;
+    /// # use waypost::{Balancer, ServiceInstance, WatchEvent};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let port = listener.local_addr()?.port();
+    /// # let app = axum::Router::new().route("/log", axum::routing::get(|| async { "line 1\nline 2\n" }));
+    /// # tokio::spawn(async move { axum::serve(listener, app).await });
+    /// # let balancer = Balancer::new(RoundRobin::new());
+    /// # balancer.apply(WatchEvent::Snapshot(vec![ServiceInstance::builder("logs", "l1").host("127.0.0.1").port(port).build()?]));
+    /// # let client = HttpClient::new(balancer.clone())?;
+    /// let mut response = client.get("/log").send().await?;
+    /// let state = balancer.endpoints()[0].clone();
+    /// let mut body = Vec::new();
+    /// while let Some(chunk) = response.chunk().await? {
+    ///     body.extend_from_slice(&chunk);
+    /// }
+    /// assert_eq!(body, b"line 1\nline 2\n");
+    /// assert_eq!((state.state().in_flight(), state.state().successes()), (0, 1));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, HttpError> {
+        let next = self.inner.chunk().await;
+        match next {
+            Ok(Some(chunk)) => Ok(Some(chunk)),
+            Ok(None) => {
+                if let Some(call) = self.call.take() {
+                    call.success();
+                }
+                Ok(None)
+            }
+            Err(source) => {
+                let error = HttpError::Body {
+                    method: self.method.clone(),
+                    path: self.path.clone(),
+                    instance: self.instance.id().clone(),
+                    source: TransportError::new(source),
+                };
+                if let Some(call) = self.call.take() {
+                    call.failure();
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The underlying `reqwest` response: one of the two reqwest types that are part of this
+    /// API on purpose (see [`waypost::http::reqwest`](super::reqwest)). The call ends here, as
+    /// a success: what the body does afterwards is not counted (to stream the body and have
+    /// it counted, read it with [`chunk`](Self::chunk)).
     pub fn into_inner(self) -> reqwest::Response {
         self.inner
     }

@@ -198,6 +198,13 @@ async fn a_call_lasts_until_its_body_is_read_and_a_broken_body_is_a_failure() {
         "read whole: the caller's type is not the instance's fault"
     );
 
+    // Chunk by chunk: in flight until the end.
+    let mut r = client.post("/x").body("chunks").send().await.unwrap();
+    assert_eq!(r.chunk().await.unwrap().as_deref(), Some(&b"chunks"[..]));
+    assert_eq!(counts("a").0, 1);
+    assert_eq!(r.chunk().await.unwrap(), None);
+    assert_eq!(counts("a"), (0, 4, 0));
+
     b.apply(WatchEvent::Snapshot(vec![instance("b", broken.addr)]));
     let r = client.get("/x").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
@@ -209,6 +216,16 @@ async fn a_call_lasts_until_its_body_is_read_and_a_broken_body_is_a_failure() {
         (0, 0, 1),
         "a body that broke off is the instance's failure"
     );
+    // The same read chunk by chunk: the part that came, then the break.
+    let mut r = client.get("/x").send().await.unwrap();
+    assert_eq!(
+        r.chunk().await.unwrap().as_deref(),
+        Some(&b"the first part"[..])
+    );
+    assert_eq!(counts("b"), (1, 0, 1));
+    let err = r.chunk().await.unwrap_err();
+    assert!(matches!(err, HttpError::Body { .. }), "{err:?}");
+    assert_eq!(counts("b"), (0, 0, 2));
 }
 
 #[tokio::test]
