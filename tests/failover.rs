@@ -151,6 +151,11 @@ impl TwoDcs {
         .await;
         let client = HttpClient::builder(balancer)
             .request_timeout(Duration::from_secs(5))
+            // Once, in a full CI run, an attempt to an instance being killed hung for the whole
+            // 5 s (not reproduced alone; a port taken over by another test's listener, or the
+            // server's drain, are the suspects). A try that hangs goes to another instance,
+            // as a service's own client would be set up.
+            .per_try_timeout(Duration::from_secs(2))
             // Every request may retry twice: a test that sends faster than a service would must
             // not be limited by the budget that protects real services from retry storms.
             .retry_budget(RetryBudget::new(2.0, 1000).unwrap())
