@@ -39,6 +39,16 @@ pub enum HealthCheck {
         /// Time limit of one check.
         timeout: Duration,
     },
+    /// The backend asks the server's gRPC health service (`grpc.health.v1.Health/Check`,
+    /// plaintext); SERVING is healthy.
+    Grpc {
+        /// `host:port`, or `host:port/service` to ask about one service of the server.
+        target: String,
+        /// Time between checks.
+        interval: Duration,
+        /// Time limit of one check.
+        timeout: Duration,
+    },
 }
 
 impl HealthCheck {
@@ -61,6 +71,28 @@ impl HealthCheck {
     pub fn tcp(address: impl Into<String>, interval: Duration) -> Self {
         HealthCheck::Tcp {
             address: address.into(),
+            interval,
+            timeout: interval.min(Duration::from_secs(10)),
+        }
+    }
+
+    /// A gRPC health check every `interval`, each with a time limit of `interval` (at most
+    /// 10 s): the backend calls `grpc.health.v1.Health/Check` on `target` (`host:port`, or
+    /// `host:port/service` to name the service asked about), over plaintext HTTP/2.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use waypost_core::{HealthCheck, Registration};
+    /// let check = HealthCheck::grpc("10.0.0.7:50051/users.Users", Duration::from_secs(5));
+    /// assert_eq!(check.heartbeat_interval(), None); // the backend runs it
+    /// assert!(Registration::builder("users", "u1").port(50051).check(check).build().is_ok());
+    /// let bad = HealthCheck::grpc("10.0.0.7", Duration::from_secs(5));
+    /// let err = Registration::builder("users", "u1").port(50051).check(bad).build().unwrap_err();
+    /// assert!(err.to_string().contains("host:port"), "{err}");
+    /// ```
+    pub fn grpc(target: impl Into<String>, interval: Duration) -> Self {
+        HealthCheck::Grpc {
+            target: target.into(),
             interval,
             timeout: interval.min(Duration::from_secs(10)),
         }
@@ -123,17 +155,48 @@ impl HealthCheck {
             } => {
                 positive(Field::CheckInterval, *interval)?;
                 positive(Field::CheckTimeout, *timeout)?;
-                match address.rsplit_once(':') {
-                    Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {
-                        Ok(())
-                    }
-                    _ => Err(ValidationError::new(
+                host_port(address)
+            }
+            HealthCheck::Grpc {
+                target,
+                interval,
+                timeout,
+            } => {
+                positive(Field::CheckInterval, *interval)?;
+                positive(Field::CheckTimeout, *timeout)?;
+                if let Some((at, _)) = target
+                    .char_indices()
+                    .find(|(_, c)| c.is_control() || c.is_whitespace())
+                {
+                    return Err(ValidationError::new(
                         Field::CheckAddress,
-                        Problem::Invalid(format!("{address:?} is not host:port")),
+                        Problem::ControlCharacter { at },
+                    ));
+                }
+                match target.split_once('/') {
+                    Some((_, "")) => Err(ValidationError::new(
+                        Field::CheckAddress,
+                        Problem::Invalid(format!(
+                            "{target:?} names no service after '/': give host:port or \
+                             host:port/service"
+                        )),
                     )),
+                    Some((address, _)) => host_port(address),
+                    None => host_port(target),
                 }
             }
         }
+    }
+}
+
+/// `address` is `host:port`, with a port from 1 up.
+fn host_port(address: &str) -> Result<(), ValidationError> {
+    match address.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
+        _ => Err(ValidationError::new(
+            Field::CheckAddress,
+            Problem::Invalid(format!("{address:?} is not host:port")),
+        )),
     }
 }
 
@@ -375,6 +438,22 @@ mod tests {
             &Field::CheckAddress
         );
         assert!(reg(HealthCheck::tcp("127.0.0.1:80", Duration::from_secs(1))).is_ok());
+        let grpc = |target: &str| reg(HealthCheck::grpc(target, Duration::from_secs(1)));
+        assert!(grpc("127.0.0.1:50051").is_ok());
+        assert!(grpc("127.0.0.1:50051/users.Users").is_ok());
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.1:0/users",
+            "127.0.0.1:50051/",
+            "h:1/a b",
+            ":1/x",
+        ] {
+            assert_eq!(
+                grpc(bad).unwrap_err().field(),
+                &Field::CheckAddress,
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -95,7 +95,9 @@ async fn keep_alive(
     ka.set_live();
     let ttl = check.heartbeat_interval();
     let period = ttl.unwrap_or_else(|| match &check {
-        HealthCheck::Http { interval, .. } | HealthCheck::Tcp { interval, .. } => {
+        HealthCheck::Http { interval, .. }
+        | HealthCheck::Tcp { interval, .. }
+        | HealthCheck::Grpc { interval, .. } => {
             (*interval).clamp(MIN_PROBE_PERIOD, MAX_PROBE_PERIOD)
         }
         _ => MAX_PROBE_PERIOD,

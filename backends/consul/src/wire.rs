@@ -55,6 +55,8 @@ pub(crate) struct Check {
     pub http: Option<String>,
     #[serde(rename = "TCP", skip_serializing_if = "Option::is_none")]
     pub tcp: Option<String>,
+    #[serde(rename = "GRPC", skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interval: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -98,6 +100,7 @@ impl ServiceRegistration {
             ttl: None,
             http: None,
             tcp: None,
+            grpc: None,
             interval: None,
             timeout: None,
             status: None,
@@ -123,6 +126,15 @@ impl ServiceRegistration {
                 timeout,
             } => {
                 check.tcp = Some(address.clone());
+                check.interval = Some(go_duration(*interval));
+                check.timeout = Some(go_duration(*timeout));
+            }
+            HealthCheck::Grpc {
+                target,
+                interval,
+                timeout,
+            } => {
+                check.grpc = Some(target.clone());
                 check.interval = Some(go_duration(*interval));
                 check.timeout = Some(go_duration(*timeout));
             }
@@ -580,7 +592,7 @@ mod tests {
     }
 
     #[test]
-    fn http_and_tcp_checks_are_run_by_consul() {
+    fn http_tcp_and_grpc_checks_are_run_by_consul() {
         let reg = Registration::builder("s", "i")
             .port(1)
             .check(HealthCheck::http(
@@ -604,6 +616,21 @@ mod tests {
         let p = ServiceRegistration::new(&reg.instance_or_host("h").unwrap(), &reg);
         assert_eq!(p.check.tcp.as_deref(), Some("127.0.0.1:1"));
         assert_eq!(p.check.timeout.as_deref(), Some("2s"));
+        let reg = Registration::builder("s", "i")
+            .port(1)
+            .check(HealthCheck::grpc(
+                "127.0.0.1:1/users.Users",
+                Duration::from_secs(3),
+            ))
+            .build()
+            .unwrap();
+        let p = ServiceRegistration::new(&reg.instance_or_host("h").unwrap(), &reg);
+        let json = serde_json::to_value(&p.check).unwrap();
+        assert_eq!(json["GRPC"], "127.0.0.1:1/users.Users");
+        assert_eq!(
+            (json["Interval"].as_str(), json.get("TTL")),
+            (Some("3s"), None)
+        );
     }
 
     #[test]

@@ -156,7 +156,7 @@ impl EtcdBuilder {
     /// The lease TTL of every registration made through this client, in whole seconds
     /// (rounded up, at least 1 s). When not set, a registration's
     /// [`HealthCheck::Ttl`](waypost_core::HealthCheck::Ttl) is used, and for checks etcd cannot
-    /// run (HTTP, TCP) [`DEFAULT_LEASE_TTL`]. Keep-alives go out every TTL/3.
+    /// run (HTTP, TCP, gRPC) [`DEFAULT_LEASE_TTL`]. Keep-alives go out every TTL/3.
     ///
     /// ```
     /// # use std::time::Duration;

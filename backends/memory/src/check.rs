@@ -1,8 +1,9 @@
 //! Health checks the backend runs itself: a TCP connect every interval.
 //!
-//! HTTP checks are run as TCP-connect checks to the URL's host and port: the memory backend
-//! carries no HTTP client (it must stay small enough to embed anywhere). An HTTP endpoint that
-//! accepts connections but answers 5xx therefore counts as passing here, unlike in Consul.
+//! HTTP and gRPC checks are run as TCP-connect checks to the URL's or the target's host and
+//! port: the memory backend carries no HTTP or gRPC client (it must stay small enough to embed
+//! anywhere). An HTTP endpoint that accepts connections but answers 5xx, or a gRPC server
+//! that says NOT_SERVING, therefore counts as passing here, unlike in Consul.
 
 use std::sync::Weak;
 use std::time::Duration;
@@ -40,6 +41,16 @@ impl Probe {
                 timeout,
             } => Some(Probe {
                 target: http_target(url),
+                interval: *interval,
+                timeout: *timeout,
+            }),
+            // The address part of `host:port/service`.
+            HealthCheck::Grpc {
+                target,
+                interval,
+                timeout,
+            } => Some(Probe {
+                target: Some(target.split('/').next().unwrap_or(target).to_owned()),
                 interval: *interval,
                 timeout: *timeout,
             }),

@@ -36,7 +36,12 @@ pub(crate) fn install(
 fn period(check: &HealthCheck) -> Duration {
     match (check.heartbeat_interval(), check) {
         (Some(every), _) => every,
-        (None, HealthCheck::Http { interval, .. } | HealthCheck::Tcp { interval, .. }) => *interval,
+        (
+            None,
+            HealthCheck::Http { interval, .. }
+            | HealthCheck::Tcp { interval, .. }
+            | HealthCheck::Grpc { interval, .. },
+        ) => *interval,
         (None, _) => Duration::from_secs(1),
     }
 }

@@ -9,8 +9,9 @@
 //!   hung) expires TTL after its last beat, and watchers see it removed.
 //! - **TCP checks** ([`HealthCheck::Tcp`]): the backend connects to the address every interval;
 //!   the instance is listed while the connection succeeds (from the first successful probe on).
-//! - **HTTP checks** ([`HealthCheck::Http`]) are run **as TCP-connect checks** to the URL's host
-//!   and port: the in-process backend carries no HTTP client. Consul runs real HTTP checks.
+//! - **HTTP checks** ([`HealthCheck::Http`]) and **gRPC checks** ([`HealthCheck::Grpc`]) are
+//!   run **as TCP-connect checks** to the URL's or the target's host and port: the in-process
+//!   backend carries no HTTP or gRPC client. Consul runs real HTTP and gRPC checks.
 //! - [`Registration::deregister_critical_after`] is not used: a TTL registration expires after
 //!   its TTL anyway, and a checked one stays registered (unlisted while failing) for as long as
 //!   its handle lives, since the handle would register it again at once.

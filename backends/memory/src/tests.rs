@@ -381,31 +381,44 @@ async fn tcp_check_lists_the_instance_while_it_accepts_connections() {
     drop(listener);
 }
 
+/// HTTP and gRPC checks run as TCP connects to their host and port (the URL's, the target's
+/// before any `/service`).
 #[tokio::test]
-async fn http_check_runs_as_a_tcp_connect() {
+async fn http_and_grpc_checks_run_as_a_tcp_connect() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let memory = Memory::new();
-    let reg = |id: &str, url: String| {
-        Registration::builder("http", id)
-            .port(addr.port())
-            .check(HealthCheck::http(url, Duration::from_millis(50)))
-            .build()
-            .unwrap()
-    };
-    let up = memory
-        .register(reg("up", format!("http://{addr}/health")))
-        .await
-        .unwrap();
-    // Nothing listens on port 1 of loopback: never listed.
-    let down = memory
-        .register(reg("down", "http://127.0.0.1:1/health".into()))
-        .await
-        .unwrap();
-    wait_ids(&memory, "http", &["up"]).await;
-    up.shutdown().await.unwrap();
-    down.shutdown().await.unwrap();
-    wait_ids(&memory, "http", &[]).await;
+    /// A check of one kind on an address.
+    type Check = fn(&str) -> HealthCheck;
+    let kinds: [(&str, Check); 2] = [
+        ("http", |a| {
+            HealthCheck::http(format!("http://{a}/health"), Duration::from_millis(50))
+        }),
+        ("grpc", |a| {
+            HealthCheck::grpc(format!("{a}/users.Users"), Duration::from_millis(50))
+        }),
+    ];
+    for (service, check) in kinds {
+        let reg = |id: &str, address: String| {
+            let check = check(&address);
+            assert_eq!(check.heartbeat_interval(), None);
+            Registration::builder(service, id)
+                .port(addr.port())
+                .check(check)
+                .build()
+                .unwrap()
+        };
+        let up = memory.register(reg("up", addr.to_string())).await.unwrap();
+        // Nothing listens on port 1 of loopback: never listed.
+        let down = memory
+            .register(reg("down", "127.0.0.1:1".into()))
+            .await
+            .unwrap();
+        wait_ids(&memory, service, &["up"]).await;
+        up.shutdown().await.unwrap();
+        down.shutdown().await.unwrap();
+        wait_ids(&memory, service, &[]).await;
+    }
 }
 
 #[tokio::test]

@@ -43,6 +43,15 @@ pub mod users {
     tonic::include_proto!("users");
 }
 
+/// The standard health protocol's `Check` (`grpc.health.v1`, from `proto/health.proto`),
+/// which [`serve`] serves beside `users`: what a Consul gRPC check
+/// (`waypost::HealthCheck::grpc`) calls.
+pub mod health {
+    tonic::include_proto!("grpc.health.v1");
+}
+
+use health::health_check_response::ServingStatus;
+use health::{HealthCheckRequest, HealthCheckResponse};
 use users::{GetUserRequest, ListUsersRequest, ListUsersResponse, User};
 
 /// The response metadata key every reply (and every error status) carries: the id of the
@@ -250,6 +259,32 @@ impl users::users_server::Users for UsersServer {
     }
 }
 
+/// The health of a [`UsersServer`]: SERVING, or NOT_SERVING while it is unavailable
+/// ([`Control::set_unavailable`]), for the server as a whole (`""`) and for `users.Users`;
+/// any other service is NOT_FOUND, as the health protocol says.
+#[tonic::async_trait]
+impl health::health_server::Health for UsersServer {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        let service = request.get_ref().service.as_str();
+        if !matches!(service, "" | "users.Users") {
+            return Err(Status::not_found(format!(
+                "no service {service:?} here: ask about \"\" or \"users.Users\""
+            )));
+        }
+        let status = if self.control.is_unavailable() {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        Ok(Response::new(HealthCheckResponse {
+            status: status.into(),
+        }))
+    }
+}
+
 /// The TLS configuration of a server with this certificate (chain) and private key, both PEM.
 pub fn server_tls(cert_pem: impl AsRef<[u8]>, key_pem: impl AsRef<[u8]>) -> ServerTlsConfig {
     ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem))
@@ -292,7 +327,8 @@ impl Drop for Serving {
 }
 
 /// Serves `server` on `listener` (over TLS when `tls` is given; it must carry an identity, as
-/// [`server_tls`] makes) until the returned handle is stopped or dropped.
+/// [`server_tls`] makes) until the returned handle is stopped or dropped, with its [`health`]
+/// service beside it.
 ///
 /// A TLS configuration whose certificate or key cannot be read is an
 /// [`io::ErrorKind::InvalidInput`] error.
@@ -311,7 +347,10 @@ pub async fn serve(
             )
         })?;
     }
-    let router = builder.add_service(server.into_service());
+    let health = health::health_server::HealthServer::new(server.clone());
+    let router = builder
+        .add_service(server.into_service())
+        .add_service(health);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
