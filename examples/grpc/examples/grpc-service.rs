@@ -16,6 +16,9 @@
 //! `--port 0` binds an ephemeral port and registers that port. The registration carries the
 //! metadata `protocol=grpc` (so `--meta protocol=...` is refused, as is `--meta scheme=...`).
 //!
+//! `--grpc-check 5s` registers a gRPC health check instead of the TTL heartbeat: the backend
+//! (the Consul agent) asks the service's own `grpc.health.v1` `Check` every 5 s.
+//!
 //! `--tls-cert cert.pem --tls-key key.pem` serves TLS instead of plaintext and registers the
 //! metadata `scheme=https` too, so that clients know to connect with TLS. `--tls-client-ca
 //! ca.pem` also requires every client to present a certificate signed by that CA (mutual TLS;
@@ -59,6 +62,11 @@ struct Args {
     instance: InstanceArgs,
     #[command(flatten)]
     tls: common::ServeTlsArgs,
+    /// Register a gRPC health check instead of the TTL heartbeat: the backend asks this
+    /// service's grpc.health.v1 Check for users.Users at --host (127.0.0.1 without one) every
+    /// INTERVAL, e.g. 5s. Plaintext only.
+    #[arg(long, value_name = "INTERVAL", value_parser = common::parse_duration, conflicts_with = "tls_cert")]
+    grpc_check: Option<std::time::Duration>,
 }
 
 impl Args {
@@ -154,6 +162,11 @@ impl Service {
             .meta("protocol", "grpc");
         if https {
             registration = registration.meta("scheme", "https");
+        }
+        if let Some(every) = args.grpc_check {
+            let host = args.instance.host.as_deref().unwrap_or("127.0.0.1");
+            let target = format!("{host}:{}/users.Users", server.addr().port());
+            registration = registration.check(waypost::HealthCheck::grpc(target, every));
         }
         let registration = registration.build().map_err(|e| e.to_string())?;
         let handle = backend
@@ -285,6 +298,10 @@ mod tests {
         assert_eq!(args.tls.tls_key, Some(PathBuf::from("k.pem")));
         // A client CA only with a certificate to serve.
         assert!(parse(&["--tls-client-ca", "ca.pem"]).is_err());
+        // The gRPC check is plaintext.
+        let args = parse(&["--grpc-check", "5s"]).unwrap();
+        assert_eq!(args.grpc_check, Some(Duration::from_secs(5)));
+        assert!(parse(&["--grpc-check", "5s", "--tls-cert", "c", "--tls-key", "k"]).is_err());
     }
 
     /// A service running in a task, its output lines on a channel.
@@ -526,6 +543,34 @@ mod tests {
             &["--backend", "consul", "--consul-addr", &consul.addr()],
         )
         .await;
+    }
+
+    /// With `--grpc-check`, the agent lists the service only once its own gRPC check passes:
+    /// a call to the example's grpc.health.v1 Check.
+    #[tokio::test]
+    async fn grpc_check_is_run_by_a_real_consul_agent_against_the_services_health() {
+        let consul = waypost_conformance::consul_server::ConsulServer::start().await;
+        let (name, id) = ("grpc-checked", "grpc-checked-1");
+        let mut running = spawn(&[
+            "--name",
+            name,
+            "--id",
+            id,
+            "--host",
+            "127.0.0.1",
+            "--grpc-check",
+            "1s",
+            "--backend",
+            "consul",
+            "--consul-addr",
+            &consul.addr(),
+        ])
+        .await;
+        registered(&running.lines.recv().await.unwrap(), id, name);
+        // Consul starts a gRPC check critical, and lists passing instances only.
+        let listed = listed(&running.discovery, name).await;
+        assert_eq!(listed[0].id().as_str(), id);
+        shut_down(running, id, name).await;
     }
 
     #[tokio::test]
