@@ -1,6 +1,7 @@
 //! An answer, with the instance that gave it.
 
 use std::fmt;
+use std::future::Future;
 
 use bytes::Bytes;
 use reqwest::header::HeaderMap;
@@ -136,22 +137,19 @@ impl Response {
     /// latency recorded is the time to the response's head. A response dropped unread is a
     /// success.
     pub async fn text(self) -> Result<String, HttpError> {
-        let (fail, inner) = self.split();
-        inner.text().await.map_err(fail)
+        self.read(reqwest::Response::text).await
     }
 
     /// The body as bytes (the call in flight until then, as for [`text`](Self::text)).
     pub async fn bytes(self) -> Result<Bytes, HttpError> {
-        let (fail, inner) = self.split();
-        inner.bytes().await.map_err(fail)
+        self.read(reqwest::Response::bytes).await
     }
 
     /// The body decoded from JSON (the call in flight until then, as for
     /// [`text`](Self::text); a body that does not decode is the caller's type's concern, not
     /// a failure of the instance).
     pub async fn json<T: serde::de::DeserializeOwned>(self) -> Result<T, HttpError> {
-        let (fail, inner) = self.split();
-        inner.json().await.map_err(fail)
+        self.read(reqwest::Response::json::<T>).await
     }
 
     /// The body's next chunk, `None` at its end: for a body too large to hold at once, or one
@@ -185,27 +183,17 @@ impl Response {
     /// ```
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, HttpError> {
         let next = self.inner.chunk().await;
-        match next {
-            Ok(Some(chunk)) => Ok(Some(chunk)),
-            Ok(None) => {
-                if let Some(call) = self.call.take() {
-                    call.success();
-                }
-                Ok(None)
-            }
-            Err(source) => {
-                let error = HttpError::Body {
-                    method: self.method.clone(),
-                    path: self.path.clone(),
-                    instance: self.instance.id().clone(),
-                    source: TransportError::new(source),
-                };
-                if let Some(call) = self.call.take() {
-                    call.failure();
-                }
-                Err(error)
-            }
+        if !matches!(next, Ok(Some(_))) {
+            end(self.call.take(), &next);
         }
+        next.map_err(|source| {
+            body_error(
+                self.method.clone(),
+                self.path.clone(),
+                &self.instance,
+                source,
+            )
+        })
     }
 
     /// The underlying `reqwest` response: one of the two reqwest types that are part of this
@@ -216,50 +204,31 @@ impl Response {
         self.inner
     }
 
-    /// The body's reader, and what turns its error into the client's, recording the call's
-    /// outcome on the way: a success, unless the body broke off.
-    fn split(self) -> (impl FnOnce(reqwest::Error) -> HttpError, BodyCall) {
-        let Response {
-            inner,
-            instance,
-            method,
-            path,
-            call,
-            ..
-        } = self;
-        let fail = move |source: reqwest::Error| HttpError::Body {
-            method,
-            path,
-            instance: instance.id().clone(),
-            source: TransportError::new(source),
-        };
-        (fail, BodyCall { inner, call })
+    /// Reads the body with `read`, records the call's outcome by it, and turns its error
+    /// into the client's.
+    async fn read<T, F>(mut self, read: impl FnOnce(reqwest::Response) -> F) -> Result<T, HttpError>
+    where
+        F: Future<Output = Result<T, reqwest::Error>>,
+    {
+        let call = self.call.take();
+        let body = read(self.inner).await;
+        end(call, &body);
+        body.map_err(|source| body_error(self.method, self.path, &self.instance, source))
     }
 }
 
-/// A response whose body is read, with the call it ends.
-struct BodyCall {
-    inner: reqwest::Response,
-    call: Option<PickGuard>,
-}
-
-impl BodyCall {
-    async fn text(self) -> Result<String, reqwest::Error> {
-        let result = self.inner.text().await;
-        end(self.call, &result);
-        result
-    }
-
-    async fn bytes(self) -> Result<Bytes, reqwest::Error> {
-        let result = self.inner.bytes().await;
-        end(self.call, &result);
-        result
-    }
-
-    async fn json<T: serde::de::DeserializeOwned>(self) -> Result<T, reqwest::Error> {
-        let result = self.inner.json().await;
-        end(self.call, &result);
-        result
+/// The client's error for a body that could not be read (or decoded).
+fn body_error(
+    method: Method,
+    path: String,
+    instance: &ServiceInstance,
+    source: reqwest::Error,
+) -> HttpError {
+    HttpError::Body {
+        method,
+        path,
+        instance: instance.id().clone(),
+        source: TransportError::new(source),
     }
 }
 

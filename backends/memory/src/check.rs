@@ -50,7 +50,12 @@ impl Probe {
                 interval,
                 timeout,
             } => Some(Probe {
-                target: Some(target.split('/').next().unwrap_or(target).to_owned()),
+                target: Some(
+                    target
+                        .split_once('/')
+                        .map_or(&target[..], |(a, _)| a)
+                        .to_owned(),
+                ),
                 interval: *interval,
                 timeout: *timeout,
             }),

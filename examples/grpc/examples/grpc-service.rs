@@ -404,18 +404,22 @@ mod tests {
         .await;
     }
 
+    /// Starts instance `id` of service `name` on loopback with the flags `more`, and reads
+    /// its registered line: the service and the address it registered.
+    async fn start_registered(name: &str, id: &str, more: &[&str]) -> (Running, String) {
+        let mut args = vec!["--name", name, "--id", id, "--host", "127.0.0.1"];
+        args.extend_from_slice(more);
+        let mut running = spawn(&args).await;
+        let addr = registered(&running.lines.recv().await.unwrap(), id, name);
+        (running, addr)
+    }
+
     /// Runs the README's command line (plus `--metrics-addr 127.0.0.1:0`) as service `name`
     /// against `backend` (whose short name is `backend_name`) and checks the output contract,
     /// the gRPC service, what the backend lists, the registration's metrics and the shutdown.
     async fn exercise(name: &str, backend_name: &str, backend: &[&str]) {
         let id = format!("{name}-1");
         let mut args = vec![
-            "--name",
-            name,
-            "--id",
-            &id,
-            "--host",
-            "127.0.0.1",
             "--port",
             "0",
             "--weight",
@@ -430,8 +434,7 @@ mod tests {
             "127.0.0.1:0",
         ];
         args.extend_from_slice(backend);
-        let mut running = spawn(&args).await;
-        let addr = registered(&running.lines.recv().await.unwrap(), &id, name);
+        let (running, addr) = start_registered(name, &id, &args).await;
 
         // It serves gRPC where it registered, and says who answered.
         let mut c = plaintext(&addr).await;
@@ -551,22 +554,19 @@ mod tests {
     async fn grpc_check_is_run_by_a_real_consul_agent_against_the_services_health() {
         let consul = waypost_conformance::consul_server::ConsulServer::start().await;
         let (name, id) = ("grpc-checked", "grpc-checked-1");
-        let mut running = spawn(&[
-            "--name",
+        let (running, _) = start_registered(
             name,
-            "--id",
             id,
-            "--host",
-            "127.0.0.1",
-            "--grpc-check",
-            "1s",
-            "--backend",
-            "consul",
-            "--consul-addr",
-            &consul.addr(),
-        ])
+            &[
+                "--grpc-check",
+                "1s",
+                "--backend",
+                "consul",
+                "--consul-addr",
+                &consul.addr(),
+            ],
+        )
         .await;
-        registered(&running.lines.recv().await.unwrap(), id, name);
         // Consul starts a gRPC check critical, and lists passing instances only.
         let listed = listed(&running.discovery, name).await;
         assert_eq!(listed[0].id().as_str(), id);
@@ -624,25 +624,12 @@ mod tests {
         let files = test_ca::Files::new(&format!("grpc-service-{id}"));
         let cert = files.write("cert.pem", &server.cert);
         let key = files.write("key.pem", &server.key);
-        let mut args = vec![
-            "--name",
-            name,
-            "--id",
-            id,
-            "--host",
-            "127.0.0.1",
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-        ];
+        let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
         let client_ca = client_ca.map(|pem| files.write("client-ca.pem", pem));
         if let Some(ca) = &client_ca {
             args.extend(["--tls-client-ca", ca.as_str()]);
         }
-        let mut running = spawn(&args).await;
-        let addr = registered(&running.lines.recv().await.unwrap(), id, name);
-        (running, addr)
+        start_registered(name, id, &args).await
     }
 
     #[tokio::test]
