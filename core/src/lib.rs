@@ -83,7 +83,7 @@ pub use error::{Cause, Error, Field, Problem, ValidationError};
 pub use event::{Watch, WatchEvent};
 pub use host::local_ipv4;
 pub use instance::{Health, InstanceBuilder, InstanceId, ServiceInstance, ServiceName, Weight};
-pub use registration::{HealthCheck, Registration, RegistrationBuilder};
+pub use registration::{CheckTls, HealthCheck, Registration, RegistrationBuilder};
 pub use registry::{KeepAlive, Liveness, RegistrationHandle, Registry, StopMode};
 pub use set::InstanceSet;
 pub use strategy::{PickContext, Picker, Strategy};

@@ -39,8 +39,8 @@ pub enum HealthCheck {
         /// Time limit of one check.
         timeout: Duration,
     },
-    /// The backend asks the server's gRPC health service (`grpc.health.v1.Health/Check`,
-    /// plaintext); SERVING is healthy.
+    /// The backend asks the server's gRPC health service (`grpc.health.v1.Health/Check`);
+    /// SERVING is healthy.
     Grpc {
         /// `host:port`, or `host:port/service` to ask about one service of the server.
         target: String,
@@ -48,7 +48,32 @@ pub enum HealthCheck {
         interval: Duration,
         /// Time limit of one check.
         timeout: Duration,
+        /// `None`: plaintext HTTP/2. `Some`: over TLS, the server's certificate treated as it
+        /// says.
+        tls: Option<CheckTls>,
     },
+}
+
+/// How a check the backend runs over TLS treats the server's certificate.
+///
+/// ```
+/// use std::time::Duration;
+/// use waypost_core::{CheckTls, HealthCheck};
+/// let check = HealthCheck::grpc_tls("10.0.0.7:50051", Duration::from_secs(5), CheckTls::Verify);
+/// assert!(matches!(check, HealthCheck::Grpc { tls: Some(CheckTls::Verify), .. }));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CheckTls {
+    /// The certificate must be signed by a root the backend trusts and carry the name it
+    /// expects. A Consul agent (1.8) trusts the system's roots and expects the target's host.
+    /// With `enable_agent_tls_for_checks = true` in its configuration it trusts its own
+    /// `ca_file` instead, expects its `server_name` (by default its node name) whatever the
+    /// target, and presents its own `cert_file` to servers that ask for a client certificate.
+    Verify,
+    /// Any certificate is accepted (Consul's `TLSSkipVerify`): the check proves that the server
+    /// answers over TLS and says SERVING, not who it is.
+    SkipVerify,
 }
 
 impl HealthCheck {
@@ -95,6 +120,28 @@ impl HealthCheck {
             target: target.into(),
             interval,
             timeout: interval.min(Duration::from_secs(10)),
+            tls: None,
+        }
+    }
+
+    /// [`grpc`](Self::grpc) over TLS, for a server that serves only TLS: the backend verifies
+    /// the server's certificate, or not, as `tls` says. The memory backend connects over TCP
+    /// only, as for every gRPC check.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use waypost_core::{CheckTls, HealthCheck, Registration};
+    /// let check = HealthCheck::grpc_tls("users.internal:50051", Duration::from_secs(5), CheckTls::SkipVerify);
+    /// let reg = Registration::builder("users", "u1").port(50051).check(check).build()?;
+    /// assert!(matches!(reg.check(), HealthCheck::Grpc { tls: Some(CheckTls::SkipVerify), .. }));
+    /// # Ok::<(), waypost_core::ValidationError>(())
+    /// ```
+    pub fn grpc_tls(target: impl Into<String>, interval: Duration, tls: CheckTls) -> Self {
+        HealthCheck::Grpc {
+            target: target.into(),
+            interval,
+            timeout: interval.min(Duration::from_secs(10)),
+            tls: Some(tls),
         }
     }
 
@@ -161,6 +208,7 @@ impl HealthCheck {
                 target,
                 interval,
                 timeout,
+                tls: _,
             } => {
                 positive(Field::CheckInterval, *interval)?;
                 positive(Field::CheckTimeout, *timeout)?;

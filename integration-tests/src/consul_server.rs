@@ -201,6 +201,8 @@ impl Drop for Agent {
 pub struct ConsulServer {
     agent: Agent,
     acl_token: Option<String>,
+    /// Configuration added by [`start_with_config`](Self::start_with_config), kept for restarts.
+    config: Option<String>,
     /// For [`put`](Self::put): one client, so that a test's many writes share connections.
     http: reqwest::Client,
 }
@@ -221,7 +223,30 @@ impl ConsulServer {
     /// # Panics
     /// When no `consul` binary is found, or the agent does not come up.
     pub async fn start() -> ConsulServer {
-        Self::start_inner(None).await
+        Self::start_inner(None, None).await
+    }
+
+    /// Starts an agent with `hcl` added to its configuration (one `-hcl` argument, kept for
+    /// [`restart`](Self::restart)): for what a test needs of the agent itself, such as the TLS
+    /// files its health checks use.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use waypost_conformance::consul_server::ConsulServer;
+    ///
+    /// let server = ConsulServer::start_with_config(r#"node_meta { rack = "r7" }"#).await;
+    /// let me = reqwest::get(format!("{}/v1/agent/self", server.http_url())).await?;
+    /// let me: serde_json::Value = me.json().await?;
+    /// assert_eq!(me["Meta"]["rack"], "r7");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    /// As [`start`](Self::start); also when the agent refuses the configuration.
+    pub async fn start_with_config(hcl: &str) -> ConsulServer {
+        Self::start_inner(None, Some(hcl.to_owned())).await
     }
 
     /// Starts an agent with ACLs enabled, default policy `deny`, and a bootstrap (master)
@@ -231,10 +256,10 @@ impl ConsulServer {
             "00000000-0000-4000-8000-{:012x}",
             u64::from(std::process::id()) << 16 | u64::from(NEXT.fetch_add(1, Ordering::Relaxed))
         );
-        Self::start_inner(Some(token)).await
+        Self::start_inner(Some(token), None).await
     }
 
-    async fn start_inner(acl_token: Option<String>) -> ConsulServer {
+    async fn start_inner(acl_token: Option<String>, config: Option<String>) -> ConsulServer {
         let bin = consul_bin();
         let mut last_error = String::new();
         // Free ports are picked by binding port 0 and releasing it: another process may grab one
@@ -243,6 +268,7 @@ impl ConsulServer {
             let server = ConsulServer {
                 agent: Agent::new(bin.clone()),
                 acl_token: acl_token.clone(),
+                config: config.clone(),
                 http: reqwest::Client::builder()
                     .no_proxy()
                     .build()
@@ -315,6 +341,9 @@ impl ConsulServer {
 
     fn command(&self) -> Command {
         let mut cmd = self.agent.command("waypost-test", None);
+        if let Some(hcl) = &self.config {
+            cmd.args(["-hcl", hcl]);
+        }
         if let Some(token) = &self.acl_token {
             cmd.args([
                 "-hcl",

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tracing::warn;
-use waypost_core::{Health, HealthCheck, Registration, ServiceInstance, ServiceName};
+use waypost_core::{CheckTls, Health, HealthCheck, Registration, ServiceInstance, ServiceName};
 
 /// The metadata key that carries an instance's zone: a registration's zone is written to
 /// `Meta.zone` (replacing a metadata pair of that name), and `Meta.zone` is read back as the
@@ -57,6 +57,10 @@ pub(crate) struct Check {
     pub tcp: Option<String>,
     #[serde(rename = "GRPC", skip_serializing_if = "Option::is_none")]
     pub grpc: Option<String>,
+    #[serde(rename = "GRPCUseTLS", skip_serializing_if = "std::ops::Not::not")]
+    pub grpc_use_tls: bool,
+    #[serde(rename = "TLSSkipVerify", skip_serializing_if = "std::ops::Not::not")]
+    pub tls_skip_verify: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interval: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -101,6 +105,8 @@ impl ServiceRegistration {
             http: None,
             tcp: None,
             grpc: None,
+            grpc_use_tls: false,
+            tls_skip_verify: false,
             interval: None,
             timeout: None,
             status: None,
@@ -133,8 +139,12 @@ impl ServiceRegistration {
                 target,
                 interval,
                 timeout,
+                tls,
             } => {
                 check.grpc = Some(target.clone());
+                check.grpc_use_tls = tls.is_some();
+                // A kind of verification this crate does not know yet is the strict one.
+                check.tls_skip_verify = matches!(tls, Some(CheckTls::SkipVerify));
                 check.interval = Some(go_duration(*interval));
                 check.timeout = Some(go_duration(*timeout));
             }
@@ -631,6 +641,26 @@ mod tests {
             (json["Interval"].as_str(), json.get("TTL")),
             (Some("3s"), None)
         );
+        // Plaintext: neither TLS field is sent.
+        assert_eq!(
+            (json.get("GRPCUseTLS"), json.get("TLSSkipVerify")),
+            (None, None)
+        );
+        for (tls, skip) in [(CheckTls::Verify, None), (CheckTls::SkipVerify, Some(true))] {
+            let reg = Registration::builder("s", "i")
+                .port(1)
+                .check(HealthCheck::grpc_tls("h:1", Duration::from_secs(3), tls))
+                .build()
+                .unwrap();
+            let p = ServiceRegistration::new(&reg.instance_or_host("h").unwrap(), &reg);
+            let json = serde_json::to_value(&p.check).unwrap();
+            assert_eq!(json["GRPCUseTLS"], true, "{tls:?}");
+            assert_eq!(
+                json.get("TLSSkipVerify").and_then(|v| v.as_bool()),
+                skip,
+                "{tls:?}"
+            );
+        }
     }
 
     #[test]

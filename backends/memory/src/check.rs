@@ -49,6 +49,7 @@ impl Probe {
                 target,
                 interval,
                 timeout,
+                tls: _,
             } => Some(Probe {
                 target: Some(
                     target

@@ -11,7 +11,8 @@
 //!   the instance is listed while the connection succeeds (from the first successful probe on).
 //! - **HTTP checks** ([`HealthCheck::Http`]) and **gRPC checks** ([`HealthCheck::Grpc`]) are
 //!   run **as TCP-connect checks** to the URL's or the target's host and port: the in-process
-//!   backend carries no HTTP or gRPC client. Consul runs real HTTP and gRPC checks.
+//!   backend carries no HTTP, gRPC or TLS client, so a check over TLS
+//!   ([`HealthCheck::grpc_tls`]) is a TCP connect too. Consul runs real HTTP and gRPC checks.
 //! - [`Registration::deregister_critical_after`] is not used: a TTL registration expires after
 //!   its TTL anyway, and a checked one stays registered (unlisted while failing) for as long as
 //!   its handle lives, since the handle would register it again at once.

@@ -17,7 +17,10 @@
 //! metadata `protocol=grpc` (so `--meta protocol=...` is refused, as is `--meta scheme=...`).
 //!
 //! `--grpc-check 5s` registers a gRPC health check instead of the TTL heartbeat: the backend
-//! (the Consul agent) asks the service's own `grpc.health.v1` `Check` every 5 s.
+//! (the Consul agent) asks the service's own `grpc.health.v1` `Check` every 5 s. With
+//! `--tls-cert` the check is made over TLS, and the agent verifies the certificate (see
+//! `waypost::CheckTls::Verify` for what a Consul agent trusts and expects), unless
+//! `--grpc-check-skip-verify` is given too.
 //!
 //! `--tls-cert cert.pem --tls-key key.pem` serves TLS instead of plaintext and registers the
 //! metadata `scheme=https` too, so that clients know to connect with TLS. `--tls-client-ca
@@ -49,6 +52,7 @@ use clap::Parser;
 use waypost_grpc_examples::{serve, server_tls, Serving, UsersServer};
 
 use common::{line, BackendArgs, Event, InstanceArgs};
+use waypost::CheckTls;
 
 #[derive(Debug, Parser)]
 #[command(about = "A gRPC user service that registers itself with Waypost")]
@@ -64,9 +68,12 @@ struct Args {
     tls: common::ServeTlsArgs,
     /// Register a gRPC health check instead of the TTL heartbeat: the backend asks this
     /// service's grpc.health.v1 Check for users.Users at --host (127.0.0.1 without one) every
-    /// INTERVAL, e.g. 5s. Plaintext only.
-    #[arg(long, value_name = "INTERVAL", value_parser = common::parse_duration, conflicts_with = "tls_cert")]
+    /// INTERVAL, e.g. 5s. Over TLS, the certificate verified, when serving TLS (--tls-cert).
+    #[arg(long, value_name = "INTERVAL", value_parser = common::parse_duration)]
     grpc_check: Option<std::time::Duration>,
+    /// With --grpc-check over TLS: the backend does not verify this service's certificate.
+    #[arg(long, requires_all = ["grpc_check", "tls_cert"])]
+    grpc_check_skip_verify: bool,
 }
 
 impl Args {
@@ -166,7 +173,12 @@ impl Service {
         if let Some(every) = args.grpc_check {
             let host = args.instance.host.as_deref().unwrap_or("127.0.0.1");
             let target = format!("{host}:{}/users.Users", server.addr().port());
-            registration = registration.check(waypost::HealthCheck::grpc(target, every));
+            let check = match (https, args.grpc_check_skip_verify) {
+                (false, _) => waypost::HealthCheck::grpc(target, every),
+                (true, false) => waypost::HealthCheck::grpc_tls(target, every, CheckTls::Verify),
+                (true, true) => waypost::HealthCheck::grpc_tls(target, every, CheckTls::SkipVerify),
+            };
+            registration = registration.check(check);
         }
         let registration = registration.build().map_err(|e| e.to_string())?;
         let handle = backend
@@ -298,10 +310,23 @@ mod tests {
         assert_eq!(args.tls.tls_key, Some(PathBuf::from("k.pem")));
         // A client CA only with a certificate to serve.
         assert!(parse(&["--tls-client-ca", "ca.pem"]).is_err());
-        // The gRPC check is plaintext.
         let args = parse(&["--grpc-check", "5s"]).unwrap();
         assert_eq!(args.grpc_check, Some(Duration::from_secs(5)));
-        assert!(parse(&["--grpc-check", "5s", "--tls-cert", "c", "--tls-key", "k"]).is_err());
+        let tls = ["--grpc-check", "5s", "--tls-cert", "c", "--tls-key", "k"];
+        assert!(!parse(&tls).unwrap().grpc_check_skip_verify);
+        let skip = [&tls[..], &["--grpc-check-skip-verify"]].concat();
+        assert!(parse(&skip).unwrap().grpc_check_skip_verify);
+        // Skipping the verification needs a check, over TLS.
+        assert!(parse(&["--grpc-check-skip-verify"]).is_err());
+        assert!(parse(&["--grpc-check", "5s", "--grpc-check-skip-verify"]).is_err());
+        assert!(parse(&[
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+            "--grpc-check-skip-verify"
+        ])
+        .is_err());
     }
 
     /// A service running in a task, its output lines on a channel.
@@ -573,6 +598,45 @@ mod tests {
         shut_down(running, id, name).await;
     }
 
+    /// With `--grpc-check` and `--tls-cert`, the agent checks over TLS: verifying the
+    /// certificate with the CA it was configured with, or, with `--grpc-check-skip-verify`, not
+    /// verifying it.
+    #[tokio::test]
+    async fn grpc_check_over_tls_is_verified_by_the_agent_or_skipped() {
+        let ca = test_ca::Ca::new("grpc-service check CA");
+        let files = test_ca::Files::new("grpc-service-check-ca");
+        let ca_file = files.write("ca.pem", &ca.pem());
+        // A Consul 1.8 agent checks the name in its server_name, whatever the target.
+        let name_checked = "users.waypost.test";
+        let trusting = waypost_conformance::consul_server::ConsulServer::start_with_config(
+            &format!(
+                r#"ca_file = "{ca_file}" server_name = "{name_checked}" enable_agent_tls_for_checks = true"#
+            ),
+        )
+        .await;
+        let plain = waypost_conformance::consul_server::ConsulServer::start().await;
+        let cases = [
+            ("grpc-tls-verified", &trusting, &[][..]),
+            (
+                "grpc-tls-unverified",
+                &plain,
+                &["--grpc-check-skip-verify"][..],
+            ),
+        ];
+        for (name, agent, skip) in cases {
+            let id = format!("{name}-1");
+            let mut more = vec!["--grpc-check", "1s", "--backend", "consul"];
+            let addr = agent.addr();
+            more.extend(["--consul-addr", &addr]);
+            more.extend_from_slice(skip);
+            let (running, _) = spawn_tls(name, &id, &ca.server(name_checked), None, &more).await;
+            // Consul starts a gRPC check critical, and lists passing instances only.
+            let listed = listed(&running.discovery, name).await;
+            assert_eq!(listed[0].id().as_str(), id);
+            shut_down(running, &id, name).await;
+        }
+    }
+
     #[tokio::test]
     async fn the_json_contract_with_a_real_etcd() {
         let etcd = waypost_conformance::etcd_server::EtcdServer::start().await;
@@ -620,6 +684,7 @@ mod tests {
         id: &str,
         server: &test_ca::Issued,
         client_ca: Option<&str>,
+        more: &[&str],
     ) -> (Running, String) {
         let files = test_ca::Files::new(&format!("grpc-service-{id}"));
         let cert = files.write("cert.pem", &server.cert);
@@ -629,6 +694,7 @@ mod tests {
         if let Some(ca) = &client_ca {
             args.extend(["--tls-client-ca", ca.as_str()]);
         }
+        args.extend_from_slice(more);
         start_registered(name, id, &args).await
     }
 
@@ -638,7 +704,7 @@ mod tests {
         let clients = test_ca::Ca::new("grpc-service test client CA");
         let server = ca.server("127.0.0.1");
         let (name, id) = ("grpc-mtls", "grpc-mtls-1");
-        let (running, addr) = spawn_tls(name, id, &server, Some(&clients.pem())).await;
+        let (running, addr) = spawn_tls(name, id, &server, Some(&clients.pem()), &[]).await;
 
         let me = clients.client("client.waypost.test");
         let answered = get_user_over_tls(&addr, &ca.pem(), Some(&me)).await;
@@ -655,7 +721,7 @@ mod tests {
     async fn tls_serves_to_a_client_with_the_ca_and_registers_scheme_https() {
         let ca = test_ca::Ca::new("grpc-service test CA");
         let (name, id) = ("grpc-tls", "grpc-tls-1");
-        let (running, addr) = spawn_tls(name, id, &ca.server("127.0.0.1"), None).await;
+        let (running, addr) = spawn_tls(name, id, &ca.server("127.0.0.1"), None, &[]).await;
         let cert_pem = ca.pem();
 
         let channel = Endpoint::from_shared(format!("https://{addr}"))
