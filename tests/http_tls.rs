@@ -2,7 +2,8 @@
 //! `scheme=https` (in the memory backend and in a real Consul agent) are reached over HTTPS
 //! with the CA that signed their certificates, and refused with a typed error that says what
 //! to do without it; mutual TLS with a server that requires a client certificate; and a
-//! reqwest client of the caller's own.
+//! reqwest client of the caller's own. And the other way round: `HealthCheck::https`, the agent
+//! checking an HTTPS server's health with the CA it was configured with, or not verifying it.
 
 #[path = "../examples/common/tls.rs"]
 mod tls;
@@ -171,6 +172,84 @@ async fn instances_registered_with_scheme_https_in_a_real_consul_are_reached_wit
 
     trusted_and_untrusted(balancer, &ca, &server, "users-consul-tls").await;
     handle.shutdown().await.unwrap();
+}
+
+/// A real agent checks an HTTPS instance: `HealthCheck::http` verifies the certificate (with
+/// the system's roots, or the agent's own CA and `server_name` under
+/// `enable_agent_tls_for_checks`), `HealthCheck::https(.., SkipVerify)` does not.
+#[tokio::test]
+async fn an_https_check_verifies_with_the_agents_ca_or_skips_verifying() {
+    use waypost::{CheckTls, HealthCheck};
+    use waypost_conformance::consul_server::ConsulServer;
+
+    let ca = Ca::new("https check CA");
+    // A Consul 1.8 agent under enable_agent_tls_for_checks expects its server_name; others
+    // the URL's host. The certificate has both, so that only the CA tells them apart.
+    let name = "users.waypost.test";
+    let issued = ca.server_for(&[name, "127.0.0.1"]);
+    let config = tls::server_config(issued.cert.as_bytes(), issued.key.as_bytes(), None).unwrap();
+    let server = https_server("checked", config).await;
+    let files = tls::testing::Files::new("https-check");
+    let ca_file = files.write("ca.pem", &ca.pem());
+    let trusting = ConsulServer::start_with_config(&format!(
+        r#"ca_file = "{ca_file}" server_name = "{name}" enable_agent_tls_for_checks = true"#
+    ))
+    .await;
+    let plain = ConsulServer::start().await;
+    let url = format!("https://{}/who", server.addr);
+    let every = Duration::from_secs(1);
+    let cases = [
+        (&trusting, "verified", HealthCheck::http(&url, every), true),
+        (&plain, "unknown-ca", HealthCheck::http(&url, every), false),
+        (
+            &plain,
+            "skipped",
+            HealthCheck::https(&url, every, CheckTls::SkipVerify),
+            true,
+        ),
+    ];
+    let mut handles = Vec::new();
+    for (agent, id, check, _) in &cases {
+        let consul = waypost::consul::Consul::builder()
+            .address(agent.addr())
+            .build()
+            .unwrap();
+        let registration = Registration::builder("users-checked", *id)
+            .host("127.0.0.1")
+            .port(server.addr.port())
+            .check(check.clone())
+            .build()
+            .unwrap();
+        handles.push(consul.register(registration).await.unwrap());
+    }
+    for (agent, id, _, passes) in &cases {
+        let check_id = format!("service:{id}");
+        let check = waypost_conformance::scenarios::eventually(
+            Duration::from_secs(20),
+            format!("{id}: a check that passes: {passes}"),
+            || async {
+                let check = agent
+                    .check_once_run(&check_id, Duration::from_secs(20))
+                    .await;
+                if check.is_passing() == *passes {
+                    Ok(check)
+                } else {
+                    Err(format!("{check:?}"))
+                }
+            },
+        )
+        .await;
+        if !passes {
+            assert!(
+                check.output.contains("unknown authority"),
+                "{id}: {check:?}"
+            );
+        }
+    }
+    assert!(server.served.load(Ordering::SeqCst) > 0);
+    for handle in handles {
+        handle.shutdown().await.unwrap();
+    }
 }
 
 #[tokio::test]

@@ -29,6 +29,9 @@ pub enum HealthCheck {
         interval: Duration,
         /// Time limit of one check.
         timeout: Duration,
+        /// How the certificate of an `https://` URL is treated. Only
+        /// [`CheckTls::Verify`] is valid for an `http://` URL.
+        tls: CheckTls,
     },
     /// The backend opens a TCP connection to `address`; success is healthy.
     Tcp {
@@ -54,7 +57,8 @@ pub enum HealthCheck {
     },
 }
 
-/// How a check the backend runs over TLS treats the server's certificate.
+/// How a check the backend runs over TLS ([`HealthCheck::grpc_tls`], [`HealthCheck::https`])
+/// treats the server's certificate.
 ///
 /// ```
 /// use std::time::Duration;
@@ -89,6 +93,30 @@ impl HealthCheck {
             url: url.into(),
             interval,
             timeout: interval.min(Duration::from_secs(10)),
+            tls: CheckTls::Verify,
+        }
+    }
+
+    /// [`http`](Self::http) for an `https://` URL, its certificate treated as `tls` says:
+    /// verified ([`http`](Self::http) does the same) or not.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use waypost_core::{CheckTls, HealthCheck, Registration};
+    /// let every = Duration::from_secs(5);
+    /// let check = HealthCheck::https("https://10.0.0.7:8443/health", every, CheckTls::SkipVerify);
+    /// assert!(Registration::builder("users", "u1").port(8443).check(check).build().is_ok());
+    /// // Over plain HTTP there is no certificate to skip.
+    /// let plain = HealthCheck::https("http://10.0.0.7:8080/health", every, CheckTls::SkipVerify);
+    /// let err = Registration::builder("users", "u1").port(8080).check(plain).build().unwrap_err();
+    /// assert!(err.to_string().contains("https://"), "{err}");
+    /// ```
+    pub fn https(url: impl Into<String>, interval: Duration, tls: CheckTls) -> Self {
+        HealthCheck::Http {
+            url: url.into(),
+            interval,
+            timeout: interval.min(Duration::from_secs(10)),
+            tls,
         }
     }
 
@@ -175,6 +203,7 @@ impl HealthCheck {
                 url,
                 interval,
                 timeout,
+                tls,
             } => {
                 positive(Field::CheckInterval, *interval)?;
                 positive(Field::CheckTimeout, *timeout)?;
@@ -182,6 +211,14 @@ impl HealthCheck {
                     return Err(ValidationError::new(
                         Field::CheckUrl,
                         Problem::Invalid(format!("{url:?} is not an http:// or https:// URL")),
+                    ));
+                }
+                if *tls != CheckTls::Verify && !url.starts_with("https://") {
+                    return Err(ValidationError::new(
+                        Field::CheckUrl,
+                        Problem::Invalid(format!(
+                            "{url:?} is plain HTTP: {tls:?} applies to an https:// URL only"
+                        )),
                     ));
                 }
                 if let Some((at, _)) = url

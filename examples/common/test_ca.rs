@@ -45,17 +45,23 @@ impl Ca {
     /// A server certificate for `name` (an IP address becomes an IP subject alternative
     /// name).
     pub fn server(&self, name: &str) -> Issued {
-        self.issue(name, ExtendedKeyUsagePurpose::ServerAuth)
+        self.server_for(&[name])
+    }
+
+    /// A server certificate for all of `names` (the first is also its common name).
+    pub fn server_for(&self, names: &[&str]) -> Issued {
+        self.issue(names, ExtendedKeyUsagePurpose::ServerAuth)
     }
 
     /// A client certificate, for mutual TLS.
     pub fn client(&self, name: &str) -> Issued {
-        self.issue(name, ExtendedKeyUsagePurpose::ClientAuth)
+        self.issue(&[name], ExtendedKeyUsagePurpose::ClientAuth)
     }
 
-    fn issue(&self, name: &str, usage: ExtendedKeyUsagePurpose) -> Issued {
-        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
+    fn issue(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Issued {
+        let sans = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let mut params = CertificateParams::new(sans).unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
         params.extended_key_usages = vec![usage];
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();

@@ -318,6 +318,65 @@ impl ConsulServer {
         assert!(resp.status().is_success(), "PUT {path}: {}", resp.status());
     }
 
+    /// Check `check_id` as the agent has it now (`GET /v1/agent/checks`); `None` when the
+    /// agent has no such check. A Waypost registration's check is `service:<instance id>`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use waypost_conformance::consul_server::ConsulServer;
+    ///
+    /// let server = ConsulServer::start().await;
+    /// let check = serde_json::json!({"ID": "beat", "Name": "beat", "TTL": "30s"});
+    /// server.put("/v1/agent/check/register", check).await;
+    /// let beat = server.check("beat").await.unwrap();
+    /// assert_eq!(beat.status, "critical"); // a TTL check starts critical
+    /// assert_eq!(server.check("no-such-check").await, None);
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    /// When the agent does not answer with its checks.
+    pub async fn check(&self, check_id: &str) -> Option<AgentCheck> {
+        let mut req = self
+            .http
+            .get(format!("{}/v1/agent/checks", self.http_url()));
+        if let Some(token) = &self.acl_token {
+            req = req.header("X-Consul-Token", token);
+        }
+        let checks: serde_json::Value = req
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .unwrap_or_else(|e| panic!("GET /v1/agent/checks: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET /v1/agent/checks: {e}"));
+        let check = checks.get(check_id)?;
+        let text = |field: &str| check[field].as_str().unwrap_or_default().to_owned();
+        Some(AgentCheck {
+            status: text("Status"),
+            output: text("Output"),
+        })
+    }
+
+    /// Waits, up to `within`, until the agent has run check `check_id` (an HTTP, TCP or gRPC
+    /// check, which it runs itself) at least once, and returns what the run said.
+    ///
+    /// # Panics
+    /// When the check has not run within `within`.
+    pub async fn check_once_run(&self, check_id: &str, within: Duration) -> AgentCheck {
+        let what = format!("a run of check {check_id}");
+        crate::scenarios::eventually(within, what, || async {
+            match self.check(check_id).await {
+                // Registered with no output: every run writes one.
+                Some(check) if !check.output.is_empty() => Ok(check),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await
+    }
+
     /// The bootstrap token of an agent started with [`start_with_acl`](Self::start_with_acl).
     pub fn acl_token(&self) -> Option<&str> {
         self.acl_token.as_deref()
@@ -353,6 +412,28 @@ impl ConsulServer {
             ]);
         }
         cmd
+    }
+}
+
+/// A check as a Consul agent has it ([`ConsulServer::check`]).
+///
+/// ```
+/// use waypost_conformance::consul_server::AgentCheck;
+/// let check = AgentCheck { status: "passing".into(), output: "HTTP GET ...: 200 OK".into() };
+/// assert!(check.is_passing());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentCheck {
+    /// `passing`, `warning` or `critical`.
+    pub status: String,
+    /// What its last run said; empty until a check the agent runs itself has run.
+    pub output: String,
+}
+
+impl AgentCheck {
+    /// Whether the status is `passing`.
+    pub fn is_passing(&self) -> bool {
+        self.status == "passing"
     }
 }
 

@@ -121,8 +121,10 @@ impl ServiceRegistration {
                 url,
                 interval,
                 timeout,
+                tls,
             } => {
                 check.http = Some(url.clone());
+                check.tls_skip_verify = *tls == CheckTls::SkipVerify;
                 check.interval = Some(go_duration(*interval));
                 check.timeout = Some(go_duration(*timeout));
             }
@@ -615,9 +617,27 @@ mod tests {
         let p = ServiceRegistration::new(&inst, &reg);
         assert_eq!(p.check.http.as_deref(), Some("http://127.0.0.1:1/health"));
         assert_eq!(p.check.interval.as_deref(), Some("1500ms"));
+        assert!(!p.check.tls_skip_verify);
         assert_eq!(p.check.status, None);
         assert_eq!(p.check.ttl, None);
         assert_eq!(p.check.deregister_critical_service_after, "60s");
+        let every = Duration::from_secs(1);
+        let reg = Registration::builder("s", "i")
+            .port(1)
+            .check(HealthCheck::https(
+                "https://h:1/",
+                every,
+                CheckTls::SkipVerify,
+            ))
+            .build()
+            .unwrap();
+        let p = ServiceRegistration::new(&reg.instance_or_host("h").unwrap(), &reg);
+        let json = serde_json::to_value(&p.check).unwrap();
+        assert_eq!(
+            (&json["HTTP"], &json["TLSSkipVerify"]),
+            (&"https://h:1/".into(), &true.into())
+        );
+        assert_eq!(json.get("GRPCUseTLS"), None);
         let reg = Registration::builder("s", "i")
             .port(1)
             .check(HealthCheck::tcp("127.0.0.1:1", Duration::from_secs(2)))

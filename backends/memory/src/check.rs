@@ -39,6 +39,7 @@ impl Probe {
                 url,
                 interval,
                 timeout,
+                tls: _,
             } => Some(Probe {
                 target: http_target(url),
                 interval: *interval,
