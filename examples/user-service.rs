@@ -27,6 +27,11 @@
 //! `ETCD_ENDPOINTS`).
 //! `--backend memory` registers in-process: useful only to try the output contract.
 //!
+//! `--http-check 5s` registers an HTTP health check instead of the TTL heartbeat: the backend
+//! (the Consul agent) GETs the service's own `/health` every 5 s. With `--tls-cert` it does so
+//! over HTTPS and verifies the certificate (see `waypost::CheckTls::Verify` for what a Consul
+//! agent trusts and expects), unless `--http-check-skip-verify` is given too.
+//!
 //! `--metrics-addr 127.0.0.1:9100` serves Waypost's metrics (the registration's liveness and
 //! heartbeat failures) in Prometheus' text format at `GET /metrics`; port 0 picks a free port.
 //! The bound address is logged, not printed: stdout has only the two JSON lines. Logs go to
@@ -42,6 +47,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use common::{line, BackendArgs, Event, InstanceArgs, UserService};
+use waypost::{CheckTls, HealthCheck};
 
 #[derive(Debug, Parser)]
 #[command(about = "A user service that registers itself with Waypost")]
@@ -55,6 +61,14 @@ struct Args {
     instance: InstanceArgs,
     #[command(flatten)]
     tls: common::ServeTlsArgs,
+    /// Register an HTTP health check instead of the TTL heartbeat: the backend GETs this
+    /// service's /health at --host (127.0.0.1 without one) every INTERVAL, e.g. 5s. Over HTTPS,
+    /// the certificate verified, when serving TLS (--tls-cert).
+    #[arg(long, value_name = "INTERVAL", value_parser = common::parse_duration)]
+    http_check: Option<std::time::Duration>,
+    /// With --http-check over HTTPS: the backend does not verify this service's certificate.
+    #[arg(long, requires_all = ["http_check", "tls_cert"])]
+    http_check_skip_verify: bool,
 }
 
 #[tokio::main]
@@ -140,6 +154,18 @@ impl Service {
         let mut registration = args.instance.registration(&args.name, &id, port);
         if https {
             registration = registration.meta(waypost::SCHEME_METADATA, "https");
+        }
+        if let Some(every) = args.http_check {
+            let authority = args.instance.check_authority(port);
+            registration = registration.check(if https {
+                let tls = match args.http_check_skip_verify {
+                    false => CheckTls::Verify,
+                    true => CheckTls::SkipVerify,
+                };
+                HealthCheck::https(format!("https://{authority}/health"), every, tls)
+            } else {
+                HealthCheck::http(format!("http://{authority}/health"), every)
+            });
         }
         let registration = registration.build().map_err(|e| e.to_string())?;
         let handle = backend
@@ -253,6 +279,76 @@ mod tests {
             common::parse_duration("1500ms"),
             Ok(Duration::from_millis(1500))
         );
+
+        let parse = |args: &[&str]| {
+            Args::try_parse_from(std::iter::once("user-service").chain(args.iter().copied()))
+        };
+        let args = parse(&["--http-check", "5s"]).unwrap();
+        assert_eq!(args.http_check, Some(Duration::from_secs(5)));
+        let tls = ["--http-check", "5s", "--tls-cert", "c", "--tls-key", "k"];
+        assert!(!parse(&tls).unwrap().http_check_skip_verify);
+        let skip = [&tls[..], &["--http-check-skip-verify"]].concat();
+        assert!(parse(&skip).unwrap().http_check_skip_verify);
+        // Skipping the verification needs a check, over HTTPS.
+        assert!(parse(&["--http-check-skip-verify"]).is_err());
+        assert!(parse(&["--http-check", "5s", "--http-check-skip-verify"]).is_err());
+    }
+
+    /// With `--http-check`, a real agent GETs the service's /health: over plain HTTP, and with
+    /// `--tls-cert` over HTTPS, verifying the certificate (which an agent that does not trust
+    /// its CA refuses) unless `--http-check-skip-verify` is given.
+    #[cfg(feature = "consul")]
+    #[tokio::test]
+    async fn http_check_is_run_by_a_real_consul_agent_over_http_or_https() {
+        let agent = waypost_conformance::consul_server::ConsulServer::start().await;
+        let consul_addr = agent.addr();
+        let files = TlsFiles::new("http-check");
+        let https = ["--tls-cert", &files.cert, "--tls-key", &files.key];
+        let cases: [(&str, Vec<&str>, bool); 3] = [
+            ("users-checked-http", vec![], true),
+            (
+                "users-checked-unverified",
+                [&https[..], &["--http-check-skip-verify"]].concat(),
+                true,
+            ),
+            ("users-checked-verified", https.to_vec(), false),
+        ];
+        let discovery = waypost::consul::Consul::builder()
+            .address(&consul_addr)
+            .build()
+            .unwrap();
+        for (id, more, passes) in cases {
+            let mut args = vec!["--name", "users-checked", "--id", id, "--host", "127.0.0.1"];
+            args.extend(["--backend", "consul", "--consul-addr", &consul_addr]);
+            args.extend(["--http-check", "1s"]);
+            args.extend(more);
+            let mut running = spawn(&args).await;
+            running.lines.recv().await.unwrap();
+            let check = agent
+                .check_once_run(&format!("service:{id}"), Duration::from_secs(20))
+                .await;
+            if passes {
+                // Consul starts the check critical; the first run may still be one before
+                // the server answered.
+                let name: waypost::ServiceName = "users-checked".parse().unwrap();
+                eventually(Duration::from_secs(20), format!("{id} passing"), || async {
+                    let listed = waypost::Discovery::instances(&discovery, &name)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match listed.iter().any(|i| i.id().as_str() == id) {
+                        true => Ok(()),
+                        false => Err(format!("{listed:?}; {check:?}")),
+                    }
+                })
+                .await;
+            } else {
+                // The agent trusts only the system's roots, not the test CA.
+                assert_eq!(check.status, "critical", "{check:?}");
+                assert!(check.output.contains("unknown authority"), "{check:?}");
+            }
+            running.stop.send(()).unwrap();
+            running.task.await.unwrap().unwrap();
+        }
     }
 
     /// A user service running in a task, its output lines on a channel.

@@ -927,6 +927,15 @@ pub fn parse_meta(s: &str) -> Result<(String, String), String> {
 }
 
 impl InstanceArgs {
+    /// Where a check the backend runs reaches the service on `port`: `--host`, or 127.0.0.1
+    /// (the agent runs beside it), as `host:port` (`[v6]:port`).
+    pub fn check_authority(&self, port: u16) -> String {
+        match self.host.as_deref().unwrap_or("127.0.0.1") {
+            v6 if v6.contains(':') => format!("[{v6}]:{port}"),
+            host => format!("{host}:{port}"),
+        }
+    }
+
     /// The instance id: `--id`, or `<name>-<8 random hex digits>`.
     pub fn id_for(&self, name: &str) -> String {
         self.id

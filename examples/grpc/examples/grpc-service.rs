@@ -171,8 +171,8 @@ impl Service {
             registration = registration.meta("scheme", "https");
         }
         if let Some(every) = args.grpc_check {
-            let host = args.instance.host.as_deref().unwrap_or("127.0.0.1");
-            let target = format!("{host}:{}/users.Users", server.addr().port());
+            let authority = args.instance.check_authority(server.addr().port());
+            let target = format!("{authority}/users.Users");
             let check = match (https, args.grpc_check_skip_verify) {
                 (false, _) => waypost::HealthCheck::grpc(target, every),
                 (true, false) => waypost::HealthCheck::grpc_tls(target, every, CheckTls::Verify),
