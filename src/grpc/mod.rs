@@ -26,6 +26,11 @@
 //!   marked [`idempotent`](GrpcChannelBuilder::idempotent). A request is repeatable when its
 //!   body is complete when the call starts (every unary and server-streaming call); a streaming
 //!   request body is never held back, and such a call is not retried.
+//! - **Deadlines**: a call's `grpc-timeout` (tonic's `Request::set_timeout`) bounds the whole
+//!   call, retries included, as gRPC's retry design wants: each retry tells the server the
+//!   time that is left, none starts once it is gone, and the call then fails with
+//!   DEADLINE_EXCEEDED ([`GrpcError::DeadlineExceeded`]). An attempt cut short by the deadline is
+//!   a failure of its instance, as a time-out of the HTTP client's is.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -33,7 +38,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::tower::Service;
 use bytes::Bytes;
@@ -43,7 +48,7 @@ use tonic::body::Body;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use waypost_core::{Balancer, Outcome, PickContext, PickGuard, ServiceInstance};
 
-use crate::retry::RetryBudget;
+use crate::retry::{GaveUp, RetryBudget};
 use crate::tower::{BalanceError, Balanced, Class, Classify, GrpcStatus, Retry, Route};
 
 /// The metadata key whose value `https` makes the channel use TLS to an instance (shared with
@@ -76,6 +81,40 @@ pub enum GrpcError {
     /// The call failed; see the balancer's error for which instance and why it was not retried.
     #[error(transparent)]
     Call(#[from] BalanceError<tonic::transport::Error>),
+    /// The call's deadline (its `grpc-timeout`) passed before an instance answered. A tonic
+    /// client sees `status`, DEADLINE_EXCEEDED, which also names the last instance tried.
+    ///
+    /// ```
+    /// use waypost::grpc::GrpcError;
+    /// use waypost::tower::BalanceError;
+    /// let last = BalanceError::DeadlineExceeded { instance: "users-1".parse()?, attempts: 2 };
+    /// let err = GrpcError::deadline_exceeded(last);
+    /// let status = tonic::Status::from_error(Box::new(err));
+    /// assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+    /// assert!(status.message().contains("users-1"), "{status}");
+    /// # Ok::<(), waypost::ValidationError>(())
+    /// ```
+    #[error("the call's deadline passed: {last}")]
+    DeadlineExceeded {
+        /// DEADLINE_EXCEEDED, its message saying what the last attempt came to.
+        #[source]
+        status: tonic::Status,
+        /// How the last attempt ended.
+        last: Box<BalanceError<tonic::transport::Error>>,
+    },
+}
+
+impl GrpcError {
+    /// The error of a call whose deadline passed, `last` being how its last attempt ended.
+    pub fn deadline_exceeded(last: BalanceError<tonic::transport::Error>) -> GrpcError {
+        GrpcError::DeadlineExceeded {
+            status: tonic::Status::deadline_exceeded(format!(
+                "deadline exceeded: {}",
+                with_causes(&last)
+            )),
+            last: Box::new(last),
+        }
+    }
 }
 
 /// The request of a call, as tonic's generated clients send it.
@@ -84,6 +123,10 @@ type Request = http::Request<Body>;
 /// A request body that was complete when the call started, kept for another attempt.
 #[derive(Clone)]
 struct Buffered(Bytes);
+
+/// When the call must be answered by, from its `grpc-timeout` when it started.
+#[derive(Clone, Copy)]
+struct Deadline(Instant);
 
 /// Hashes the value of one metadata key.
 struct MetadataKey(Option<http::HeaderName>);
@@ -580,12 +623,14 @@ impl GrpcChannelBuilder {
                 copy_request,
                 move |r: &Request| idempotent.contains(r.uri().path()),
             )
+            .deadline(|r: &Request| r.extensions().get::<Deadline>().map(|d| d.0))
             .build();
         Ok(GrpcChannel { inner })
     }
 }
 
-/// A copy of a request whose body was kept ([`Buffered`]); `None` for a streaming one.
+/// A copy of a request whose body was kept ([`Buffered`]); `None` for a streaming one. With
+/// a deadline, the copy's `grpc-timeout` is the time left.
 fn copy_request(request: &Request) -> Option<Request> {
     let kept = request.extensions().get::<Buffered>()?.clone();
     let mut copy = http::Request::new(Body::new(http_body_util::Full::new(kept.0.clone())));
@@ -594,6 +639,12 @@ fn copy_request(request: &Request) -> Option<Request> {
     *copy.version_mut() = request.version();
     *copy.headers_mut() = request.headers().clone();
     copy.extensions_mut().insert(kept);
+    if let Some(deadline) = request.extensions().get::<Deadline>().copied() {
+        let left = deadline.0.saturating_duration_since(Instant::now());
+        copy.headers_mut()
+            .insert(timeout::HEADER, timeout::encode(left));
+        copy.extensions_mut().insert(deadline);
+    }
     Some(copy)
 }
 
@@ -703,14 +754,112 @@ impl Service<Request> for GrpcChannel {
 
     fn call(&mut self, request: Request) -> CallFuture {
         let mut inner = self.inner.clone();
-        let request = keep_if_complete(request);
-        Box::pin(async move { Ok(inner.call(request).await?) })
+        let mut request = keep_if_complete(request);
+        let deadline = timeout::of(request.headers()).map(|left| Instant::now() + left);
+        if let Some(at) = deadline {
+            request.extensions_mut().insert(Deadline(at));
+        }
+        Box::pin(async move {
+            match inner.call(request).await {
+                Ok(response) => Ok(response),
+                // However the last attempt ended (the per-instance channel's own time-out,
+                // the balancer's deadline), past the deadline it is DEADLINE_EXCEEDED.
+                Err(e) if deadline.is_some_and(|at| Instant::now() >= at) => {
+                    Err(GrpcError::deadline_exceeded(e))
+                }
+                Err(
+                    e @ BalanceError::Inner {
+                        gave_up: GaveUp::Deadline,
+                        ..
+                    },
+                ) => Err(GrpcError::deadline_exceeded(e)),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+}
+
+/// gRPC's `grpc-timeout` header: 1 to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+mod timeout {
+    use std::time::Duration;
+
+    pub(super) const HEADER: &str = "grpc-timeout";
+
+    /// The timeout a request carries; `None` without one or for a value that is not one (as
+    /// tonic's own channel reads it).
+    pub(super) fn of(headers: &http::HeaderMap) -> Option<Duration> {
+        let value = headers.get(HEADER)?.to_str().ok()?;
+        let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+        if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n: u64 = digits.parse().ok()?;
+        Some(match unit {
+            "H" => Duration::from_secs(n * 3600),
+            "M" => Duration::from_secs(n * 60),
+            "S" => Duration::from_secs(n),
+            "m" => Duration::from_millis(n),
+            "u" => Duration::from_micros(n),
+            "n" => Duration::from_nanos(n),
+            _ => return None,
+        })
+    }
+
+    /// `left` as a header value: the finest unit whose count fits in 8 digits, rounded down,
+    /// so that the server never thinks it has more time than the call.
+    pub(super) fn encode(left: Duration) -> http::HeaderValue {
+        const MAX: u128 = 99_999_999;
+        let nanos = left.as_nanos();
+        let (n, unit) = [
+            (1, 'n'),
+            (1_000, 'u'),
+            (1_000_000, 'm'),
+            (1_000_000_000, 'S'),
+            (60_000_000_000, 'M'),
+            (3_600_000_000_000, 'H'),
+        ]
+        .into_iter()
+        .map(|(per, unit)| (nanos / per, unit))
+        .find(|(n, _)| *n <= MAX)
+        .unwrap_or((MAX, 'H'));
+        http::HeaderValue::from_str(&format!("{n}{unit}"))
+            .unwrap_or_else(|_| http::HeaderValue::from_static("99999999H"))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeout_values_read_and_write_as_the_spec_says() {
+        let read = |v: &'static str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(timeout::HEADER, http::HeaderValue::from_static(v));
+            timeout::of(&h)
+        };
+        assert_eq!(read("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(read("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(read("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(read("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "123456789m", "12x", "-1S", "1.5S", "10"] {
+            assert_eq!(read(bad), None, "{bad:?}");
+        }
+        assert_eq!(timeout::of(&http::HeaderMap::new()), None);
+
+        let write = |d: Duration| timeout::encode(d).to_str().unwrap().to_owned();
+        assert_eq!(write(Duration::from_nanos(5)), "5n");
+        assert_eq!(write(Duration::from_millis(300)), "300000u");
+        assert_eq!(write(Duration::from_secs(30)), "30000000u");
+        assert_eq!(write(Duration::from_secs(200_000)), "200000S");
+        assert_eq!(write(Duration::ZERO), "0n");
+        // Rounded down, never up; and what is written reads back.
+        let odd = Duration::new(123, 456_789_012);
+        assert_eq!(write(odd), "123456m");
+        let mut h = http::HeaderMap::new();
+        h.insert(timeout::HEADER, timeout::encode(odd));
+        assert!(timeout::of(&h).unwrap() <= odd);
+    }
 
     #[test]
     fn a_complete_body_is_kept_and_copied_and_a_stream_is_not() {
@@ -749,6 +898,40 @@ mod tests {
             Bytes::from_static(b"firstsecond"),
             "nothing lost or reordered"
         );
+    }
+
+    #[test]
+    fn a_copy_for_a_retry_carries_the_time_left_of_the_deadline() {
+        let mut req = http::Request::builder()
+            .uri("http://x/users.Users/GetUser")
+            .header(timeout::HEADER, "300m")
+            .body(Body::new(http_body_util::Full::new(Bytes::from_static(
+                b"abc",
+            ))))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_millis(300);
+        req.extensions_mut().insert(Deadline(deadline));
+        let kept = keep_if_complete(req);
+        std::thread::sleep(Duration::from_millis(20));
+        let copy = copy_request(&kept).unwrap();
+        let left = timeout::of(copy.headers()).unwrap();
+        assert!(
+            left < Duration::from_millis(300) && left > Duration::ZERO,
+            "{left:?}"
+        );
+        assert!(
+            copy.extensions().get::<Deadline>().is_some(),
+            "and so does its copy"
+        );
+        // Without a deadline the header is left alone.
+        let plain = keep_if_complete(
+            http::Request::builder()
+                .header(timeout::HEADER, "300m")
+                .body(Body::new(http_body_util::Full::new(Bytes::new())))
+                .unwrap(),
+        );
+        let copy = copy_request(&plain).unwrap();
+        assert_eq!(copy.headers()[timeout::HEADER], "300m");
     }
 
     #[test]

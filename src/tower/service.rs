@@ -7,7 +7,7 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::tower::{Layer, Service, ServiceExt};
 use futures::FutureExt;
@@ -67,6 +67,15 @@ pub enum BalanceError<E> {
         waited: Duration,
         /// How many other instances were not ready before it.
         tried: usize,
+    },
+    /// The request's deadline ([`BalancedBuilder::deadline`]) passed while `instance` had not
+    /// answered: the attempt was ended there, a failure of that instance.
+    #[error("instance {instance} had not answered when the request's deadline passed ({attempts} attempt(s) in all)")]
+    DeadlineExceeded {
+        /// The instance of the attempt that was ended.
+        instance: InstanceId,
+        /// How many attempts the call made.
+        attempts: u32,
     },
     /// The instance's service failed; `gave_up` says why it was not retried.
     #[error("instance {instance} failed ({gave_up}): {source}")]
@@ -174,6 +183,9 @@ where
 /// Copies a request for another attempt (`None`: it cannot be copied).
 type CloneRequest<Req> = Box<dyn Fn(&Req) -> Option<Req> + Send + Sync>;
 
+/// When a request must be answered by, read from the request.
+type DeadlineOf<Req> = Box<dyn Fn(&Req) -> Option<Instant> + Send + Sync>;
+
 /// Retries: the shared policy, how to copy a request, and which requests are idempotent.
 struct Retries<Req> {
     policy: RetryPolicy,
@@ -194,6 +206,7 @@ struct Inner<M, S, C, X, Req> {
     classify: C,
     route: X,
     retries: Option<Retries<Req>>,
+    deadline: Option<DeadlineOf<Req>>,
     ready_timeout: Duration,
 }
 
@@ -332,6 +345,7 @@ pub struct BalancedBuilder<M, S, Req, C = ErrIsFailure, X = ()> {
     classify: C,
     route: X,
     retries: Option<Retries<Req>>,
+    deadline: Option<DeadlineOf<Req>>,
     ready_timeout: Duration,
     _service: PhantomData<fn() -> S>,
 }
@@ -348,6 +362,7 @@ where
             classify: ErrIsFailure,
             route: (),
             retries: None,
+            deadline: None,
             ready_timeout: Duration::from_secs(1),
             _service: PhantomData,
         }
@@ -364,6 +379,7 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
             classify,
             route: self.route,
             retries: self.retries,
+            deadline: self.deadline,
             ready_timeout: self.ready_timeout,
             _service: PhantomData,
         }
@@ -377,6 +393,7 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
             classify: self.classify,
             route,
             retries: self.retries,
+            deadline: self.deadline,
             ready_timeout: self.ready_timeout,
             _service: PhantomData,
         }
@@ -406,6 +423,44 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
         self
     }
 
+    /// When each request must be answered by, read from the request (`None`: no deadline);
+    /// gRPC's comes from its `grpc-timeout` header. The deadline bounds the whole call: an
+    /// attempt still running at it is ended there, as a failure of its instance
+    /// ([`BalanceError::DeadlineExceeded`]), and no retry starts after it
+    /// ([`GaveUp::Deadline`]). A wait for a busy instance to become ready ends there too, as
+    /// cancelled (nothing was sent).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::{Duration, Instant};
+    /// use tower::{service_fn, ServiceExt};
+    /// use waypost::strategies::RoundRobin;
+    /// use waypost::tower::{BalanceError, Balanced};
+    /// use waypost::{Balancer, ServiceInstance, WatchEvent};
+    ///
+    /// let balancer = Balancer::new(RoundRobin::new());
+    /// let a = ServiceInstance::builder("users", "a").host("10.0.0.1").port(80).build()?;
+    /// balancer.apply(WatchEvent::Snapshot(vec![a]));
+    /// // An instance that never answers; each request says how long it may take.
+    /// let hangs = |_: &ServiceInstance| service_fn(|_: Duration| std::future::pending::<Result<(), std::io::Error>>());
+    /// let svc = Balanced::builder(balancer.clone(), hangs)
+    ///     .deadline(|within: &Duration| Some(Instant::now() + *within))
+    ///     .build();
+    /// let err = svc.oneshot(Duration::from_millis(20)).await.unwrap_err();
+    /// assert!(matches!(err, BalanceError::DeadlineExceeded { attempts: 1, .. }), "{err}");
+    /// assert_eq!(balancer.endpoints()[0].state().failures(), 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn deadline(
+        mut self,
+        deadline: impl Fn(&Req) -> Option<Instant> + Send + Sync + 'static,
+    ) -> Self {
+        self.deadline = Some(Box::new(deadline));
+        self
+    }
+
     /// How long a call waits for a picked instance's service to become ready when the
     /// instances it tried first were not (default 1 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
@@ -426,6 +481,7 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
                 classify: self.classify,
                 route: self.route,
                 retries: self.retries,
+                deadline: self.deadline,
                 ready_timeout: self.ready_timeout,
             }),
             _request: PhantomData,
@@ -481,6 +537,14 @@ type Boxed<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 enum Picked<S> {
     Ready(PickGuard, S),
     Wait(PickGuard, S, usize),
+}
+
+impl<S> Picked<S> {
+    fn instance(&self) -> &ServiceInstance {
+        match self {
+            Picked::Ready(guard, _) | Picked::Wait(guard, _, _) => guard.instance(),
+        }
+    }
 }
 
 impl<M, S, Req, C, X> Service<Req> for Balanced<M, S, Req, C, X>
@@ -597,6 +661,7 @@ where
         if let Some(r) = &self.retries {
             r.policy.request();
         }
+        let deadline = self.deadline.as_ref().and_then(|of| of(&request));
         let mut tried: Vec<InstanceId> = Vec::new();
         let mut attempts: u32 = 0;
         let mut current = request;
@@ -612,11 +677,34 @@ where
                 .retries
                 .as_ref()
                 .is_some_and(|r| (r.idempotent)(&current));
-            let picked = self.pick(&current, &tried)?;
-            let (mut guard, mut svc) = self.ready_instance(picked).await?;
+            let (mut guard, mut svc) = match (self.pick(&current, &tried)?, deadline) {
+                (Picked::Ready(guard, svc), _) => (guard, svc),
+                (picked, None) => self.ready_instance(picked).await?,
+                (picked, Some(at)) => {
+                    let instance = picked.instance().id().clone();
+                    // Ended by the deadline, the wait's guard counts as cancelled: nothing was
+                    // sent.
+                    match tokio::time::timeout_at(at.into(), self.ready_instance(picked)).await {
+                        Ok(ready) => ready?,
+                        Err(_) => {
+                            return Err(BalanceError::DeadlineExceeded { instance, attempts })
+                        }
+                    }
+                }
+            };
             let instance = guard.instance().id().clone();
             // Dropped before it completes, the guard records a cancelled call.
-            let result = svc.call(current).await;
+            let call = svc.call(current);
+            let result = match deadline {
+                None => call.await,
+                Some(at) => match tokio::time::timeout_at(at.into(), call).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        guard.failure();
+                        return Err(BalanceError::DeadlineExceeded { instance, attempts });
+                    }
+                },
+            };
             // The latency ends here, even if the response streams on.
             guard.responded();
             let class = self.classify.classify(result.as_ref());
@@ -640,7 +728,8 @@ where
                 (Some(_), _, None) => Err(GaveUp::NotCopyable),
                 (Some(r), retry, Some(copy)) => {
                     let sent = retry != Retry::NotSent;
-                    match r.policy.decide(attempts, sent, idempotent, false) {
+                    let out_of_time = deadline.is_some_and(|at| Instant::now() >= at);
+                    match r.policy.decide(attempts, sent, idempotent, out_of_time) {
                         None => Ok(copy),
                         Some(gave_up) => Err(gave_up),
                     }

@@ -113,3 +113,59 @@ async fn unavailable_is_retried_only_for_idempotent_methods() {
         assert_eq!(r.into_inner().instance, "up");
     }
 }
+
+/// The call's deadline (tonic's `Request::set_timeout`, sent as `grpc-timeout`) bounds the
+/// whole call, retries included: an attempt that outlives it is not followed by another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_ends_the_call_and_its_retries() {
+    let slow = Some(Duration::from_secs(2));
+    let servers = [
+        UsersServer::new("slow-a", slow, false).unwrap(),
+        UsersServer::new("slow-b", slow, false).unwrap(),
+        UsersServer::new("slow-c", slow, false).unwrap(),
+    ];
+    let controls: Vec<_> = servers.iter().map(UsersServer::control).collect();
+    let mut serving = Vec::new();
+    let mut instances = Vec::new();
+    for (i, s) in servers.into_iter().enumerate() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        serving.push(serve(listener, s, None).await.unwrap());
+        instances.push(at(&format!("slow-{i}"), port));
+    }
+    let channel = GrpcChannel::builder(balancer(instances))
+        .idempotent(GET_USER)
+        .max_attempts(3)
+        .build()
+        .unwrap();
+    let mut client = UsersClient::new(channel);
+    let mut request = tonic::Request::new(GetUserRequest { id: 1 });
+    request.set_timeout(Duration::from_millis(300));
+    let status = client.get_user(request).await.unwrap_err();
+    // Long enough for two more attempts, had they been made.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let calls: u64 = controls.iter().map(|c| c.calls()).sum();
+    assert_eq!(calls, 1, "one attempt, within the deadline: {status:?}");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("slow-"),
+        "names the instance: {status:?}"
+    );
+
+    // Time enough left: a failure is retried on another instance as without a deadline.
+    let (down, up) = (server("down", true).await, server("up", false).await);
+    let channel = GrpcChannel::builder(balancer(vec![
+        at("a-down", down.addr().port()),
+        at("b-up", up.addr().port()),
+    ]))
+    .idempotent(GET_USER)
+    .build()
+    .unwrap();
+    let mut client = UsersClient::new(channel);
+    for id in 1..=4 {
+        let mut request = tonic::Request::new(GetUserRequest { id });
+        request.set_timeout(Duration::from_secs(10));
+        let user = client.get_user(request).await.unwrap().into_inner();
+        assert_eq!(user.instance, "up");
+    }
+}
