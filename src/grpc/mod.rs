@@ -31,6 +31,9 @@
 //!   time that is left, none starts once it is gone, and the call then fails with
 //!   DEADLINE_EXCEEDED ([`GrpcError::DeadlineExceeded`]). An attempt cut short by the deadline is
 //!   a failure of its instance, as a time-out of the HTTP client's is.
+//! - **No instance**: with none to call (none discovered, or every one tried busy), a call
+//!   fails at once with UNAVAILABLE ([`GrpcError::Unavailable`]), the code gRPC clients treat
+//!   as "try again later".
 
 use std::collections::HashSet;
 use std::fmt;
@@ -78,9 +81,36 @@ pub enum GrpcError {
         /// What is wrong and what fits.
         message: String,
     },
-    /// The call failed; see the balancer's error for which instance and why it was not retried.
+    /// An instance's call failed; see the balancer's error for which instance and why it was
+    /// not retried. A tonic client sees the status found in its causes (UNAVAILABLE for a
+    /// connection that could not be made), else UNKNOWN.
     #[error(transparent)]
     Call(#[from] BalanceError<tonic::transport::Error>),
+    /// No instance could take the call: none is known or serving, or every one tried was busy.
+    /// A tonic client sees `status`, UNAVAILABLE, gRPC's code for a service that cannot be
+    /// reached now and may be tried again later.
+    ///
+    /// ```
+    /// use waypost::grpc::GrpcError;
+    /// use waypost::tower::BalanceError;
+    /// let busy = BalanceError::NotReady {
+    ///     instance: "users-1".parse()?,
+    ///     waited: std::time::Duration::from_secs(1),
+    ///     tried: 2,
+    /// };
+    /// let status = tonic::Status::from_error(Box::new(GrpcError::unavailable(busy)));
+    /// assert_eq!(status.code(), tonic::Code::Unavailable);
+    /// assert!(status.message().contains("users-1"), "{status}");
+    /// # Ok::<(), waypost::ValidationError>(())
+    /// ```
+    #[error("no instance could take the call: {cause}")]
+    Unavailable {
+        /// UNAVAILABLE, its message saying why.
+        #[source]
+        status: tonic::Status,
+        /// Why no instance took it.
+        cause: Box<BalanceError<tonic::transport::Error>>,
+    },
     /// The call's deadline (its `grpc-timeout`) passed before an instance answered. A tonic
     /// client sees `status`, DEADLINE_EXCEEDED, which also names the last instance tried.
     ///
@@ -105,6 +135,14 @@ pub enum GrpcError {
 }
 
 impl GrpcError {
+    /// The error of a call that no instance could take, for `cause`.
+    pub fn unavailable(cause: BalanceError<tonic::transport::Error>) -> GrpcError {
+        GrpcError::Unavailable {
+            status: tonic::Status::unavailable(with_causes(&cause)),
+            cause: Box::new(cause),
+        }
+    }
+
     /// The error of a call whose deadline passed, `last` being how its last attempt ended.
     pub fn deadline_exceeded(last: BalanceError<tonic::transport::Error>) -> GrpcError {
         GrpcError::DeadlineExceeded {
@@ -316,8 +354,10 @@ type Inner = Balanced<MakeChannel, Channel, Request, Classifier, MetadataKey>;
 /// // instance discovered yet, a call fails at once, saying so.
 /// let call = http::Request::new(tonic::body::Body::empty());
 /// let err = channel.oneshot(call).await.unwrap_err();
-/// assert!(matches!(err, GrpcError::Call(_)));
+/// assert!(matches!(err, GrpcError::Unavailable { .. }));
 /// assert!(err.to_string().contains("no instance of users"));
+/// // What a tonic client sees.
+/// assert_eq!(tonic::Status::from_error(Box::new(err)).code(), tonic::Code::Unavailable);
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -773,6 +813,9 @@ impl Service<Request> for GrpcChannel {
                         ..
                     },
                 ) => Err(GrpcError::deadline_exceeded(e)),
+                Err(e @ (BalanceError::NoInstance(_) | BalanceError::NotReady { .. })) => {
+                    Err(GrpcError::unavailable(e))
+                }
                 Err(e) => Err(e.into()),
             }
         })

@@ -1,5 +1,6 @@
 //! `GrpcChannel`'s retries on another instance: after a connect error for any method (the call
-//! never left), and after UNAVAILABLE only for the methods marked idempotent.
+//! never left), and after UNAVAILABLE only for the methods marked idempotent; within the
+//! call's deadline; and the codes a tonic client sees when no attempt can succeed.
 
 use std::time::Duration;
 
@@ -168,4 +169,21 @@ async fn the_deadline_ends_the_call_and_its_retries() {
         let user = client.get_user(request).await.unwrap().into_inner();
         assert_eq!(user.instance, "up");
     }
+}
+
+/// With no instance to call (none discovered yet), a tonic client sees UNAVAILABLE, saying
+/// why, as gRPC clients expect of a service they cannot reach now; then the call goes through
+/// once one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_instance_is_unavailable_to_a_tonic_client() {
+    let b = balancer(vec![]);
+    let mut client = UsersClient::new(GrpcChannel::builder(b.clone()).build().unwrap());
+    let status = client.get_user(GetUserRequest { id: 1 }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("no instance"), "{status:?}");
+
+    let live = server("live", false).await;
+    b.apply(WatchEvent::Snapshot(vec![at("live", live.addr().port())]));
+    let user = client.get_user(GetUserRequest { id: 1 }).await.unwrap();
+    assert_eq!(user.into_inner().instance, "live");
 }
