@@ -289,6 +289,10 @@ struct Maker {
     tls: Option<ClientTlsConfig>,
 }
 
+/// An address no connection can be made to: the channel of an instance whose own cannot be
+/// set up, so that its calls fail as connect errors (and go elsewhere).
+const UNCONNECTABLE: &str = "http://127.0.0.1:0";
+
 impl Maker {
     fn channel(&self, instance: &ServiceInstance) -> Channel {
         let https = self.https
@@ -301,10 +305,11 @@ impl Maker {
         let endpoint = match Endpoint::from_shared(uri.clone()) {
             Ok(e) => e,
             // An instance's host and port always make a valid authority; should one not, the
-            // channel to a closed port fails its calls as connect errors.
+            // channel to port 0, where no connection can be made, fails its calls as connect
+            // errors.
             Err(e) => {
                 tracing::warn!(%uri, error = %e, "an instance address that is no URI");
-                Endpoint::from_static("http://127.0.0.1:9")
+                Endpoint::from_static(UNCONNECTABLE)
             }
         };
         let mut endpoint = endpoint
@@ -318,7 +323,7 @@ impl Maker {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(%uri, error = %e, "TLS setup failed; calls to this instance will fail");
-                    Endpoint::from_static("http://127.0.0.1:9")
+                    Endpoint::from_static(UNCONNECTABLE)
                 }
             };
         }
@@ -975,6 +980,16 @@ mod tests {
         );
         let copy = copy_request(&plain).unwrap();
         assert_eq!(copy.headers()[timeout::HEADER], "300m");
+    }
+
+    #[tokio::test]
+    async fn the_fallback_address_takes_no_connection() {
+        let channel = Endpoint::from_static(UNCONNECTABLE)
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await;
+        let err = channel.unwrap_err();
+        assert!(never_connected(&err), "{}", with_causes(&err));
     }
 
     #[test]
