@@ -15,6 +15,9 @@
 //!   HTTP/2 client per instance (no tonic `Buffer` worker), with the gRPC classifier.
 //! - `rpc/tonic-one-endpoint` and `rpc/waypost/one-instance`: the same call to one server, through
 //!   one lazily connecting tonic channel, and through `GrpcChannel` on a one-instance balancer.
+//! - `rpc/tonic-balance-list/deadline` and `rpc/waypost/round-robin/deadline`: the first two
+//!   with a deadline on every call (`Request::set_timeout(5 s)`): tonic's channel times each
+//!   call, Waypost's also bounds its retries by it.
 //!
 //! Calls are sequential, one in flight; the servers run on the same runtime: a multi-threaded
 //! one with two workers (`rpc/...`), and a current-thread one (`rpc_1thread/...`). Settings as in the strategies' benches (warm-up 300 ms,
@@ -30,6 +33,9 @@ use waypost::{Balancer, ServiceInstance, Strategy, WatchEvent};
 use waypost_grpc_examples::users::users_client::UsersClient;
 use waypost_grpc_examples::users::GetUserRequest;
 use waypost_grpc_examples::{serve, Serving, UsersServer};
+
+/// The `.../deadline` benches' timeout per call: never reached.
+const DEADLINE: Option<Duration> = Some(Duration::from_secs(5));
 
 fn servers(rt: &tokio::runtime::Runtime) -> Vec<Serving> {
     rt.block_on(async {
@@ -70,13 +76,30 @@ where
     T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
     <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
 {
+    calls_within(client, iters, None).await
+}
+
+/// [`calls`], each with `deadline` as its timeout.
+async fn calls_within<T>(
+    client: &mut UsersClient<T>,
+    iters: u64,
+    deadline: Option<Duration>,
+) -> Duration
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     let start = Instant::now();
     for i in 0..iters {
-        let r = client
-            .get_user(GetUserRequest {
-                id: 1 + (i % 100) as u32,
-            })
-            .await;
+        let mut request = tonic::Request::new(GetUserRequest {
+            id: 1 + (i % 100) as u32,
+        });
+        if let Some(d) = deadline {
+            request.set_timeout(d);
+        }
+        let r = client.get_user(request).await;
         assert!(r.is_ok(), "a benchmark call failed: {r:?}");
     }
     start.elapsed()
@@ -115,6 +138,9 @@ fn on(c: &mut Criterion, group: &str, rt: &tokio::runtime::Runtime) {
     c.bench_function(&format!("{group}/tonic-balance-list"), |b| {
         b.iter_custom(|iters| rt.block_on(calls(&mut tonic_client, iters)))
     });
+    c.bench_function(&format!("{group}/tonic-balance-list/deadline"), |b| {
+        b.iter_custom(|iters| rt.block_on(calls_within(&mut tonic_client, iters, DEADLINE)))
+    });
 
     for (name, strategy, attempts) in [
         (
@@ -139,6 +165,11 @@ fn on(c: &mut Criterion, group: &str, rt: &tokio::runtime::Runtime) {
         c.bench_function(&format!("{group}/waypost/{name}"), |b| {
             b.iter_custom(|iters| rt.block_on(calls(&mut client, iters)))
         });
+        if name == "round-robin" {
+            c.bench_function(&format!("{group}/waypost/{name}/deadline"), |b| {
+                b.iter_custom(|iters| rt.block_on(calls_within(&mut client, iters, DEADLINE)))
+            });
+        }
     }
     // The experiment: `Balanced` over a hyper HTTP/2 client per instance, no `Buffer` worker.
     {
