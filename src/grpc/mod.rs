@@ -166,14 +166,23 @@ struct Buffered(Bytes);
 #[derive(Clone, Copy)]
 struct Deadline(Instant);
 
-/// Hashes the value of one metadata key.
-struct MetadataKey(Option<http::HeaderName>);
+/// Routes a call: the value of one metadata key hashed, and the caller's zone.
+struct Routing {
+    /// The metadata key whose value is hashed.
+    key: Option<http::HeaderName>,
+    /// The caller's zone, for every call.
+    zone: Option<String>,
+}
 
-impl Route<Request> for MetadataKey {
-    fn route<'r>(&self, request: &'r Request) -> PickContext<'r> {
-        match self.0.as_ref().and_then(|k| request.headers().get(k)) {
+impl Route<Request> for Routing {
+    fn route<'r>(&'r self, request: &'r Request) -> PickContext<'r> {
+        let ctx = match self.key.as_ref().and_then(|k| request.headers().get(k)) {
             Some(value) => PickContext::new().with_key(value.as_bytes()),
             None => PickContext::new(),
+        };
+        match &self.zone {
+            Some(zone) => ctx.with_zone(zone),
+            None => ctx,
         }
     }
 }
@@ -334,7 +343,7 @@ impl Maker {
 /// Makes an instance's channel.
 type MakeChannel = Box<dyn Fn(&ServiceInstance) -> Channel + Send + Sync>;
 
-type Inner = Balanced<MakeChannel, Channel, Request, Classifier, MetadataKey>;
+type Inner = Balanced<MakeChannel, Channel, Request, Classifier, Routing>;
 
 /// A channel for tonic clients that balances every call over a Waypost [`Balancer`]; see the
 /// [module docs](self). Cheap to clone; clones share everything.
@@ -415,6 +424,7 @@ pub struct GrpcChannelBuilder {
     /// `own_channels`.
     channel_options: Vec<&'static str>,
     hash_key: Option<String>,
+    zone: Option<String>,
     idempotent: HashSet<String>,
     max_attempts: u32,
     budget: RetryBudget,
@@ -429,6 +439,7 @@ impl fmt::Debug for GrpcChannelBuilder {
             .field("identity", &self.identity.is_some())
             .field("own_channels", &self.own_channels.is_some())
             .field("hash_key", &self.hash_key)
+            .field("zone", &self.zone)
             .field("idempotent", &self.idempotent)
             .field("max_attempts", &self.max_attempts)
             .finish_non_exhaustive()
@@ -458,6 +469,7 @@ impl GrpcChannel {
             own_channels: None,
             channel_options: Vec::new(),
             hash_key: None,
+            zone: None,
             idempotent: HashSet::new(),
             max_attempts: 3,
             budget: RetryBudget::default(),
@@ -573,6 +585,26 @@ impl GrpcChannelBuilder {
         self
     }
 
+    /// This client's zone, passed to zone-aware strategies with every call: the resilience
+    /// layer's zone preference keeps calls to instances of the same zone while enough of them
+    /// are healthy.
+    ///
+    /// ```
+    /// use waypost::grpc::GrpcChannel;
+    /// use waypost::strategies::resilience::Resilient;
+    /// use waypost::strategies::RoundRobin;
+    /// use waypost::Balancer;
+    ///
+    /// let balancer = Balancer::new(Resilient::new(RoundRobin::new())); // zone preference on
+    /// let channel = GrpcChannel::builder(balancer).zone("eu-west-1a").build()?;
+    /// assert!(format!("{channel:?}").contains("GrpcChannel"));
+    /// # Ok::<(), waypost::grpc::GrpcError>(())
+    /// ```
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.zone = Some(zone.into());
+        self
+    }
+
     /// Marks a method (`/package.Service/Method`) safe to repeat after it was sent: it is
     /// retried on another instance after any retryable failure, not only a connect error.
     pub fn idempotent(mut self, path: impl Into<String>) -> Self {
@@ -661,7 +693,10 @@ impl GrpcChannelBuilder {
         let idempotent = Arc::new(self.idempotent);
         let inner = Balanced::builder(self.balancer, make)
             .classify(Classifier)
-            .route(MetadataKey(hash_key))
+            .route(Routing {
+                key: hash_key,
+                zone: self.zone,
+            })
             .retries(
                 self.max_attempts,
                 self.budget,

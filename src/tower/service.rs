@@ -91,8 +91,8 @@ pub enum BalanceError<E> {
 }
 
 /// Routes a request: the hash key (for consistent-hash and maglev) and the caller's zone,
-/// borrowed from the request. Implemented for `Fn(&Req) -> PickContext<'_>`; `()` routes
-/// nothing.
+/// borrowed from the request or from the route itself (a zone fixed for the whole client).
+/// Implemented for `Fn(&Req) -> PickContext<'_>`; `()` routes nothing.
 ///
 /// Write it as a `fn`: a closure's return type cannot borrow from its argument, so a closure
 /// does not implement the trait (the compiler then says that `Balanced` is no `Service`).
@@ -162,11 +162,11 @@ pub trait Route<Req>: Send + Sync + 'static {
     /// let ctx = Route::<String>::route(&(), &user);
     /// assert_eq!((ctx.hash(), ctx.zone()), (None, None));
     /// ```
-    fn route<'r>(&self, request: &'r Req) -> PickContext<'r>;
+    fn route<'r>(&'r self, request: &'r Req) -> PickContext<'r>;
 }
 
 impl<Req> Route<Req> for () {
-    fn route<'r>(&self, _: &'r Req) -> PickContext<'r> {
+    fn route<'r>(&'r self, _: &'r Req) -> PickContext<'r> {
         PickContext::new()
     }
 }
@@ -175,7 +175,7 @@ impl<Req, F> Route<Req> for F
 where
     F: for<'r> Fn(&'r Req) -> PickContext<'r> + Send + Sync + 'static,
 {
-    fn route<'r>(&self, request: &'r Req) -> PickContext<'r> {
+    fn route<'r>(&'r self, request: &'r Req) -> PickContext<'r> {
         self(request)
     }
 }

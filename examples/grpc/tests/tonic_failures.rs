@@ -4,7 +4,8 @@
 //!
 //! 1. load-aware strategies see real in-flight counts and latency: a slow instance gets clearly
 //!    less p2c-ewma traffic (tonic's P2C reads a load of 0 for every connection: random);
-//! 2. any Waypost strategy works, consistent-hash and maglev by a metadata key;
+//! 2. any Waypost strategy works, consistent-hash and maglev by a metadata key, and the
+//!    resilience layer's zone preference by the channel's zone;
 //! 3. TLS to the instances, mutual TLS too, and channels of one's own (tonic's balanced
 //!    channel takes no custom connector);
 //! 4. an instance removed while the channel is idle is never used afterwards, and changes are
@@ -580,4 +581,38 @@ async fn least_connections_sends_calls_away_from_an_instance_busy_with_a_stream(
     assert_eq!(counts(&b, &streaming).0, 1);
     drop(stream);
     assert_eq!(counts(&b, &streaming).0, 0);
+}
+
+/// The channel's zone reaches the resilience layer with every call: calls stay in the
+/// caller's zone, and a channel without a zone uses every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channels_zone_keeps_calls_in_that_zone() {
+    let mut servers = Vec::new();
+    let mut instances = Vec::new();
+    for (id, zone) in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b")] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let served = serve(listener, UsersServer::new(id, None, false).unwrap(), None)
+            .await
+            .unwrap();
+        instances.push(
+            waypost::ServiceInstance::builder("zoned", id)
+                .host("127.0.0.1")
+                .port(served.addr().port())
+                .zone(zone)
+                .build()
+                .unwrap(),
+        );
+        servers.push(served);
+    }
+    let b = Balancer::new(Resilient::new(RoundRobin::new()));
+    b.apply(waypost::WatchEvent::Snapshot(instances));
+
+    let in_b = GrpcChannel::builder(b.clone()).zone("b").build().unwrap();
+    let (by, errors) = send(&in_b, 40, 2).await;
+    assert_eq!(errors, 0);
+    assert_eq!(by.keys().collect::<Vec<_>>(), ["b1", "b2"], "{by:?}");
+
+    let anywhere = GrpcChannel::builder(b).build().unwrap();
+    let (by, _) = send(&anywhere, 40, 2).await;
+    assert_eq!(by.len(), 4, "{by:?}");
 }
