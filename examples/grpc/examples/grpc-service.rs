@@ -20,7 +20,8 @@
 //! (the Consul agent) asks the service's own `grpc.health.v1` `Check` every 5 s. With
 //! `--tls-cert` the check is made over TLS, and the agent verifies the certificate (see
 //! `waypost::CheckTls::Verify` for what a Consul agent trusts and expects), unless
-//! `--grpc-check-skip-verify` is given too.
+//! `--grpc-check-skip-verify` is given too. With `--tls-client-ca` as well, the agent must
+//! present a certificate that CA signed: its `cert_file`, under `enable_agent_tls_for_checks`.
 //!
 //! `--tls-cert cert.pem --tls-key key.pem` serves TLS instead of plaintext and registers the
 //! metadata `scheme=https` too, so that clients know to connect with TLS. `--tls-client-ca
