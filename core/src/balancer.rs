@@ -450,6 +450,7 @@ impl BalancerBuilder {
                         })
                         .collect(),
                     retired: None,
+                    gap: Gap::Unknown,
                     strategy: self.strategy.clone(),
                     updates: 0,
                 }),
@@ -575,8 +576,11 @@ impl Drop for Shared {
 struct Updater {
     tiers: Vec<TierState>,
     /// The snapshot replaced by the last update, dropped at the next one: so that the update side,
-    /// not a pick that happened to hold the last reference, pays for freeing it.
+    /// not a pick that happened to hold the last reference, pays for freeing it. Or, with one
+    /// tier, its endpoint list is edited into the next one (see [`Gap`]).
     retired: Option<Arc<Snapshot>>,
+    /// Where the retired snapshot's endpoint list may differ from the current one's.
+    gap: Gap,
     strategy: Arc<dyn Strategy>,
     updates: u64,
 }
@@ -592,6 +596,27 @@ struct TierState {
     in_sync: bool,
     counts: Counts,
     share: f64,
+}
+
+/// With one tier: the ids at which the retired snapshot's endpoint list may differ from the
+/// current one's. An update that changes a few instances then edits the retired list at those
+/// ids and its own (it is the only holder once picks let go of it), instead of cloning every
+/// endpoint into a new list and dropping the old one: work in proportion to the change, and no
+/// write to the reference counts of the endpoints that stay.
+enum Gap {
+    /// Not known (after a whole snapshot, with tiers, or while fail-static): the next update
+    /// builds its list from the reported set.
+    Unknown,
+    /// At most these ids.
+    At(Vec<InstanceId>),
+}
+
+/// What a one-tier update's changes did to the served list.
+enum Edit {
+    /// Nothing: every changed instance is served as before (or still not served).
+    Same,
+    /// The new list.
+    New(Vec<Endpoint>),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -827,6 +852,8 @@ impl Balancer {
                 .unwrap_or_else(|| Arc::new(EndpointState::new()))
         };
         let mut changed = false;
+        // The ids the events changed; `None` after a whole snapshot.
+        let mut touched: Option<Vec<InstanceId>> = Some(Vec::new());
         let mut synced = false;
         let endpoint = |inst: ServiceInstance, state: Arc<EndpointState>| {
             let id = self.shared.instance_labels.then(|| inst.id().as_str());
@@ -848,16 +875,25 @@ impl Balancer {
                     }
                     ts.reported = next;
                     changed = true;
+                    touched = None;
                 }
                 WatchEvent::Added(inst) | WatchEvent::Updated(inst) => {
                     if ts.reported.get(inst.id()).map(Endpoint::instance) != Some(&inst) {
                         let ep = endpoint(inst.clone(), state_for(inst.id(), &ts.reported));
                         ts.reported.insert(inst.id().clone(), ep);
                         changed = true;
+                        if let Some(t) = &mut touched {
+                            t.push(inst.id().clone());
+                        }
                     }
                 }
                 WatchEvent::Removed(inst) => {
-                    changed |= ts.reported.remove(inst.id()).is_some();
+                    if ts.reported.remove(inst.id()).is_some() {
+                        changed = true;
+                        if let Some(t) = &mut touched {
+                            t.push(inst.id().clone());
+                        }
+                    }
                 }
                 WatchEvent::Synced => synced = true,
             }
@@ -875,7 +911,7 @@ impl Balancer {
         drop(current);
         if changed {
             up.updates += 1;
-            self.publish(&mut up, tier);
+            self.publish(&mut up, tier, touched.as_deref());
         }
         self.observe(&up);
     }
@@ -938,16 +974,34 @@ impl Balancer {
             thresholds: current.thresholds.clone(),
             reported: current.reported.clone(),
         }));
+        drop(current);
         up.retired = Some(old);
+        // The retired snapshot serves the same list.
+        up.gap = Gap::At(Vec::new());
         self.observe(&up);
     }
 
     /// Rebuilds what changed: each tier's served set (healthy instances that no higher tier
     /// serves, or the last set when fail-static), the tiers' shares, and the snapshot. Only
-    /// tier `from`'s reported set changed, so the tiers above it serve what they served.
-    fn publish(&self, up: &mut Updater, from: usize) {
+    /// tier `from`'s reported set changed (at `touched`, when known), so the tiers above it
+    /// serve what they served.
+    fn publish(&self, up: &mut Updater, from: usize, touched: Option<&[InstanceId]>) {
         let current = self.shared.current.load_full();
         let many = up.tiers.len() > 1;
+        // One tier serving what it reports (not a set kept fail-static), and the ids that
+        // changed known: the served list is edited at them, not rebuilt.
+        let editable = !many
+            && !matches!(
+                up.tiers[0].fail_static,
+                Some(FailStatic::EmptyPush | FailStatic::NoneHealthy)
+            );
+        let (mut edit, gap_after) = match touched {
+            Some(touched) if editable => (
+                Some(edit_served(up, &current.tiers[0].endpoints, touched)),
+                Gap::At(touched.to_vec()),
+            ),
+            _ => (None, Gap::Unknown),
+        };
         let mut next: Vec<Arc<TierSnapshot>> = Vec::with_capacity(up.tiers.len());
         let mut changed = false;
         for i in 0..up.tiers.len() {
@@ -964,7 +1018,17 @@ impl Balancer {
             let mut above = served_above(higher, &next, &ts.reported)
                 .into_iter()
                 .peekable();
-            let (counted, healthy) = if above.peek().is_none() {
+            let (counted, healthy) = if let Some(edit) = edit.take() {
+                match edit {
+                    Edit::New(list) => (ts.reported.len(), list),
+                    Edit::Same => {
+                        // The served list stays; only the reported count moved.
+                        ts.counts.reported = ts.reported.len();
+                        next.push(old.clone());
+                        continue;
+                    }
+                }
+            } else if above.peek().is_none() {
                 // Without tiers, the walk as it was before them.
                 healthy_of(ts.reported.values(), ts.reported.len())
             } else {
@@ -1077,7 +1141,9 @@ impl Balancer {
             thresholds,
             reported,
         }));
+        drop(current);
         up.retired = Some(old);
+        up.gap = gap_after;
         // What picks choose from is the same when only the reported ids moved.
         if moved {
             self.shared.generation.fetch_add(1, Ordering::Release);
@@ -1255,6 +1321,70 @@ impl Balancer {
 /// Tiers from `first` on, then those before it.
 fn tier_order(first: usize, n: usize) -> impl Iterator<Item = usize> {
     (first..n).chain(0..first.min(n))
+}
+
+/// Tier 0's served list after its reported set changed at `touched`, `now` being the list
+/// served before (the healthy ones of the reported set as it was). The retired snapshot's
+/// list is edited when the update side is its only holder: it differs from `now` only at the
+/// gap, so fixing it there and at `touched` makes the new list, without touching the
+/// endpoints that stay. Otherwise `now` is cloned and edited at `touched`.
+fn edit_served(up: &mut Updater, now: &[Endpoint], touched: &[InstanceId]) -> Edit {
+    let reported = &up.tiers[0].reported;
+    let serving = |id: &InstanceId| {
+        reported
+            .get(id)
+            .filter(|e| e.instance().health().is_serving())
+    };
+    let find = |list: &[Endpoint], id: &InstanceId| list.binary_search_by(|e| e.id().cmp(id));
+    let unchanged =
+        touched.iter().all(
+            |id| match (find(now, id).ok().map(|i| &now[i]), serving(id)) {
+                (None, None) => true,
+                (Some(before), Some(after)) => Endpoint::ptr_eq(before, after),
+                _ => false,
+            },
+        );
+    if unchanged {
+        return Edit::Same;
+    }
+    let spare = match (up.retired.take(), &up.gap) {
+        (Some(retired), Gap::At(gap)) => match Arc::try_unwrap(retired) {
+            Ok(snapshot) => snapshot
+                .tiers
+                .into_iter()
+                .next()
+                .and_then(|tier| Arc::try_unwrap(tier).ok())
+                .map(|tier| (tier.endpoints, &gap[..])),
+            // A pick still holds it: it is freed later, as before.
+            Err(shared) => {
+                up.retired = Some(shared);
+                None
+            }
+        },
+        (retired, _) => {
+            up.retired = retired;
+            None
+        }
+    };
+    let (mut list, gap) = spare.unwrap_or_else(|| (now.to_vec(), &[]));
+    let mut fix: Vec<&InstanceId> = gap.iter().chain(touched).collect();
+    fix.sort_unstable();
+    fix.dedup();
+    for id in fix {
+        match (find(&list, id), serving(id)) {
+            (Ok(i), Some(e)) => {
+                if !Endpoint::ptr_eq(&list[i], e) {
+                    list[i] = e.clone();
+                }
+            }
+            (Ok(i), None) => {
+                list.remove(i);
+            }
+            (Err(i), Some(e)) => list.insert(i, e.clone()),
+            (Err(_), None) => {}
+        }
+    }
+    Edit::New(list)
 }
 
 /// Whether two served sets are the same instances with the same state (so that the picker

@@ -1,0 +1,206 @@
+//! The served list of a one-tier balancer is edited at the instances that changed rather than
+//! rebuilt (see `Gap` in `src/balancer.rs`). These tests hold it to the list a rebuild would
+//! make: after any sequence of events, with and without fail-static, with a strategy swap in
+//! between, and while another thread picks (which sometimes still holds the list an update
+//! would edit).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use waypost_core::testing::First;
+use waypost_core::{Balancer, Endpoint, Health, ServiceInstance, WatchEvent};
+
+fn inst(id: u8, port: u16, health: Health) -> ServiceInstance {
+    ServiceInstance::builder("users", format!("i{id}"))
+        .host("127.0.0.1")
+        .port(port)
+        .health(health)
+        .build()
+        .unwrap()
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Put(u8, u16, Health),
+    Remove(u8),
+    Snapshot(Vec<(u8, u16, Health)>),
+    SwapStrategy,
+}
+
+fn health() -> impl proptest::strategy::Strategy<Value = Health> {
+    prop_oneof![
+        3 => Just(Health::Passing),
+        1 => Just(Health::Warning),
+        2 => Just(Health::Critical),
+    ]
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    let id = 0u8..12;
+    prop_oneof![
+        8 => (id.clone(), 1u16..4, health()).prop_map(|(i, p, h)| Op::Put(i, p, h)),
+        5 => id.prop_map(Op::Remove),
+        1 => proptest::collection::vec((0u8..12, 1u16..4, health()), 0..8).prop_map(Op::Snapshot),
+        1 => Just(Op::SwapStrategy),
+    ]
+}
+
+/// What a rebuild serves: the reported instances that are not critical, by id; or, when that
+/// is empty and `keep` is on, what was served before.
+struct Model {
+    /// By id, as the balancer orders them.
+    reported: BTreeMap<String, ServiceInstance>,
+    served: Vec<ServiceInstance>,
+    keep: bool,
+}
+
+impl Model {
+    fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Put(i, p, h) => {
+                let inst = inst(*i, *p, *h);
+                self.reported.insert(inst.id().to_string(), inst);
+            }
+            Op::Remove(i) => {
+                self.reported.remove(&format!("i{i}"));
+            }
+            Op::Snapshot(all) => {
+                self.reported = all
+                    .iter()
+                    .map(|(i, p, h)| inst(*i, *p, *h))
+                    .map(|inst| (inst.id().to_string(), inst))
+                    .collect();
+            }
+            Op::SwapStrategy => return,
+        }
+        let healthy: Vec<ServiceInstance> = self
+            .reported
+            .values()
+            .filter(|i| i.health().is_serving())
+            .cloned()
+            .collect();
+        if !(healthy.is_empty() && self.keep && !self.served.is_empty()) {
+            self.served = healthy;
+        }
+    }
+}
+
+fn event(op: &Op) -> Option<WatchEvent> {
+    Some(match op {
+        Op::Put(i, p, h) => WatchEvent::Updated(inst(*i, *p, *h)),
+        Op::Remove(i) => WatchEvent::Removed(inst(*i, 1, Health::Passing)),
+        Op::Snapshot(all) => WatchEvent::Snapshot(
+            all.iter()
+                .map(|(i, p, h)| (*i, inst(*i, *p, *h)))
+                .collect::<BTreeMap<_, _>>()
+                .into_values()
+                .collect(),
+        ),
+        Op::SwapStrategy => return None,
+    })
+}
+
+/// Applies `ops` to a balancer and the model, comparing after each: the served instances, and
+/// (without fail-static, whose kept set may hold an older endpoint of an instance that
+/// changed and changed back) that an instance that did not change keeps its endpoint, so that
+/// the strategy's tables stay with it.
+fn check(ops: &[Op], keep: bool, picking: bool) {
+    let b = Balancer::builder(First).keep_last_on_empty(keep).build();
+    let mut model = Model {
+        reported: BTreeMap::new(),
+        served: Vec::new(),
+        keep,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let picker = picking.then(|| {
+        let (b, stop) = (b.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = b.pick();
+            }
+        })
+    });
+    for op in ops {
+        let before: BTreeMap<String, Endpoint> = b
+            .endpoints()
+            .into_iter()
+            .map(|e| (e.id().to_string(), e))
+            .collect();
+        match event(op) {
+            Some(e) => b.apply(e),
+            None => b.set_strategy(First),
+        }
+        model.apply(op);
+        assert_eq!(b.instances(), model.served, "after {op:?}");
+        for e in b.endpoints().into_iter().filter(|_| !keep) {
+            if let Some(old) = before.get(e.id().as_str()) {
+                if old.instance() == e.instance() {
+                    assert!(Endpoint::ptr_eq(old, &e), "{} replaced by {op:?}", e.id());
+                }
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(t) = picker {
+        t.join().unwrap();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn edits_serve_what_a_rebuild_would(ops in proptest::collection::vec(op(), 1..60)) {
+        check(&ops, false, false);
+    }
+
+    #[test]
+    fn edits_serve_what_a_rebuild_would_with_fail_static(ops in proptest::collection::vec(op(), 1..60)) {
+        check(&ops, true, false);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    /// A picking thread sometimes still holds the list an update would edit: the update then
+    /// copies the current list instead.
+    #[test]
+    fn edits_serve_what_a_rebuild_would_while_another_thread_picks(ops in proptest::collection::vec(op(), 1..60)) {
+        check(&ops, true, true);
+    }
+}
+
+/// The endpoints that leave are freed by the update side, edited out of the retired list.
+#[test]
+fn an_edit_frees_what_left_and_keeps_what_stayed() {
+    let b = Balancer::new(First);
+    let passing = |i| inst(i, 1, Health::Passing);
+    b.apply(WatchEvent::Snapshot(vec![
+        passing(1),
+        passing(2),
+        passing(3),
+    ]));
+    // Two updates, so that the retired list is the one an update edits.
+    b.apply(WatchEvent::Added(passing(4)));
+    b.apply(WatchEvent::Removed(passing(4)));
+    let two = b.endpoints()[1].clone();
+    assert_eq!(two.id().as_str(), "i2");
+    let state = Arc::clone(two.shared_state());
+    drop(two);
+    b.apply(WatchEvent::Removed(passing(2)));
+    assert!(
+        Arc::strong_count(&state) > 1,
+        "still in the retired snapshot"
+    );
+    b.apply(WatchEvent::Added(passing(5)));
+    assert_eq!(
+        Arc::strong_count(&state),
+        1,
+        "edited out by the next update"
+    );
+    let ids: Vec<String> = b.instances().iter().map(|i| i.id().to_string()).collect();
+    assert_eq!(ids, ["i1", "i3", "i5"]);
+}
