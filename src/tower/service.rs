@@ -227,6 +227,8 @@ struct Inner<M, S, C, X, Req> {
 ///   classifier allows is repeated on another instance, within the attempts and the shared
 ///   [`RetryBudget`] (the same policy as the HTTP client's), and only for idempotent requests
 ///   once one was sent.
+/// - **Deadlines** (off unless [`deadline`](BalancedBuilder::deadline) is set): a request's
+///   deadline bounds all of its attempts; none starts after it.
 ///
 /// **`poll_ready` and the pick.** `poll_ready` is always ready: the instance is picked in
 /// `call`, per request, so a ready signal from one instance would say nothing about the next
