@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use waypost_core::{
-    Discovery, Error, HealthCheck, InstanceSet, Liveness, Registration, RegistrationHandle,
-    Registry, ServiceName, Watch, WatchEvent,
+    CheckTls, Discovery, Error, HealthCheck, InstanceSet, Liveness, Registration,
+    RegistrationHandle, Registry, ServiceName, Watch, WatchEvent,
 };
 
 use crate::Memory;
@@ -382,7 +382,7 @@ async fn tcp_check_lists_the_instance_while_it_accepts_connections() {
 }
 
 /// HTTP and gRPC checks run as TCP connects to their host and port (the URL's, the target's
-/// before any `/service`).
+/// before any `/service`), over TLS or not.
 #[tokio::test]
 async fn http_and_grpc_checks_run_as_a_tcp_connect() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -390,12 +390,19 @@ async fn http_and_grpc_checks_run_as_a_tcp_connect() {
     let memory = Memory::new();
     /// A check of one kind on an address.
     type Check = fn(&str) -> HealthCheck;
-    let kinds: [(&str, Check); 2] = [
+    const EVERY: Duration = Duration::from_millis(50);
+    let kinds: [(&str, Check); 4] = [
         ("http", |a| {
-            HealthCheck::http(format!("http://{a}/health"), Duration::from_millis(50))
+            HealthCheck::http(format!("http://{a}/health"), EVERY)
+        }),
+        ("https", |a| {
+            HealthCheck::https(format!("https://{a}/health"), EVERY, CheckTls::SkipVerify)
         }),
         ("grpc", |a| {
-            HealthCheck::grpc(format!("{a}/users.Users"), Duration::from_millis(50))
+            HealthCheck::grpc(format!("{a}/users.Users"), EVERY)
+        }),
+        ("grpc-tls", |a| {
+            HealthCheck::grpc_tls(a, EVERY, CheckTls::Verify)
         }),
     ];
     for (service, check) in kinds {
