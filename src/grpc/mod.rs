@@ -29,7 +29,8 @@
 //! - **Deadlines**: a call's `grpc-timeout` (tonic's `Request::set_timeout`) bounds the whole
 //!   call, retries included, as gRPC's retry design wants: each retry tells the server the
 //!   time that is left, none starts once it is gone, and the call then fails with
-//!   DEADLINE_EXCEEDED ([`GrpcError::DeadlineExceeded`]). An attempt cut short by the deadline is
+//!   DEADLINE_EXCEEDED ([`GrpcError::DeadlineExceeded`]), also when an answer comes after it
+//!   (a tonic server answers its own expired deadline with CANCELLED). An attempt cut short by the deadline is
 //!   a failure of its instance, as a time-out of the HTTP client's is.
 //! - **No instance**: with none to call (none discovered, or every one tried busy), a call
 //!   fails at once with UNAVAILABLE ([`GrpcError::Unavailable`]), the code gRPC clients treat
@@ -111,8 +112,9 @@ pub enum GrpcError {
         /// Why no instance took it.
         cause: Box<BalanceError<tonic::transport::Error>>,
     },
-    /// The call's deadline (its `grpc-timeout`) passed before an instance answered. A tonic
-    /// client sees `status`, DEADLINE_EXCEEDED, which also names the last instance tried.
+    /// The call's deadline (its `grpc-timeout`) passed before an instance answered: an answer
+    /// that comes after it is not used. A tonic client sees `status`, DEADLINE_EXCEEDED, which
+    /// also says what the last attempt came to.
     ///
     /// ```
     /// use waypost::grpc::GrpcError;
@@ -124,13 +126,14 @@ pub enum GrpcError {
     /// assert!(status.message().contains("users-1"), "{status}");
     /// # Ok::<(), waypost::ValidationError>(())
     /// ```
-    #[error("the call's deadline passed: {last}")]
+    #[error("the call's {}", status.message())]
     DeadlineExceeded {
         /// DEADLINE_EXCEEDED, its message saying what the last attempt came to.
         #[source]
         status: tonic::Status,
-        /// How the last attempt ended.
-        last: Box<BalanceError<tonic::transport::Error>>,
+        /// How the last attempt failed; `None` when it was answered, too late (a server that
+        /// times out the call itself answers as its deadline passes).
+        last: Option<Box<BalanceError<tonic::transport::Error>>>,
     },
 }
 
@@ -150,7 +153,21 @@ impl GrpcError {
                 "deadline exceeded: {}",
                 with_causes(&last)
             )),
-            last: Box::new(last),
+            last: Some(Box::new(last)),
+        }
+    }
+
+    /// The error of a call answered after its deadline, `answer` being the answer's head.
+    fn answered_too_late(answer: &http::Response<Body>) -> GrpcError {
+        let said = match answer.headers().get("grpc-status") {
+            Some(code) => format!(" (grpc-status {})", code.to_str().unwrap_or("?")),
+            None => String::new(),
+        };
+        GrpcError::DeadlineExceeded {
+            status: tonic::Status::deadline_exceeded(format!(
+                "deadline exceeded: the instance answered after it{said}"
+            )),
+            last: None,
         }
     }
 }
@@ -840,25 +857,36 @@ impl Service<Request> for GrpcChannel {
             request.extensions_mut().insert(Deadline(at));
         }
         Box::pin(async move {
-            match inner.call(request).await {
-                Ok(response) => Ok(response),
-                // However the last attempt ended (the per-instance channel's own time-out,
-                // the balancer's deadline), past the deadline it is DEADLINE_EXCEEDED.
-                Err(e) if deadline.is_some_and(|at| Instant::now() >= at) => {
-                    Err(GrpcError::deadline_exceeded(e))
-                }
-                Err(
-                    e @ BalanceError::Inner {
-                        gave_up: GaveUp::Deadline,
-                        ..
-                    },
-                ) => Err(GrpcError::deadline_exceeded(e)),
-                Err(e @ (BalanceError::NoInstance(_) | BalanceError::NotReady { .. })) => {
-                    Err(GrpcError::unavailable(e))
-                }
-                Err(e) => Err(e.into()),
-            }
+            let result = inner.call(request).await;
+            outcome(result, deadline.is_some_and(|at| Instant::now() >= at))
         })
+    }
+}
+
+/// What the caller is told of a call's `result`; `past`: its deadline has passed.
+fn outcome(
+    result: Result<http::Response<Body>, BalanceError<tonic::transport::Error>>,
+    past: bool,
+) -> Result<http::Response<Body>, GrpcError> {
+    match result {
+        // It lost the race with the deadline, as a server's own answer to its expired deadline
+        // does (tonic's says CANCELLED): the caller is told DEADLINE_EXCEEDED, as its own timer
+        // would have.
+        Ok(response) if past => Err(GrpcError::answered_too_late(&response)),
+        Ok(response) => Ok(response),
+        // However the last attempt ended (the per-instance channel's own time-out, the
+        // balancer's deadline), past the deadline it is DEADLINE_EXCEEDED.
+        Err(e) if past => Err(GrpcError::deadline_exceeded(e)),
+        Err(
+            e @ BalanceError::Inner {
+                gave_up: GaveUp::Deadline,
+                ..
+            },
+        ) => Err(GrpcError::deadline_exceeded(e)),
+        Err(e @ (BalanceError::NoInstance(_) | BalanceError::NotReady { .. })) => {
+            Err(GrpcError::unavailable(e))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1025,6 +1053,30 @@ mod tests {
             .await;
         let err = channel.unwrap_err();
         assert!(never_connected(&err), "{}", with_causes(&err));
+    }
+
+    #[test]
+    fn an_answer_after_the_deadline_is_deadline_exceeded() {
+        let answer = || {
+            let mut r = http::Response::new(Body::empty());
+            r.headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static("1"));
+            Ok(r)
+        };
+        // In time, the answer is the instance's own, CANCELLED here.
+        assert!(outcome(answer(), false).is_ok());
+        let late = outcome(answer(), true).unwrap_err();
+        let status = tonic::Status::from_error(Box::new(late));
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(status.message().contains("grpc-status 1"), "{status}");
+        // An error is told as the deadline too, once it has passed.
+        let busy = BalanceError::NotReady {
+            instance: "a".parse().unwrap(),
+            waited: Duration::from_secs(1),
+            tried: 0,
+        };
+        let late = tonic::Status::from_error(Box::new(outcome(Err(busy), true).unwrap_err()));
+        assert_eq!(late.code(), tonic::Code::DeadlineExceeded);
     }
 
     #[test]

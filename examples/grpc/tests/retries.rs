@@ -147,11 +147,10 @@ async fn the_deadline_ends_the_call_and_its_retries() {
     tokio::time::sleep(Duration::from_millis(900)).await;
     let calls: u64 = controls.iter().map(|c| c.calls()).sum();
     assert_eq!(calls, 1, "one attempt, within the deadline: {status:?}");
+    // Whether the channel's timer or the server's own answer to the deadline (tonic's says
+    // CANCELLED) comes first, the caller is told DEADLINE_EXCEEDED.
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
-    assert!(
-        status.message().contains("slow-"),
-        "names the instance: {status:?}"
-    );
+    assert!(status.message().contains("deadline"), "{status:?}");
 
     // Time enough left: a failure is retried on another instance as without a deadline.
     let (down, up) = (server("down", true).await, server("up", false).await);
