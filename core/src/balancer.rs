@@ -46,11 +46,15 @@ impl TierSnapshot {
     }
 
     fn find(&self, id: &InstanceId) -> Option<&Endpoint> {
-        self.endpoints
-            .binary_search_by(|e| e.id().cmp(id))
+        position(&self.endpoints, id)
             .ok()
             .map(|i| &self.endpoints[i])
     }
+}
+
+/// Where `id` is in `list` (in id order), or where it would go.
+fn position(list: &[Endpoint], id: &InstanceId) -> Result<usize, usize> {
+    list.binary_search_by(|e| e.id().cmp(id))
 }
 
 /// Why the balancer serves a set other than the one the backend reported last.
@@ -597,6 +601,11 @@ struct TierState {
     counts: Counts,
     share: f64,
 }
+
+/// Up to how many ids an edit fixes a list in place; more are fixed in one pass over a copy
+/// (see [`fixed`]). In place, each insert or remove shifts the list's tail: about as much as
+/// the copy costs for two of them.
+const FIX_IN_PLACE: usize = 2;
 
 /// With one tier: the ids at which the retired snapshot's endpoint list may differ from the
 /// current one's. An update that changes a few instances then edits the retired list at those
@@ -1366,25 +1375,71 @@ fn edit_served(up: &mut Updater, now: &[Endpoint], touched: &[InstanceId]) -> Ed
             None
         }
     };
-    let (mut list, gap) = spare.unwrap_or_else(|| (now.to_vec(), &[]));
-    let mut fix: Vec<&InstanceId> = gap.iter().chain(touched).collect();
-    fix.sort_unstable();
-    fix.dedup();
-    for id in fix {
-        match (find(&list, id), serving(id)) {
-            (Ok(i), Some(e)) => {
-                if !Endpoint::ptr_eq(&list[i], e) {
-                    list[i] = e.clone();
+    let mut fix: Vec<&InstanceId> = touched.iter().collect();
+    let list = match spare {
+        Some((list, gap)) => {
+            fix.extend(gap);
+            fix.sort_unstable();
+            fix.dedup();
+            fixed(list, &fix, serving)
+        }
+        None => {
+            fix.sort_unstable();
+            fix.dedup();
+            fixed(now.to_vec(), &fix, serving)
+        }
+    };
+    Edit::New(list)
+}
+
+/// `list` (in id order) with its entries at `fix` (in id order) made what `now` says: that
+/// instance's endpoint, or none. The fixed ids are found by binary search, so that no other
+/// entry is read, cloned or dropped. A few are fixed in place (each insert or remove shifts the
+/// tail); more in one pass that moves the entries between them over in runs, so that a list
+/// edited at many ids costs no more than one copy of it.
+fn fixed<'a>(
+    mut list: Vec<Endpoint>,
+    fix: &[&InstanceId],
+    now: impl Fn(&InstanceId) -> Option<&'a Endpoint>,
+) -> Vec<Endpoint> {
+    if fix.len() <= FIX_IN_PLACE {
+        for id in fix {
+            match (position(&list, id), now(id)) {
+                (Ok(i), Some(n)) if Endpoint::ptr_eq(&list[i], n) => {}
+                (Ok(i), Some(n)) => list[i] = n.clone(),
+                (Ok(i), None) => {
+                    list.remove(i);
                 }
+                (Err(i), Some(n)) => list.insert(i, n.clone()),
+                (Err(_), None) => {}
             }
-            (Ok(i), None) => {
-                list.remove(i);
+        }
+        return list;
+    }
+    let at: Vec<Result<usize, usize>> = fix.iter().map(|id| position(&list, id)).collect();
+    let mut out = Vec::with_capacity(list.len() + fix.len());
+    let mut rest = list.into_iter();
+    let mut next = 0;
+    for (id, at) in fix.iter().zip(at) {
+        let (Ok(i) | Err(i)) = at;
+        out.extend(rest.by_ref().take(i - next));
+        next = i;
+        let was = match at {
+            Ok(_) => {
+                next += 1;
+                rest.next()
             }
-            (Err(i), Some(e)) => list.insert(i, e.clone()),
-            (Err(_), None) => {}
+            Err(_) => None,
+        };
+        match (was, now(id)) {
+            (Some(e), Some(n)) if Endpoint::ptr_eq(&e, n) => out.push(e),
+            // Replaced, removed or added; a replaced or removed entry is dropped here, on the
+            // update side.
+            (_, n) => out.extend(n.cloned()),
         }
     }
-    Edit::New(list)
+    out.extend(rest);
+    out
 }
 
 /// Whether two served sets are the same instances with the same state (so that the picker

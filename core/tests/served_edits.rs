@@ -25,6 +25,8 @@ fn inst(id: u8, port: u16, health: Health) -> ServiceInstance {
 enum Op {
     Put(u8, u16, Health),
     Remove(u8),
+    /// Puts (`Some`) and removes (`None`) applied together, as one watch answer's changes.
+    Batch(Vec<(u8, Option<(u16, Health)>)>),
     Snapshot(Vec<(u8, u16, Health)>),
     SwapStrategy,
 }
@@ -41,7 +43,12 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
     let id = 0u8..12;
     prop_oneof![
         8 => (id.clone(), 1u16..4, health()).prop_map(|(i, p, h)| Op::Put(i, p, h)),
-        5 => id.prop_map(Op::Remove),
+        5 => id.clone().prop_map(Op::Remove),
+        3 => proptest::collection::vec(
+            (id, proptest::option::of((1u16..4, health()))),
+            2..10
+        )
+        .prop_map(Op::Batch),
         1 => proptest::collection::vec((0u8..12, 1u16..4, health()), 0..8).prop_map(Op::Snapshot),
         1 => Just(Op::SwapStrategy),
     ]
@@ -66,6 +73,19 @@ impl Model {
             Op::Remove(i) => {
                 self.reported.remove(&format!("i{i}"));
             }
+            Op::Batch(changes) => {
+                for (i, put) in changes {
+                    match put {
+                        Some((p, h)) => {
+                            let inst = inst(*i, *p, *h);
+                            self.reported.insert(inst.id().to_string(), inst);
+                        }
+                        None => {
+                            self.reported.remove(&format!("i{i}"));
+                        }
+                    }
+                }
+            }
             Op::Snapshot(all) => {
                 self.reported = all
                     .iter()
@@ -87,24 +107,32 @@ impl Model {
     }
 }
 
-fn event(op: &Op) -> Option<WatchEvent> {
+fn events(op: &Op) -> Option<Vec<WatchEvent>> {
     Some(match op {
-        Op::Put(i, p, h) => WatchEvent::Updated(inst(*i, *p, *h)),
-        Op::Remove(i) => WatchEvent::Removed(inst(*i, 1, Health::Passing)),
-        Op::Snapshot(all) => WatchEvent::Snapshot(
+        Op::Put(i, p, h) => vec![WatchEvent::Updated(inst(*i, *p, *h))],
+        Op::Remove(i) => vec![WatchEvent::Removed(inst(*i, 1, Health::Passing))],
+        Op::Batch(changes) => changes
+            .iter()
+            .map(|(i, put)| match put {
+                Some((p, h)) => WatchEvent::Updated(inst(*i, *p, *h)),
+                None => WatchEvent::Removed(inst(*i, 1, Health::Passing)),
+            })
+            .collect(),
+        Op::Snapshot(all) => vec![WatchEvent::Snapshot(
             all.iter()
-                .map(|(i, p, h)| (*i, inst(*i, *p, *h)))
+                .map(|(i, p, h)| inst(*i, *p, *h))
+                .map(|inst| (inst.id().to_string(), inst))
                 .collect::<BTreeMap<_, _>>()
                 .into_values()
                 .collect(),
-        ),
+        )],
         Op::SwapStrategy => return None,
     })
 }
 
 /// Applies `ops` to a balancer and the model, comparing after each: the served instances, and
 /// (without fail-static, whose kept set may hold an older endpoint of an instance that
-/// changed and changed back) that an instance that did not change keeps its endpoint, so that
+/// changed and changed back) that an instance the op left alone keeps its endpoint, so that
 /// the strategy's tables stay with it.
 fn check(ops: &[Op], keep: bool, picking: bool) {
     let b = Balancer::builder(First).keep_last_on_empty(keep).build();
@@ -128,13 +156,21 @@ fn check(ops: &[Op], keep: bool, picking: bool) {
             .into_iter()
             .map(|e| (e.id().to_string(), e))
             .collect();
-        match event(op) {
-            Some(e) => b.apply(e),
+        match events(op) {
+            Some(e) => b.apply_all(e),
             None => b.set_strategy(First),
         }
         model.apply(op);
         assert_eq!(b.instances(), model.served, "after {op:?}");
+        // An instance removed and put back by one batch is a new endpoint, as in a rebuild.
+        let named = |id: &str| match op {
+            Op::Batch(changes) => changes.iter().any(|(i, _)| format!("i{i}") == id),
+            _ => false,
+        };
         for e in b.endpoints().into_iter().filter(|_| !keep) {
+            if named(e.id().as_str()) {
+                continue;
+            }
             if let Some(old) = before.get(e.id().as_str()) {
                 if old.instance() == e.instance() {
                     assert!(Endpoint::ptr_eq(old, &e), "{} replaced by {op:?}", e.id());
