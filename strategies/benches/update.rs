@@ -19,6 +19,10 @@
 //! is one that ended up releasing the last reference to a replaced snapshot, i.e. paid for the
 //! update's clean-up on the request path.
 //!
+//! `update_batch/<strategy>/10000`: 100 of the instances, spread over the set, removed in one
+//! `Balancer::apply_all`, then added back in one, in turn (a watch answer with many changes);
+//! no picking thread.
+//!
 //! `update_two_tiers/<strategy>/10000`: a balancer with two failover tiers of 10,000 instances
 //! each (disjoint ids, as two datacenters'), one single-instance change per iteration, to the
 //! first tier and to the second in turn (`Balancer::apply_to`); no picking thread.
@@ -229,6 +233,40 @@ fn update(c: &mut Criterion) {
     }
 }
 
+/// How many instances each `update_batch` iteration adds or removes together.
+const BATCH: usize = 100;
+
+/// `update_batch/<strategy>/10000`: `BATCH` of the instances removed in one `apply_all`, then
+/// added back in one, in turn (one watch answer with many changes); no picking thread.
+fn update_batch(c: &mut Criterion) {
+    // Spread over the set. Removing them keeps consistent-hash at the same number of points
+    // per weight (19); adding 100 new ones would cross to 18, and every such step rebuilds the
+    // ring from scratch (see BENCHMARKS.md).
+    let batch: Vec<_> = (0..BATCH).map(|k| instance(k * (N / BATCH))).collect();
+    for name in ["round-robin", "consistent-hash", "maglev"] {
+        let Some(strategy) = waypost_strategies::by_name(name) else {
+            continue;
+        };
+        let balancer = Balancer::new(strategy);
+        balancer.apply(WatchEvent::Snapshot(instances(N)));
+        c.benchmark_group("update_batch")
+            .bench_function(BenchmarkId::new(name, N), |b| {
+                let mut k = 0usize;
+                b.iter(|| {
+                    let remove = k % 2 == 0;
+                    balancer.apply_all(batch.iter().cloned().map(|i| {
+                        if remove {
+                            WatchEvent::Removed(i)
+                        } else {
+                            WatchEvent::Added(i)
+                        }
+                    }));
+                    k += 1;
+                })
+            });
+    }
+}
+
 fn update_two_tiers(c: &mut Criterion) {
     // A runtime only for the tiers' (never-ending, silent) watches that the builder spawns.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -274,6 +312,6 @@ fn update_two_tiers(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = fixture::criterion_config(10);
-    targets = update, update_two_tiers
+    targets = update, update_batch, update_two_tiers
 }
 criterion_main!(benches);
