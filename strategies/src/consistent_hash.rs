@@ -423,7 +423,12 @@ fn order_ties<'a>(points: &mut [u64], id: impl Fn(usize) -> &'a str) {
     let mut start = 0;
     while start < points.len() {
         let hash = points[start] >> 32;
-        let end = start + points[start..].partition_point(|&p| p >> 32 == hash);
+        // Runs are short (almost always one point): a walk, not a search of the whole rest.
+        let end = start
+            + points[start..]
+                .iter()
+                .take_while(|&&p| p >> 32 == hash)
+                .count();
         if end - start > 1 {
             points[start..end].sort_unstable_by(|&a, &b| {
                 (id(a as u32 as usize), a as u32).cmp(&(id(b as u32 as usize), b as u32))
@@ -723,6 +728,38 @@ mod tests {
             Endpoint::fresh(instance)
         })
         .collect()
+    }
+
+    /// Coinciding points go in their owners' id order, then slot order; other points, and
+    /// runs at either end, stay where the sort put them.
+    #[test]
+    fn coinciding_points_are_ordered_by_owner_id() {
+        let ids = ["c", "a", "b", "a"]; // slot -> owner id
+        let point = |hash: u64, slot: u64| hash << 32 | slot;
+        let mut points = vec![
+            point(1, 0),
+            point(1, 2),
+            point(1, 1),
+            point(5, 3),
+            point(7, 2),
+            point(7, 0),
+            point(7, 3),
+            point(7, 1),
+        ];
+        order_ties(&mut points, |slot| ids[slot]);
+        assert_eq!(
+            points,
+            [
+                point(1, 1), // a
+                point(1, 2), // b
+                point(1, 0), // c
+                point(5, 3),
+                point(7, 1), // a, slot 1
+                point(7, 3), // a, slot 3
+                point(7, 2), // b
+                point(7, 0), // c
+            ]
+        );
     }
 
     /// Each tier of a balancer finds its own kept ring, and updates it in place: two tiers
