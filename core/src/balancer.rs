@@ -46,10 +46,13 @@ impl TierSnapshot {
     }
 
     fn find(&self, id: &InstanceId) -> Option<&Endpoint> {
-        position(&self.endpoints, id)
-            .ok()
-            .map(|i| &self.endpoints[i])
+        entry(&self.endpoints, id)
     }
+}
+
+/// The endpoint of `id` in `list` (in id order).
+fn entry<'a>(list: &'a [Endpoint], id: &InstanceId) -> Option<&'a Endpoint> {
+    position(list, id).ok().map(|i| &list[i])
 }
 
 /// Where `id` is in `list` (in id order), or where it would go.
@@ -1344,15 +1347,13 @@ fn edit_served(up: &mut Updater, now: &[Endpoint], touched: &[InstanceId]) -> Ed
             .get(id)
             .filter(|e| e.instance().health().is_serving())
     };
-    let find = |list: &[Endpoint], id: &InstanceId| list.binary_search_by(|e| e.id().cmp(id));
-    let unchanged =
-        touched.iter().all(
-            |id| match (find(now, id).ok().map(|i| &now[i]), serving(id)) {
-                (None, None) => true,
-                (Some(before), Some(after)) => Endpoint::ptr_eq(before, after),
-                _ => false,
-            },
-        );
+    let unchanged = touched
+        .iter()
+        .all(|id| match (entry(now, id), serving(id)) {
+            (None, None) => true,
+            (Some(before), Some(after)) => Endpoint::ptr_eq(before, after),
+            _ => false,
+        });
     if unchanged {
         return Edit::Same;
     }
@@ -1375,21 +1376,11 @@ fn edit_served(up: &mut Updater, now: &[Endpoint], touched: &[InstanceId]) -> Ed
             None
         }
     };
-    let mut fix: Vec<&InstanceId> = touched.iter().collect();
-    let list = match spare {
-        Some((list, gap)) => {
-            fix.extend(gap);
-            fix.sort_unstable();
-            fix.dedup();
-            fixed(list, &fix, serving)
-        }
-        None => {
-            fix.sort_unstable();
-            fix.dedup();
-            fixed(now.to_vec(), &fix, serving)
-        }
-    };
-    Edit::New(list)
+    let (list, gap) = spare.unwrap_or_else(|| (now.to_vec(), &[]));
+    let mut fix: Vec<&InstanceId> = touched.iter().chain(gap).collect();
+    fix.sort_unstable();
+    fix.dedup();
+    Edit::New(fixed(list, &fix, serving))
 }
 
 /// `list` (in id order) with its entries at `fix` (in id order) made what `now` says: that
@@ -1660,9 +1651,13 @@ impl PickGuard {
     /// [`responded`](Self::responded), if it was called).
     pub fn record(mut self, outcome: Outcome) {
         self.done = true;
-        let end = self.responded.unwrap_or_else(Stamp::now);
-        let sample = Some((outcome, self.started.until(end)));
-        self.endpoint.state().end_at(sample, end.nanos());
+        self.end(outcome, self.responded.unwrap_or_else(Stamp::now));
+    }
+
+    /// Ends the call with `outcome`, its latency up to `at`.
+    fn end(&self, outcome: Outcome, at: Stamp) {
+        let sample = Some((outcome, self.started.until(at)));
+        self.endpoint.state().end_at(sample, at.nanos());
         self.endpoint.metrics().end(sample);
     }
 
@@ -1707,13 +1702,9 @@ impl Drop for PickGuard {
         // instance: a cancelled call past the threshold is a slow failure, not "no outcome".
         // The caller started its clock a little before the pick: a drop within 1 % (at least
         // 1 ms) of the deadline is the caller's timeout, not an early cancel.
-        let mut outcome = None;
         if let Some(end) = self.responded {
             // The instance answered: what the caller did with the answer is not its doing.
-            let sample = Some((Outcome::Success, self.started.until(end)));
-            self.endpoint.state().end_at(sample, end.nanos());
-            self.endpoint.metrics().end(sample);
-            return;
+            return self.end(Outcome::Success, end);
         }
         if self.fail_after.is_some() || self.deadline.is_some() {
             let now = Stamp::now();
@@ -1733,14 +1724,11 @@ impl Drop for PickGuard {
             };
             let slack = (after / 100).max(Duration::from_millis(1));
             if elapsed.saturating_add(slack) >= after {
-                outcome = Some((Outcome::Failure, elapsed));
-                self.endpoint.state().end_at(outcome, now.nanos());
+                return self.end(Outcome::Failure, now);
             }
         }
-        if outcome.is_none() {
-            self.endpoint.state().end(None);
-        }
-        self.endpoint.metrics().end(outcome);
+        self.endpoint.state().end(None);
+        self.endpoint.metrics().end(None);
     }
 }
 

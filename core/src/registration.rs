@@ -195,6 +195,17 @@ impl HealthCheck {
                 Ok(())
             }
         };
+        // No control character or space: the value goes into the backend's JSON as it is.
+        let printable = |field: Field, value: &str| match value
+            .char_indices()
+            .find(|(_, c)| c.is_control() || c.is_whitespace())
+        {
+            Some((at, _)) => Err(ValidationError::new(
+                field,
+                Problem::ControlCharacter { at },
+            )),
+            None => Ok(()),
+        };
         match self {
             // Precision is the backend's: one that counts whole seconds (etcd leases) rounds a
             // shorter TTL up, never down (see BACKENDS.md).
@@ -221,16 +232,7 @@ impl HealthCheck {
                         )),
                     ));
                 }
-                if let Some((at, _)) = url
-                    .char_indices()
-                    .find(|(_, c)| c.is_control() || c.is_whitespace())
-                {
-                    return Err(ValidationError::new(
-                        Field::CheckUrl,
-                        Problem::ControlCharacter { at },
-                    ));
-                }
-                Ok(())
+                printable(Field::CheckUrl, url)
             }
             HealthCheck::Tcp {
                 address,
@@ -249,15 +251,7 @@ impl HealthCheck {
             } => {
                 positive(Field::CheckInterval, *interval)?;
                 positive(Field::CheckTimeout, *timeout)?;
-                if let Some((at, _)) = target
-                    .char_indices()
-                    .find(|(_, c)| c.is_control() || c.is_whitespace())
-                {
-                    return Err(ValidationError::new(
-                        Field::CheckAddress,
-                        Problem::ControlCharacter { at },
-                    ));
-                }
+                printable(Field::CheckAddress, target)?;
                 match target.split_once('/') {
                     Some((_, "")) => Err(ValidationError::new(
                         Field::CheckAddress,

@@ -30,8 +30,8 @@
 //!   call, retries included, as gRPC's retry design wants: each retry tells the server the
 //!   time that is left, none starts once it is gone, and the call then fails with
 //!   DEADLINE_EXCEEDED ([`GrpcError::DeadlineExceeded`]), also when an answer comes after it
-//!   (a tonic server answers its own expired deadline with CANCELLED). An attempt cut short by the deadline is
-//!   a failure of its instance, as a time-out of the HTTP client's is.
+//!   (a tonic server answers its own expired deadline with CANCELLED). An attempt cut short by
+//!   the deadline is a failure of its instance, as a time-out of the HTTP client's is.
 //! - **No instance**: with none to call (none discovered, or every one tried busy), a call
 //!   fails at once with UNAVAILABLE ([`GrpcError::Unavailable`]), the code gRPC clients treat
 //!   as "try again later".
