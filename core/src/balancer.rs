@@ -52,12 +52,8 @@ impl TierSnapshot {
 
 /// The endpoint of `id` in `list` (in id order).
 fn entry<'a>(list: &'a [Endpoint], id: &InstanceId) -> Option<&'a Endpoint> {
-    position(list, id).ok().map(|i| &list[i])
-}
-
-/// Where `id` is in `list` (in id order), or where it would go.
-fn position(list: &[Endpoint], id: &InstanceId) -> Result<usize, usize> {
-    list.binary_search_by(|e| e.id().cmp(id))
+    let i = list.binary_search_by(|e| e.id().cmp(id)).ok()?;
+    list.get(i)
 }
 
 /// Why the balancer serves a set other than the one the backend reported last.
@@ -454,10 +450,11 @@ impl BalancerBuilder {
                             in_sync: false,
                             counts: Counts::default(),
                             share: 0.0,
+                            gap: Gap::Unknown,
+                            spare: Spare::default(),
                         })
                         .collect(),
                     retired: None,
-                    gap: Gap::Unknown,
                     strategy: self.strategy.clone(),
                     updates: 0,
                 }),
@@ -582,12 +579,10 @@ impl Drop for Shared {
 /// Update-side state; only `apply` and `set_strategy` take its lock, picks never do.
 struct Updater {
     tiers: Vec<TierState>,
-    /// The snapshot replaced by the last update, dropped at the next one: so that the update side,
-    /// not a pick that happened to hold the last reference, pays for freeing it. Or, with one
-    /// tier, its endpoint list is edited into the next one (see [`Gap`]).
+    /// The snapshot replaced by the last update, taken apart at the next one ([`harvest`]): so
+    /// that the update side, not a pick that happened to hold the last reference, pays for
+    /// freeing it, and so that the lists it replaced can be edited into the next ones.
     retired: Option<Arc<Snapshot>>,
-    /// Where the retired snapshot's endpoint list may differ from the current one's.
-    gap: Gap,
     strategy: Arc<dyn Strategy>,
     updates: u64,
 }
@@ -603,6 +598,21 @@ struct TierState {
     in_sync: bool,
     counts: Counts,
     share: f64,
+    /// Where the lists the last change of this tier replaced (its served list, and with tiers
+    /// its reported ids) may differ from the ones it made.
+    gap: Gap,
+    /// Replaced lists of this tier, to be edited into its next ones.
+    spare: Spare,
+}
+
+impl TierState {
+    /// Whether the tier serves a set it kept (fail-static), not what it reports.
+    fn keeps(&self) -> bool {
+        matches!(
+            self.fail_static,
+            Some(FailStatic::EmptyPush | FailStatic::NoneHealthy)
+        )
+    }
 }
 
 /// Up to how many ids an edit fixes a list in place; more are fixed in one pass over a copy
@@ -610,25 +620,34 @@ struct TierState {
 /// the copy costs for two of them.
 const FIX_IN_PLACE: usize = 2;
 
-/// With one tier: the ids at which the retired snapshot's endpoint list may differ from the
-/// current one's. An update that changes a few instances then edits the retired list at those
-/// ids and its own (it is the only holder once picks let go of it), instead of cloning every
-/// endpoint into a new list and dropping the old one: work in proportion to the change, and no
-/// write to the reference counts of the endpoints that stay.
+/// The ids at which a tier's replaced lists may differ from the current ones. An update that
+/// changes a few instances then edits a replaced list at those ids and its own (the update
+/// side is its only holder once picks let go of it), instead of cloning every endpoint into a
+/// new list and dropping the old one: work in proportion to the change, and no write to the
+/// reference counts of the endpoints that stay.
+#[derive(Clone, Debug)]
 enum Gap {
-    /// Not known (after a whole snapshot, with tiers, or while fail-static): the next update
-    /// builds its list from the reported set.
+    /// Not known (after a whole snapshot, or a list rebuilt): the list is not kept.
     Unknown,
     /// At most these ids.
     At(Vec<InstanceId>),
 }
 
-/// What a one-tier update's changes did to the served list.
-enum Edit {
-    /// Nothing: every changed instance is served as before (or still not served).
-    Same,
+/// A tier's lists that the snapshot before the current one served, each with the ids at which
+/// it may differ from the current one's.
+#[derive(Default)]
+struct Spare {
+    endpoints: Option<(Vec<Endpoint>, Vec<InstanceId>)>,
+    reported: Option<(Vec<InstanceId>, Vec<InstanceId>)>,
+}
+
+/// What an update's changes did to one tier's served list.
+enum Edited {
+    /// Nothing: every changed instance is served as before (or still not served). `counted`:
+    /// how many reported instances the tier now counts as its own.
+    Same { counted: usize },
     /// The new list.
-    New(Vec<Endpoint>),
+    New { counted: usize, list: Vec<Endpoint> },
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -988,8 +1007,10 @@ impl Balancer {
         }));
         drop(current);
         up.retired = Some(old);
-        // The retired snapshot serves the same list.
-        up.gap = Gap::At(Vec::new());
+        // The retired snapshot serves the same lists.
+        for ts in &mut up.tiers {
+            ts.gap = Gap::At(Vec::new());
+        }
         self.observe(&up);
     }
 
@@ -997,26 +1018,25 @@ impl Balancer {
     /// serves, or the last set when fail-static), the tiers' shares, and the snapshot. Only
     /// tier `from`'s reported set changed (at `touched`, when known), so the tiers above it
     /// serve what they served.
+    ///
+    /// With `touched` known, each tier from `from` down is edited at those ids rather than
+    /// rebuilt ([`edit_tier`]) for as long as the tiers above it change only there; the first
+    /// tier that starts or stops keeping its last set, and every tier below it, is rebuilt.
     fn publish(&self, up: &mut Updater, from: usize, touched: Option<&[InstanceId]>) {
         let current = self.shared.current.load_full();
+        harvest(up, &current);
         let many = up.tiers.len() > 1;
-        // One tier serving what it reports (not a set kept fail-static), and the ids that
-        // changed known: the served list is edited at them, not rebuilt.
-        let editable = !many
-            && !matches!(
-                up.tiers[0].fail_static,
-                Some(FailStatic::EmptyPush | FailStatic::NoneHealthy)
-            );
-        let (mut edit, gap_after) = match touched {
-            Some(touched) if editable => (
-                Some(edit_served(up, &current.tiers[0].endpoints, touched)),
-                Gap::At(touched.to_vec()),
-            ),
-            _ => (None, Gap::Unknown),
-        };
+        // With tiers, the ids each tier reported, as the last publish left them (none yet
+        // before the first).
+        let reported_before =
+            (current.reported.len() == up.tiers.len()).then_some(&current.reported);
+        let mut editing = touched.filter(|_| !many || reported_before.is_some());
+        // Per tier: the gap this publish leaves between its lists and the ones it replaces,
+        // for the tiers it changes; set only if the snapshot is swapped.
+        let mut gaps: Vec<Option<Gap>> = (0..up.tiers.len()).map(|_| None).collect();
         let mut next: Vec<Arc<TierSnapshot>> = Vec::with_capacity(up.tiers.len());
         let mut changed = false;
-        for i in 0..up.tiers.len() {
+        for (i, gap) in gaps.iter_mut().enumerate() {
             let old = &current.tiers[i];
             if i < from {
                 // Neither its reported set nor those of the tiers above it changed.
@@ -1025,22 +1045,50 @@ impl Balancer {
             }
             let (higher, rest) = up.tiers.split_at_mut(i);
             let ts = &mut rest[0];
+            if let Some(touched) = editing.filter(|_| !ts.keeps()) {
+                let reported_before = reported_before
+                    .filter(|_| i == from)
+                    .and_then(|r| r.get(i))
+                    .map(|r| &r[..]);
+                let fix = TierFix {
+                    touched,
+                    above: (higher, &next, &current.tiers[..i]),
+                    reported_before,
+                    keep_on_empty: self.shared.keep_last_on_empty,
+                };
+                match edit_tier(ts, &old.endpoints, fix) {
+                    Some(Edited::Same { counted }) => {
+                        // The served list stays; only the reported count may have moved.
+                        ts.counts.reported = counted;
+                        next.push(old.clone());
+                        continue;
+                    }
+                    Some(Edited::New { counted, list }) => {
+                        ts.counts = Counts {
+                            reported: counted,
+                            healthy: list.len(),
+                            serving: list.len(),
+                        };
+                        changed = true;
+                        *gap = Some(Gap::At(touched.to_vec()));
+                        next.push(Arc::new(TierSnapshot {
+                            picker: up.strategy.build(&list),
+                            endpoints: list,
+                        }));
+                        continue;
+                    }
+                    // The list would empty out and may be kept: decided below, for this tier
+                    // and the ones after it.
+                    None => {}
+                }
+            }
+            editing = None;
             // What the tiers above serve, in id order as the reported set is, so that one walk
             // along both leaves those out: no set of ids to build and look up.
             let mut above = served_above(higher, &next, &ts.reported)
                 .into_iter()
                 .peekable();
-            let (counted, healthy) = if let Some(edit) = edit.take() {
-                match edit {
-                    Edit::New(list) => (ts.reported.len(), list),
-                    Edit::Same => {
-                        // The served list stays; only the reported count moved.
-                        ts.counts.reported = ts.reported.len();
-                        next.push(old.clone());
-                        continue;
-                    }
-                }
-            } else if above.peek().is_none() {
+            let (counted, healthy) = if above.peek().is_none() {
                 // Without tiers, the walk as it was before them.
                 healthy_of(ts.reported.values(), ts.reported.len())
             } else {
@@ -1084,16 +1132,16 @@ impl Balancer {
                     next.push(old.clone());
                 }
                 None => {
-                    if matches!(
-                        ts.fail_static,
-                        Some(FailStatic::EmptyPush | FailStatic::NoneHealthy)
-                    ) {
+                    if ts.keeps() {
                         ts.fail_static = None;
                     }
                     if same_endpoints(&old.endpoints, &healthy) {
                         next.push(old.clone());
                     } else {
                         changed = true;
+                        // The spare differed from the list replaced now, not from the new one.
+                        ts.spare.endpoints = None;
+                        *gap = Some(Gap::Unknown);
                         next.push(Arc::new(TierSnapshot {
                             picker: up.strategy.build(&healthy),
                             endpoints: healthy,
@@ -1120,21 +1168,48 @@ impl Balancer {
             self.shared.metrics.tier_shares(&shares);
         }
         let reported: Vec<Arc<Vec<InstanceId>>> = if many {
-            up.tiers
-                .iter()
-                .enumerate()
-                .map(|(i, ts)| match current.reported.get(i) {
+            let mut reported = Vec::with_capacity(up.tiers.len());
+            for (i, ts) in up.tiers.iter_mut().enumerate() {
+                let ids = match (current.reported.get(i), touched) {
                     // Only tier `from` reported anything new.
-                    Some(old) if i != from => old.clone(),
+                    (Some(old), _) if i != from => old.clone(),
+                    (Some(old), Some(touched)) => {
+                        let same = touched.iter().all(|id| {
+                            old.binary_search(id).is_ok() == ts.reported.contains_key(id)
+                        });
+                        if same {
+                            old.clone()
+                        } else {
+                            // Edited at the ids that changed, like the served lists.
+                            let (list, gap) = ts
+                                .spare
+                                .reported
+                                .take()
+                                .unwrap_or_else(|| (old.to_vec(), Vec::new()));
+                            let fix = sorted_ids(touched, &gap);
+                            let keys = &ts.reported;
+                            let now = |id: &InstanceId| keys.get_key_value(id).map(|(k, _)| k);
+                            let list = fixed(list, &fix, |id| id, now, |a, b| a == b);
+                            // (Or unknown already, when the served list was rebuilt.)
+                            gaps[i].get_or_insert_with(|| Gap::At(touched.to_vec()));
+                            Arc::new(list)
+                        }
+                    }
                     // Compared before collected: the ids are the same `Arc`s, equal at a glance.
-                    Some(old)
+                    (Some(old), None)
                         if old.len() == ts.reported.len() && old.iter().eq(ts.reported.keys()) =>
                     {
                         old.clone()
                     }
-                    _ => Arc::new(ts.reported.keys().cloned().collect()),
-                })
-                .collect()
+                    _ => {
+                        ts.spare.reported = None;
+                        gaps[i] = Some(Gap::Unknown);
+                        Arc::new(ts.reported.keys().cloned().collect())
+                    }
+                };
+                reported.push(ids);
+            }
+            reported
         } else {
             Vec::new()
         };
@@ -1155,7 +1230,11 @@ impl Balancer {
         }));
         drop(current);
         up.retired = Some(old);
-        up.gap = gap_after;
+        for (ts, gap) in up.tiers.iter_mut().zip(gaps) {
+            if let Some(gap) = gap {
+                ts.gap = gap;
+            }
+        }
         // What picks choose from is the same when only the reported ids moved.
         if moved {
             self.shared.generation.fetch_add(1, Ordering::Release);
@@ -1335,68 +1414,159 @@ fn tier_order(first: usize, n: usize) -> impl Iterator<Item = usize> {
     (first..n).chain(0..first.min(n))
 }
 
-/// Tier 0's served list after its reported set changed at `touched`, `now` being the list
-/// served before (the healthy ones of the reported set as it was). The retired snapshot's
-/// list is edited when the update side is its only holder: it differs from `now` only at the
-/// gap, so fixing it there and at `touched` makes the new list, without touching the
-/// endpoints that stay. Otherwise `now` is cloned and edited at `touched`.
-fn edit_served(up: &mut Updater, now: &[Endpoint], touched: &[InstanceId]) -> Edit {
-    let reported = &up.tiers[0].reported;
+/// Takes the retired snapshot apart once no pick holds it: each list of a tier that the last
+/// update replaced (with tiers, its reported ids too) becomes that tier's spare, to be edited
+/// at the last update's gap into the next list. A list the last update did not replace is
+/// also the current one's: dropped here (the spare taken from it earlier still applies).
+fn harvest(up: &mut Updater, current: &Snapshot) {
+    let Some(retired) = up.retired.take() else {
+        return;
+    };
+    let retired = match Arc::try_unwrap(retired) {
+        Ok(retired) => retired,
+        // A pick still holds it: it is freed later, as before.
+        Err(shared) => {
+            up.retired = Some(shared);
+            return;
+        }
+    };
+    let mut reported = retired.reported.into_iter();
+    for (i, (tier, ts)) in retired.tiers.into_iter().zip(&mut up.tiers).enumerate() {
+        let ids = reported.next();
+        let Gap::At(gap) = &ts.gap else {
+            continue;
+        };
+        if !Arc::ptr_eq(&tier, &current.tiers[i]) {
+            if let Ok(tier) = Arc::try_unwrap(tier) {
+                ts.spare.endpoints = Some((tier.endpoints, gap.clone()));
+            }
+        }
+        if let (Some(ids), Some(now)) = (ids, current.reported.get(i)) {
+            if !Arc::ptr_eq(&ids, now) {
+                if let Ok(ids) = Arc::try_unwrap(ids) {
+                    ts.spare.reported = Some((ids, gap.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// `touched` and `gap` together, sorted, each id once.
+fn sorted_ids<'a>(touched: &'a [InstanceId], gap: &'a [InstanceId]) -> Vec<&'a InstanceId> {
+    let mut ids: Vec<&InstanceId> = touched.iter().chain(gap).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// What [`edit_tier`] needs besides the tier.
+struct TierFix<'a> {
+    /// The ids at which tier `from`'s reported set changed.
+    touched: &'a [InstanceId],
+    /// The tiers above this one: their states, their new snapshots and their old ones.
+    above: (
+        &'a [TierState],
+        &'a [Arc<TierSnapshot>],
+        &'a [Arc<TierSnapshot>],
+    ),
+    /// For tier `from` when it has tiers above it: the ids it reported before.
+    reported_before: Option<&'a [InstanceId]>,
+    keep_on_empty: bool,
+}
+
+/// A tier's served list and count after tier `from`'s reported set changed at `touched`, `old`
+/// being the list it served before, when every tier above serves what it served but at
+/// `touched` and none starts or stops keeping its last set (so the tier's list and counts can
+/// differ from before only at `touched`). The tier's spare list is edited when it has one: it
+/// differs from `old` only at its gap, so fixing it there and at `touched` makes the new list
+/// without touching the endpoints that stay. Otherwise `old` is cloned and edited at `touched`.
+/// `None` when the list would empty out and fail-static may keep it: a rebuild decides.
+fn edit_tier(ts: &mut TierState, old: &[Endpoint], fix: TierFix<'_>) -> Option<Edited> {
+    let TierFix {
+        touched,
+        above: (higher, above, above_before),
+        reported_before,
+        keep_on_empty,
+    } = fix;
+    let reported = &ts.reported;
+    // Whether a tier above serves `id`, in the snapshots `tiers` (the tiers' keeping is the
+    // same before and after).
+    let served_by = |tiers: &[Arc<TierSnapshot>], id: &InstanceId| {
+        higher
+            .iter()
+            .zip(tiers)
+            .any(|(h, t)| !h.keeps() && t.find(id).is_some())
+    };
     let serving = |id: &InstanceId| {
         reported
             .get(id)
             .filter(|e| e.instance().health().is_serving())
+            .filter(|_| !served_by(above, id))
+    };
+    let counted = if higher.is_empty() {
+        reported.len()
+    } else {
+        // The reported instances the tier counts are those no tier above serves: that changed
+        // only at `touched`.
+        let was = |id: &InstanceId| {
+            reported_before.map_or_else(
+                || reported.contains_key(id),
+                |r| r.binary_search(id).is_ok(),
+            ) && !served_by(above_before, id)
+        };
+        let is = |id: &InstanceId| reported.contains_key(id) && !served_by(above, id);
+        sorted_ids(touched, &[])
+            .iter()
+            .fold(ts.counts.reported, |n, id| {
+                (n + usize::from(is(id))).saturating_sub(usize::from(was(id)))
+            })
     };
     let unchanged = touched
         .iter()
-        .all(|id| match (entry(now, id), serving(id)) {
+        .all(|id| match (entry(old, id), serving(id)) {
             (None, None) => true,
             (Some(before), Some(after)) => Endpoint::ptr_eq(before, after),
             _ => false,
         });
     if unchanged {
-        return Edit::Same;
+        return Some(Edited::Same { counted });
     }
-    let spare = match (up.retired.take(), &up.gap) {
-        (Some(retired), Gap::At(gap)) => match Arc::try_unwrap(retired) {
-            Ok(snapshot) => snapshot
-                .tiers
-                .into_iter()
-                .next()
-                .and_then(|tier| Arc::try_unwrap(tier).ok())
-                .map(|tier| (tier.endpoints, &gap[..])),
-            // A pick still holds it: it is freed later, as before.
-            Err(shared) => {
-                up.retired = Some(shared);
-                None
-            }
-        },
-        (retired, _) => {
-            up.retired = retired;
-            None
-        }
-    };
-    let (list, gap) = spare.unwrap_or_else(|| (now.to_vec(), &[]));
-    let mut fix: Vec<&InstanceId> = touched.iter().chain(gap).collect();
-    fix.sort_unstable();
-    fix.dedup();
-    Edit::New(fixed(list, &fix, serving))
+    let (list, gap) = ts
+        .spare
+        .endpoints
+        .take()
+        .unwrap_or_else(|| (old.to_vec(), Vec::new()));
+    let list = fixed(
+        list,
+        &sorted_ids(touched, &gap),
+        Endpoint::id,
+        serving,
+        Endpoint::ptr_eq,
+    );
+    if list.is_empty() && keep_on_empty && !old.is_empty() {
+        return None;
+    }
+    Some(Edited::New { counted, list })
 }
 
-/// `list` (in id order) with its entries at `fix` (in id order) made what `now` says: that
-/// instance's endpoint, or none. The fixed ids are found by binary search, so that no other
-/// entry is read, cloned or dropped. A few are fixed in place (each insert or remove shifts the
-/// tail); more in one pass that moves the entries between them over in runs, so that a list
-/// edited at many ids costs no more than one copy of it.
-fn fixed<'a>(
-    mut list: Vec<Endpoint>,
+/// `list` (in id order of `key`) with its entries at `fix` (in id order) made what `now` says:
+/// that id's entry, or none; an entry `same` as the one now is left as it is. The fixed ids
+/// are found by binary search, so that no other entry is read, cloned or dropped. A few are
+/// fixed in place (each insert or remove shifts the tail); more in one pass that moves the
+/// entries between them over in runs, so that a list edited at many ids costs no more than
+/// one copy of it.
+fn fixed<'a, T: Clone + 'a>(
+    mut list: Vec<T>,
     fix: &[&InstanceId],
-    now: impl Fn(&InstanceId) -> Option<&'a Endpoint>,
-) -> Vec<Endpoint> {
+    key: impl Fn(&T) -> &InstanceId,
+    now: impl Fn(&InstanceId) -> Option<&'a T>,
+    same: impl Fn(&T, &T) -> bool,
+) -> Vec<T> {
+    let position = |list: &[T], id: &InstanceId| list.binary_search_by(|e| key(e).cmp(id));
     if fix.len() <= FIX_IN_PLACE {
         for id in fix {
             match (position(&list, id), now(id)) {
-                (Ok(i), Some(n)) if Endpoint::ptr_eq(&list[i], n) => {}
+                (Ok(i), Some(n)) if same(&list[i], n) => {}
                 (Ok(i), Some(n)) => list[i] = n.clone(),
                 (Ok(i), None) => {
                     list.remove(i);
@@ -1423,7 +1593,7 @@ fn fixed<'a>(
             Err(_) => None,
         };
         match (was, now(id)) {
-            (Some(e), Some(n)) if Endpoint::ptr_eq(&e, n) => out.push(e),
+            (Some(e), Some(n)) if same(&e, n) => out.push(e),
             // Replaced, removed or added; a replaced or removed entry is dropped here, on the
             // update side.
             (_, n) => out.extend(n.cloned()),

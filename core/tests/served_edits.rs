@@ -1,8 +1,9 @@
-//! The served list of a one-tier balancer is edited at the instances that changed rather than
-//! rebuilt (see `Gap` in `src/balancer.rs`). These tests hold it to the list a rebuild would
-//! make: after any sequence of events, with and without fail-static, with a strategy swap in
-//! between, and while another thread picks (which sometimes still holds the list an update
-//! would edit).
+//! The served lists of a balancer are edited at the instances that changed rather than
+//! rebuilt (see `Gap` and `edit_tier` in `src/balancer.rs`). These tests hold them to what a
+//! rebuild makes: after any sequence of events, with and without fail-static, with a strategy
+//! swap in between, and while another thread picks (which sometimes still holds the list an
+//! update would edit); with one tier against a model, with three tiers whose ids overlap
+//! against a twin balancer that is fed whole snapshots, which rebuild.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -248,4 +249,141 @@ fn an_instance_removed_and_put_back_in_one_batch_keeps_its_state() {
         Op::Snapshot(vec![(5, 3, Health::Passing)]),
     ];
     check(&ops, false, false);
+}
+
+/// One op of a balancer with tiers: `op` applied to tier `tier` (a strategy swap to them all).
+#[derive(Clone, Debug)]
+struct TierOp {
+    tier: usize,
+    op: Op,
+}
+
+const TIERS: usize = 3;
+
+fn tier_op() -> impl proptest::strategy::Strategy<Value = TierOp> {
+    (0..TIERS, op()).prop_map(|(tier, op)| TierOp { tier, op })
+}
+
+fn tiered(keep: bool) -> Balancer {
+    let mut b = Balancer::builder(First).keep_last_on_empty(keep);
+    for name in ["dc1", "dc2", "dc3"] {
+        b = b.tier_from_watch(name, Box::pin(futures::stream::pending()));
+    }
+    b.build()
+}
+
+/// Applies `ops` to a balancer with three tiers whose ids overlap (an id that a higher tier
+/// serves is left out of the lower ones), and the same sets as whole snapshots to a twin,
+/// which rebuilds every tier below the changed one: after each op both serve the same
+/// instances, report the same tiers (counts, shares, fail-static), and retry alike (a retry
+/// tells the tier of its first attempt from each tier's reported ids), and an instance served
+/// before and after keeps its state in one exactly when it does in the other (it does not when
+/// another tier serves it now).
+fn check_tiers(ops: &[TierOp], keep: bool, picking: bool) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    let (edited, rebuilt) = (tiered(keep), tiered(keep));
+    let mut reported: Vec<Model> = (0..TIERS)
+        .map(|_| Model {
+            reported: BTreeMap::new(),
+            served: Vec::new(),
+            keep,
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let picker = picking.then(|| {
+        let (b, stop) = (edited.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = b.pick();
+            }
+        })
+    });
+    for TierOp { tier, op } in ops {
+        let served = |b: &Balancer| -> BTreeMap<String, Endpoint> {
+            b.endpoints()
+                .into_iter()
+                .map(|e| (e.id().to_string(), e))
+                .collect()
+        };
+        let before = [served(&edited), served(&rebuilt)];
+        reported[*tier].apply(op);
+        match events(op) {
+            Some(e) => {
+                edited.apply_to(*tier, e);
+                let all = reported[*tier].reported.values().cloned().collect();
+                rebuilt.apply_to(*tier, [WatchEvent::Snapshot(all)]);
+            }
+            None => {
+                edited.set_strategy(First);
+                rebuilt.set_strategy(First);
+            }
+        }
+        assert_eq!(
+            edited.instances(),
+            rebuilt.instances(),
+            "after {tier}: {op:?}"
+        );
+        assert_eq!(edited.tiers(), rebuilt.tiers(), "after {tier}: {op:?}");
+        // (Not while the other thread picks: a retry that finds its key's instance excluded
+        // takes the least loaded of the rest, and that thread's picks load them.)
+        for key in (0u8..4).filter(|_| !picking) {
+            let ctx = waypost_core::PickContext::new().with_key(&[key]);
+            for i in 0..12 {
+                let tried = [waypost_core::InstanceId::new(format!("i{i}")).unwrap()];
+                let id = |b: &Balancer| {
+                    b.pick_excluding(&ctx, &tried)
+                        .ok()
+                        .map(|g| (g.tier(), g.instance().id().clone()))
+                };
+                assert_eq!(
+                    id(&edited),
+                    id(&rebuilt),
+                    "retry after i{i}, after {tier}: {op:?}"
+                );
+            }
+        }
+        let after = [served(&edited), served(&rebuilt)];
+        let kept = |b: usize, id: &str| {
+            let (old, new) = (before[b].get(id)?, after[b].get(id)?);
+            (old.instance() == new.instance())
+                .then(|| Arc::ptr_eq(old.shared_state(), new.shared_state()))
+        };
+        for id in after[0].keys() {
+            assert_eq!(
+                kept(0, id),
+                kept(1, id),
+                "{id}'s state, after {tier}: {op:?}"
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    if let Some(t) = picker {
+        t.join().unwrap();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn tier_edits_serve_what_a_rebuild_would(ops in proptest::collection::vec(tier_op(), 1..60)) {
+        check_tiers(&ops, false, false);
+    }
+
+    #[test]
+    fn tier_edits_serve_what_a_rebuild_would_with_fail_static(ops in proptest::collection::vec(tier_op(), 1..60)) {
+        check_tiers(&ops, true, false);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(30))]
+
+    #[test]
+    fn tier_edits_serve_what_a_rebuild_would_while_another_thread_picks(ops in proptest::collection::vec(tier_op(), 1..60)) {
+        check_tiers(&ops, true, true);
+    }
 }
