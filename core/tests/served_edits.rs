@@ -131,6 +131,38 @@ fn events(op: &Op) -> Option<Vec<WatchEvent>> {
     })
 }
 
+/// A thread that picks from a balancer until stopped.
+struct Picking {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Picking {
+    fn start(b: &Balancer) -> Picking {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (b, flag) = (b.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let _ = b.pick();
+            }
+        });
+        Picking { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+    }
+}
+
+/// The endpoints served now, by id.
+fn served(b: &Balancer) -> BTreeMap<String, Endpoint> {
+    b.endpoints()
+        .into_iter()
+        .map(|e| (e.id().to_string(), e))
+        .collect()
+}
+
 /// Applies `ops` to a balancer and the model, comparing after each: the served instances, and
 /// that an instance served before and after keeps its state (its counters and latency). Not
 /// its endpoint: as with a rebuild, a served endpoint stays while its replacement is the same
@@ -142,21 +174,9 @@ fn check(ops: &[Op], keep: bool, picking: bool) {
         served: Vec::new(),
         keep,
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let picker = picking.then(|| {
-        let (b, stop) = (b.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let _ = b.pick();
-            }
-        })
-    });
+    let picker = picking.then(|| Picking::start(&b));
     for op in ops {
-        let before: BTreeMap<String, Endpoint> = b
-            .endpoints()
-            .into_iter()
-            .map(|e| (e.id().to_string(), e))
-            .collect();
+        let before = served(&b);
         match events(op) {
             Some(e) => b.apply_all(e),
             None => b.set_strategy(First),
@@ -175,9 +195,8 @@ fn check(ops: &[Op], keep: bool, picking: bool) {
             }
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    if let Some(t) = picker {
-        t.join().unwrap();
+    if let Some(p) = picker {
+        p.stop();
     }
 }
 
@@ -292,22 +311,8 @@ fn check_tiers(ops: &[TierOp], keep: bool, picking: bool) {
             keep,
         })
         .collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let picker = picking.then(|| {
-        let (b, stop) = (edited.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let _ = b.pick();
-            }
-        })
-    });
+    let picker = picking.then(|| Picking::start(&edited));
     for TierOp { tier, op } in ops {
-        let served = |b: &Balancer| -> BTreeMap<String, Endpoint> {
-            b.endpoints()
-                .into_iter()
-                .map(|e| (e.id().to_string(), e))
-                .collect()
-        };
         let before = [served(&edited), served(&rebuilt)];
         reported[*tier].apply(op);
         match events(op) {
@@ -359,9 +364,8 @@ fn check_tiers(ops: &[TierOp], keep: bool, picking: bool) {
             );
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    if let Some(t) = picker {
-        t.join().unwrap();
+    if let Some(p) = picker {
+        p.stop();
     }
 }
 
