@@ -141,7 +141,7 @@ impl GrpcError {
     /// The error of a call that no instance could take, for `cause`.
     pub fn unavailable(cause: BalanceError<tonic::transport::Error>) -> GrpcError {
         GrpcError::Unavailable {
-            status: tonic::Status::unavailable(with_causes(&cause)),
+            status: tonic::Status::unavailable(error_chain(&cause)),
             cause: Box::new(cause),
         }
     }
@@ -151,7 +151,7 @@ impl GrpcError {
         GrpcError::DeadlineExceeded {
             status: tonic::Status::deadline_exceeded(format!(
                 "deadline exceeded: {}",
-                with_causes(&last)
+                error_chain(&last)
             )),
             last: Some(Box::new(last)),
         }
@@ -295,14 +295,42 @@ fn never_connected(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// `error` and its causes, as one line.
-fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+/// `error` and its sources as one line, `: `-separated, each source left out when the line
+/// already says it: tonic's transport errors say little on their own ("transport error"), and
+/// their sources often repeat each other.
+///
+/// ```
+/// use std::{error::Error, fmt};
+///
+/// #[derive(Debug)]
+/// struct Outer(std::io::Error);
+/// impl fmt::Display for Outer {
+///     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+///         f.write_str("transport error")
+///     }
+/// }
+/// impl Error for Outer {
+///     fn source(&self) -> Option<&(dyn Error + 'static)> {
+///         Some(&self.0)
+///     }
+/// }
+///
+/// let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+/// assert_eq!(
+///     waypost::grpc::error_chain(&Outer(refused)),
+///     "transport error: connection refused"
+/// );
+/// ```
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut line = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !line.contains(&more) {
+            line.push_str(": ");
+            line.push_str(&more);
+        }
+        source = s.source();
     }
     line
 }
@@ -691,7 +719,7 @@ impl GrpcChannelBuilder {
                     message: format!(
                         "the TLS settings (ca_certificate, tls_domain, identity) are unusable: \
                          {}; give PEM certificates and a PEM private key",
-                        with_causes(&e)
+                        error_chain(&e)
                     ),
                 })?;
         }
@@ -1052,7 +1080,7 @@ mod tests {
             .connect()
             .await;
         let err = channel.unwrap_err();
-        assert!(never_connected(&err), "{}", with_causes(&err));
+        assert!(never_connected(&err), "{}", error_chain(&err));
     }
 
     #[test]

@@ -19,7 +19,6 @@
 //! # }
 //! ```
 
-use std::error::Error as StdError;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -36,6 +35,7 @@ use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status};
+use waypost::grpc::error_chain;
 
 /// The messages, the client (`users::users_client::UsersClient`) and the server
 /// (`users::users_server::{Users, UsersServer}`) generated from `proto/users.proto`.
@@ -361,21 +361,6 @@ pub async fn serve(
         stop: Some(stop),
         task: Some(task),
     })
-}
-
-/// An error and its sources, `: `-separated (tonic's transport errors say little on their own).
-pub fn error_chain(e: &(dyn StdError + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]
