@@ -20,7 +20,8 @@
 //!   stream counts for least-connections and p2c as long as it lasts; its latency is the time
 //!   to its response's head. At the end, the same statuses in the trailers, or a stream that
 //!   breaks, make the call a failure ([`GrpcStatus::of_trailers`]); a response dropped before
-//!   its end is a success (the instance answered).
+//!   its end is a success (the instance answered), unless the instance had gone quiet for the
+//!   channel's [`stalled_after`](GrpcChannelBuilder::stalled_after).
 //! - **Retries**, on another instance, within the attempts and the [`RetryBudget`]: after a
 //!   connect error (the call never left) for any method, and after any failure for the methods
 //!   marked [`idempotent`](GrpcChannelBuilder::idempotent). A request is repeatable when its
@@ -207,7 +208,10 @@ impl Route<Request> for Routing {
 /// [`GrpcStatus`], and transport errors that prove the call never left (a refused or timed-out
 /// connection) as retryable for every method. A response classified a success keeps its call
 /// in flight until its body ends ([`Streamed`]).
-struct Classifier;
+struct Classifier {
+    /// [`GrpcChannelBuilder::stalled_after`].
+    stalled_after: Option<Duration>,
+}
 
 impl Classify<http::Response<Body>, tonic::transport::Error> for Classifier {
     fn classify(&self, result: Result<&http::Response<Body>, &tonic::transport::Error>) -> Class {
@@ -222,6 +226,10 @@ impl Classify<http::Response<Body>, tonic::transport::Error> for Classifier {
             Body::new(Streamed {
                 body,
                 call: Some(guard),
+                stall: self.stalled_after.map(|after| Stall {
+                    after,
+                    last: Instant::now(),
+                }),
             })
         })
     }
@@ -230,10 +238,19 @@ impl Classify<http::Response<Body>, tonic::transport::Error> for Classifier {
 /// A response body that holds its call until it ends: then the trailers' status is the
 /// call's outcome ([`GrpcStatus::of_trailers`]), and a body that breaks (a reset stream, a
 /// lost connection) a failure. Dropped before its end, the call is a success: the instance
-/// answered (see [`PickGuard::responded`]).
+/// answered (see [`PickGuard::responded`]); with a stall limit, a failure when nothing came
+/// from the instance for that long.
 struct Streamed {
     body: Body,
     call: Option<PickGuard>,
+    stall: Option<Stall>,
+}
+
+/// How long an instance may send nothing before a stream dropped meanwhile counts as its
+/// failure, and when the last frame was read.
+struct Stall {
+    after: Duration,
+    last: Instant,
 }
 
 impl Streamed {
@@ -253,6 +270,9 @@ impl http_body::Body for Streamed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
         let frame = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if let Some(stall) = &mut self.stall {
+            stall.last = Instant::now();
+        }
         match &frame {
             Some(Ok(f)) => {
                 if let Some(trailers) = f.trailers_ref() {
@@ -271,6 +291,36 @@ impl http_body::Body for Streamed {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+impl Drop for Streamed {
+    /// With a stall limit, a stream dropped before its end is looked at once more: a frame
+    /// already there means the instance was sending (the caller was the one that waited), its
+    /// trailers give the outcome, and nothing there for the limit since the last frame read
+    /// means the instance went quiet: a failure. (Frames that arrived unread would be there,
+    /// so the time since the last one read is at least how long the instance was quiet.)
+    fn drop(&mut self) {
+        let Some(stall) = &self.stall else {
+            return;
+        };
+        if self.call.is_none() {
+            return;
+        }
+        let quiet = stall.last.elapsed() >= stall.after;
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        match http_body::Body::poll_frame(Pin::new(&mut self.body), &mut cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    self.end(GrpcStatus::of_trailers(trailers).outcome);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.end(Outcome::Failure),
+            Poll::Ready(None) => {}
+            Poll::Pending if quiet => self.end(Outcome::Failure),
+            Poll::Pending => {}
+        }
+        // Otherwise the call's guard, dropped with it, counts the answered call a success.
     }
 }
 
@@ -473,6 +523,7 @@ pub struct GrpcChannelBuilder {
     idempotent: HashSet<String>,
     max_attempts: u32,
     budget: RetryBudget,
+    stalled_after: Option<Duration>,
 }
 
 impl fmt::Debug for GrpcChannelBuilder {
@@ -487,6 +538,7 @@ impl fmt::Debug for GrpcChannelBuilder {
             .field("zone", &self.zone)
             .field("idempotent", &self.idempotent)
             .field("max_attempts", &self.max_attempts)
+            .field("stalled_after", &self.stalled_after)
             .finish_non_exhaustive()
     }
 }
@@ -518,6 +570,7 @@ impl GrpcChannel {
             idempotent: HashSet::new(),
             max_attempts: 3,
             budget: RetryBudget::default(),
+            stalled_after: None,
         }
     }
 }
@@ -669,6 +722,34 @@ impl GrpcChannelBuilder {
         self
     }
 
+    /// A streamed answer that the caller drops before its end counts as a failure of the
+    /// instance, not a success, when nothing had come from the instance for at least `after`:
+    /// the instance stalled, and the caller gave up on it (its own idle timeout, say). A message
+    /// that came but was not read yet counts as something that came. Off by default: a
+    /// stream that is quiet by design (a watch that sends only changes) would count its every
+    /// early drop as a failure with a limit shorter than its quiet spells.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use waypost::grpc::GrpcChannel;
+    /// use waypost::strategies::RoundRobin;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let channel = GrpcChannel::builder(waypost::Balancer::new(RoundRobin::new()))
+    ///     .stalled_after(Duration::from_secs(10))
+    ///     .build();
+    /// assert!(channel.is_ok());
+    /// let zero = GrpcChannel::builder(waypost::Balancer::new(RoundRobin::new()))
+    ///     .stalled_after(Duration::ZERO)
+    ///     .build();
+    /// assert!(zero.unwrap_err().to_string().contains("stalled_after"));
+    /// # }
+    /// ```
+    pub fn stalled_after(mut self, after: Duration) -> Self {
+        self.stalled_after = Some(after);
+        self
+    }
+
     /// The channel.
     pub fn build(self) -> Result<GrpcChannel, GrpcError> {
         let hash_key =
@@ -683,6 +764,13 @@ impl GrpcChannelBuilder {
         if self.max_attempts == 0 {
             return Err(GrpcError::Config {
                 message: "max_attempts is 0: give at least 1 (1 disables retries)".into(),
+            });
+        }
+        if self.stalled_after == Some(Duration::ZERO) {
+            return Err(GrpcError::Config {
+                message: "stalled_after is 0, which would make every early drop a failure: \
+                          give the longest quiet spell the instance's streams may have"
+                    .into(),
             });
         }
         if self.own_channels.is_some() && !self.channel_options.is_empty() {
@@ -737,7 +825,9 @@ impl GrpcChannelBuilder {
         };
         let idempotent = Arc::new(self.idempotent);
         let inner = Balanced::builder(self.balancer, make)
-            .classify(Classifier)
+            .classify(Classifier {
+                stalled_after: self.stalled_after,
+            })
             .route(Routing {
                 key: hash_key,
                 zone: self.zone,

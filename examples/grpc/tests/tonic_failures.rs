@@ -14,7 +14,8 @@
 //!    and gets it back after it recovers;
 //! 6. a stream counts as in flight for as long as it lasts (least-connections sends other
 //!    calls elsewhere meanwhile), and one that fails midway, its status in the trailers, is a
-//!    failure of the instance.
+//!    failure of the instance; so is one given up on after its instance went quiet, with the
+//!    channel's `stalled_after`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -548,6 +549,42 @@ async fn a_stream_is_in_flight_until_it_ends_and_its_trailers_give_its_outcome()
     let user = client.get_user(GetUserRequest { id: 7 }).await.unwrap();
     assert_eq!(user.into_inner().id, 7);
     assert_eq!(counts(&b, "s"), (0, 3, 1));
+}
+
+/// With `stalled_after`, a stream the caller drops after its instance sent nothing for that
+/// long is a failure of the instance; dropped right after a message, or with a message that
+/// came but was not read (the caller was the slow one), it is a success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_given_up_on_after_its_instance_went_quiet_is_a_failure() {
+    let memory = Memory::new();
+    // A message at once, then one a second: quiet for a second after each.
+    let s = instance(&memory, "quiet", "s", Some(Duration::from_secs(1)), None).await;
+    let b = balancer(&memory, "quiet", RoundRobin::new(), 1).await;
+    let channel = GrpcChannel::builder(b.clone())
+        .stalled_after(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let mut client = UsersClient::new(channel);
+
+    let (stream, _) = open_stream(&mut client).await;
+    drop(stream);
+    assert_eq!(counts(&b, "s"), (0, 1, 0), "dropped right after a message");
+
+    let (stream, _) = open_stream(&mut client).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(stream);
+    assert_eq!(
+        counts(&b, "s"),
+        (0, 1, 1),
+        "dropped after 500 ms of nothing"
+    );
+
+    // The second message comes after a second and waits, unread, until the drop.
+    let (stream, _) = open_stream(&mut client).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    drop(stream);
+    assert_eq!(counts(&b, "s"), (0, 2, 1), "a message was there, unread");
+    assert_eq!(s.control.calls(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
