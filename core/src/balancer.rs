@@ -634,7 +634,8 @@ enum Gap {
 }
 
 /// A tier's lists that the snapshot before the current one served, each with the ids at which
-/// it may differ from the current one's.
+/// it may differ from the current one's. It keeps what the tier's last change removed alive
+/// until the tier changes again (one change's worth: memory only).
 #[derive(Default)]
 struct Spare {
     endpoints: Option<(Vec<Endpoint>, Vec<InstanceId>)>,
