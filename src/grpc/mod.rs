@@ -32,7 +32,9 @@
 //!   time that is left, none starts once it is gone, and the call then fails with
 //!   DEADLINE_EXCEEDED ([`GrpcError::DeadlineExceeded`]), also when an answer comes after it
 //!   (a tonic server answers its own expired deadline with CANCELLED). An attempt cut short by
-//!   the deadline is a failure of its instance, as a time-out of the HTTP client's is.
+//!   the deadline is a failure of its instance, as a time-out of the HTTP client's is. A
+//!   [per-try timeout](GrpcChannelBuilder::per_try_timeout) bounds each attempt, so that an
+//!   instance that hangs leaves time for another.
 //! - **No instance**: with none to call (none discovered, or every one tried busy), a call
 //!   fails at once with UNAVAILABLE ([`GrpcError::Unavailable`]), the code gRPC clients treat
 //!   as "try again later".
@@ -114,8 +116,9 @@ pub enum GrpcError {
         cause: Box<BalanceError<tonic::transport::Error>>,
     },
     /// The call's deadline (its `grpc-timeout`) passed before an instance answered: an answer
-    /// that comes after it is not used. A tonic client sees `status`, DEADLINE_EXCEEDED, which
-    /// also says what the last attempt came to.
+    /// that comes after it is not used. Or the last attempt ran out of the channel's
+    /// [per-try timeout](GrpcChannelBuilder::per_try_timeout) and no other was allowed. A tonic
+    /// client sees `status`, DEADLINE_EXCEEDED, which also says what the last attempt came to.
     ///
     /// ```
     /// use waypost::grpc::GrpcError;
@@ -523,6 +526,7 @@ pub struct GrpcChannelBuilder {
     idempotent: HashSet<String>,
     max_attempts: u32,
     budget: RetryBudget,
+    per_try_timeout: Option<Duration>,
     stalled_after: Option<Duration>,
 }
 
@@ -538,6 +542,7 @@ impl fmt::Debug for GrpcChannelBuilder {
             .field("zone", &self.zone)
             .field("idempotent", &self.idempotent)
             .field("max_attempts", &self.max_attempts)
+            .field("per_try_timeout", &self.per_try_timeout)
             .field("stalled_after", &self.stalled_after)
             .finish_non_exhaustive()
     }
@@ -570,6 +575,7 @@ impl GrpcChannel {
             idempotent: HashSet::new(),
             max_attempts: 3,
             budget: RetryBudget::default(),
+            per_try_timeout: None,
             stalled_after: None,
         }
     }
@@ -722,6 +728,36 @@ impl GrpcChannelBuilder {
         self
     }
 
+    /// The longest one attempt may take before its answer's head (within what is left of the
+    /// call's deadline): an attempt still waiting then is ended, as a failure of its instance,
+    /// and repeated on another instance for the [idempotent](Self::idempotent) methods while
+    /// attempts and the budget allow; otherwise the call fails with DEADLINE_EXCEEDED
+    /// ([`GrpcError::DeadlineExceeded`]). Set it below the callers' deadlines, so that an
+    /// instance that hangs leaves time to try another one. Off by default. The instance is not
+    /// told (its `grpc-timeout` is the call's): its work goes on until the call's deadline.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use waypost::grpc::GrpcChannel;
+    /// use waypost::strategies::RoundRobin;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let channel = GrpcChannel::builder(waypost::Balancer::new(RoundRobin::new()))
+    ///     .per_try_timeout(Duration::from_millis(300))
+    ///     .idempotent("/users.Users/GetUser")
+    ///     .build();
+    /// assert!(channel.is_ok());
+    /// let zero = GrpcChannel::builder(waypost::Balancer::new(RoundRobin::new()))
+    ///     .per_try_timeout(Duration::ZERO)
+    ///     .build();
+    /// assert!(zero.unwrap_err().to_string().contains("per_try_timeout"));
+    /// # }
+    /// ```
+    pub fn per_try_timeout(mut self, timeout: Duration) -> Self {
+        self.per_try_timeout = Some(timeout);
+        self
+    }
+
     /// A streamed answer that the caller drops before its end counts as a failure of the
     /// instance, not a success, when nothing had come from the instance for at least `after`:
     /// the instance stalled, and the caller gave up on it (its own idle timeout, say). A message
@@ -764,6 +800,13 @@ impl GrpcChannelBuilder {
         if self.max_attempts == 0 {
             return Err(GrpcError::Config {
                 message: "max_attempts is 0: give at least 1 (1 disables retries)".into(),
+            });
+        }
+        if self.per_try_timeout == Some(Duration::ZERO) {
+            return Err(GrpcError::Config {
+                message: "per_try_timeout is 0, which would end every attempt at once: give the \
+                          longest an instance may take to answer"
+                    .into(),
             });
         }
         if self.stalled_after == Some(Duration::ZERO) {
@@ -838,8 +881,12 @@ impl GrpcChannelBuilder {
                 copy_request,
                 move |r: &Request| idempotent.contains(r.uri().path()),
             )
-            .deadline(|r: &Request| r.extensions().get::<Deadline>().map(|d| d.0))
-            .build();
+            .deadline(|r: &Request| r.extensions().get::<Deadline>().map(|d| d.0));
+        let inner = match self.per_try_timeout {
+            Some(timeout) => inner.per_try_timeout(timeout),
+            None => inner,
+        }
+        .build();
         Ok(GrpcChannel { inner })
     }
 }
@@ -996,10 +1043,11 @@ fn outcome(
         // balancer's deadline), past the deadline it is DEADLINE_EXCEEDED.
         Err(e) if past => Err(GrpcError::deadline_exceeded(e)),
         Err(
-            e @ BalanceError::Inner {
+            e @ (BalanceError::Inner {
                 gave_up: GaveUp::Deadline,
                 ..
-            },
+            }
+            | BalanceError::AttemptTimedOut { .. }),
         ) => Err(GrpcError::deadline_exceeded(e)),
         Err(e @ (BalanceError::NoInstance(_) | BalanceError::NotReady { .. })) => {
             Err(GrpcError::unavailable(e))

@@ -77,6 +77,20 @@ pub enum BalanceError<E> {
         /// How many attempts the call made.
         attempts: u32,
     },
+    /// The attempt at `instance` ran out of its per-try timeout
+    /// ([`BalancedBuilder::per_try_timeout`]), a failure of that instance, and `gave_up` says
+    /// why no other instance was tried.
+    #[error("instance {instance} had not answered within the per-try timeout of {after:?} ({attempts} attempt(s) in all; {gave_up})")]
+    AttemptTimedOut {
+        /// The instance of the last attempt.
+        instance: InstanceId,
+        /// The per-try timeout.
+        after: Duration,
+        /// How many attempts the call made.
+        attempts: u32,
+        /// Why no other instance was tried.
+        gave_up: GaveUp,
+    },
     /// The instance's service failed; `gave_up` says why it was not retried.
     #[error("instance {instance} failed ({gave_up}): {source}")]
     Inner {
@@ -207,6 +221,7 @@ struct Inner<M, S, C, X, Req> {
     route: X,
     retries: Option<Retries<Req>>,
     deadline: Option<DeadlineOf<Req>>,
+    per_try_timeout: Option<Duration>,
     ready_timeout: Duration,
 }
 
@@ -228,7 +243,9 @@ struct Inner<M, S, C, X, Req> {
 ///   [`RetryBudget`] (the same policy as the HTTP client's), and only for idempotent requests
 ///   once one was sent.
 /// - **Deadlines** (off unless [`deadline`](BalancedBuilder::deadline) is set): a request's
-///   deadline bounds all of its attempts; none starts after it.
+///   deadline bounds all of its attempts; none starts after it. A
+///   [per-try timeout](BalancedBuilder::per_try_timeout) bounds each attempt, so that an
+///   instance that hangs leaves time for another.
 ///
 /// **`poll_ready` and the pick.** `poll_ready` is always ready: the instance is picked in
 /// `call`, per request, so a ready signal from one instance would say nothing about the next
@@ -348,6 +365,7 @@ pub struct BalancedBuilder<M, S, Req, C = ErrIsFailure, X = ()> {
     route: X,
     retries: Option<Retries<Req>>,
     deadline: Option<DeadlineOf<Req>>,
+    per_try_timeout: Option<Duration>,
     ready_timeout: Duration,
     _service: PhantomData<fn() -> S>,
 }
@@ -365,6 +383,7 @@ where
             route: (),
             retries: None,
             deadline: None,
+            per_try_timeout: None,
             ready_timeout: Duration::from_secs(1),
             _service: PhantomData,
         }
@@ -382,6 +401,7 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
             route: self.route,
             retries: self.retries,
             deadline: self.deadline,
+            per_try_timeout: self.per_try_timeout,
             ready_timeout: self.ready_timeout,
             _service: PhantomData,
         }
@@ -396,6 +416,7 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
             route,
             retries: self.retries,
             deadline: self.deadline,
+            per_try_timeout: self.per_try_timeout,
             ready_timeout: self.ready_timeout,
             _service: PhantomData,
         }
@@ -463,6 +484,52 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
         self
     }
 
+    /// The longest one attempt may take (within what is left of the deadline, if any): an
+    /// attempt still running then is ended, as a failure of its instance, and repeated on
+    /// another instance when [`retries`](Self::retries) allow it (the request was sent, so
+    /// only an idempotent one), else the call fails with [`BalanceError::AttemptTimedOut`].
+    /// Off by default. The instance is not told: its work goes on until its own limit.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tower::{service_fn, ServiceExt};
+    /// use waypost::retry::RetryBudget;
+    /// use waypost::strategies::RoundRobin;
+    /// use waypost::tower::Balanced;
+    /// use waypost::{Balancer, ServiceInstance, WatchEvent};
+    ///
+    /// let balancer = Balancer::new(RoundRobin::new());
+    /// let inst = |id: &str| ServiceInstance::builder("users", id).host("10.0.0.1").port(80).build();
+    /// balancer.apply(WatchEvent::Snapshot(vec![inst("hangs")?, inst("works")?]));
+    /// let make = |i: &ServiceInstance| {
+    ///     let hangs = i.id().as_str() == "hangs";
+    ///     service_fn(move |_: ()| async move {
+    ///         if hangs {
+    ///             std::future::pending::<()>().await;
+    ///         }
+    ///         Ok::<_, std::io::Error>("answered")
+    ///     })
+    /// };
+    /// let svc = Balanced::builder(balancer.clone(), make)
+    ///     .per_try_timeout(Duration::from_millis(20))
+    ///     .retries(2, RetryBudget::default(), |_: &()| Some(()), |_: &()| true)
+    ///     .build();
+    /// for _ in 0..4 {
+    ///     // Whichever instance comes first, the call is answered.
+    ///     assert_eq!(svc.clone().oneshot(()).await?, "answered");
+    /// }
+    /// let hung = balancer.endpoints().into_iter().find(|e| e.id().as_str() == "hangs").unwrap();
+    /// assert!(hung.state().failures() >= 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn per_try_timeout(mut self, timeout: Duration) -> Self {
+        self.per_try_timeout = Some(timeout);
+        self
+    }
+
     /// How long a call waits for a picked instance's service to become ready when the
     /// instances it tried first were not (default 1 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
@@ -484,6 +551,7 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
                 route: self.route,
                 retries: self.retries,
                 deadline: self.deadline,
+                per_try_timeout: self.per_try_timeout,
                 ready_timeout: self.ready_timeout,
             }),
             _request: PhantomData,
@@ -659,6 +727,30 @@ where
         }
     }
 
+    /// The request for the attempt after a failed one (`spare`, its copy), or why there is none.
+    fn next_attempt(
+        &self,
+        attempts: u32,
+        retry: Retry,
+        spare: Option<Req>,
+        idempotent: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Req, GaveUp> {
+        match (&self.retries, retry, spare) {
+            (None, ..) => Err(GaveUp::AttemptsExhausted),
+            (Some(_), Retry::Never, _) => Err(GaveUp::NotRetryable),
+            (Some(_), _, None) => Err(GaveUp::NotCopyable),
+            (Some(r), retry, Some(copy)) => {
+                let sent = retry != Retry::NotSent;
+                let out_of_time = deadline.is_some_and(|at| Instant::now() >= at);
+                match r.policy.decide(attempts, sent, idempotent, out_of_time) {
+                    None => Ok(copy),
+                    Some(gave_up) => Err(gave_up),
+                }
+            }
+        }
+    }
+
     async fn send(&self, request: Req) -> Result<S::Response, BalanceError<S::Error>> {
         if let Some(r) = &self.retries {
             r.policy.request();
@@ -695,15 +787,41 @@ where
                 }
             };
             let instance = guard.instance().id().clone();
+            // The attempt ends at its per-try timeout or at the deadline, whichever comes first.
+            let per_try = self.per_try_timeout.map(|d| (d, Instant::now() + d));
+            let until = match (per_try, deadline) {
+                (Some((_, a)), Some(b)) => Some(a.min(b)),
+                (a, b) => a.map(|(_, at)| at).or(b),
+            };
             // Dropped before it completes, the guard records a cancelled call.
             let call = svc.call(current);
-            let result = match deadline {
+            let result = match until {
                 None => call.await,
                 Some(at) => match tokio::time::timeout_at(at.into(), call).await {
                     Ok(result) => result,
                     Err(_) => {
                         guard.failure();
-                        return Err(BalanceError::DeadlineExceeded { instance, attempts });
+                        let Some((after, _)) = per_try.filter(|_| deadline != Some(at)) else {
+                            return Err(BalanceError::DeadlineExceeded { instance, attempts });
+                        };
+                        // Sent and not answered in time: another instance may answer.
+                        let retry = Retry::IfIdempotent;
+                        match self.next_attempt(attempts, retry, spare, idempotent, deadline) {
+                            Ok(copy) => {
+                                tracing::debug!(%instance, attempt = attempts, ?after, "per-try timeout; retrying on another instance");
+                                tried.push(instance);
+                                current = copy;
+                                continue;
+                            }
+                            Err(gave_up) => {
+                                return Err(BalanceError::AttemptTimedOut {
+                                    instance,
+                                    after,
+                                    attempts,
+                                    gave_up,
+                                })
+                            }
+                        }
                     }
                 },
             };
@@ -724,20 +842,7 @@ where
                 };
             }
             guard.record(class.outcome);
-            let next = match (&self.retries, class.retry, spare) {
-                (None, ..) => Err(GaveUp::AttemptsExhausted),
-                (Some(_), Retry::Never, _) => Err(GaveUp::NotRetryable),
-                (Some(_), _, None) => Err(GaveUp::NotCopyable),
-                (Some(r), retry, Some(copy)) => {
-                    let sent = retry != Retry::NotSent;
-                    let out_of_time = deadline.is_some_and(|at| Instant::now() >= at);
-                    match r.policy.decide(attempts, sent, idempotent, out_of_time) {
-                        None => Ok(copy),
-                        Some(gave_up) => Err(gave_up),
-                    }
-                }
-            };
-            match next {
+            match self.next_attempt(attempts, class.retry, spare, idempotent, deadline) {
                 Ok(copy) => {
                     tracing::debug!(%instance, attempt = attempts, "retrying on another instance");
                     tried.push(instance);

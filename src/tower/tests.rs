@@ -322,3 +322,70 @@ async fn services_are_made_once_per_instance_and_dropped_when_it_leaves() {
     let ready = std::future::poll_fn(|cx| s.poll_ready(cx)).await;
     assert!(ready.is_ok());
 }
+
+/// A per-try timeout ends an attempt that hangs, as a failure of its instance: an idempotent
+/// request goes on to another instance, one that is not fails with `AttemptTimedOut`, and so
+/// does one whose attempts are all spent. A deadline that comes first is the deadline's.
+#[tokio::test]
+async fn a_per_try_timeout_ends_a_hanging_attempt_and_leaves_time_for_another() {
+    let w = World::new(&[("a", Act::Hang)]);
+    let b = balancer(&["a", "b"]);
+    let svc = |idempotent: bool, attempts: u32| {
+        Balanced::builder(b.clone(), w.make())
+            .per_try_timeout(Duration::from_millis(30))
+            .retries(
+                attempts,
+                RetryBudget::new(10.0, 0).unwrap(),
+                |r: &String| Some(r.clone()),
+                move |_| idempotent,
+            )
+            .build()
+    };
+    // First pick is "a" (by id), which hangs: the retry goes to "b".
+    assert_eq!(svc(true, 2).oneshot("GET".into()).await.unwrap(), "b");
+    assert_eq!(state(&b, "a").state().failures(), 1);
+    assert_eq!(state(&b, "a").state().in_flight(), 0);
+
+    let err = svc(false, 2).oneshot("POST".into()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BalanceError::AttemptTimedOut {
+                attempts: 1,
+                gave_up: GaveUp::NotIdempotent,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("per-try timeout of 30ms"), "{err}");
+
+    let only_a = balancer(&["a"]);
+    let svc = Balanced::builder(only_a.clone(), w.make())
+        .per_try_timeout(Duration::from_millis(30))
+        .build();
+    let err = svc.oneshot("GET".into()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BalanceError::AttemptTimedOut {
+                attempts: 1,
+                gave_up: GaveUp::AttemptsExhausted,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(state(&only_a, "a").state().failures(), 1);
+
+    // The deadline is earlier than the per-try timeout: it is the deadline that ends the call.
+    let svc = Balanced::builder(only_a, w.make())
+        .per_try_timeout(Duration::from_secs(60))
+        .deadline(|_: &String| Some(std::time::Instant::now() + Duration::from_millis(30)))
+        .build();
+    let err = svc.oneshot("GET".into()).await.unwrap_err();
+    assert!(
+        matches!(err, BalanceError::DeadlineExceeded { attempts: 1, .. }),
+        "{err}"
+    );
+}

@@ -11,7 +11,8 @@
 //! 4. an instance removed while the channel is idle is never used afterwards, and changes are
 //!    applied while idle, with no queue that grows;
 //! 5. a dead instance stops getting traffic (outcomes plus the resilience wrapper's ejection)
-//!    and gets it back after it recovers;
+//!    and gets it back after it recovers, and one that hangs costs a call only its per-try
+//!    timeout;
 //! 6. a stream counts as in flight for as long as it lasts (least-connections sends other
 //!    calls elsewhere meanwhile), and one that fails midway, its status in the trailers, is a
 //!    failure of the instance; so is one given up on after its instance went quiet, with the
@@ -549,6 +550,67 @@ async fn a_stream_is_in_flight_until_it_ends_and_its_trailers_give_its_outcome()
     let user = client.get_user(GetUserRequest { id: 7 }).await.unwrap();
     assert_eq!(user.into_inner().id, 7);
     assert_eq!(counts(&b, "s"), (0, 3, 1));
+}
+
+/// A per-try timeout ends an attempt at an instance that hangs, as its failure, and the
+/// idempotent call goes on to another instance well within its deadline; a call that may not
+/// be repeated, with nowhere else to go, is DEADLINE_EXCEEDED and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_try_timeout_leaves_time_to_try_another_instance() {
+    let memory = Memory::new();
+    // "hangs" answers after 30 s, far past every deadline here.
+    let _hangs = instance(
+        &memory,
+        "per-try",
+        "hangs",
+        Some(Duration::from_secs(30)),
+        None,
+    )
+    .await;
+    let _works = instance(&memory, "per-try", "works", None, None).await;
+    let b = balancer(&memory, "per-try", RoundRobin::new(), 2).await;
+    let channel = GrpcChannel::builder(b.clone())
+        .per_try_timeout(Duration::from_millis(200))
+        .idempotent("/users.Users/GetUser")
+        .build()
+        .unwrap();
+    let mut client = UsersClient::new(channel);
+    for id in 1..=6 {
+        let mut request = tonic::Request::new(GetUserRequest { id });
+        // Without the per-try timeout, every call that went to "hangs" first would use all of
+        // this and fail.
+        request.set_timeout(Duration::from_secs(3));
+        let user = client.get_user(request).await.unwrap().into_inner();
+        assert_eq!(user.instance, "works");
+    }
+    let (in_flight, _, failures) = counts(&b, "hangs");
+    assert_eq!(in_flight, 0);
+    assert!(
+        failures >= 2,
+        "round-robin sent some calls to it first: {failures}"
+    );
+
+    let only_hangs = Memory::new();
+    let _hangs = instance(
+        &only_hangs,
+        "per-try",
+        "hangs",
+        Some(Duration::from_secs(30)),
+        None,
+    )
+    .await;
+    let b = balancer(&only_hangs, "per-try", RoundRobin::new(), 1).await;
+    let channel = GrpcChannel::builder(b.clone())
+        .per_try_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let status = UsersClient::new(channel)
+        .get_user(GetUserRequest { id: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("per-try timeout"), "{status:?}");
+    assert_eq!(counts(&b, "hangs"), (0, 0, 1));
 }
 
 /// With `stalled_after`, a stream the caller drops after its instance sent nothing for that
