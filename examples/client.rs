@@ -139,6 +139,9 @@ impl Session {
             return Err(why);
         }
         let mut builder = HttpClient::builder(balancer).request_timeout(args.load.timeout);
+        if let Some(limit) = args.load.per_try_timeout {
+            builder = builder.per_try_timeout(limit);
+        }
         if let Some(key) = hash_key.clone() {
             builder = builder.hash_key(key);
         }
@@ -740,6 +743,81 @@ mod tests {
         check_metrics(&scrape, service, &report, 2);
         session.stop().await;
         stop_all(running).await;
+    }
+
+    /// `--per-try-timeout`: of two instances in a real Consul agent, one accepts connections and
+    /// never answers. With the flag every request is answered by the other; without it, a
+    /// request that goes to the hanging one first waits out `--timeout` and fails.
+    #[cfg(feature = "consul")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn per_try_timeout_leaves_time_for_another_instance_when_one_hangs() {
+        let consul = waypost_conformance::consul_server::ConsulServer::start().await;
+        let service = "users-hangs";
+        let addr = consul.addr();
+        let backend = ["--backend", "consul", "--consul-addr", addr.as_str()];
+        let connected = parse(&backend).unwrap().backend.connect().await.unwrap();
+        let works = registered(
+            &*connected.registry,
+            service,
+            "works",
+            loopback().await,
+            false,
+        )
+        .await;
+        let (hanging, listener) = common::hanging_instance().await;
+        let hangs = connected
+            .registry
+            .register(
+                waypost::Registration::builder(service, "hangs")
+                    .host("127.0.0.1")
+                    .port(hanging.port())
+                    .build()
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let name: ServiceName = service.parse().unwrap();
+        eventually(Duration::from_secs(10), "both listed", || async {
+            match connected.discovery.instances(&name).await {
+                Ok(v) if v.len() == 2 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        let args = |per_try: Option<&'static str>| {
+            let mut args = vec![
+                "--service",
+                service,
+                "--requests",
+                "4",
+                "--concurrency",
+                "1",
+            ];
+            args.extend(["--timeout", "1s"]);
+            args.extend(
+                per_try
+                    .map(|p| ["--per-try-timeout", p])
+                    .into_iter()
+                    .flatten(),
+            );
+            args.extend_from_slice(&backend);
+            parse(&args).unwrap()
+        };
+
+        let session = Session::start(args(Some("200ms"))).await.unwrap();
+        let report = session.send().await.unwrap();
+        assert_eq!((report.ok, report.errors), (4, 0), "{report:?}");
+        assert_eq!(report.by_instance.keys().collect::<Vec<_>>(), ["works"]);
+        session.stop().await;
+
+        let session = Session::start(args(None)).await.unwrap();
+        let report = session.send().await.unwrap();
+        assert!(report.errors > 0, "{report:?}");
+        session.stop().await;
+
+        hangs.shutdown().await.unwrap();
+        listener.abort();
+        stop_all(vec![works]).await;
     }
 
     #[cfg(feature = "consul")]

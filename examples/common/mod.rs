@@ -568,6 +568,23 @@ impl MetricsServer {
 }
 
 /// For tests: scrape a metrics endpoint and read the text format.
+/// A listener on loopback that accepts connections and never answers on them: an instance
+/// that hangs. Ends with the returned task.
+#[cfg(test)]
+pub async fn hanging_instance() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let addr = listener.local_addr().expect("its address");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (addr, task)
+}
+
 #[cfg(test)]
 pub mod scrape {
     use std::collections::{BTreeMap, BTreeSet};
@@ -1005,6 +1022,10 @@ pub struct LoadArgs {
     /// Time limit per request (call), retries included.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Time limit per attempt, so that an instance that hangs leaves time to retry on another
+    /// one (GETs, GetUser); set it below --timeout.
+    #[arg(long, value_parser = parse_duration)]
+    pub per_try_timeout: Option<Duration>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics while running (port 0: a free one).
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,

@@ -184,6 +184,9 @@ impl Session {
         let mut builder = GrpcChannel::builder(balancer)
             .connect_timeout(args.load.timeout.min(Duration::from_secs(1)))
             .idempotent(GET_USER);
+        if let Some(limit) = args.load.per_try_timeout {
+            builder = builder.per_try_timeout(limit);
+        }
         if let Some(key) = &key {
             builder = builder.hash_key(key.metadata_key());
         }
@@ -733,6 +736,67 @@ mod tests {
             handle.shutdown().await.unwrap();
             server.stop().await.unwrap();
         }
+    }
+
+    /// `--per-try-timeout`: of two instances in a real Consul agent, one accepts connections and
+    /// never answers. With the flag every GetUser call is answered by the other; without it, a
+    /// call that goes to the hanging one first waits out `--timeout` and fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn per_try_timeout_leaves_time_for_another_instance_when_one_hangs() {
+        let consul = waypost_conformance::consul_server::ConsulServer::start().await;
+        let service = "grpc-hangs";
+        let addr = consul.addr();
+        let backend = ["--backend", "consul", "--consul-addr", addr.as_str()];
+        let connected = parse(&backend).unwrap().backend.connect().await.unwrap();
+        let (works, serving) = instance(&connected, service, "works", None).await;
+        let (hanging, listener) = common::hanging_instance().await;
+        let hangs = connected
+            .registry
+            .register(
+                waypost::Registration::builder(service, "hangs")
+                    .host("127.0.0.1")
+                    .port(hanging.port())
+                    .build()
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        listed(&connected, service, 2).await;
+        let args = |per_try: Option<&'static str>| {
+            let mut args = vec![
+                "--service",
+                service,
+                "--requests",
+                "4",
+                "--concurrency",
+                "1",
+            ];
+            args.extend(["--timeout", "1s"]);
+            args.extend(
+                per_try
+                    .map(|p| ["--per-try-timeout", p])
+                    .into_iter()
+                    .flatten(),
+            );
+            args.extend_from_slice(&backend);
+            parse(&args).unwrap()
+        };
+
+        let session = Session::start(args(Some("200ms"))).await.unwrap();
+        let report = session.send().await.unwrap();
+        assert_eq!((report.ok, report.errors), (4, 0), "{report:?}");
+        assert_eq!(report.by_instance.keys().collect::<Vec<_>>(), ["works"]);
+        session.stop().await;
+
+        let session = Session::start(args(None)).await.unwrap();
+        let report = session.send().await.unwrap();
+        assert!(report.errors > 0, "{report:?}");
+        session.stop().await;
+
+        hangs.shutdown().await.unwrap();
+        listener.abort();
+        works.shutdown().await.unwrap();
+        serving.stop().await.unwrap();
     }
 
     #[tokio::test]
