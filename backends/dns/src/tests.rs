@@ -620,6 +620,11 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
 
 #[tokio::test(flavor = "current_thread")]
 async fn the_watch_logs_failures_and_recovery_in_its_span() {
+    // tracing caches each callsite's interest the first time any thread reaches it, and with
+    // one dispatcher registered it asks only that thread's default (tokio-rs/tracing#3611): a
+    // sibling test without a subscriber could turn these events off for good. With a second
+    // live dispatcher it asks every registered one, this test's capture among them.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
     let logs = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(logs.clone())

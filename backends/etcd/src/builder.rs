@@ -273,28 +273,41 @@ impl EtcdBuilder {
         // the registrations survive and report, not a start-up failure. etcd checks read
         // permission on serializable reads too.
         let probe_key = format!("{}/", layout.prefix());
-        retry::call(
+        let probe = |mut c: etcd_client::Client| {
+            let key = probe_key.clone();
+            async move {
+                c.get(
+                    key,
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_count_only()
+                            .with_serializable(),
+                    ),
+                )
+                .await
+            }
+        };
+        let probed = retry::call(
             &client,
             "connect: read the prefix",
             self.request_timeout,
             attempts,
-            |mut c| {
-                let key = probe_key.clone();
-                async move {
-                    c.get(
-                        key,
-                        Some(
-                            etcd_client::GetOptions::new()
-                                .with_prefix()
-                                .with_count_only()
-                                .with_serializable(),
-                        ),
-                    )
-                    .await
-                }
-            },
+            probe,
         )
-        .await?;
+        .await;
+        match probed {
+            Ok(_) => {}
+            // The client's balancer may have sent every attempt to a dead member (it picks at
+            // random among them): ask each member on its own before calling the cluster
+            // unreachable, so that one that answers is always found.
+            Err(e @ Error::Unavailable { .. }) if endpoints.len() > 1 => {
+                if !self.one_member_answers(&endpoints, probe).await? {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
         Ok(Etcd {
             shared: Arc::new(Shared::new(
                 client,
@@ -307,6 +320,38 @@ impl EtcdBuilder {
                 attempts,
             )),
         })
+    }
+
+    /// Asks each of `endpoints` on its own, a client of its own each, until one answers
+    /// `probe`: `true` then, `false` when none does, and the error of one that answers with a
+    /// refusal (a permission, say).
+    async fn one_member_answers<F, Fut, T>(
+        &self,
+        endpoints: &[String],
+        probe: F,
+    ) -> Result<bool, Error>
+    where
+        F: Fn(etcd_client::Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let wait = self.connect_timeout + self.request_timeout;
+        for endpoint in endpoints {
+            let one = etcd_client::Client::connect([endpoint], Some(self.connect_options()?));
+            let Ok(Ok(one)) = tokio::time::timeout(wait, one).await else {
+                continue;
+            };
+            match tokio::time::timeout(self.request_timeout, probe(one)).await {
+                Ok(Ok(_)) => return Ok(true),
+                Ok(Err(refused)) => {
+                    let refused = error::map("connect: read the prefix", refused);
+                    if !matches!(refused, Error::Unavailable { .. }) {
+                        return Err(refused);
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(false)
     }
 
     fn checked_endpoints(&self) -> Result<Vec<String>, Error> {
@@ -410,6 +455,27 @@ pub(crate) fn parse_endpoints(s: &str) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `connect`'s fallback: each member asked on its own finds the one that answers, wherever
+    /// it is in the list; none answering is `false`.
+    #[tokio::test]
+    async fn each_member_asked_on_its_own_finds_the_one_that_answers() {
+        let server = waypost_conformance::etcd_server::EtcdServer::start().await;
+        let mut dead = Vec::new();
+        for _ in 0..2 {
+            // A port that was free a moment ago: connections to it are refused.
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            dead.push(format!("http://{}", listener.local_addr().unwrap()));
+        }
+        let builder = Etcd::builder()
+            .connect_timeout(Duration::from_millis(300))
+            .request_timeout(Duration::from_secs(1));
+        let probe = |mut c: etcd_client::Client| async move { c.get("probe", None).await };
+        let mut listed = dead.clone();
+        listed.push(server.endpoint());
+        assert!(builder.one_member_answers(&listed, probe).await.unwrap());
+        assert!(!builder.one_member_answers(&dead, probe).await.unwrap());
+    }
 
     #[test]
     fn endpoints_from_a_comma_separated_list() {
