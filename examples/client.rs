@@ -725,14 +725,7 @@ mod tests {
                 .push(registered(&*connected.registry, service, id, loopback().await, false).await);
         }
         // Both are listed before the client starts, so round robin splits evenly.
-        let name: ServiceName = service.parse().unwrap();
-        eventually(Duration::from_secs(10), "both listed", || async {
-            match connected.discovery.instances(&name).await {
-                Ok(v) if v.len() == 2 => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        })
-        .await;
+        common::listed(&connected, service, 2).await;
 
         let session = Session::start(args).await.unwrap();
         let report = session.send().await.unwrap();
@@ -764,26 +757,8 @@ mod tests {
             false,
         )
         .await;
-        let (hanging, listener) = common::hanging_instance().await;
-        let hangs = connected
-            .registry
-            .register(
-                waypost::Registration::builder(service, "hangs")
-                    .host("127.0.0.1")
-                    .port(hanging.port())
-                    .build()
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        let name: ServiceName = service.parse().unwrap();
-        eventually(Duration::from_secs(10), "both listed", || async {
-            match connected.discovery.instances(&name).await {
-                Ok(v) if v.len() == 2 => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        })
-        .await;
+        let (hangs, listener) = common::register_hanging(&connected, service).await;
+        common::listed(&connected, service, 2).await;
         let args = |per_try: Option<&'static str>| {
             let mut args = vec![
                 "--service",

@@ -625,7 +625,6 @@ const FIX_IN_PLACE: usize = 2;
 /// side is its only holder once picks let go of it), instead of cloning every endpoint into a
 /// new list and dropping the old one: work in proportion to the change, and no write to the
 /// reference counts of the endpoints that stay.
-#[derive(Clone, Debug)]
 enum Gap {
     /// Not known (after a whole snapshot, or a list rebuilt): the list is not kept.
     Unknown,

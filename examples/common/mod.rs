@@ -568,21 +568,47 @@ impl MetricsServer {
 }
 
 /// For tests: scrape a metrics endpoint and read the text format.
-/// A listener on loopback that accepts connections and never answers on them: an instance
-/// that hangs. Ends with the returned task.
+/// Registers instance `hangs` of `service` through `backend`, on a loopback listener that
+/// accepts connections and never answers on them. The listener ends with the returned task.
 #[cfg(test)]
-pub async fn hanging_instance() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+pub async fn register_hanging(
+    backend: &Backend,
+    service: &str,
+) -> (waypost::RegistrationHandle, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("a loopback port");
-    let addr = listener.local_addr().expect("its address");
+    let port = listener.local_addr().expect("its address").port();
     let task = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((socket, _)) = listener.accept().await {
             held.push(socket);
         }
     });
-    (addr, task)
+    let registration = waypost::Registration::builder(service, "hangs")
+        .host("127.0.0.1")
+        .port(port)
+        .build()
+        .expect("a valid registration");
+    let handle = backend
+        .registry
+        .register(registration)
+        .await
+        .expect("registered");
+    (handle, task)
+}
+
+/// Waits until `backend` lists `n` instances of `service`.
+#[cfg(test)]
+pub async fn listed(backend: &Backend, service: &str, n: usize) {
+    let name: waypost::ServiceName = service.parse().expect("a valid service name");
+    waypost_conformance::scenarios::eventually(Duration::from_secs(10), "all listed", || async {
+        match backend.discovery.instances(&name).await {
+            Ok(v) if v.len() == n => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -335,8 +335,9 @@ impl EtcdBuilder {
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
         let wait = self.connect_timeout + self.request_timeout;
+        let options = self.connect_options()?;
         for endpoint in endpoints {
-            let one = etcd_client::Client::connect([endpoint], Some(self.connect_options()?));
+            let one = etcd_client::Client::connect([endpoint], Some(options.clone()));
             let Ok(Ok(one)) = tokio::time::timeout(wait, one).await else {
                 continue;
             };

@@ -688,18 +688,6 @@ mod tests {
         (handle, server)
     }
 
-    /// Waits until the backend lists `n` instances of `service`.
-    async fn listed(backend: &common::Backend, service: &str, n: usize) {
-        let name: ServiceName = service.parse().unwrap();
-        eventually(Duration::from_secs(10), "all listed", || async {
-            match backend.discovery.instances(&name).await {
-                Ok(v) if v.len() == n => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        })
-        .await;
-    }
-
     /// Serves two instances of `service` registered through `backend`, then checks the client's
     /// report and its metrics.
     async fn exercise(service: &str, backend: &[&str]) {
@@ -722,7 +710,7 @@ mod tests {
             running.push(instance(&connected, service, id, None).await);
         }
         // Both are listed before the client starts, so round robin splits evenly.
-        listed(&connected, service, 2).await;
+        common::listed(&connected, service, 2).await;
 
         let session = Session::start(args).await.unwrap();
         let report = session.send().await.unwrap();
@@ -749,19 +737,8 @@ mod tests {
         let backend = ["--backend", "consul", "--consul-addr", addr.as_str()];
         let connected = parse(&backend).unwrap().backend.connect().await.unwrap();
         let (works, serving) = instance(&connected, service, "works", None).await;
-        let (hanging, listener) = common::hanging_instance().await;
-        let hangs = connected
-            .registry
-            .register(
-                waypost::Registration::builder(service, "hangs")
-                    .host("127.0.0.1")
-                    .port(hanging.port())
-                    .build()
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        listed(&connected, service, 2).await;
+        let (hangs, listener) = common::register_hanging(&connected, service).await;
+        common::listed(&connected, service, 2).await;
         let args = |per_try: Option<&'static str>| {
             let mut args = vec![
                 "--service",
@@ -843,7 +820,7 @@ mod tests {
             let tls = waypost_grpc_examples::server_tls(&cert_pem, &key_pem);
             running.push(instance(&connected, service, id, Some(tls)).await);
         }
-        listed(&connected, service, 2).await;
+        common::listed(&connected, service, 2).await;
 
         let mut args = base.to_vec();
         args.extend_from_slice(&["--service", service, "--requests", "20", "--ca"]);
@@ -891,7 +868,7 @@ mod tests {
         let tls = waypost_grpc_examples::server_tls(&server.cert, &server.key)
             .client_ca_root(tonic::transport::Certificate::from_pem(clients.pem()));
         let (handle, serving) = instance(&connected, service, "grpc-mtls-a", Some(tls)).await;
-        listed(&connected, service, 1).await;
+        common::listed(&connected, service, 1).await;
 
         let mut args = base.to_vec();
         args.extend_from_slice(&["--service", service, "--requests", "10", "--ca", &ca_file]);
