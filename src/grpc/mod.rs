@@ -35,6 +35,8 @@
 //!   the deadline is a failure of its instance, as a time-out of the HTTP client's is. A
 //!   [per-try timeout](GrpcChannelBuilder::per_try_timeout) bounds each attempt, so that an
 //!   instance that hangs leaves time for another.
+//! - **Hedges** ([`hedge`](GrpcChannelBuilder::hedge)): an idempotent call whose instance is
+//!   slow to answer also goes to another instance, and the first answer wins.
 //! - **No instance**: with none to call (none discovered, or every one tried busy), a call
 //!   fails at once with UNAVAILABLE ([`GrpcError::Unavailable`]), the code gRPC clients treat
 //!   as "try again later".
@@ -55,7 +57,7 @@ use tonic::body::Body;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use waypost_core::{Balancer, Outcome, PickContext, PickGuard, ServiceInstance};
 
-use crate::retry::{GaveUp, RetryBudget};
+use crate::retry::{GaveUp, Hedge, RetryBudget};
 use crate::tower::{BalanceError, Balanced, Class, Classify, GrpcStatus, Retry, Route};
 
 /// The metadata key whose value `https` makes the channel use TLS to an instance (shared with
@@ -528,6 +530,7 @@ pub struct GrpcChannelBuilder {
     budget: RetryBudget,
     per_try_timeout: Option<Duration>,
     stalled_after: Option<Duration>,
+    hedge: Option<Hedge>,
 }
 
 impl fmt::Debug for GrpcChannelBuilder {
@@ -544,6 +547,7 @@ impl fmt::Debug for GrpcChannelBuilder {
             .field("max_attempts", &self.max_attempts)
             .field("per_try_timeout", &self.per_try_timeout)
             .field("stalled_after", &self.stalled_after)
+            .field("hedge", &self.hedge)
             .finish_non_exhaustive()
     }
 }
@@ -577,6 +581,7 @@ impl GrpcChannel {
             budget: RetryBudget::default(),
             per_try_timeout: None,
             stalled_after: None,
+            hedge: None,
         }
     }
 }
@@ -758,6 +763,35 @@ impl GrpcChannelBuilder {
         self
     }
 
+    /// Hedges the calls of the [idempotent](Self::idempotent) methods (default: never; see
+    /// [`Hedge`]): a call whose instance has not sent its answer's head within the hedge's
+    /// delay goes, as a copy, to an instance the call has not tried too, and the first answer
+    /// wins; the other attempt is then dropped (hyper resets its HTTP/2 stream), neither a success
+    /// nor a failure of its instance. Hedges count as attempts
+    /// ([`max_attempts`](Self::max_attempts)) and take from the
+    /// [retry budget](Self::retry_budget). Each copy carries the time left of the call's
+    /// deadline. A call whose request streams is never hedged: it cannot be copied.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use waypost::grpc::GrpcChannel;
+    /// use waypost::retry::Hedge;
+    /// use waypost::strategies::RoundRobin;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let channel = GrpcChannel::builder(waypost::Balancer::new(RoundRobin::new()))
+    ///     .hedge(Hedge::p95(Duration::from_millis(50)))
+    ///     .idempotent("/users.Users/GetUser")
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(format!("{channel:?}").contains("P95"));
+    /// # }
+    /// ```
+    pub fn hedge(mut self, hedge: Hedge) -> Self {
+        self.hedge = Some(hedge);
+        self
+    }
+
     /// A streamed answer that the caller drops before its end counts as a failure of the
     /// instance, not a success, when nothing had come from the instance for at least `after`:
     /// the instance stalled, and the caller gave up on it (its own idle timeout, say). A message
@@ -884,6 +918,10 @@ impl GrpcChannelBuilder {
             .deadline(|r: &Request| r.extensions().get::<Deadline>().map(|d| d.0));
         let inner = match self.per_try_timeout {
             Some(timeout) => inner.per_try_timeout(timeout),
+            None => inner,
+        };
+        let inner = match self.hedge {
+            Some(hedge) => inner.hedge(hedge),
             None => inner,
         }
         .build();

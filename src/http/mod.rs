@@ -80,16 +80,15 @@ use std::time::Duration;
 use waypost_core::Balancer;
 
 mod error;
-mod hedge;
 mod request;
 mod response;
 #[cfg(test)]
 mod tests;
 
+pub use crate::retry::Hedge;
 pub use crate::retry::RetryBudget;
 use crate::retry::RetryPolicy;
 pub use error::{GaveUp, HttpError, TransportError};
-pub use hedge::Hedge;
 pub use request::RequestBuilder;
 pub use response::Response;
 

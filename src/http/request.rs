@@ -2,8 +2,6 @@
 
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,6 +12,7 @@ use waypost_core::{InstanceId, PickContext, PickGuard, ServiceInstance};
 use super::error::{explain_tls, GaveUp, HttpError, TransportError};
 use super::response::Response;
 use super::{HashKey, Hedge, HttpClient};
+use crate::retry::{may_hedge, Next, Race};
 use crate::SCHEME_METADATA;
 
 /// One request to the service, built from [`HttpClient::get`] and friends and sent with
@@ -230,23 +229,23 @@ impl RequestBuilder {
         let hedge_from = |now: Instant| hedge_delay.map(|d| now + d);
 
         let mut tried: Vec<InstanceId> = Vec::new();
-        let mut running: Vec<Attempt> = Vec::new();
+        let mut race = Race::new();
         let first = self.pick(&ctx, &tried)?;
         tried.push(first.instance().id().clone());
-        running.push(self.attempt(first, deadline)?);
+        let (started, exchange) = self.attempt(first, deadline)?;
+        race.push(started, exchange);
         let mut attempts: u32 = 1;
         let mut next_hedge = hedge_from(Instant::now());
         loop {
             let hedge_at = next_hedge.filter(|_| attempts < inner.retry.max_attempts);
-            // A disabled branch's future is still made: give it a time that never comes.
-            let hedge_timer = tokio::time::sleep_until(tokio::time::Instant::from_std(
-                hedge_at.unwrap_or_else(|| Instant::now() + FAR_FUTURE),
-            ));
-            tokio::select! {
-                // An answer that is there wins over a hedge that is due.
-                biased;
-                (i, result) = next_done(&mut running) => {
-                    let Attempt { guard, instance, tier, limit, .. } = running.swap_remove(i);
+            match race.next(hedge_at).await {
+                Next::Ended(started, result) => {
+                    let Attempt {
+                        guard,
+                        instance,
+                        tier,
+                        limit,
+                    } = started;
                     let failure = match result {
                         Ok(response) if !response.status().is_server_error() => {
                             let mut guard = guard;
@@ -254,7 +253,7 @@ impl RequestBuilder {
                             if let Some(h) = hedge {
                                 h.observe(guard.elapsed());
                             }
-                            // The attempts still out are dropped with `running`: their
+                            // The attempts still out are dropped with the race: their
                             // connections close and their guards count them as cancelled.
                             // This one stays in flight until its body is read.
                             let response = self.response(response, instance, tier, attempts);
@@ -270,7 +269,10 @@ impl RequestBuilder {
                     };
                     guard.failure();
                     let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
-                    match inner.retry.decide(attempts, failure.sent(), idempotent, out_of_time) {
+                    match inner
+                        .retry
+                        .decide(attempts, failure.sent(), idempotent, out_of_time)
+                    {
                         None => {
                             tracing::debug!(method = %self.method, path = %self.path,
                                 instance = %instance.id(), attempt = attempts,
@@ -278,38 +280,34 @@ impl RequestBuilder {
                             match self.pick(&ctx, &tried) {
                                 Ok(guard) => {
                                     tried.push(guard.instance().id().clone());
-                                    running.push(self.attempt(guard, deadline)?);
+                                    let (started, exchange) = self.attempt(guard, deadline)?;
+                                    race.push(started, exchange);
                                     attempts += 1;
                                     // The retry is the newest attempt: a hedge waits for it.
                                     next_hedge = hedge_from(Instant::now());
                                 }
-                                Err(e) if running.is_empty() => return Err(e),
+                                Err(e) if race.is_empty() => return Err(e),
                                 // The instances went away, but a hedge is still out.
                                 Err(_) => {}
                             }
                         }
-                        Some(gave_up) if running.is_empty() => {
-                            let last = Last { instance, tier, limit, attempts, gave_up };
+                        Some(gave_up) if race.is_empty() => {
+                            let last = Last {
+                                instance,
+                                tier,
+                                limit,
+                                attempts,
+                                gave_up,
+                            };
                             return self.give_up(failure, last);
                         }
                         // Another attempt is still out and may yet answer.
                         Some(_) => {}
                     }
                 }
-                () = hedge_timer, if hedge_at.is_some() => {
+                Next::Hedge => {
                     next_hedge = None;
-                    // A hedge to an instance already waited on would only add load.
-                    let untried = inner
-                        .balancer
-                        .endpoints()
-                        .iter()
-                        .any(|e| !tried.contains(e.id()));
-                    if !untried {
-                        continue;
-                    }
-                    let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
-                    if let Some(why) = inner.retry.decide(attempts, true, true, out_of_time) {
-                        tracing::debug!(method = %self.method, path = %self.path, %why, "no hedge");
+                    if !may_hedge(&inner.retry, &inner.balancer, &tried, attempts, deadline) {
                         continue;
                     }
                     match self.pick(&ctx, &tried) {
@@ -318,7 +316,8 @@ impl RequestBuilder {
                                 instance = %guard.instance().id(), attempt = attempts + 1,
                                 "hedging on another instance");
                             tried.push(guard.instance().id().clone());
-                            running.push(self.attempt(guard, deadline)?);
+                            let (started, exchange) = self.attempt(guard, deadline)?;
+                            race.push(started, exchange);
                             attempts += 1;
                             next_hedge = hedge_from(Instant::now());
                         }
@@ -348,7 +347,11 @@ impl RequestBuilder {
 
     /// An attempt at the instance of `guard`, within the per-try timeout and what is left of
     /// the overall one. Not started until polled.
-    fn attempt(&self, guard: PickGuard, deadline: Option<Instant>) -> Result<Attempt, HttpError> {
+    fn attempt(
+        &self,
+        guard: PickGuard,
+        deadline: Option<Instant>,
+    ) -> Result<(Attempt, impl Future<Output = Exchanged> + Send + 'static), HttpError> {
         let inner = &self.client.inner;
         let instance = guard.instance().clone();
         let url = url_for(&instance, &self.path, inner.https).map_err(|reason| {
@@ -373,13 +376,13 @@ impl RequestBuilder {
         if let Some(limit) = limit {
             request = request.timeout(limit);
         }
-        Ok(Attempt {
+        let attempt = Attempt {
             tier: guard.tier(),
             guard,
             instance,
             limit,
-            exchange: Box::pin(request.send()),
-        })
+        };
+        Ok((attempt, request.send()))
     }
 
     /// The outcome of a call whose last attempt failed and will not be retried: a 5xx answer
@@ -455,12 +458,10 @@ impl RequestBuilder {
     }
 }
 
-/// Far enough that a timer set to it never fires during a call.
-const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How an exchange with an instance ended.
+type Exchanged = Result<reqwest::Response, reqwest::Error>;
 
-type Exchange = Pin<Box<dyn Future<Output = Result<reqwest::Response, reqwest::Error>> + Send>>;
-
-/// One attempt out: the exchange with its instance, and its pick guard, which counts it in
+/// One attempt out, beside its exchange with its instance: its pick guard, which counts it in
 /// flight until the attempt ends (dropped unfinished, it counts as cancelled).
 struct Attempt {
     guard: PickGuard,
@@ -468,23 +469,6 @@ struct Attempt {
     tier: usize,
     /// Its time limit.
     limit: Option<Duration>,
-    exchange: Exchange,
-}
-
-/// The first attempt of `running` to end, with its index; pending while none has (and
-/// forever when none is out).
-fn next_done(
-    running: &mut [Attempt],
-) -> impl Future<Output = (usize, Result<reqwest::Response, reqwest::Error>)> + '_ {
-    // At most `max_attempts` are out, so polling each on every wake-up costs little.
-    std::future::poll_fn(move |cx| {
-        for (i, attempt) in running.iter_mut().enumerate() {
-            if let Poll::Ready(result) = attempt.exchange.as_mut().poll(cx) {
-                return Poll::Ready((i, result));
-            }
-        }
-        Poll::Pending
-    })
 }
 
 /// The last attempt of a call that gives up, and why it does.

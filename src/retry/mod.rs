@@ -1,5 +1,6 @@
-//! Retries on another instance: when one is allowed, and the budget that bounds them. One
-//! policy serves the HTTP client ([`crate::http`]) and the tower service ([`crate::tower`]).
+//! Retries and hedges on another instance: when one is allowed, and the budget that bounds
+//! them. One policy serves the HTTP client (`waypost::http`) and the tower service
+//! (`waypost::tower`, under the gRPC channel too).
 //!
 //! A failed attempt is retried on a different instance only if all of these hold:
 //! - the request was never sent (a connect error), or it is idempotent;
@@ -8,12 +9,16 @@
 //!   service sees about 20 % more load, not three times as much.
 
 mod budget;
+mod hedge;
 mod metrics;
+mod race;
 
 use std::fmt;
 
 pub use budget::{InvalidRetry, RetryBudget};
+pub use hedge::Hedge;
 pub(crate) use metrics::RetryMetrics;
+pub(crate) use race::{may_hedge, Next, Race};
 
 /// Why a client (the HTTP client, the tower service) stopped trying: part of every error that
 /// followed an attempt.

@@ -14,7 +14,7 @@ use futures::FutureExt;
 use waypost_core::{Balancer, InstanceId, PickContext, PickError, PickGuard, ServiceInstance};
 
 use super::classify::{Classify, ErrIsFailure, Retry};
-use crate::retry::{GaveUp, RetryBudget, RetryPolicy};
+use crate::retry::{may_hedge, GaveUp, Hedge, Next, Race, RetryBudget, RetryPolicy};
 
 /// How many instances a call tries when the ones it picks are not ready, before it waits for
 /// the last one (for at most the ready timeout).
@@ -222,6 +222,7 @@ struct Inner<M, S, C, X, Req> {
     retries: Option<Retries<Req>>,
     deadline: Option<DeadlineOf<Req>>,
     per_try_timeout: Option<Duration>,
+    hedge: Option<Hedge>,
     ready_timeout: Duration,
 }
 
@@ -246,6 +247,9 @@ struct Inner<M, S, C, X, Req> {
 ///   deadline bounds all of its attempts; none starts after it. A
 ///   [per-try timeout](BalancedBuilder::per_try_timeout) bounds each attempt, so that an
 ///   instance that hangs leaves time for another.
+/// - **Hedges** (off unless [`hedge`](BalancedBuilder::hedge) is set): an idempotent request
+///   that has no answer within the hedge's delay also goes to an instance it has not tried, and
+///   the first answer wins.
 ///
 /// **`poll_ready` and the pick.** `poll_ready` is always ready: the instance is picked in
 /// `call`, per request, so a ready signal from one instance would say nothing about the next
@@ -306,6 +310,7 @@ impl<M, S, Req, C, X> fmt::Debug for Balanced<M, S, Req, C, X> {
         f.debug_struct("Balanced")
             .field("balancer", &self.inner.balancer)
             .field("retries", &self.inner.retries.as_ref().map(|r| &r.policy))
+            .field("hedge", &self.inner.hedge)
             .field("ready_timeout", &self.inner.ready_timeout)
             .finish_non_exhaustive()
     }
@@ -366,6 +371,7 @@ pub struct BalancedBuilder<M, S, Req, C = ErrIsFailure, X = ()> {
     retries: Option<Retries<Req>>,
     deadline: Option<DeadlineOf<Req>>,
     per_try_timeout: Option<Duration>,
+    hedge: Option<Hedge>,
     ready_timeout: Duration,
     _service: PhantomData<fn() -> S>,
 }
@@ -384,6 +390,7 @@ where
             retries: None,
             deadline: None,
             per_try_timeout: None,
+            hedge: None,
             ready_timeout: Duration::from_secs(1),
             _service: PhantomData,
         }
@@ -402,6 +409,7 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
             retries: self.retries,
             deadline: self.deadline,
             per_try_timeout: self.per_try_timeout,
+            hedge: self.hedge,
             ready_timeout: self.ready_timeout,
             _service: PhantomData,
         }
@@ -417,6 +425,7 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
             retries: self.retries,
             deadline: self.deadline,
             per_try_timeout: self.per_try_timeout,
+            hedge: self.hedge,
             ready_timeout: self.ready_timeout,
             _service: PhantomData,
         }
@@ -530,6 +539,58 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
         self
     }
 
+    /// Hedges idempotent requests (default: never; see [`Hedge`]): when an attempt has not
+    /// answered within the hedge's delay, a copy of the request goes to an instance the call
+    /// has not tried, and the first answer wins. The attempts still out are then dropped,
+    /// and their guards count them as cancelled. A hedge is an attempt: it needs
+    /// [`retries`](Self::retries) (they copy the request, say which requests are idempotent,
+    /// and bound every attempt by `max_attempts` and the budget), and without them none is
+    /// sent. A failed answer does not end the call while a hedge is still out.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tower::{service_fn, ServiceExt};
+    /// use waypost::retry::{Hedge, RetryBudget};
+    /// use waypost::strategies::RoundRobin;
+    /// use waypost::tower::Balanced;
+    /// use waypost::{Balancer, ServiceInstance, WatchEvent};
+    ///
+    /// let balancer = Balancer::new(RoundRobin::new());
+    /// let inst = |id: &str| ServiceInstance::builder("users", id).host("10.0.0.1").port(80).build();
+    /// balancer.apply(WatchEvent::Snapshot(vec![inst("slow")?, inst("fast")?]));
+    /// let make = |i: &ServiceInstance| {
+    ///     let id = i.id().to_string();
+    ///     service_fn(move |_: ()| {
+    ///         let id = id.clone();
+    ///         async move {
+    ///             if id == "slow" {
+    ///                 std::future::pending::<()>().await;
+    ///             }
+    ///             Ok::<_, std::io::Error>(id)
+    ///         }
+    ///     })
+    /// };
+    /// let svc = Balanced::builder(balancer.clone(), make)
+    ///     .retries(2, RetryBudget::default(), |_: &()| Some(()), |_: &()| true)
+    ///     .hedge(Hedge::after(Duration::from_millis(10)))
+    ///     .build();
+    /// for _ in 0..4 {
+    ///     // Whichever instance comes first, "fast" answers.
+    ///     assert_eq!(svc.clone().oneshot(()).await?, "fast");
+    /// }
+    /// let slow = balancer.endpoints().into_iter().find(|e| e.id().as_str() == "slow").unwrap();
+    /// // The slow instance's attempts were dropped: cancelled, not failed.
+    /// assert_eq!((slow.state().failures(), slow.state().in_flight()), (0, 0));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn hedge(mut self, hedge: Hedge) -> Self {
+        self.hedge = Some(hedge);
+        self
+    }
+
     /// How long a call waits for a picked instance's service to become ready when the
     /// instances it tried first were not (default 1 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
@@ -552,6 +613,7 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
                 retries: self.retries,
                 deadline: self.deadline,
                 per_try_timeout: self.per_try_timeout,
+                hedge: self.hedge,
                 ready_timeout: self.ready_timeout,
             }),
             _request: PhantomData,
@@ -727,141 +789,246 @@ where
         }
     }
 
-    /// The request for the attempt after a failed one (`spare`, its copy), or why there is none.
+    /// Whether another attempt may follow a failed one, taking its request out of `spare`
+    /// (left there when not), or why none does.
     fn next_attempt(
         &self,
         attempts: u32,
         retry: Retry,
-        spare: Option<Req>,
+        spare: &mut Option<Req>,
         idempotent: bool,
         deadline: Option<Instant>,
     ) -> Result<Req, GaveUp> {
-        match (&self.retries, retry, spare) {
-            (None, ..) => Err(GaveUp::AttemptsExhausted),
-            (Some(_), Retry::Never, _) => Err(GaveUp::NotRetryable),
-            (Some(_), _, None) => Err(GaveUp::NotCopyable),
-            (Some(r), retry, Some(copy)) => {
-                let sent = retry != Retry::NotSent;
-                let out_of_time = deadline.is_some_and(|at| Instant::now() >= at);
-                match r.policy.decide(attempts, sent, idempotent, out_of_time) {
-                    None => Ok(copy),
-                    Some(gave_up) => Err(gave_up),
-                }
-            }
+        let Some(r) = &self.retries else {
+            return Err(GaveUp::AttemptsExhausted);
+        };
+        if retry == Retry::Never {
+            return Err(GaveUp::NotRetryable);
+        }
+        if spare.is_none() {
+            return Err(GaveUp::NotCopyable);
+        }
+        let sent = retry != Retry::NotSent;
+        let out_of_time = deadline.is_some_and(|at| Instant::now() >= at);
+        match r.policy.decide(attempts, sent, idempotent, out_of_time) {
+            None => spare.take().ok_or(GaveUp::NotCopyable),
+            Some(gave_up) => Err(gave_up),
         }
     }
 
+    /// The request that attempt number `attempt` sends, made from `spare` (a copy made now,
+    /// so that one that carries the time left carries it from now), and the spare kept for
+    /// the attempts that may follow (none after the last one).
+    fn request_from(&self, spare: Req, attempt: u32) -> (Req, Option<Req>) {
+        let Some(r) = &self.retries else {
+            return (spare, None);
+        };
+        let fresh = (r.clone)(&spare);
+        match fresh {
+            Some(fresh) if attempt < r.policy.max_attempts => (fresh, Some(spare)),
+            Some(fresh) => (fresh, None),
+            None => (spare, None),
+        }
+    }
+
+    /// One attempt: the wait for the picked instance to be ready, then the call, within the
+    /// per-try timeout and the deadline. Dropped before it ends (another attempt answered
+    /// first), its guard counts it as cancelled.
+    async fn attempt(
+        &self,
+        picked: Picked<S>,
+        request: Req,
+        deadline: Option<Instant>,
+    ) -> Ended<S::Response, S::Error> {
+        let ready = match deadline {
+            None => self.ready_instance(picked).await,
+            // Ended by the deadline, the wait's guard counts as cancelled: nothing was sent.
+            Some(at) => match tokio::time::timeout_at(at.into(), self.ready_instance(picked)).await
+            {
+                Ok(ready) => ready,
+                Err(_) => return Ended::Deadline,
+            },
+        };
+        let (mut guard, mut svc) = match ready {
+            Ok(ready) => ready,
+            Err(refused) => return Ended::Refused(refused),
+        };
+        // The attempt ends at its per-try timeout or at the deadline, whichever comes first.
+        let per_try = self.per_try_timeout.map(|d| (d, Instant::now() + d));
+        let until = match (per_try, deadline) {
+            (Some((_, a)), Some(b)) => Some(a.min(b)),
+            (a, b) => a.map(|(_, at)| at).or(b),
+        };
+        let call = svc.call(request);
+        let result = match until {
+            None => call.await,
+            Some(at) => match tokio::time::timeout_at(at.into(), call).await {
+                Ok(result) => result,
+                Err(_) => {
+                    guard.failure();
+                    return match per_try.filter(|_| deadline != Some(at)) {
+                        Some((after, _)) => Ended::TimedOut(after),
+                        None => Ended::Deadline,
+                    };
+                }
+            },
+        };
+        // The latency ends here, even if the response streams on.
+        guard.responded();
+        Ended::Answered(guard, result)
+    }
+
     async fn send(&self, request: Req) -> Result<S::Response, BalanceError<S::Error>> {
-        if let Some(r) = &self.retries {
+        let retries = self.retries.as_ref();
+        if let Some(r) = retries {
             r.policy.request();
         }
         let deadline = self.deadline.as_ref().and_then(|of| of(&request));
+        let idempotent = retries.is_some_and(|r| (r.idempotent)(&request));
+        let max_attempts = retries.map_or(1, |r| r.policy.max_attempts);
+        let hedge = self.hedge.as_ref().filter(|_| idempotent);
+        let hedge_from = |now: Instant| hedge.map(|h| now + h.delay());
+
         let mut tried: Vec<InstanceId> = Vec::new();
-        let mut attempts: u32 = 0;
-        let mut current = request;
+        let mut race = Race::new();
+        let picked = self.pick(&request, &tried)?;
+        // A copy for the attempts that may follow, made only when one may.
+        let mut spare = retries
+            .filter(|r| r.policy.max_attempts > 1)
+            .and_then(|r| (r.clone)(&request));
+        let instance = picked.instance().id().clone();
+        tried.push(instance.clone());
+        race.push(instance, self.attempt(picked, request, deadline));
+        let mut attempts: u32 = 1;
+        let mut next_hedge = hedge_from(Instant::now());
         loop {
-            attempts += 1;
-            // A copy for the next attempt, made only when one may follow.
-            let spare = self
-                .retries
-                .as_ref()
-                .filter(|r| attempts < r.policy.max_attempts)
-                .and_then(|r| (r.clone)(&current));
-            let idempotent = self
-                .retries
-                .as_ref()
-                .is_some_and(|r| (r.idempotent)(&current));
-            let (mut guard, mut svc) = match (self.pick(&current, &tried)?, deadline) {
-                (Picked::Ready(guard, svc), _) => (guard, svc),
-                (picked, None) => self.ready_instance(picked).await?,
-                (picked, Some(at)) => {
-                    let instance = picked.instance().id().clone();
-                    // Ended by the deadline, the wait's guard counts as cancelled: nothing was
-                    // sent.
-                    match tokio::time::timeout_at(at.into(), self.ready_instance(picked)).await {
-                        Ok(ready) => ready?,
-                        Err(_) => {
-                            return Err(BalanceError::DeadlineExceeded { instance, attempts })
-                        }
+            let hedge_at = next_hedge.filter(|_| attempts < max_attempts);
+            let (instance, ended) = match race.next(hedge_at).await {
+                Next::Ended(instance, ended) => (instance, ended),
+                Next::Hedge => {
+                    next_hedge = None;
+                    let Some(r) = retries.filter(|_| spare.is_some()) else {
+                        continue;
+                    };
+                    if !may_hedge(&r.policy, &self.balancer, &tried, attempts, deadline) {
+                        continue;
                     }
+                    let Some(copy) = spare.take() else {
+                        continue;
+                    };
+                    match self.pick(&copy, &tried) {
+                        Ok(picked) if !tried.contains(picked.instance().id()) => {
+                            let instance = picked.instance().id().clone();
+                            tracing::debug!(%instance, attempt = attempts + 1, "hedging on another instance");
+                            attempts += 1;
+                            let (request, kept) = self.request_from(copy, attempts);
+                            spare = kept;
+                            tried.push(instance.clone());
+                            race.push(instance, self.attempt(picked, request, deadline));
+                            next_hedge = hedge_from(Instant::now());
+                        }
+                        // Only tried instances fit (the untried ones are filtered out or
+                        // ejected), or none: no hedge; an unused guard counts as cancelled.
+                        _ => spare = Some(copy),
+                    }
+                    continue;
                 }
             };
-            let instance = guard.instance().id().clone();
-            // The attempt ends at its per-try timeout or at the deadline, whichever comes first.
-            let per_try = self.per_try_timeout.map(|d| (d, Instant::now() + d));
-            let until = match (per_try, deadline) {
-                (Some((_, a)), Some(b)) => Some(a.min(b)),
-                (a, b) => a.map(|(_, at)| at).or(b),
-            };
-            // Dropped before it completes, the guard records a cancelled call.
-            let call = svc.call(current);
-            let result = match until {
-                None => call.await,
-                Some(at) => match tokio::time::timeout_at(at.into(), call).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        guard.failure();
-                        let Some((after, _)) = per_try.filter(|_| deadline != Some(at)) else {
-                            return Err(BalanceError::DeadlineExceeded { instance, attempts });
-                        };
-                        // Sent and not answered in time: another instance may answer.
-                        let retry = Retry::IfIdempotent;
-                        match self.next_attempt(attempts, retry, spare, idempotent, deadline) {
-                            Ok(copy) => {
-                                tracing::debug!(%instance, attempt = attempts, ?after, "per-try timeout; retrying on another instance");
-                                tried.push(instance);
-                                current = copy;
-                                continue;
-                            }
-                            Err(gave_up) => {
-                                return Err(BalanceError::AttemptTimedOut {
+            let (retry, failed) = match ended {
+                Ended::Answered(guard, result) => {
+                    if let Some(h) = hedge {
+                        h.observe(guard.elapsed());
+                    }
+                    let class = self.classify.classify(result.as_ref());
+                    if class.outcome == waypost_core::Outcome::Success {
+                        // The attempts still out are dropped with the race, as cancelled.
+                        return match result {
+                            Ok(response) => Ok(self.classify.finish(response, guard)),
+                            Err(source) => {
+                                guard.success();
+                                Err(BalanceError::Inner {
                                     instance,
-                                    after,
-                                    attempts,
-                                    gave_up,
+                                    gave_up: GaveUp::AttemptsExhausted,
+                                    source,
                                 })
                             }
-                        }
+                        };
                     }
-                },
+                    guard.record(class.outcome);
+                    (class.retry, Failed::Answer(result))
+                }
+                // Sent and not answered in time: another instance may answer.
+                Ended::TimedOut(after) => (Retry::IfIdempotent, Failed::TimedOut(after)),
+                // No time is left for another attempt, and a refusal is not retried; another
+                // attempt still out may yet answer.
+                Ended::Deadline if !race.is_empty() => continue,
+                Ended::Deadline => {
+                    return Err(BalanceError::DeadlineExceeded { instance, attempts })
+                }
+                Ended::Refused(_) if !race.is_empty() => continue,
+                Ended::Refused(refused) => return Err(refused),
             };
-            // The latency ends here, even if the response streams on.
-            guard.responded();
-            let class = self.classify.classify(result.as_ref());
-            if class.outcome == waypost_core::Outcome::Success {
-                return match result {
-                    Ok(response) => Ok(self.classify.finish(response, guard)),
-                    Err(source) => {
-                        guard.success();
-                        Err(BalanceError::Inner {
-                            instance,
-                            gave_up: GaveUp::AttemptsExhausted,
-                            source,
-                        })
-                    }
-                };
-            }
-            guard.record(class.outcome);
-            match self.next_attempt(attempts, class.retry, spare, idempotent, deadline) {
+            match self.next_attempt(attempts, retry, &mut spare, idempotent, deadline) {
                 Ok(copy) => {
                     tracing::debug!(%instance, attempt = attempts, "retrying on another instance");
-                    tried.push(instance);
-                    current = copy;
+                    match self.pick(&copy, &tried) {
+                        Ok(picked) => {
+                            attempts += 1;
+                            let (request, kept) = self.request_from(copy, attempts);
+                            spare = kept;
+                            let instance = picked.instance().id().clone();
+                            tried.push(instance.clone());
+                            race.push(instance, self.attempt(picked, request, deadline));
+                            // The retry is the newest attempt: a hedge waits for it.
+                            next_hedge = hedge_from(Instant::now());
+                        }
+                        Err(e) if race.is_empty() => return Err(e),
+                        // The instances went away, but a hedge is still out.
+                        Err(_) => spare = Some(copy),
+                    }
                 }
+                // Another attempt is still out and may yet answer.
+                Err(_) if !race.is_empty() => {}
                 Err(gave_up) => {
-                    return match result {
+                    return match failed {
                         // A failed answer (a 5xx, say) is still the answer.
-                        Ok(response) => Ok(response),
-                        Err(source) => Err(BalanceError::Inner {
+                        Failed::Answer(Ok(response)) => Ok(response),
+                        Failed::Answer(Err(source)) => Err(BalanceError::Inner {
                             instance,
                             gave_up,
                             source,
+                        }),
+                        Failed::TimedOut(after) => Err(BalanceError::AttemptTimedOut {
+                            instance,
+                            after,
+                            attempts,
+                            gave_up,
                         }),
                     };
                 }
             }
         }
     }
+}
+
+/// How one attempt ended.
+enum Ended<R, E> {
+    /// The instance's service answered, with a response or its error (not yet recorded).
+    Answered(PickGuard, Result<R, E>),
+    /// The per-try timeout ran out (recorded as a failure of the instance).
+    TimedOut(Duration),
+    /// The deadline passed: in the call (recorded as a failure), or while waiting for the
+    /// instance to be ready (cancelled: nothing was sent).
+    Deadline,
+    /// The instance could not take the call: not ready in time, or its service broke
+    /// (recorded as a failure).
+    Refused(BalanceError<E>),
+}
+
+/// A failed attempt that another may follow.
+enum Failed<R, E> {
+    Answer(Result<R, E>),
+    TimedOut(Duration),
 }
 
 /// A tower [`Layer`] that turns a `Fn(&ServiceInstance) -> S` (the per-instance service

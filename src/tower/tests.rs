@@ -14,7 +14,7 @@ use waypost_core::{
 };
 
 use super::*;
-use crate::retry::{GaveUp, RetryBudget};
+use crate::retry::{GaveUp, Hedge, RetryBudget};
 
 /// Always the first instance by id (so "the failing one is tried first" is deterministic),
 /// or, with a hash, the instance `hash % n`.
@@ -68,6 +68,8 @@ enum Act {
     /// Fails as if it never connected.
     Refuse,
     Hang,
+    /// Answers after 100 ms.
+    Slow,
     NeverReady,
 }
 
@@ -115,6 +117,10 @@ impl Service<String> for Fake {
                 Act::Fail => Err(FakeError::Failed),
                 Act::Refuse => Err(FakeError::Refused),
                 Act::Hang => std::future::pending().await,
+                Act::Slow => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok(id)
+                }
                 // Never ready, so never called; were it called, that would be a failure.
                 Act::NeverReady => Err(FakeError::Failed),
             }
@@ -388,4 +394,139 @@ async fn a_per_try_timeout_ends_a_hanging_attempt_and_leaves_time_for_another() 
         matches!(err, BalanceError::DeadlineExceeded { attempts: 1, .. }),
         "{err}"
     );
+}
+
+/// A service over `b` that retries and hedges (after `delay`) up to `attempts` attempts in
+/// all, with a budget of `tokens` per request.
+fn hedging(
+    w: &World,
+    b: &Balancer,
+    attempts: u32,
+    tokens: f64,
+    idempotent: bool,
+    delay: Duration,
+) -> Balanced<impl Fn(&ServiceInstance) -> Fake + Send + Sync + 'static, Fake, String> {
+    Balanced::builder(b.clone(), w.make())
+        .retries(
+            attempts,
+            RetryBudget::new(tokens, 0).unwrap(),
+            |r: &String| Some(r.clone()),
+            move |_| idempotent,
+        )
+        .hedge(Hedge::after(delay))
+        .build()
+}
+
+/// The answer of `call`, which must come within 5 s.
+async fn answered<E: std::fmt::Debug>(call: impl Future<Output = Result<String, E>>) -> String {
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("an answer within 5 s")
+        .unwrap()
+}
+
+/// (in flight, successes, failures) of instance `id`.
+fn counts(b: &Balancer, id: &str) -> (u64, u64, u64) {
+    let s = state(b, id);
+    let s = s.state();
+    (s.in_flight(), s.successes(), s.failures())
+}
+
+/// An instance that has not answered within the hedge's delay gets company: the first
+/// answer wins, and the attempt still out is dropped, as cancelled (neither a success nor a
+/// failure of its instance).
+#[tokio::test]
+async fn a_hedge_goes_to_another_instance_and_the_first_answer_wins() {
+    let w = World::new(&[("a", Act::Hang)]);
+    let b = balancer(&["a", "b"]);
+    let svc = hedging(&w, &b, 3, 10.0, true, Duration::from_millis(5));
+    // "a" is picked first (by id), and hangs.
+    assert_eq!(answered(svc.oneshot("GET".into())).await, "b");
+    assert_eq!(
+        w.calls(),
+        BTreeMap::from([("a".into(), 1), ("b".into(), 1)])
+    );
+    assert_eq!(counts(&b, "a"), (0, 0, 0), "cancelled");
+    assert_eq!(counts(&b, "b"), (0, 1, 0));
+}
+
+/// No hedge goes out before its delay: an answer that comes first ends the call.
+#[tokio::test]
+async fn no_hedge_before_its_delay() {
+    let w = World::new(&[("a", Act::Slow)]);
+    let b = balancer(&["a", "b"]);
+    let svc = hedging(&w, &b, 3, 10.0, true, Duration::from_secs(60));
+    assert_eq!(answered(svc.oneshot("GET".into())).await, "a");
+    assert_eq!(w.calls(), BTreeMap::from([("a".into(), 1)]));
+}
+
+/// Only idempotent requests are hedged, and only with retries configured (a hedge is a copy
+/// of the request, an attempt of the call).
+#[tokio::test]
+async fn only_idempotent_requests_of_a_service_with_retries_are_hedged() {
+    let w = World::new(&[("a", Act::Hang)]);
+    let b = balancer(&["a", "b"]);
+    let svc = hedging(&w, &b, 3, 10.0, false, Duration::ZERO);
+    let r = tokio::time::timeout(Duration::from_millis(100), svc.oneshot("POST".into())).await;
+    assert!(r.is_err(), "waited for the hanging instance: {r:?}");
+
+    let no_retries = Balanced::builder(b.clone(), w.make())
+        .hedge(Hedge::after(Duration::ZERO))
+        .build();
+    let r =
+        tokio::time::timeout(Duration::from_millis(100), no_retries.oneshot("GET".into())).await;
+    assert!(r.is_err(), "waited for the hanging instance: {r:?}");
+    assert_eq!(w.calls(), BTreeMap::from([("a".into(), 2)]));
+    assert_eq!(counts(&b, "a"), (0, 0, 0));
+}
+
+/// Hedges are attempts: `max_attempts` bounds them with the retries, and each takes a token
+/// of the retry budget.
+#[tokio::test]
+async fn hedges_count_as_attempts_and_take_from_the_budget() {
+    let acts = [("a", Act::Hang), ("b", Act::Hang), ("c", Act::Hang)];
+    // Three attempts at most: a, then hedges to b and c; d, which would answer, is never
+    // reached.
+    let w = World::new(&acts);
+    let b = balancer(&["a", "b", "c", "d"]);
+    let svc = hedging(&w, &b, 3, 10.0, true, Duration::ZERO);
+    let r = tokio::time::timeout(Duration::from_millis(100), svc.oneshot("GET".into())).await;
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(
+        w.calls(),
+        BTreeMap::from([("a".into(), 1), ("b".into(), 1), ("c".into(), 1)])
+    );
+
+    // One token per request: one hedge.
+    let w = World::new(&acts);
+    let svc = hedging(&w, &b, 4, 1.0, true, Duration::ZERO);
+    let r = tokio::time::timeout(Duration::from_millis(100), svc.oneshot("GET".into())).await;
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(
+        w.calls(),
+        BTreeMap::from([("a".into(), 1), ("b".into(), 1)])
+    );
+    let in_flight: u64 = b.endpoints().iter().map(|e| e.state().in_flight()).sum();
+    assert_eq!(in_flight, 0);
+}
+
+/// A hedge that fails does not end the call while the first attempt is still out: that one's
+/// answer is the call's. And a failure beside a hedge still out is retried elsewhere.
+#[tokio::test]
+async fn a_failed_hedge_leaves_the_call_to_the_attempt_still_out() {
+    let w = World::new(&[("a", Act::Slow), ("b", Act::Fail)]);
+    let b = balancer(&["a", "b"]);
+    // Two attempts: a, the hedge to b; b's failure leaves none to retry with.
+    let svc = hedging(&w, &b, 2, 10.0, true, Duration::ZERO);
+    assert_eq!(answered(svc.oneshot("GET".into())).await, "a");
+    assert_eq!(counts(&b, "a"), (0, 1, 0));
+    assert_eq!(counts(&b, "b"), (0, 0, 1));
+
+    // Three attempts: b's failure is retried on c while a is still out, and c answers first.
+    let w = World::new(&[("a", Act::Slow), ("b", Act::Fail)]);
+    let b = balancer(&["a", "b", "c"]);
+    let svc = hedging(&w, &b, 3, 10.0, true, Duration::ZERO);
+    assert_eq!(answered(svc.oneshot("GET".into())).await, "c");
+    assert_eq!(counts(&b, "a"), (0, 0, 0), "cancelled");
+    assert_eq!(counts(&b, "b"), (0, 0, 1));
 }

@@ -12,7 +12,7 @@
 //!    applied while idle, with no queue that grows;
 //! 5. a dead instance stops getting traffic (outcomes plus the resilience wrapper's ejection)
 //!    and gets it back after it recovers, and one that hangs costs a call only its per-try
-//!    timeout;
+//!    timeout, and one that is slow costs an idempotent call only the hedge's delay;
 //! 6. a stream counts as in flight for as long as it lasts (least-connections sends other
 //!    calls elsewhere meanwhile), and one that fails midway, its status in the trailers, is a
 //!    failure of the instance; so is one given up on after its instance went quiet, with the
@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use waypost::grpc::GrpcChannel;
 use waypost::memory::Memory;
+use waypost::retry::Hedge;
 use waypost::strategies::resilience::{OutlierEjection, Resilient};
 use waypost::strategies::{ConsistentHash, LeastConnections, Maglev, P2cEwma, RoundRobin};
 use waypost::{
@@ -611,6 +612,66 @@ async fn a_per_try_timeout_leaves_time_to_try_another_instance() {
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("per-try timeout"), "{status:?}");
     assert_eq!(counts(&b, "hangs"), (0, 0, 1));
+}
+
+/// A hedge sends an idempotent call whose instance is slow to answer to another instance too,
+/// and the first answer wins: every call is answered by the fast instance, well within a
+/// deadline the slow one would overrun, and the slow instance's attempts end as cancelled,
+/// neither successes nor failures. A method not marked idempotent is not hedged: the call that
+/// goes to the slow instance first runs into its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedge_is_answered_by_another_instance_while_the_first_is_slow() {
+    let memory = Memory::new();
+    // "slow" answers after 30 s, far past every deadline here.
+    let slow = instance(
+        &memory,
+        "hedged",
+        "slow",
+        Some(Duration::from_secs(30)),
+        None,
+    )
+    .await;
+    let _fast = instance(&memory, "hedged", "fast", None, None).await;
+    let b = balancer(&memory, "hedged", RoundRobin::new(), 2).await;
+    let hedged = GrpcChannel::builder(b.clone())
+        .hedge(Hedge::after(Duration::from_millis(50)))
+        .idempotent("/users.Users/GetUser")
+        .build()
+        .unwrap();
+    let mut client = UsersClient::new(hedged);
+    for id in 1..=6 {
+        let mut request = tonic::Request::new(GetUserRequest { id });
+        request.set_timeout(Duration::from_secs(3));
+        let user = client.get_user(request).await.unwrap().into_inner();
+        assert_eq!(user.instance, "fast");
+    }
+    // Round-robin sent some of the calls to "slow" first (how many depends on where the
+    // hedges' picks leave its counter).
+    let sent_to_slow = slow.control.calls();
+    assert!(sent_to_slow >= 1, "{sent_to_slow}");
+    assert_eq!(counts(&b, "slow"), (0, 0, 0), "its attempts were cancelled");
+    assert_eq!(counts(&b, "fast"), (0, 6, 0));
+
+    let not_idempotent = GrpcChannel::builder(b.clone())
+        .hedge(Hedge::after(Duration::from_millis(50)))
+        .build()
+        .unwrap();
+    let mut client = UsersClient::new(not_idempotent);
+    let mut codes = Vec::new();
+    for id in 1..=2 {
+        let mut request = tonic::Request::new(GetUserRequest { id });
+        request.set_timeout(Duration::from_millis(300));
+        codes.push(match client.get_user(request).await {
+            Ok(user) => {
+                assert_eq!(user.into_inner().instance, "fast");
+                tonic::Code::Ok
+            }
+            Err(status) => status.code(),
+        });
+    }
+    codes.sort_by_key(|c| *c as i32);
+    assert_eq!(codes, [tonic::Code::Ok, tonic::Code::DeadlineExceeded]);
+    assert_eq!(slow.control.calls(), sent_to_slow + 1);
 }
 
 /// With `stalled_after`, a stream the caller drops after its instance sent nothing for that

@@ -1,5 +1,5 @@
 //! Hedging: when to send an idempotent request a second time, to another instance, while the
-//! first attempt is still out.
+//! first attempt is still out. One policy serves the HTTP client and the tower service.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -9,32 +9,24 @@ use std::time::Duration;
 /// still out are cancelled (their connections closed, their pick guards dropped, so the
 /// balancer counts them as cancelled, neither success nor failure).
 ///
-/// Hedges are extra attempts, so they are bounded like retries: by
-/// [`max_attempts`](super::HttpClientBuilder::max_attempts) (all attempts of a call, hedges
-/// and retries together), by the overall timeout, and by the same
-/// [`RetryBudget`](super::RetryBudget) — each hedge takes a token, and a spent budget sends
-/// none (the metrics count a hedge as a retry: `waypost_retries_total`, and a refused one in
-/// `waypost_retry_budget_exhausted_total`). Only idempotent requests are hedged (see
-/// [`RequestBuilder::idempotent`](super::RequestBuilder::idempotent)), and only to an
-/// instance the call has not tried.
+/// Hedges are extra attempts, so they are bounded like retries: by the client's maximum
+/// attempts (all attempts of a call, hedges and retries together), by the call's deadline,
+/// and by the same [`RetryBudget`](super::RetryBudget): each hedge takes a token, and a spent
+/// budget sends none (the metrics count a hedge as a retry: `waypost_retries_total`, and a
+/// refused one in `waypost_retry_budget_exhausted_total`). Only idempotent requests are
+/// hedged, and only to an instance the call has not tried. The HTTP client takes one with
+/// `HttpClientBuilder::hedge`, the tower service with `BalancedBuilder::hedge`, the gRPC
+/// channel with `GrpcChannelBuilder::hedge`.
 ///
 /// ```
 /// use std::time::Duration;
-/// use waypost::http::{Hedge, HttpClient};
-/// use waypost::strategies::RoundRobin;
-/// use waypost::Balancer;
+/// use waypost::retry::Hedge;
 ///
 /// let fixed = Hedge::after(Duration::from_millis(50));
 /// assert_eq!(fixed.delay(), Duration::from_millis(50));
 /// // The observed 95th percentile of this client's answers, 100 ms until 20 were seen.
 /// let observed = Hedge::p95(Duration::from_millis(100));
 /// assert_eq!(observed.delay(), Duration::from_millis(100));
-///
-/// let client = HttpClient::builder(Balancer::new(RoundRobin::new()))
-///     .hedge(observed)
-///     .build()?;
-/// # let _ = client;
-/// # Ok::<(), waypost::http::HttpError>(())
 /// ```
 pub struct Hedge {
     delay: Delay,

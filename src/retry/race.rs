@@ -1,0 +1,96 @@
+//! The attempts of one call that are out at once (a first attempt and its hedges, or a
+//! retry beside a hedge), raced: the HTTP client and the tower service share this loop's
+//! waiting, and each handles an attempt's end in its own terms.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use waypost_core::{Balancer, InstanceId};
+
+use super::RetryPolicy;
+
+/// The attempts out, each with what it was started with (`M`: its guard, its instance).
+pub(crate) struct Race<M, F> {
+    running: Vec<(M, Pin<Box<F>>)>,
+}
+
+/// What [`Race::next`] waited for.
+pub(crate) enum Next<M, O> {
+    /// An attempt ended: what it was started with, and its output.
+    Ended(M, O),
+    /// The hedge's time came before any attempt ended.
+    Hedge,
+}
+
+/// Far enough that a timer set to it never fires during a call.
+const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl<M, F: Future> Race<M, F> {
+    pub(crate) fn new() -> Self {
+        Race {
+            running: Vec::new(),
+        }
+    }
+
+    /// Starts racing `attempt` (it runs only while [`next`](Self::next) is awaited).
+    pub(crate) fn push(&mut self, meta: M, attempt: F) {
+        self.running.push((meta, Box::pin(attempt)));
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// The first attempt to end, taken out of the race, or [`Next::Hedge`] at `hedge_at`
+    /// (never, with `None`). An attempt that has ended wins over a hedge that is due. With no
+    /// attempt out, only the hedge's time ends the wait. Dropping the race drops the attempts
+    /// still out: their guards count them as cancelled.
+    pub(crate) async fn next(&mut self, hedge_at: Option<Instant>) -> Next<M, F::Output> {
+        // A disabled branch's future is still made: give it a time that never comes.
+        let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(
+            hedge_at.unwrap_or_else(|| Instant::now() + FAR_FUTURE),
+        ));
+        let running = &mut self.running;
+        // At most `max_attempts` are out, so polling each on every wake-up costs little.
+        let ended = std::future::poll_fn(|cx| {
+            for i in 0..running.len() {
+                if let Poll::Ready(out) = running[i].1.as_mut().poll(cx) {
+                    let (meta, _) = running.swap_remove(i);
+                    return Poll::Ready((meta, out));
+                }
+            }
+            Poll::Pending
+        });
+        tokio::select! {
+            biased;
+            (meta, out) = ended => Next::Ended(meta, out),
+            () = timer, if hedge_at.is_some() => Next::Hedge,
+        }
+    }
+}
+
+/// Whether a hedge may go out now, after `attempts` attempts: an instance the call has not
+/// tried is there (a hedge to one already waited on would only add load), and the policy
+/// allows another attempt (attempts, deadline, budget; a token is taken when it does).
+pub(crate) fn may_hedge(
+    policy: &RetryPolicy,
+    balancer: &Balancer,
+    tried: &[InstanceId],
+    attempts: u32,
+    deadline: Option<Instant>,
+) -> bool {
+    let untried = balancer.endpoints().iter().any(|e| !tried.contains(e.id()));
+    if !untried {
+        return false;
+    }
+    let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+    match policy.decide(attempts, true, true, out_of_time) {
+        None => true,
+        Some(why) => {
+            tracing::debug!(%why, "no hedge");
+            false
+        }
+    }
+}
