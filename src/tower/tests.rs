@@ -530,3 +530,42 @@ async fn a_failed_hedge_leaves_the_call_to_the_attempt_still_out() {
     assert_eq!(counts(&b, "a"), (0, 0, 0), "cancelled");
     assert_eq!(counts(&b, "b"), (0, 0, 1));
 }
+
+/// The request of a retry is copied when the retry starts, not before the attempt it follows:
+/// a copy that carries the time left (gRPC's `grpc-timeout`) carries it from then.
+#[tokio::test]
+async fn a_retry_is_copied_when_it_starts() {
+    use std::time::Instant;
+    let failed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let received: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let (f, r) = (failed_at.clone(), received.clone());
+    let make = move |i: &ServiceInstance| {
+        let (fails, failed_at, received) = (i.id().as_str() == "a", f.clone(), r.clone());
+        ::tower::service_fn(move |copied: Instant| {
+            let (failed_at, received) = (failed_at.clone(), received.clone());
+            async move {
+                if fails {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    *failed_at.lock().unwrap() = Some(Instant::now());
+                    return Err(FakeError::Failed);
+                }
+                received.lock().unwrap().push(copied);
+                Ok(())
+            }
+        })
+    };
+    let svc = Balanced::builder(balancer(&["a", "b"]), make)
+        .retries(
+            2,
+            RetryBudget::new(10.0, 0).unwrap(),
+            // A copy says when it was made.
+            |_: &Instant| Some(Instant::now()),
+            |_| true,
+        )
+        .build();
+    svc.oneshot(Instant::now()).await.unwrap();
+    let failed_at = failed_at.lock().unwrap().expect("a was tried first");
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 1);
+    assert!(received[0] >= failed_at, "copied before a's attempt ended");
+}
