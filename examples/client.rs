@@ -142,6 +142,9 @@ impl Session {
         if let Some(limit) = args.load.per_try_timeout {
             builder = builder.per_try_timeout(limit);
         }
+        if let Some(hedge) = args.load.hedge {
+            builder = builder.hedge(hedge.hedge());
+        }
         if let Some(key) = hash_key.clone() {
             builder = builder.hash_key(key);
         }
@@ -356,6 +359,17 @@ mod tests {
             "the error lists the valid names: {err}"
         );
         assert!(parse(&["--concurrency", "0"]).is_err());
+
+        assert_eq!(
+            parse(&["--hedge", "50ms"]).unwrap().load.hedge,
+            Some(common::HedgeArg::After(Duration::from_millis(50)))
+        );
+        assert_eq!(
+            parse(&["--hedge", "p95"]).unwrap().load.hedge,
+            Some(common::HedgeArg::P95)
+        );
+        let err = parse(&["--hedge", "soon"]).unwrap_err().to_string();
+        assert!(err.contains("or p95"), "{err}");
     }
 
     #[test]
@@ -738,12 +752,13 @@ mod tests {
         stop_all(running).await;
     }
 
-    /// `--per-try-timeout`: of two instances in a real Consul agent, one accepts connections and
-    /// never answers. With the flag every request is answered by the other; without it, a
-    /// request that goes to the hanging one first waits out `--timeout` and fails.
+    /// `--per-try-timeout` and `--hedge`: of two instances in a real Consul agent, one accepts
+    /// connections and never answers. With either flag every request is answered by the other (a
+    /// per-try timeout ends the attempt as a failure, a hedge races it and drops it); without
+    /// them, a request that goes to the hanging one first waits out `--timeout` and fails.
     #[cfg(feature = "consul")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn per_try_timeout_leaves_time_for_another_instance_when_one_hangs() {
+    async fn per_try_timeout_or_hedge_leaves_time_for_another_instance_when_one_hangs() {
         let consul = waypost_conformance::consul_server::ConsulServer::start().await;
         let service = "users-hangs";
         let addr = consul.addr();
@@ -759,7 +774,7 @@ mod tests {
         .await;
         let (hangs, listener) = common::register_hanging(&connected, service).await;
         common::listed(&connected, service, 2).await;
-        let args = |per_try: Option<&'static str>| {
+        let args = |flag: Option<[&'static str; 2]>| {
             let mut args = vec![
                 "--service",
                 service,
@@ -769,21 +784,18 @@ mod tests {
                 "1",
             ];
             args.extend(["--timeout", "1s"]);
-            args.extend(
-                per_try
-                    .map(|p| ["--per-try-timeout", p])
-                    .into_iter()
-                    .flatten(),
-            );
+            args.extend(flag.into_iter().flatten());
             args.extend_from_slice(&backend);
             parse(&args).unwrap()
         };
 
-        let session = Session::start(args(Some("200ms"))).await.unwrap();
-        let report = session.send().await.unwrap();
-        assert_eq!((report.ok, report.errors), (4, 0), "{report:?}");
-        assert_eq!(report.by_instance.keys().collect::<Vec<_>>(), ["works"]);
-        session.stop().await;
+        for flag in [["--per-try-timeout", "200ms"], ["--hedge", "50ms"]] {
+            let session = Session::start(args(Some(flag))).await.unwrap();
+            let report = session.send().await.unwrap();
+            assert_eq!((report.ok, report.errors), (4, 0), "{flag:?}: {report:?}");
+            assert_eq!(report.by_instance.keys().collect::<Vec<_>>(), ["works"]);
+            session.stop().await;
+        }
 
         let session = Session::start(args(None)).await.unwrap();
         let report = session.send().await.unwrap();

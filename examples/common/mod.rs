@@ -458,6 +458,33 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// `--hedge`'s value: a fixed delay, or the observed 95th percentile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HedgeArg {
+    After(Duration),
+    P95,
+}
+
+impl HedgeArg {
+    /// The hedge it stands for.
+    pub fn hedge(self) -> waypost::retry::Hedge {
+        match self {
+            HedgeArg::After(delay) => waypost::retry::Hedge::after(delay),
+            HedgeArg::P95 => waypost::retry::Hedge::p95(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Parses `--hedge`: `p95`, or a duration as [`parse_duration`] reads it.
+pub fn parse_hedge(s: &str) -> Result<HedgeArg, String> {
+    if s.eq_ignore_ascii_case("p95") {
+        return Ok(HedgeArg::P95);
+    }
+    parse_duration(s)
+        .map(HedgeArg::After)
+        .map_err(|e| format!("{e}, or p95"))
+}
+
 /// Installs the examples' log output: `RUST_LOG` filters (default `info`), and everything goes to
 /// stderr, since stdout carries the examples' JSON lines. Colours only on a terminal. A second
 /// call (or a subscriber installed by someone else first) leaves the first in place.
@@ -1052,6 +1079,11 @@ pub struct LoadArgs {
     /// one (GETs, GetUser); set it below --timeout.
     #[arg(long, value_parser = parse_duration)]
     pub per_try_timeout: Option<Duration>,
+    /// Hedge GETs (GetUser): when an attempt has no answer after DELAY (e.g. 50ms), or after
+    /// the 95th percentile of the answers so far (`p95`; 100 ms until 20 were seen), send the
+    /// request to another instance too; the first answer wins.
+    #[arg(long, value_name = "DELAY|p95", value_parser = parse_hedge)]
+    pub hedge: Option<HedgeArg>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics while running (port 0: a free one).
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,

@@ -187,6 +187,9 @@ impl Session {
         if let Some(limit) = args.load.per_try_timeout {
             builder = builder.per_try_timeout(limit);
         }
+        if let Some(hedge) = args.load.hedge {
+            builder = builder.hedge(hedge.hedge());
+        }
         if let Some(key) = &key {
             builder = builder.hash_key(key.metadata_key());
         }
@@ -726,11 +729,12 @@ mod tests {
         }
     }
 
-    /// `--per-try-timeout`: of two instances in a real Consul agent, one accepts connections and
-    /// never answers. With the flag every GetUser call is answered by the other; without it, a
-    /// call that goes to the hanging one first waits out `--timeout` and fails.
+    /// `--per-try-timeout` and `--hedge`: of two instances in a real Consul agent, one accepts
+    /// connections and never answers. With either flag every GetUser call is answered by the other (a
+    /// per-try timeout ends the attempt as a failure, a hedge races it and drops it); without
+    /// them, a GetUser call that goes to the hanging one first waits out `--timeout` and fails.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn per_try_timeout_leaves_time_for_another_instance_when_one_hangs() {
+    async fn per_try_timeout_or_hedge_leaves_time_for_another_instance_when_one_hangs() {
         let consul = waypost_conformance::consul_server::ConsulServer::start().await;
         let service = "grpc-hangs";
         let addr = consul.addr();
@@ -739,7 +743,7 @@ mod tests {
         let (works, serving) = instance(&connected, service, "works", None).await;
         let (hangs, listener) = common::register_hanging(&connected, service).await;
         common::listed(&connected, service, 2).await;
-        let args = |per_try: Option<&'static str>| {
+        let args = |flag: Option<[&'static str; 2]>| {
             let mut args = vec![
                 "--service",
                 service,
@@ -749,21 +753,18 @@ mod tests {
                 "1",
             ];
             args.extend(["--timeout", "1s"]);
-            args.extend(
-                per_try
-                    .map(|p| ["--per-try-timeout", p])
-                    .into_iter()
-                    .flatten(),
-            );
+            args.extend(flag.into_iter().flatten());
             args.extend_from_slice(&backend);
             parse(&args).unwrap()
         };
 
-        let session = Session::start(args(Some("200ms"))).await.unwrap();
-        let report = session.send().await.unwrap();
-        assert_eq!((report.ok, report.errors), (4, 0), "{report:?}");
-        assert_eq!(report.by_instance.keys().collect::<Vec<_>>(), ["works"]);
-        session.stop().await;
+        for flag in [["--per-try-timeout", "200ms"], ["--hedge", "50ms"]] {
+            let session = Session::start(args(Some(flag))).await.unwrap();
+            let report = session.send().await.unwrap();
+            assert_eq!((report.ok, report.errors), (4, 0), "{flag:?}: {report:?}");
+            assert_eq!(report.by_instance.keys().collect::<Vec<_>>(), ["works"]);
+            session.stop().await;
+        }
 
         let session = Session::start(args(None)).await.unwrap();
         let report = session.send().await.unwrap();
