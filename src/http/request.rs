@@ -12,7 +12,7 @@ use waypost_core::{InstanceId, PickContext, PickGuard, ServiceInstance};
 use super::error::{explain_tls, GaveUp, HttpError, TransportError};
 use super::response::Response;
 use super::{HashKey, Hedge, HttpClient};
-use crate::retry::{may_hedge, Next, Race};
+use crate::retry::{Next, Race};
 use crate::SCHEME_METADATA;
 
 /// One request to the service, built from [`HttpClient::get`] and friends and sent with
@@ -307,11 +307,13 @@ impl RequestBuilder {
                 }
                 Next::Hedge => {
                     next_hedge = None;
-                    if !may_hedge(&inner.retry, &inner.balancer, &tried, attempts, deadline) {
-                        continue;
-                    }
+                    // Only to an instance not tried yet: a hedge to one already waited on
+                    // would only add load.
                     match self.pick(&ctx, &tried) {
-                        Ok(guard) if !tried.contains(guard.instance().id()) => {
+                        Ok(guard)
+                            if !tried.contains(guard.instance().id())
+                                && inner.retry.hedge(attempts, deadline) =>
+                        {
                             tracing::debug!(method = %self.method, path = %self.path,
                                 instance = %guard.instance().id(), attempt = attempts + 1,
                                 "hedging on another instance");

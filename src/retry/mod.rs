@@ -18,7 +18,7 @@ use std::fmt;
 pub use budget::{InvalidRetry, RetryBudget};
 pub use hedge::Hedge;
 pub(crate) use metrics::RetryMetrics;
-pub(crate) use race::{may_hedge, Next, Race};
+pub(crate) use race::{Next, Race};
 
 /// Why a client (the HTTP client, the tower service) stopped trying: part of every error that
 /// followed an attempt.
@@ -111,6 +111,20 @@ impl RetryPolicy {
             self.metrics.retry();
         }
         stop
+    }
+
+    /// Whether a hedge may go out now, after `attempts` attempts, to an instance the call has
+    /// not tried: attempts, the deadline and the budget allow another attempt (a token is
+    /// taken when they do).
+    pub(crate) fn hedge(&self, attempts: u32, deadline: Option<std::time::Instant>) -> bool {
+        let out_of_time = deadline.is_some_and(|d| std::time::Instant::now() >= d);
+        match self.decide(attempts, true, true, out_of_time) {
+            None => true,
+            Some(why) => {
+                tracing::debug!(%why, "no hedge");
+                false
+            }
+        }
     }
 }
 

@@ -7,10 +7,6 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use waypost_core::{Balancer, InstanceId};
-
-use super::RetryPolicy;
-
 /// The attempts out, each with what it was started with (`M`: its guard, its instance).
 pub(crate) struct Race<M, F> {
     running: Vec<(M, Pin<Box<F>>)>,
@@ -67,30 +63,6 @@ impl<M, F: Future> Race<M, F> {
             biased;
             (meta, out) = ended => Next::Ended(meta, out),
             () = timer, if hedge_at.is_some() => Next::Hedge,
-        }
-    }
-}
-
-/// Whether a hedge may go out now, after `attempts` attempts: an instance the call has not
-/// tried is there (a hedge to one already waited on would only add load), and the policy
-/// allows another attempt (attempts, deadline, budget; a token is taken when it does).
-pub(crate) fn may_hedge(
-    policy: &RetryPolicy,
-    balancer: &Balancer,
-    tried: &[InstanceId],
-    attempts: u32,
-    deadline: Option<Instant>,
-) -> bool {
-    let untried = balancer.endpoints().iter().any(|e| !tried.contains(e.id()));
-    if !untried {
-        return false;
-    }
-    let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
-    match policy.decide(attempts, true, true, out_of_time) {
-        None => true,
-        Some(why) => {
-            tracing::debug!(%why, "no hedge");
-            false
         }
     }
 }

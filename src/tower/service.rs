@@ -14,7 +14,7 @@ use futures::FutureExt;
 use waypost_core::{Balancer, InstanceId, PickContext, PickError, PickGuard, ServiceInstance};
 
 use super::classify::{Classify, ErrIsFailure, Retry};
-use crate::retry::{may_hedge, GaveUp, Hedge, Next, Race, RetryBudget, RetryPolicy};
+use crate::retry::{GaveUp, Hedge, Next, Race, RetryBudget, RetryPolicy};
 
 /// How many instances a call tries when the ones it picks are not ready, before it waits for
 /// the last one (for at most the ready timeout).
@@ -907,17 +907,16 @@ where
                 Next::Ended(instance, ended) => (instance, ended),
                 Next::Hedge => {
                     next_hedge = None;
-                    let Some(r) = retries.filter(|_| spare.is_some()) else {
+                    let (Some(r), Some(copy)) = (retries, spare.take()) else {
                         continue;
                     };
-                    if !may_hedge(&r.policy, &self.balancer, &tried, attempts, deadline) {
-                        continue;
-                    }
-                    let Some(copy) = spare.take() else {
-                        continue;
-                    };
+                    // Only to an instance not tried yet: a hedge to one already waited on
+                    // would only add load.
                     match self.pick(&copy, &tried) {
-                        Ok(picked) if !tried.contains(picked.instance().id()) => {
+                        Ok(picked)
+                            if !tried.contains(picked.instance().id())
+                                && r.policy.hedge(attempts, deadline) =>
+                        {
                             let instance = picked.instance().id().clone();
                             tracing::debug!(%instance, attempt = attempts + 1, "hedging on another instance");
                             attempts += 1;
