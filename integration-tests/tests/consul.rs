@@ -693,3 +693,41 @@ fn a_shared_watch_outlives_the_runtime_that_started_it() {
         assert_eq!(late.ids(), ["late-1"]);
     });
 }
+
+/// A shutdown that finds the agent unreachable for a moment (here every connection is closed
+/// at once, as an agent does past its per-client connection limit) deregisters once it is
+/// reachable again, within the request timeout, instead of failing on its first attempt.
+#[tokio::test]
+async fn a_shutdown_deregisters_after_a_moment_without_the_agent() {
+    let backend = start().await;
+    let registry = backend.client();
+    let direct = client(&backend.server);
+    let svc = name("blip");
+    let handle = registry
+        .register(ttl_registration("blip", "blip-1", 7000))
+        .await
+        .unwrap();
+    eventually(SETTLE, "listed", || async {
+        match direct.instances(&svc).await {
+            Ok(v) if v.len() == 1 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    backend.gate.cut();
+    let shutdown = tokio::spawn(handle.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !shutdown.is_finished(),
+        "the shutdown gave up while the agent could not be reached: {:?}",
+        shutdown.await
+    );
+    backend.gate.mend();
+    shutdown
+        .await
+        .unwrap()
+        .expect("deregistered once the agent was back");
+    let left = direct.instances(&svc).await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -190,7 +190,7 @@ impl Round<'_> {
 async fn finish(api: &Api, id: &str, mode: StopMode) -> Result<(), Error> {
     match mode {
         StopMode::Deregister => {
-            let result = api.deregister(id).await;
+            let result = deregister(api, id).await;
             match &result {
                 Ok(()) => info!(id, "deregistered from consul"),
                 Err(e) => warn!(
@@ -204,5 +204,26 @@ async fn finish(api: &Api, id: &str, mode: StopMode) -> Result<(), Error> {
             debug!(id, "registration abandoned without deregistering");
             Ok(())
         }
+    }
+}
+
+/// Deregisters `id`, trying again with the client's backoff while the agent cannot be reached,
+/// for at most the request timeout in all: a shutdown should not leave the instance listed
+/// (until its check removes it) because of a blip, such as an agent that closed a connection
+/// at its per-client limit.
+async fn deregister(api: &Api, id: &str) -> Result<(), Error> {
+    let until = tokio::time::Instant::now() + api.request_timeout;
+    let mut backoff = api.backoff();
+    loop {
+        let err = match api.deregister(id).await {
+            Err(e @ Error::Unavailable { .. }) => e,
+            done => return done,
+        };
+        let delay = backoff.next_delay();
+        if tokio::time::Instant::now() + delay >= until {
+            return Err(err);
+        }
+        debug!(id, retry_in = ?delay, "deregistering failed: {err}; trying again");
+        tokio::time::sleep(delay).await;
     }
 }
