@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The attempts out, each with what it was started with (`M`: its guard, its instance).
 pub(crate) struct Race<M, F> {
@@ -19,9 +19,6 @@ pub(crate) enum Next<M, O> {
     /// The hedge's time came before any attempt ended.
     Hedge,
 }
-
-/// Far enough that a timer set to it never fires during a call.
-const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl<M, F: Future> Race<M, F> {
     pub(crate) fn new() -> Self {
@@ -44,10 +41,6 @@ impl<M, F: Future> Race<M, F> {
     /// attempt out, only the hedge's time ends the wait. Dropping the race drops the attempts
     /// still out: their guards count them as cancelled.
     pub(crate) async fn next(&mut self, hedge_at: Option<Instant>) -> Next<M, F::Output> {
-        // A disabled branch's future is still made: give it a time that never comes.
-        let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(
-            hedge_at.unwrap_or_else(|| Instant::now() + FAR_FUTURE),
-        ));
         let running = &mut self.running;
         // At most `max_attempts` are out, so polling each on every wake-up costs little.
         let ended = std::future::poll_fn(|cx| {
@@ -59,10 +52,16 @@ impl<M, F: Future> Race<M, F> {
             }
             Poll::Pending
         });
+        // Without a hedge to wait for, no timer is made (calls that never hedge pay for none).
+        let Some(at) = hedge_at else {
+            let (meta, out) = ended.await;
+            return Next::Ended(meta, out);
+        };
+        let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(at));
         tokio::select! {
             biased;
             (meta, out) = ended => Next::Ended(meta, out),
-            () = timer, if hedge_at.is_some() => Next::Hedge,
+            () = timer => Next::Hedge,
         }
     }
 }
