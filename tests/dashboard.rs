@@ -5,8 +5,8 @@
 //! The workload (memory backend): a healthy and a failing (500) instance behind a balancer with
 //! outlier ejection, so that requests fail, are retried elsewhere and the failing instance is
 //! ejected; a client without retry budget on a second service, so that a retry is refused; and
-//! one injected watch error, since the in-process backend never fails on its own; and a
-//! balancer with two failover tiers.
+//! one injected watch error, since the in-process backend never fails on its own; a balancer
+//! with two failover tiers; and a hedging client beside an instance that never answers.
 
 #[path = "../examples/common/mod.rs"]
 mod common;
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use futures::StreamExt;
-use waypost::http::{HttpClient, RetryBudget};
+use waypost::http::{Hedge, HttpClient, RetryBudget};
 use waypost::memory::Memory;
 use waypost::strategies::resilience::{OutlierEjection, Resilient};
 use waypost::strategies::RoundRobin;
@@ -37,6 +37,8 @@ const DOCUMENTED: &[&str] = &[
     "waypost_watch_errors_total",
     "waypost_retries_total",
     "waypost_retry_budget_exhausted_total",
+    "waypost_hedges_total",
+    "waypost_hedges_won_total",
     "waypost_ejections_active",
     "waypost_panic_mode",
     "waypost_ejections_total",
@@ -260,6 +262,40 @@ async fn every_metric_the_dashboard_queries_is_in_a_real_scrape() {
         .build();
     assert!(balancer.wait_ready(Duration::from_secs(5)).await);
 
+    // Service `dash-hedge`: one instance accepts and never answers, so that the requests that
+    // go to it first are hedged, and the hedge's answer wins.
+    let hangs = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hangs_port = hangs.local_addr().unwrap().port();
+    let hangs_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hangs.accept().await {
+            held.push(socket);
+        }
+    });
+    let hedged: ServiceName = "dash-hedge".parse().unwrap();
+    for (id, port) in [
+        ("dash-good", good.addr().port()),
+        ("dash-hangs", hangs_port),
+    ] {
+        handles.push(
+            memory
+                .register(register("dash-hedge", id, port))
+                .await
+                .unwrap(),
+        );
+    }
+    let balancer = Balancer::watch(&memory, &hedged, RoundRobin::new());
+    assert!(balancer.wait_ready(Duration::from_secs(5)).await);
+    let hedging = HttpClient::builder(balancer)
+        .request_timeout(Duration::from_secs(5))
+        .hedge(Hedge::after(Duration::from_millis(20)))
+        .build()
+        .unwrap();
+    for _ in 0..4 {
+        let r = hedging.get("/users/1").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
     let scrape = scrape::get(endpoint.addr()).await;
     let present = scrape.names();
     let missing: Vec<_> = wanted
@@ -280,6 +316,7 @@ async fn every_metric_the_dashboard_queries_is_in_a_real_scrape() {
     }
     good.stop().await.unwrap();
     bad_task.abort();
+    hangs_task.abort();
     endpoint.stop().await.unwrap();
 }
 
@@ -307,6 +344,10 @@ fn check_workload(scrape: &Scrape) {
         scrape.value("waypost_retry_budget_exhausted_total", &budget),
         Some(1.0)
     );
+    let hedge = [("service", "dash-hedge")];
+    let hedges = scrape.value("waypost_hedges_total", &hedge).unwrap();
+    let won = scrape.value("waypost_hedges_won_total", &hedge).unwrap();
+    assert!(hedges >= 1.0 && won >= 1.0, "{hedges} hedges, {won} won");
     let live = [("service", "dash"), ("instance", "dash-good")];
     assert_eq!(scrape.value("waypost_registration_live", &live), Some(1.0));
     let buckets = scrape.select("waypost_request_duration_seconds_bucket", &dash);

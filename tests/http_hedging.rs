@@ -152,21 +152,25 @@ fn state(balancer: &Balancer, id: &str) -> (u64, u64, u64) {
 /// The value of counter `name` for service `users` (the recorder drains what it hands out,
 /// so take one snapshot per check).
 fn counter(snapshotter: &Snapshotter, name: &str) -> u64 {
+    snapshot(snapshotter).get(name).copied().unwrap_or(0)
+}
+
+/// Every counter of service `users`, by name, in one snapshot.
+fn snapshot(snapshotter: &Snapshotter) -> std::collections::BTreeMap<String, u64> {
     snapshotter
         .snapshot()
         .into_vec()
         .into_iter()
-        .find(|(k, ..)| {
-            k.key().name() == name
-                && k.key()
-                    .labels()
-                    .any(|l| l.key() == "service" && l.value() == "users")
+        .filter(|(k, ..)| {
+            k.key()
+                .labels()
+                .any(|l| l.key() == "service" && l.value() == "users")
         })
-        .map(|(.., v)| match v {
-            DebugValue::Counter(c) => c,
-            other => panic!("{name} is not a counter: {other:?}"),
+        .filter_map(|(k, .., v)| match v {
+            DebugValue::Counter(c) => Some((k.key().name().to_owned(), c)),
+            _ => None,
         })
-        .unwrap_or(0)
+        .collect()
 }
 
 /// Waits until the held server has `n` requests in hand.
@@ -188,7 +192,7 @@ async fn arrived(held: &Held, n: usize) {
 async fn the_hedge_wins_and_the_slow_attempt_is_cancelled() {
     let held = held_server().await;
     let (fast, fast_hits) = quick_server(false).await;
-    let (client, balancer, _) = setup(&held, fast, |b| b.hedge(Hedge::after(Duration::ZERO)));
+    let (client, balancer, metrics) = setup(&held, fast, |b| b.hedge(Hedge::after(Duration::ZERO)));
 
     let response = client.get("/users/7").send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -213,6 +217,9 @@ async fn the_hedge_wins_and_the_slow_attempt_is_cancelled() {
     // The loser is neither a success nor a failure of its instance: cancelled.
     assert_eq!(state(&balancer, "a-held"), (0, 0, 0));
     assert_eq!(state(&balancer, "b-fast"), (0, 1, 0));
+    let snapshot = snapshot(&metrics);
+    assert_eq!(snapshot.get("waypost_hedges_total"), Some(&1));
+    assert_eq!(snapshot.get("waypost_hedges_won_total"), Some(&1));
 }
 
 #[tokio::test]
@@ -363,7 +370,7 @@ async fn a_failed_hedge_leaves_the_call_to_the_first_attempt() {
     // gets the answer of the attempt that was out first.
     let held = held_server().await;
     let (failing, failing_hits) = quick_server(true).await;
-    let (client, balancer, _) = setup(&held, failing, |b| {
+    let (client, balancer, metrics) = setup(&held, failing, |b| {
         b.hedge(Hedge::after(Duration::ZERO)).max_attempts(2)
     });
     let call = tokio::spawn(async move { client.get("/users/7").send().await });
@@ -384,6 +391,10 @@ async fn a_failed_hedge_leaves_the_call_to_the_first_attempt() {
     assert_eq!(response.text().await.unwrap(), "held");
     assert_eq!(state(&balancer, "b-fast"), (0, 0, 1));
     assert_eq!(state(&balancer, "a-held"), (0, 1, 0));
+    // Sent, and not the answer.
+    let snapshot = snapshot(&metrics);
+    assert_eq!(snapshot.get("waypost_hedges_total"), Some(&1));
+    assert_eq!(snapshot.get("waypost_hedges_won_total"), Some(&0));
 }
 
 #[tokio::test]

@@ -245,6 +245,7 @@ impl RequestBuilder {
                         instance,
                         tier,
                         limit,
+                        hedge: hedged,
                     } = started;
                     let failure = match result {
                         Ok(response) if !response.status().is_server_error() => {
@@ -252,6 +253,9 @@ impl RequestBuilder {
                             guard.responded();
                             if let Some(h) = hedge {
                                 h.observe(guard.elapsed());
+                            }
+                            if hedged {
+                                inner.retry.hedge_won();
                             }
                             // The attempts still out are dropped with the race: their
                             // connections close and their guards count them as cancelled.
@@ -318,7 +322,8 @@ impl RequestBuilder {
                                 instance = %guard.instance().id(), attempt = attempts + 1,
                                 "hedging on another instance");
                             tried.push(guard.instance().id().clone());
-                            let (started, exchange) = self.attempt(guard, deadline)?;
+                            let (mut started, exchange) = self.attempt(guard, deadline)?;
+                            started.hedge = true;
                             race.push(started, exchange);
                             attempts += 1;
                             next_hedge = hedge_from(Instant::now());
@@ -383,6 +388,7 @@ impl RequestBuilder {
             guard,
             instance,
             limit,
+            hedge: false,
         };
         Ok((attempt, request.send()))
     }
@@ -471,6 +477,8 @@ struct Attempt {
     tier: usize,
     /// Its time limit.
     limit: Option<Duration>,
+    /// Whether it is a hedge.
+    hedge: bool,
 }
 
 /// The last attempt of a call that gives up, and why it does.

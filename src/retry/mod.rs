@@ -119,12 +119,20 @@ impl RetryPolicy {
     pub(crate) fn hedge(&self, attempts: u32, deadline: Option<std::time::Instant>) -> bool {
         let out_of_time = deadline.is_some_and(|d| std::time::Instant::now() >= d);
         match self.decide(attempts, true, true, out_of_time) {
-            None => true,
+            None => {
+                self.metrics.hedge();
+                true
+            }
             Some(why) => {
                 tracing::debug!(%why, "no hedge");
                 false
             }
         }
+    }
+
+    /// Records that a hedge's answer was the call's.
+    pub(crate) fn hedge_won(&self) {
+        self.metrics.hedge_won();
     }
 }
 

@@ -898,13 +898,13 @@ where
             .and_then(|r| (r.clone)(&request));
         let instance = picked.instance().id().clone();
         tried.push(instance.clone());
-        race.push(instance, self.attempt(picked, request, deadline));
+        race.push((instance, false), self.attempt(picked, request, deadline));
         let mut attempts: u32 = 1;
         let mut next_hedge = hedge_from(Instant::now());
         loop {
             let hedge_at = next_hedge.filter(|_| attempts < max_attempts);
-            let (instance, ended) = match race.next(hedge_at).await {
-                Next::Ended(instance, ended) => (instance, ended),
+            let ((instance, hedged), ended) = match race.next(hedge_at).await {
+                Next::Ended(started, ended) => (started, ended),
                 Next::Hedge => {
                     next_hedge = None;
                     let (Some(r), Some(copy)) = (retries, spare.take()) else {
@@ -923,7 +923,7 @@ where
                             let (request, kept) = self.request_from(copy, attempts);
                             spare = kept;
                             tried.push(instance.clone());
-                            race.push(instance, self.attempt(picked, request, deadline));
+                            race.push((instance, true), self.attempt(picked, request, deadline));
                             next_hedge = hedge_from(Instant::now());
                         }
                         // Only tried instances fit (the untried ones are filtered out or
@@ -940,6 +940,9 @@ where
                     }
                     let class = self.classify.classify(result.as_ref());
                     if class.outcome == waypost_core::Outcome::Success {
+                        if let Some(r) = retries.filter(|_| hedged) {
+                            r.policy.hedge_won();
+                        }
                         // The attempts still out are dropped with the race, as cancelled.
                         return match result {
                             Ok(response) => Ok(self.classify.finish(response, guard)),
@@ -977,7 +980,7 @@ where
                             spare = kept;
                             let instance = picked.instance().id().clone();
                             tried.push(instance.clone());
-                            race.push(instance, self.attempt(picked, request, deadline));
+                            race.push((instance, false), self.attempt(picked, request, deadline));
                             // The retry is the newest attempt: a hedge waits for it.
                             next_hedge = hedge_from(Instant::now());
                         }

@@ -569,3 +569,33 @@ async fn a_retry_is_copied_when_it_starts() {
     assert_eq!(received.len(), 1);
     assert!(received[0] >= failed_at, "copied before a's attempt ended");
 }
+
+/// A hedge counts in `waypost_hedges_total` when it is sent, and in `waypost_hedges_won_total`
+/// when its answer is the call's.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn hedges_sent_and_won_are_counted() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let (w, b) = (World::new(&[("a", Act::Hang)]), balancer(&["a", "b"]));
+    let svc =
+        metrics::with_local_recorder(&recorder, || hedging(&w, &b, 3, 10.0, true, Duration::ZERO));
+    assert_eq!(answered(svc.clone().oneshot("GET".into())).await, "b");
+    // "a" answers slowly, and its hedge to "b" fails: sent, not won.
+    let w = World::new(&[("a", Act::Slow), ("b", Act::Fail)]);
+    let svc =
+        metrics::with_local_recorder(&recorder, || hedging(&w, &b, 2, 10.0, true, Duration::ZERO));
+    assert_eq!(answered(svc.oneshot("GET".into())).await, "a");
+    let counters: BTreeMap<String, u64> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(k, .., v)| match v {
+            DebugValue::Counter(c) => Some((k.key().name().to_owned(), c)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(counters.get("waypost_hedges_total"), Some(&2));
+    assert_eq!(counters.get("waypost_hedges_won_total"), Some(&1));
+}

@@ -15,6 +15,8 @@
 //!   HTTP/2 client per instance (no tonic `Buffer` worker), with the gRPC classifier.
 //! - `rpc/tonic-one-endpoint` and `rpc/waypost/one-instance`: the same call to one server, through
 //!   one lazily connecting tonic channel, and through `GrpcChannel` on a one-instance balancer.
+//! - `rpc/waypost/round-robin/hedged`: `GetUser` marked idempotent and hedged after 5 s, so
+//!   that every call arms a hedge's timer that never fires.
 //! - `rpc/tonic-balance-list/deadline` and `rpc/waypost/round-robin/deadline`: the first two
 //!   with a deadline on every call (`Request::set_timeout(5 s)`): tonic's channel times each
 //!   call, Waypost's also bounds its retries by it.
@@ -29,6 +31,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 use waypost::grpc::GrpcChannel;
+use waypost::retry::Hedge;
 use waypost::{Balancer, ServiceInstance, Strategy, WatchEvent};
 use waypost_grpc_examples::users::users_client::UsersClient;
 use waypost_grpc_examples::users::GetUserRequest;
@@ -171,6 +174,17 @@ fn on(c: &mut Criterion, group: &str, rt: &tokio::runtime::Runtime) {
             });
         }
     }
+    // A hedge armed on every call that never fires: what a hedge costs a call answered in time.
+    let hedged = GrpcChannel::builder(balancer(waypost::strategies::RoundRobin::new(), &servers))
+        .idempotent("/users.Users/GetUser")
+        .hedge(Hedge::after(Duration::from_secs(5)))
+        .build()
+        .expect("a channel");
+    let mut client = UsersClient::new(hedged);
+    rt.block_on(calls(&mut client, 50));
+    c.bench_function(&format!("{group}/waypost/round-robin/hedged"), |b| {
+        b.iter_custom(|iters| rt.block_on(calls(&mut client, iters)))
+    });
     // The experiment: `Balanced` over a hyper HTTP/2 client per instance, no `Buffer` worker.
     {
         use hyper_util::client::legacy::Client;
