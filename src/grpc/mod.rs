@@ -785,6 +785,14 @@ impl GrpcChannelBuilder {
     ///     .build()
     ///     .unwrap();
     /// assert!(format!("{channel:?}").contains("P95"));
+    ///
+    /// // A hedge is a second attempt: one attempt in all leaves no room for it.
+    /// let err = GrpcChannel::builder(waypost::Balancer::new(RoundRobin::new()))
+    ///     .hedge(Hedge::after(Duration::from_millis(50)))
+    ///     .max_attempts(1)
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert!(err.to_string().contains("max_attempts"), "{err}");
     /// # }
     /// ```
     pub fn hedge(mut self, hedge: Hedge) -> Self {
@@ -834,6 +842,11 @@ impl GrpcChannelBuilder {
         if self.max_attempts == 0 {
             return Err(GrpcError::Config {
                 message: "max_attempts is 0: give at least 1 (1 disables retries)".into(),
+            });
+        }
+        if self.hedge.is_some() && self.max_attempts == 1 {
+            return Err(GrpcError::Config {
+                message: crate::retry::HEDGE_WITH_ONE_ATTEMPT.into(),
             });
         }
         if self.per_try_timeout == Some(Duration::ZERO) {

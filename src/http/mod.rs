@@ -543,6 +543,14 @@ impl HttpClientBuilder {
     /// let builder = HttpClient::builder(Balancer::new(RoundRobin::new()))
     ///     .hedge(Hedge::after(Duration::from_millis(20)));
     /// assert!(format!("{builder:?}").contains("Fixed(20ms)"));
+    ///
+    /// // A hedge is a second attempt: one attempt in all leaves no room for it.
+    /// let err = HttpClient::builder(Balancer::new(RoundRobin::new()))
+    ///     .hedge(Hedge::after(Duration::from_millis(20)))
+    ///     .max_attempts(1)
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert!(err.to_string().contains("max_attempts"), "{err}");
     /// ```
     pub fn hedge(mut self, hedge: Hedge) -> Self {
         self.hedge = Some(hedge);
@@ -568,6 +576,11 @@ impl HttpClientBuilder {
         if self.max_attempts == 0 {
             return Err(HttpError::Config {
                 message: "max_attempts is 0: give at least 1 (1 disables retries)".into(),
+            });
+        }
+        if self.hedge.is_some() && self.max_attempts == 1 {
+            return Err(HttpError::Config {
+                message: crate::retry::HEDGE_WITH_ONE_ATTEMPT.into(),
             });
         }
         let http = match self.own_client {

@@ -4,6 +4,11 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// Why a hedge with one attempt in all is refused (the HTTP client's and the gRPC channel's).
+pub(crate) const HEDGE_WITH_ONE_ATTEMPT: &str =
+    "hedge is set, and max_attempts is 1: a hedge is a second attempt of the call, so it could \
+     never be sent; give max_attempts 2 or more, or no hedge";
+
 /// When a call sends a *hedge*: another attempt of the same idempotent request to a different
 /// instance, while the first one has not answered yet. The first answer wins; the attempts
 /// still out are cancelled (their connections closed, their pick guards dropped, so the

@@ -17,6 +17,7 @@ use std::fmt;
 
 pub use budget::{InvalidRetry, RetryBudget};
 pub use hedge::Hedge;
+pub(crate) use hedge::HEDGE_WITH_ONE_ATTEMPT;
 pub(crate) use metrics::RetryMetrics;
 pub(crate) use race::{Next, Race};
 
