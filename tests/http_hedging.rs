@@ -349,19 +349,13 @@ async fn only_idempotent_requests_are_hedged_and_attempts_bound_them() {
     )
     .await;
 
-    // One attempt in all leaves no room for a hedge.
-    let (single, _, _) = setup(&held, fast, |b| {
-        b.hedge(Hedge::after(Duration::ZERO)).max_attempts(1)
-    });
-    let call = tokio::spawn(async move { single.get("/users/7").send().await });
-    arrived(&held, 3).await;
-    held.release.add_permits(1);
-    let response = call.await.unwrap().unwrap();
-    assert_eq!(
-        (response.instance().id().as_str(), response.attempts()),
-        ("a-held", 1)
-    );
-    assert_eq!(fast_hits.load(Ordering::SeqCst), 1);
+    // One attempt in all leaves no room for a hedge: such a client is refused.
+    let err = HttpClient::builder(Balancer::new(First))
+        .hedge(Hedge::after(Duration::ZERO))
+        .max_attempts(1)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("max_attempts is 1"), "{err}");
 }
 
 #[tokio::test]

@@ -731,3 +731,35 @@ async fn a_shutdown_deregisters_after_a_moment_without_the_agent() {
     let left = direct.instances(&svc).await.unwrap();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// One client registering 300 instances at once, and shutting them all down at once: past
+/// the agent's 200 connections per client address had each request its own connection, but
+/// the client keeps its ordinary requests to `ORDINARY_REQUESTS` in flight, so every one
+/// succeeds.
+#[tokio::test]
+async fn a_burst_of_registrations_stays_within_the_agents_connection_limit() {
+    let server = ConsulServer::start().await;
+    let consul = client(&server);
+    let svc = name("burst");
+    let registrations =
+        (0..300u16).map(|n| ttl_registration("burst", &format!("b{n:03}"), 7000 + n));
+    let registered = futures::future::join_all(registrations.map(|r| consul.register(r))).await;
+    let mut handles = Vec::new();
+    for r in registered {
+        handles.push(r.expect("every registration of the burst succeeds"));
+    }
+    eventually(SETTLE, "all 300 listed", || async {
+        match consul.instances(&svc).await {
+            Ok(v) if v.len() == 300 => Ok(()),
+            Ok(v) => Err(format!("{} listed", v.len())),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+    let stopped = futures::future::join_all(handles.into_iter().map(|h| h.shutdown())).await;
+    for r in stopped {
+        r.expect("every shutdown of the burst succeeds");
+    }
+    let left = consul.instances(&svc).await.unwrap();
+    assert!(left.is_empty(), "{} left", left.len());
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
+use tokio::sync::SemaphorePermit;
 use tracing::warn;
 use waypost_core::{Error, ServiceInstance, ServiceName};
 
@@ -27,6 +28,20 @@ pub(crate) struct Api {
     pub(crate) default_host: Option<String>,
     pub(crate) detected_host: OnceLock<String>,
     pub(crate) backoff: (Duration, Duration),
+    /// Permits for ordinary (not blocking) requests in flight: see
+    /// [`ORDINARY_REQUESTS`](crate::ORDINARY_REQUESTS).
+    pub(crate) ordinary: tokio::sync::Semaphore,
+}
+
+/// How long a request may wait for its answer.
+#[derive(Clone, Copy, Debug)]
+enum Wait {
+    /// An ordinary request: the request timeout, and a permit of
+    /// [`ORDINARY_REQUESTS`](crate::ORDINARY_REQUESTS).
+    Ordinary,
+    /// A blocking query that waits up to this long for a change: its own connection, beside
+    /// the ordinary requests.
+    Blocking(Duration),
 }
 
 /// What a discovery query asks for.
@@ -75,15 +90,23 @@ impl Api {
         url
     }
 
-    /// Sends a request; the answer's status and headers, its body still to come.
+    /// Sends a request; the answer's status and headers, its body still to come, and the
+    /// permit an ordinary request holds until its body is read.
     async fn start(
         &self,
         operation: &str,
         method: Method,
         url: Url,
         body: Option<Vec<u8>>,
-        timeout: Duration,
-    ) -> Result<reqwest::Response, Error> {
+        wait: Wait,
+    ) -> Result<(reqwest::Response, Option<SemaphorePermit<'_>>), Error> {
+        let (timeout, permit) = match wait {
+            // The semaphore is never closed, so a permit always comes.
+            Wait::Ordinary => (self.request_timeout, self.ordinary.acquire().await.ok()),
+            // The server adds up to wait/16 of jitter: a timeout of exactly `wait` would fail
+            // every idle watch.
+            Wait::Blocking(wait) => (wait * 17 / 16 + self.request_timeout, None),
+        };
         let mut req = self.http.request(method, url).timeout(timeout);
         if let Some(token) = &self.token {
             req = req.header("X-Consul-Token", token.clone());
@@ -91,18 +114,20 @@ impl Api {
         if let Some(body) = body {
             req = req.header("Content-Type", "application/json").body(body);
         }
-        req.send().await.map_err(|e| transport(operation, e))
+        let resp = req.send().await.map_err(|e| transport(operation, e))?;
+        Ok((resp, permit))
     }
 
+    /// Sends a request and reads its whole answer.
     async fn send(
         &self,
         operation: &str,
         method: Method,
         url: Url,
         body: Option<Vec<u8>>,
-        timeout: Duration,
+        wait: Wait,
     ) -> Result<Answer, Error> {
-        let resp = self.start(operation, method, url, body, timeout).await?;
+        let (resp, _permit) = self.start(operation, method, url, body, wait).await?;
         read_answer(operation, resp).await
     }
 
@@ -117,7 +142,7 @@ impl Api {
     ) -> Result<(Option<u64>, Vec<u8>), Error> {
         let op = format!("GET /{}", path.join("/"));
         let mut url = self.url(path);
-        let mut timeout = self.request_timeout;
+        let mut how = Wait::Ordinary;
         {
             let mut qp = url.query_pairs_mut();
             if let Some(dc) = &self.datacenter {
@@ -129,10 +154,10 @@ impl Api {
             if index > 0 {
                 qp.append_pair("index", &index.to_string());
                 qp.append_pair("wait", &crate::wire::go_duration(wait));
-                timeout = wait * 17 / 16 + self.request_timeout;
+                how = Wait::Blocking(wait);
             }
         }
-        let a = self.send(&op, Method::GET, url, None, timeout).await?;
+        let a = self.send(&op, Method::GET, url, None, how).await?;
         ok_or_error(&op, &a)?;
         let index = a
             .headers
@@ -149,7 +174,7 @@ impl Api {
             .map_err(|e| Error::protocol(BACKEND, &op, format!("cannot encode: {e}")))?;
         let url = self.url(&["v1", "agent", "service", "register"]);
         let a = self
-            .send(&op, Method::PUT, url, Some(body), self.request_timeout)
+            .send(&op, Method::PUT, url, Some(body), Wait::Ordinary)
             .await?;
         ok_or_error(&op, &a)
     }
@@ -161,7 +186,7 @@ impl Api {
         let op = format!("heartbeat {check_id}");
         let url = self.url(&["v1", "agent", "check", "pass", check_id]);
         let a = self
-            .send(&op, Method::PUT, url, None, self.request_timeout)
+            .send(&op, Method::PUT, url, None, Wait::Ordinary)
             .await?;
         if a.status == StatusCode::NOT_FOUND || a.status == StatusCode::INTERNAL_SERVER_ERROR {
             return Err(Error::NotFound {
@@ -177,7 +202,7 @@ impl Api {
         let op = format!("look up service {id}");
         let url = self.url(&["v1", "agent", "service", id]);
         let a = self
-            .send(&op, Method::GET, url, None, self.request_timeout)
+            .send(&op, Method::GET, url, None, Wait::Ordinary)
             .await?;
         if a.status == StatusCode::NOT_FOUND {
             return Ok(false);
@@ -190,7 +215,7 @@ impl Api {
         let op = format!("deregister {id}");
         let url = self.url(&["v1", "agent", "service", "deregister", id]);
         let a = self
-            .send(&op, Method::PUT, url, None, self.request_timeout)
+            .send(&op, Method::PUT, url, None, Wait::Ordinary)
             .await?;
         if a.status == StatusCode::NOT_FOUND {
             return Ok(());
@@ -208,7 +233,7 @@ impl Api {
     ) -> Result<HealthAnswer, Error> {
         let op = format!("GET /v1/health/service/{service}");
         let mut url = self.url(&["v1", "health", "service", service.as_str()]);
-        let mut timeout = self.request_timeout;
+        let mut how = Wait::Ordinary;
         {
             let mut qp = url.query_pairs_mut();
             if q.passing_only {
@@ -229,12 +254,11 @@ impl Api {
             if index > 0 {
                 qp.append_pair("index", &index.to_string());
                 qp.append_pair("wait", &crate::wire::go_duration(wait));
-                // The server adds up to wait/16 of jitter: a timeout of exactly `wait` would
-                // fail every idle watch.
-                timeout = wait * 17 / 16 + self.request_timeout;
+                how = Wait::Blocking(wait);
             }
         }
-        let mut resp = self.start(&op, Method::GET, url, None, timeout).await?;
+        // The permit, if any, is held until the body is read.
+        let (mut resp, _permit) = self.start(&op, Method::GET, url, None, how).await?;
         if !resp.status().is_success() {
             let a = read_answer(&op, resp).await?;
             return Err(status_error(&op, a.status, &a.body));

@@ -74,6 +74,22 @@ pub struct ConsulBuilder {
 /// ```
 pub const DEFAULT_MAX_BLOCKING_WATCHES: usize = 32;
 
+/// How many ordinary requests (registrations, heartbeats, deregistrations, reads that do not
+/// block) one client has in flight at most; more wait for a turn. Each takes a connection,
+/// and an agent closes the connections of one client address past its limit
+/// (`limits.http_max_conns_per_client`, 200 by default): with the blocking queries'
+/// [`DEFAULT_MAX_BLOCKING_WATCHES`] and the shared watch's,
+/// a client stays well under it, however many registrations beat at once.
+///
+/// ```
+/// let most = waypost_consul::ORDINARY_REQUESTS
+///     + waypost_consul::DEFAULT_MAX_BLOCKING_WATCHES
+///     + 2
+///     + waypost_consul::SHARED_WATCH_READS;
+/// assert!(most <= 120, "{most}");
+/// ```
+pub const ORDINARY_REQUESTS: usize = 64;
+
 /// How many re-reads the watches on a client's shared watch make at once (after a change that
 /// names no service, every one of them re-reads).
 ///
@@ -494,6 +510,7 @@ impl ConsulBuilder {
             default_host: self.default_host.clone(),
             detected_host: Default::default(),
             backoff: self.backoff,
+            ordinary: tokio::sync::Semaphore::new(ORDINARY_REQUESTS),
         };
         Ok(Consul::new(Arc::new(api), shown_address, self))
     }
