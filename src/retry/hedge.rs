@@ -11,8 +11,9 @@ pub(crate) const HEDGE_WITH_ONE_ATTEMPT: &str =
 
 /// When a call sends a *hedge*: another attempt of the same idempotent request to a different
 /// instance, while the first one has not answered yet. The first answer wins; the attempts
-/// still out are cancelled (their connections closed, their pick guards dropped, so the
-/// balancer counts them as cancelled, neither success nor failure).
+/// still out are dropped (the HTTP client closes their connections, hyper resets a gRPC
+/// call's HTTP/2 stream) with their pick guards, so the balancer counts them as cancelled,
+/// neither success nor failure.
 ///
 /// Hedges are extra attempts, so they are bounded like retries: by the client's maximum
 /// attempts (all attempts of a call, hedges and retries together), by the call's deadline,
