@@ -50,7 +50,9 @@ mod service;
 
 pub use classify::{Class, Classify, ErrIsFailure, GrpcStatus, HttpStatus, Retry};
 pub use discover::{discover, Discover};
-pub use service::{BalanceError, BalanceLayer, Balanced, BalancedBuilder, Route};
+pub use service::{
+    BalanceError, BalanceLayer, Balanced, BalancedBuilder, NoRetries, Route, WithRetries,
+};
 
 #[cfg(test)]
 mod tests;

@@ -363,12 +363,12 @@ impl<M, S, Req, C, X> fmt::Debug for Balanced<M, S, Req, C, X> {
 /// # }
 /// ```
 #[must_use]
-pub struct BalancedBuilder<M, S, Req, C = ErrIsFailure, X = ()> {
+pub struct BalancedBuilder<M, S, Req, C = ErrIsFailure, X = (), R = NoRetries> {
     balancer: Balancer,
     make: M,
     classify: C,
     route: X,
-    retries: Option<Retries<Req>>,
+    retries: R,
     deadline: Option<DeadlineOf<Req>>,
     per_try_timeout: Option<Duration>,
     hedge: Option<Hedge>,
@@ -387,7 +387,7 @@ where
             make,
             classify: ErrIsFailure,
             route: (),
-            retries: None,
+            retries: NoRetries,
             deadline: None,
             per_try_timeout: None,
             hedge: None,
@@ -397,10 +397,10 @@ where
     }
 }
 
-impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
+impl<M, S, Req, C, X, R> BalancedBuilder<M, S, Req, C, X, R> {
     /// How results are classified (default [`ErrIsFailure`]; see also
     /// [`HttpStatus`](super::HttpStatus) and [`GrpcStatus`](super::GrpcStatus)).
-    pub fn classify<C2>(self, classify: C2) -> BalancedBuilder<M, S, Req, C2, X> {
+    pub fn classify<C2>(self, classify: C2) -> BalancedBuilder<M, S, Req, C2, X, R> {
         BalancedBuilder {
             balancer: self.balancer,
             make: self.make,
@@ -416,7 +416,7 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
     }
 
     /// Where the hash key and the zone of a request come from.
-    pub fn route<X2>(self, route: X2) -> BalancedBuilder<M, S, Req, C, X2> {
+    pub fn route<X2>(self, route: X2) -> BalancedBuilder<M, S, Req, C, X2, R> {
         BalancedBuilder {
             balancer: self.balancer,
             make: self.make,
@@ -429,30 +429,6 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
             ready_timeout: self.ready_timeout,
             _service: PhantomData,
         }
-    }
-
-    /// Retries on another instance: at most `max_attempts` attempts in all (1 turns retries
-    /// off), within `budget` (shared by its clones, as with the HTTP client). `clone` copies
-    /// a request for the next attempt (`None`: this one cannot be repeated, as with a
-    /// streaming body); `idempotent` says whether repeating it is safe once it was sent.
-    pub fn retries(
-        mut self,
-        max_attempts: u32,
-        budget: RetryBudget,
-        clone: impl Fn(&Req) -> Option<Req> + Send + Sync + 'static,
-        idempotent: impl Fn(&Req) -> bool + Send + Sync + 'static,
-    ) -> Self {
-        let service = self.balancer.status().service;
-        self.retries = Some(Retries {
-            policy: RetryPolicy::new(
-                max_attempts.max(1),
-                budget,
-                service.as_ref().map(|s| s.as_str()),
-            ),
-            clone: Box::new(clone),
-            idempotent: Box::new(idempotent),
-        });
-        self
     }
 
     /// When each request must be answered by, read from the request (`None`: no deadline);
@@ -539,13 +515,91 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
         self
     }
 
+    /// How long a call waits for a picked instance's service to become ready when the
+    /// instances it tried first were not (default 1 s).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// The service, with the retries `retries` makes of the builder's setting.
+    fn finish(self, retries: impl FnOnce(R) -> Option<Retries<Req>>) -> Balanced<M, S, Req, C, X> {
+        Balanced {
+            inner: Arc::new(Inner {
+                balancer: self.balancer,
+                make: self.make,
+                cache: Mutex::new(Cache {
+                    generation: u64::MAX,
+                    by_id: HashMap::new(),
+                }),
+                classify: self.classify,
+                route: self.route,
+                retries: retries(self.retries),
+                deadline: self.deadline,
+                per_try_timeout: self.per_try_timeout,
+                hedge: self.hedge,
+                ready_timeout: self.ready_timeout,
+            }),
+            _request: PhantomData,
+        }
+    }
+}
+
+impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X, NoRetries> {
+    /// The service: one attempt per request.
+    pub fn build(self) -> Balanced<M, S, Req, C, X> {
+        self.finish(|NoRetries| None)
+    }
+
+    /// Retries on another instance: at most `max_attempts` attempts in all (1 turns retries
+    /// off), within `budget` (shared by its clones, as with the HTTP client). `clone` copies
+    /// a request for the next attempt (`None`: this one cannot be repeated, as with a
+    /// streaming body); `idempotent` says whether repeating it is safe once it was sent.
+    pub fn retries(
+        self,
+        max_attempts: u32,
+        budget: RetryBudget,
+        clone: impl Fn(&Req) -> Option<Req> + Send + Sync + 'static,
+        idempotent: impl Fn(&Req) -> bool + Send + Sync + 'static,
+    ) -> BalancedBuilder<M, S, Req, C, X, WithRetries<Req>> {
+        let service = self.balancer.status().service;
+        let retries = Retries {
+            policy: RetryPolicy::new(
+                max_attempts.max(1),
+                budget,
+                service.as_ref().map(|s| s.as_str()),
+            ),
+            clone: Box::new(clone),
+            idempotent: Box::new(idempotent),
+        };
+        BalancedBuilder {
+            balancer: self.balancer,
+            make: self.make,
+            classify: self.classify,
+            route: self.route,
+            retries: WithRetries(retries),
+            deadline: self.deadline,
+            per_try_timeout: self.per_try_timeout,
+            hedge: self.hedge,
+            ready_timeout: self.ready_timeout,
+            _service: PhantomData,
+        }
+    }
+}
+
+impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X, WithRetries<Req>> {
+    /// The service, with its retries (and hedges).
+    pub fn build(self) -> Balanced<M, S, Req, C, X> {
+        self.finish(|WithRetries(retries)| Some(retries))
+    }
+
     /// Hedges idempotent requests (default: never; see [`Hedge`]): when an attempt has not
     /// answered within the hedge's delay, a copy of the request goes to an instance the call
     /// has not tried, and the first answer wins. The attempts still out are then dropped,
-    /// and their guards count them as cancelled. A hedge is an attempt: it needs
-    /// [`retries`](Self::retries) (they copy the request, say which requests are idempotent,
-    /// and bound every attempt by `max_attempts` and the budget), and without them none is
-    /// sent. A failed answer does not end the call while a hedge is still out.
+    /// and their guards count them as cancelled. A hedge is an attempt, so it is set after
+    /// [`retries`](BalancedBuilder::retries), which copy the request, say which requests are
+    /// idempotent, and bound every attempt by `max_attempts` and the budget. A failed answer
+    /// does not end the call while a hedge is still out.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -586,38 +640,89 @@ impl<M, S, Req, C, X> BalancedBuilder<M, S, Req, C, X> {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    /// Without retries there is nothing to hedge with, and the builder has no `hedge`:
+    ///
+    /// ```compile_fail
+    /// # use std::time::Duration;
+    /// # use tower::service_fn;
+    /// # use waypost::retry::Hedge;
+    /// # use waypost::strategies::RoundRobin;
+    /// # use waypost::tower::Balanced;
+    /// # use waypost::{Balancer, ServiceInstance};
+    /// let make = |_: &ServiceInstance| service_fn(|_: ()| async { Ok::<_, std::io::Error>(()) });
+    /// let svc: Balanced<_, _, ()> = Balanced::builder(Balancer::new(RoundRobin::new()), make)
+    ///     .hedge(Hedge::after(Duration::from_millis(10)))
+    ///     .build();
+    /// ```
     pub fn hedge(mut self, hedge: Hedge) -> Self {
         self.hedge = Some(hedge);
         self
     }
+}
 
-    /// How long a call waits for a picked instance's service to become ready when the
-    /// instances it tried first were not (default 1 s).
-    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
-        self.ready_timeout = timeout;
-        self
-    }
+/// A [`BalancedBuilder`] without retries: every request gets one attempt, and there is no
+/// `hedge` (see [`WithRetries`]).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower::{service_fn, ServiceExt};
+/// use waypost::retry::GaveUp;
+/// use waypost::strategies::RoundRobin;
+/// use waypost::tower::{BalanceError, Balanced, BalancedBuilder, ErrIsFailure, NoRetries};
+/// use waypost::{Balancer, ServiceInstance, WatchEvent};
+///
+/// let balancer = Balancer::new(RoundRobin::new());
+/// let inst = |id: &str| ServiceInstance::builder("users", id).host("10.0.0.1").port(80).build();
+/// balancer.apply(WatchEvent::Snapshot(vec![inst("a")?, inst("b")?]));
+/// let failing = |_: &ServiceInstance| service_fn(|_: ()| async { Err::<(), _>(std::io::Error::other("down")) });
+/// let builder: BalancedBuilder<_, _, (), ErrIsFailure, (), NoRetries> = Balanced::builder(balancer, failing);
+/// // One attempt: the first instance's failure is the call's.
+/// let err = builder.build().oneshot(()).await.unwrap_err();
+/// assert!(matches!(err, BalanceError::Inner { gave_up: GaveUp::AttemptsExhausted, .. }), "{err}");
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct NoRetries;
 
-    /// The service.
-    pub fn build(self) -> Balanced<M, S, Req, C, X> {
-        Balanced {
-            inner: Arc::new(Inner {
-                balancer: self.balancer,
-                make: self.make,
-                cache: Mutex::new(Cache {
-                    generation: u64::MAX,
-                    by_id: HashMap::new(),
-                }),
-                classify: self.classify,
-                route: self.route,
-                retries: self.retries,
-                deadline: self.deadline,
-                per_try_timeout: self.per_try_timeout,
-                hedge: self.hedge,
-                ready_timeout: self.ready_timeout,
-            }),
-            _request: PhantomData,
-        }
+/// A [`BalancedBuilder`] with [`retries`](BalancedBuilder::retries): a request may be repeated
+/// on another instance, and [hedged](BalancedBuilder::hedge).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower::{service_fn, ServiceExt};
+/// use waypost::retry::RetryBudget;
+/// use waypost::strategies::RoundRobin;
+/// use waypost::tower::{Balanced, BalancedBuilder, ErrIsFailure, WithRetries};
+/// use waypost::{Balancer, ServiceInstance, WatchEvent};
+///
+/// let balancer = Balancer::new(RoundRobin::new());
+/// let inst = |id: &str| ServiceInstance::builder("users", id).host("10.0.0.1").port(80).build();
+/// balancer.apply(WatchEvent::Snapshot(vec![inst("a")?, inst("b")?]));
+/// let make = |i: &ServiceInstance| {
+///     let up = i.id().as_str() == "b";
+///     service_fn(move |_: ()| async move {
+///         if up { Ok("b") } else { Err(std::io::Error::other("down")) }
+///     })
+/// };
+/// let builder: BalancedBuilder<_, _, (), ErrIsFailure, (), WithRetries<()>> =
+///     Balanced::builder(balancer, make).retries(2, RetryBudget::default(), |_: &()| Some(()), |_: &()| true);
+/// let svc = builder.build();
+/// for _ in 0..4 {
+///     // Whichever instance comes first, "b" answers.
+///     assert_eq!(svc.clone().oneshot(()).await?, "b");
+/// }
+/// # Ok(())
+/// # }
+/// ```
+pub struct WithRetries<Req>(Retries<Req>);
+
+impl<Req> fmt::Debug for WithRetries<Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("WithRetries").field(&self.0.policy).finish()
     }
 }
 
