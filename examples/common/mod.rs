@@ -625,6 +625,28 @@ pub async fn register_hanging(
     (handle, task)
 }
 
+/// The client flags of the twins' hanging-instance test: four requests, one at a time, each
+/// within 1 s, to `service` on `backend`, with `flag` (`--per-try-timeout`, `--hedge`) if any.
+#[cfg(test)]
+pub fn hanging_run_args<'a>(
+    service: &'a str,
+    backend: &[&'a str],
+    flag: Option<[&'a str; 2]>,
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "--service",
+        service,
+        "--requests",
+        "4",
+        "--concurrency",
+        "1",
+    ];
+    args.extend(["--timeout", "1s"]);
+    args.extend(flag.into_iter().flatten());
+    args.extend_from_slice(backend);
+    args
+}
+
 /// Waits until `backend` lists `n` instances of `service`.
 #[cfg(test)]
 pub async fn listed(backend: &Backend, service: &str, n: usize) {

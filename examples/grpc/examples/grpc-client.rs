@@ -744,18 +744,7 @@ mod tests {
         let (hangs, listener) = common::register_hanging(&connected, service).await;
         common::listed(&connected, service, 2).await;
         let args = |flag: Option<[&'static str; 2]>| {
-            let mut args = vec![
-                "--service",
-                service,
-                "--requests",
-                "4",
-                "--concurrency",
-                "1",
-            ];
-            args.extend(["--timeout", "1s"]);
-            args.extend(flag.into_iter().flatten());
-            args.extend_from_slice(&backend);
-            parse(&args).unwrap()
+            parse(&common::hanging_run_args(service, &backend, flag)).unwrap()
         };
 
         for flag in [["--per-try-timeout", "200ms"], ["--hedge", "50ms"]] {
